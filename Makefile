@@ -1,0 +1,32 @@
+PY ?= python3
+PYTEST ?= $(PY) -m pytest
+
+.PHONY: install demo test test-quick lint format bench clean
+
+install:            ## apt peers (docker-registry, skopeo, podman) and the package with its dev tools
+	./scripts/install-peers.sh
+	$(PY) -m pip install -q -e '.[dev]'
+
+demo: install       ## start a local registry with sample images and mirror them into ./demo/cache
+	$(PY) -m tools.demo
+
+test:               ## every test, against the real peers
+	$(PYTEST) -q -p no:cacheprovider
+
+test-quick:         ## the fast subset while working
+	$(PYTEST) -q -p no:cacheprovider -m "not slow"
+
+lint:
+	ruff check mirror tests tools
+	ruff format --check mirror tests tools
+	mypy --strict mirror
+
+format:
+	ruff check --fix mirror tests tools
+	ruff format mirror tests tools
+
+bench:              ## benchmarks against skopeo; writes docs/BENCHMARKS.md
+	$(PY) -m bench
+
+clean:
+	rm -rf demo build *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,258 @@
+"""Copying: bounded concurrency per host and globally, one in-flight download per digest."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mirror.digest import Digest
+from mirror.engine.plan import plan_blobs
+from mirror.errors import IntegrityError, ManifestError, MirrorError
+from mirror.manifest import (
+    Descriptor,
+    ImageManifest,
+    IndexManifest,
+    Manifest,
+    Platform,
+    descriptor_of,
+    oci_entry,
+    platform_of_config,
+    select_platforms,
+)
+from mirror.reference import Reference
+from mirror.sources.base import ManifestSource
+from mirror.store.layout import Layout
+
+
+class Progress(Protocol):
+    """What the engine reports while it works (the CLI draws it)."""
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """A download of `digest` began (total -1 when unknown)."""
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """`n` more bytes of `digest` arrived."""
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """The download of `digest` ended."""
+
+    def image_finished(self, result: ImageResult) -> None:
+        """An image is cached, or failed."""
+
+
+class NoProgress:
+    """A Progress that shows nothing."""
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Ignore."""
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """Ignore."""
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Ignore."""
+
+    def image_finished(self, result: ImageResult) -> None:
+        """Ignore."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """How one image went: status `ok` or `failed`, what it cost, and the error if any."""
+
+    ref: Reference
+    status: str
+    digest: Digest | None = None
+    platforms: tuple[str, ...] = ()
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Stats:
+    """Totals of a run."""
+
+    blobs_fetched: int = 0
+    blobs_present: int = 0
+    bytes_fetched: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Copies images into a Layout; shared by `pull`, `sync`, the daemon and the tests."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        concurrency: int = 8,
+        per_host: int = 4,
+        progress: Progress | None = None,
+    ) -> None:
+        self.layout = layout
+        self.store = layout.blobs
+        self.per_host = per_host
+        self.progress: Progress = progress or NoProgress()
+        self.stats = Stats()
+        self._global = asyncio.Semaphore(concurrency)
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._inflight: dict[Digest, asyncio.Task[int]] = {}
+
+    def host_slot(self, host: str) -> asyncio.Semaphore:
+        """Return the semaphore bounding concurrent requests to `host`."""
+        sem = self._hosts.get(host)
+        if sem is None:
+            sem = self._hosts[host] = asyncio.Semaphore(self.per_host)
+        return sem
+
+    async def fetch_blob(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
+        """Make sure blob `desc` is in the store; return the bytes fetched for it by this call's download.
+
+        Concurrent callers for one digest share one download (single flight); a blob
+        already stored costs nothing.
+        """
+        if self.store.has(desc.digest, desc.size):
+            self.stats.blobs_present += 1
+            return 0
+        task = self._inflight.get(desc.digest)
+        if task is None:
+            task = asyncio.create_task(self._download(source, ref, desc), name=f"blob {desc.digest}")
+            self._inflight[desc.digest] = task
+            task.add_done_callback(self._forget)
+            return await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except IntegrityError:
+            raise
+        except MirrorError:
+            # The shared download failed through another repository: try through ours.
+            return await self.fetch_blob(source, ref, desc)
+        self.stats.blobs_present += 1
+        return 0
+
+    def _forget(self, task: asyncio.Task[int]) -> None:
+        for digest, t in list(self._inflight.items()):
+            if t is task:
+                del self._inflight[digest]
+
+    async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
+        host = source.host(ref)
+        async with self._global, self.host_slot(host):
+            writer = await self.store.writer(desc.digest, desc.size)
+            fetched = 0
+            self.progress.blob_started(desc.digest, desc.size)
+            ok = False
+            try:
+                if writer.offset and writer.offset == desc.size:
+                    # A kept partial file already holds every byte: verify it, or start over.
+                    try:
+                        await writer.commit()
+                        ok = True
+                        return 0
+                    except IntegrityError:
+                        await writer.abort(keep=False)
+                        writer = await self.store.writer(desc.digest, desc.size, resume=False)
+                async with source.open_blob(ref, desc, writer.offset) as body:
+                    if body.offset != writer.offset:
+                        await writer.reset()
+                    if writer.offset:
+                        self.progress.blob_advanced(desc.digest, writer.offset)
+                    async for chunk in body.chunks:
+                        await writer.write(chunk)
+                        fetched += len(chunk)
+                        self.progress.blob_advanced(desc.digest, len(chunk))
+                await writer.commit()
+                ok = True
+                self.stats.blobs_fetched += 1
+                return fetched
+            except IntegrityError as exc:
+                await writer.abort(keep=False)
+                raise IntegrityError(f"{ref.name}: {exc}") from None
+            except BaseException:
+                await writer.abort(keep=True)
+                raise
+            finally:
+                self.stats.bytes_fetched += fetched
+                self.progress.blob_finished(desc.digest, ok)
+
+    async def _manifest(self, source: ManifestSource, ref: Reference) -> Manifest:
+        async with self.host_slot(source.host(ref)):
+            return await source.fetch_manifest(ref)
+
+    async def pull(self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...] = ()) -> ImageResult:
+        """Copy one image (every wanted platform of an index) into the cache and name it."""
+        t0 = time.monotonic()
+        try:
+            top, children = await self._resolve(source, ref, platforms)
+            images = [top] if isinstance(top, ImageManifest) else list(children.values())
+            blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.fetch_blob(source, ref, desc)) for desc in blobs]
+            fetched = sum(t.result() for t in tasks)
+            entry, plats = await self._store_manifests(top, children)
+            await self.layout.set_refs({str(ref): entry})
+            result = ImageResult(
+                ref,
+                "ok",
+                top.digest,
+                plats,
+                fetched,
+                time.monotonic() - t0,
+            )
+        except* MirrorError as group:
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            result = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=str(first))
+        self.progress.image_finished(result)
+        return result
+
+    async def _resolve(
+        self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...]
+    ) -> tuple[Manifest, dict[Digest, Manifest]]:
+        top = await self._manifest(source, ref)
+        children: dict[Digest, Manifest] = {}
+        if isinstance(top, IndexManifest):
+            chosen = select_platforms(top, platforms)
+            if not chosen:
+                have = ", ".join(str(d.platform) for d in top.manifests if d.platform) or "none"
+                want = ", ".join(str(p) for p in platforms)
+                raise ManifestError(f"{ref}: no manifest for platform {want} (index has {have})")
+            fetched = await asyncio.gather(*(self._manifest(source, ref.with_digest(d.digest)) for d in chosen))
+            for desc, child in zip(chosen, fetched, strict=True):
+                if isinstance(child, IndexManifest):
+                    raise ManifestError(f"{ref}: nested index {desc.digest} is not supported")
+                children[desc.digest] = child
+        return top, children
+
+    async def _store_manifests(
+        self, top: Manifest, children: dict[Digest, Manifest]
+    ) -> tuple[Descriptor, tuple[str, ...]]:
+        """Store children, then the top manifest, then an OCI wrapper when needed; return the entry."""
+        plats: list[str] = []
+        config_platform: Platform | None = None
+        for child in children.values():
+            await self.store.put(child.raw, child.digest)
+        if isinstance(top, IndexManifest):
+            plats = [str(d.platform) for d in top.manifests if d.digest in children and d.platform]
+        elif isinstance(top, ImageManifest):
+            config_platform = top.platform
+            if top.config is not None:
+                config_platform = platform_of_config(self.store.read(top.config.digest)) or top.platform
+            plats = [str(config_platform)] if config_platform else []
+        await self.store.put(top.raw, top.digest)
+        wrapper = oci_entry(top, children, config_platform)
+        if wrapper is None:
+            return descriptor_of(top), tuple(plats)
+        digest = await self.store.put(wrapper)
+        return Descriptor("application/vnd.oci.image.index.v1+json", digest, len(wrapper)), tuple(plats)
+
+    async def pull_many(
+        self, items: Sequence[tuple[ManifestSource, Reference]], platforms: tuple[Platform, ...] = ()
+    ) -> list[ImageResult]:
+        """Copy many images at once; one failing never stops the others."""
+        return list(await asyncio.gather(*(self.pull(src, ref, platforms) for src, ref in items)))

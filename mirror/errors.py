@@ -1,0 +1,52 @@
+"""One exception tree for everything the project reports to a user."""
+
+from __future__ import annotations
+
+
+class MirrorError(Exception):
+    """Base of every error the project raises on purpose; its message is one line."""
+
+
+class UsageError(MirrorError):
+    """Bad input from the user: a reference, a flag, a config value."""
+
+
+class ReferenceError_(UsageError):
+    """An image reference that does not parse."""
+
+
+class DigestError(UsageError):
+    """A digest string that is malformed or uses an unsupported algorithm."""
+
+
+class ManifestError(MirrorError):
+    """A manifest that cannot be parsed, is too large or has an unknown media type."""
+
+
+class IntegrityError(MirrorError):
+    """Content whose digest or size is not what was promised."""
+
+
+class StoreError(MirrorError):
+    """The cache on disk is unusable: not a layout, unreadable, locked."""
+
+
+class TransportError(MirrorError):
+    """A network request failed; carries the HTTP status and the server's own message."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class NotFoundError(TransportError):
+    """The registry answered 404 for a manifest, blob or repository."""
+
+
+class AuthError(TransportError):
+    """The registry refused our credentials (401/403)."""
+
+
+class UnreachableError(TransportError):
+    """The endpoint could not be reached at all (DNS, connection refused, TLS)."""

@@ -1,0 +1,1 @@
+"""Where images come from: one small Protocol, one module per kind of endpoint."""

@@ -1,0 +1,207 @@
+"""Content-addressed blob store: `blobs/<alg>/<hex>`, written only through verified temp files.
+
+A blob is streamed into `.mirror/ingest/<alg>-<hex>.partial`, hashed as it is written,
+checked for size and digest, fsynced, then renamed into place with `os.replace`: a
+crash or a bad download never leaves a file under a digest name. A partial file that
+survives an interruption is kept so a later download can resume from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from mirror.digest import Digest
+from mirror.errors import IntegrityError, StoreError
+
+FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
+
+
+class BlobStore:
+    """Blobs of one cache directory, addressed by digest."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ingest = root / ".mirror" / "ingest"
+
+    def path(self, digest: Digest) -> Path:
+        """Return where the blob `digest` lives (whether or not it exists)."""
+        return self.root / "blobs" / digest.algorithm / digest.hex
+
+    def partial_path(self, digest: Digest) -> Path:
+        """Return the temp file a download of `digest` is written to."""
+        return self.ingest / f"{digest.algorithm}-{digest.hex}.partial"
+
+    def has(self, digest: Digest, size: int = -1) -> bool:
+        """Return whether the blob is present (and of `size` bytes, when size is known)."""
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size < 0 or st.st_size == size
+
+    def size(self, digest: Digest) -> int:
+        """Return the size of a stored blob."""
+        return self.path(digest).stat().st_size
+
+    def read(self, digest: Digest) -> bytes:
+        """Return a (small) stored blob's bytes: manifests, configs."""
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is missing from the cache {self.root}") from None
+
+    async def writer(self, digest: Digest, size: int = -1, *, resume: bool = True) -> BlobWriter:
+        """Return an open writer for `digest`, continuing a kept partial file when `resume`."""
+        w = BlobWriter(self, digest, size)
+        await asyncio.to_thread(w.open_sync, resume)
+        return w
+
+    async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
+        """Store small `data` (a manifest or config) and return its digest."""
+        digest = expected or Digest.of(data)
+        if self.has(digest, len(data)):
+            return digest
+        w = await self.writer(digest, len(data), resume=False)
+        try:
+            await w.write(data)
+            await w.commit()
+        except BaseException:
+            await w.abort(keep=False)
+            raise
+        return digest
+
+    async def write_stream(
+        self,
+        digest: Digest,
+        size: int,
+        chunks: AsyncIterator[bytes],
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write `chunks` as blob `digest` from scratch, verify it, and return its size."""
+        w = await self.writer(digest, size, resume=False)
+        try:
+            async for chunk in chunks:
+                await w.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            return await w.commit()
+        except BaseException:
+            await w.abort(keep=False)
+            raise
+
+
+class BlobWriter:
+    """One blob being written: hashes each batch in a worker thread while the next arrives."""
+
+    def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = size
+        self.offset = 0
+        self._hash = hashlib.new(digest.algorithm)
+        self._file: BinaryIO | None = None
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._pending: asyncio.Future[None] | None = None
+
+    def open_sync(self, resume: bool) -> None:
+        """Open the partial file; when resuming, feed the bytes already in it to the hash."""
+        path = self.store.partial_path(self.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+b" if resume else "w+b")  # noqa: SIM115 - closed in commit/abort
+        if resume:
+            self._file.seek(0)
+            while block := self._file.read(FLUSH_BYTES):
+                self._hash.update(block)
+                self.offset += len(block)
+            if 0 <= self.expected_size < self.offset:
+                self._reset_sync()
+
+    def _reset_sync(self) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.truncate()
+        self._hash = hashlib.new(self.digest.algorithm)
+        self.offset = 0
+
+    async def reset(self) -> None:
+        """Drop everything written so far (the server ignored our Range request)."""
+        await self._drain()
+        self._buf.clear()
+        self._buffered = 0
+        await asyncio.to_thread(self._reset_sync)
+
+    def _absorb(self, chunks: list[bytes]) -> None:
+        assert self._file is not None
+        for c in chunks:
+            self._hash.update(c)
+        self._file.writelines(chunks)
+
+    async def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def _flush(self) -> None:
+        await self._drain()
+        if self._buf:
+            chunks, self._buf, self._buffered = self._buf, [], 0
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self._absorb, chunks)
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk`; full batches go to a worker thread while the caller reads on."""
+        self._buf.append(chunk)
+        self._buffered += len(chunk)
+        self.offset += len(chunk)
+        if 0 <= self.expected_size < self.offset:
+            raise IntegrityError(f"blob {self.digest}: more than the {self.expected_size} bytes announced")
+        if self._buffered >= FLUSH_BYTES:
+            await self._flush()
+
+    def _commit_sync(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        target = self.store.path(self.digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.store.partial_path(self.digest), target)
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def commit(self) -> int:
+        """Check size and digest, fsync, and rename into place; return the blob's size."""
+        await self._flush()
+        await self._drain()
+        if 0 <= self.expected_size != self.offset:
+            raise IntegrityError(
+                f"blob {self.digest}: size mismatch, expected {self.expected_size} bytes, got {self.offset}"
+            )
+        got = self._hash.hexdigest()
+        if got != self.digest.hex:
+            raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
+        await asyncio.to_thread(self._commit_sync)
+        return self.offset
+
+    async def abort(self, *, keep: bool) -> None:
+        """Close the partial file; keep it for a later resume, or delete it."""
+        try:
+            await self._drain()
+            if keep and self._buf:
+                await self._flush()
+                await self._drain()
+        except Exception:  # noqa: BLE001 - abort must not mask the original error
+            keep = False
+        finally:
+            if self._file is not None and not self._file.closed:
+                self._file.close()
+            if not keep:
+                self.store.partial_path(self.digest).unlink(missing_ok=True)

@@ -1,0 +1,80 @@
+"""What the cache holds: each named reference with its source digest, platforms and size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from mirror.digest import Digest
+from mirror.errors import MirrorError
+from mirror.manifest import (
+    SOURCE_DIGEST,
+    SOURCE_MEDIA_TYPE,
+    ImageManifest,
+    IndexManifest,
+    Manifest,
+    parse_manifest,
+    platform_of_config,
+)
+from mirror.store.layout import Layout
+
+
+@dataclass(frozen=True, slots=True)
+class CachedImage:
+    """One cached reference: the digest its source serves, its platforms, bytes, and any problem."""
+
+    name: str
+    digest: Digest
+    media_type: str
+    platforms: tuple[str, ...]
+    size: int
+    problem: str = ""
+
+
+def _load(layout: Layout, digest: Digest, media_type: str) -> Manifest:
+    return parse_manifest(layout.blobs.read(digest), media_type, digest)
+
+
+def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> CachedImage:
+    """Return what the cache holds under `name` (pointing at manifest `digest`)."""
+    try:
+        top = _load(layout, digest, media_type)
+        raw_doc = json.loads(top.raw)
+        source = (raw_doc.get("annotations") or {}).get(SOURCE_DIGEST) if isinstance(top, IndexManifest) else None
+        if source:
+            # A wrapper of the project's own: report the original document.
+            top = _load(layout, Digest.parse(source), raw_doc["annotations"][SOURCE_MEDIA_TYPE])
+        size = len(top.raw)
+        platforms: list[str] = []
+        images: list[ImageManifest] = []
+        if isinstance(top, IndexManifest):
+            for d in top.manifests:
+                if layout.blobs.has(d.digest):
+                    child = _load(layout, d.digest, d.media_type)
+                    if isinstance(child, ImageManifest):
+                        images.append(child)
+                        size += len(child.raw)
+                        if d.platform:
+                            platforms.append(str(d.platform))
+        else:
+            images.append(top)
+            if top.config is not None:
+                plat = platform_of_config(layout.blobs.read(top.config.digest))
+                platforms.append(str(plat) if plat else "?")
+            elif top.platform:
+                platforms.append(str(top.platform))
+        seen: set[Digest] = set()
+        for image in images:
+            for b in image.blobs:
+                if b.digest not in seen:
+                    seen.add(b.digest)
+                    size += layout.blobs.size(b.digest)
+        return CachedImage(name, top.digest, top.media_type, tuple(platforms), size)
+    except (MirrorError, OSError, ValueError, KeyError) as exc:
+        return CachedImage(name, digest, media_type, (), 0, problem=str(exc))
+
+
+async def inventory(layout: Layout) -> list[CachedImage]:
+    """Return every cached reference, sorted by name."""
+    out = [describe(layout, e.name, e.descriptor.digest, e.descriptor.media_type) for e in await layout.entries()]
+    return sorted(out, key=lambda c: c.name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, IntegrityError, ManifestError
+from mirror.errors import DigestError, IntegrityError, ManifestError, UsageError
 
 # Media types (Docker image manifest v2 spec, OCI image spec v1.1).
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
@@ -59,7 +59,7 @@ class Platform:
         """Return the platform `os/arch[/variant]` names, or raise ManifestError."""
         parts = text.strip().split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise ManifestError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
+            raise UsageError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
 
     def matches(self, other: Platform) -> bool:

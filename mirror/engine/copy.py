@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from mirror.digest import Digest
 from mirror.engine.plan import plan_blobs
@@ -25,6 +26,8 @@ from mirror.manifest import (
 from mirror.reference import Reference
 from mirror.sources.base import ManifestSource
 from mirror.store.layout import Layout
+
+T = TypeVar("T")
 
 
 class Progress(Protocol):
@@ -101,6 +104,25 @@ class Engine:
         self._global = asyncio.Semaphore(concurrency)
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
+        self._once: dict[Hashable, asyncio.Future[Any]] = {}
+
+    @asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[None]:
+        """Hold one global and one per-host download slot for the duration of the block."""
+        async with self._global, self.host_slot(host):
+            yield
+
+    async def once(self, key: Hashable, factory: Callable[[], Awaitable[T]]) -> T:
+        """Run `factory()` once for `key` among concurrent callers; every caller gets its result.
+
+        The shared work runs as its own task: a caller that is cancelled does not cancel it.
+        """
+        task = self._once.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._once[key] = task
+            task.add_done_callback(lambda _t: self._once.pop(key, None))
+        return cast(T, await asyncio.shield(task))
 
     def host_slot(self, host: str) -> asyncio.Semaphore:
         """Return the semaphore bounding concurrent requests to `host`."""
@@ -141,7 +163,7 @@ class Engine:
 
     async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         host = source.host(ref)
-        async with self._global, self.host_slot(host):
+        async with self.slot(host):
             writer = await self.store.writer(desc.digest, desc.size)
             fetched = 0
             self.progress.blob_started(desc.digest, desc.size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from mirror.digest import Digest
 from mirror.errors import IntegrityError, StoreError
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
+_serial = itertools.count()
 
 
 class BlobStore:
@@ -61,6 +63,16 @@ class BlobStore:
         await asyncio.to_thread(w.open_sync, resume)
         return w
 
+    async def new_blob(self) -> BlobWriter:
+        """Return a writer for content whose digest is learnt at the end (v1 layers, daemon exports).
+
+        `commit()` names the blob by the sha256 of what was written; `writer.digest` is
+        then that digest.
+        """
+        w = BlobWriter(self, None, -1)
+        await asyncio.to_thread(w.open_sync, False)
+        return w
+
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store small `data` (a manifest or config) and return its digest."""
         digest = expected or Digest.of(data)
@@ -98,12 +110,16 @@ class BlobStore:
 class BlobWriter:
     """One blob being written: hashes each batch in a worker thread while the next arrives."""
 
-    def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
+    def __init__(self, store: BlobStore, digest: Digest | None, size: int) -> None:
         self.store = store
-        self.digest = digest
+        self.expected: Digest | None = digest
+        self.digest: Digest = digest or Digest("sha256", "")
         self.expected_size = size
         self.offset = 0
-        self._hash = hashlib.new(digest.algorithm)
+        self._partial = (
+            store.partial_path(digest) if digest else store.ingest / f"new-{os.getpid()}-{next(_serial)}.partial"
+        )
+        self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None
         self._buf: list[bytes] = []
         self._buffered = 0
@@ -111,7 +127,7 @@ class BlobWriter:
 
     def open_sync(self, resume: bool) -> None:
         """Open the partial file; when resuming, feed the bytes already in it to the hash."""
-        path = self.store.partial_path(self.digest)
+        path = self._partial
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a+b" if resume else "w+b")  # noqa: SIM115 - closed in commit/abort
         if resume:
@@ -170,7 +186,7 @@ class BlobWriter:
         self._file.close()
         target = self.store.path(self.digest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.store.partial_path(self.digest), target)
+        os.replace(self._partial, target)
         dfd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -186,7 +202,9 @@ class BlobWriter:
                 f"blob {self.digest}: size mismatch, expected {self.expected_size} bytes, got {self.offset}"
             )
         got = self._hash.hexdigest()
-        if got != self.digest.hex:
+        if self.expected is None:
+            self.digest = Digest(self.digest.algorithm, got)
+        elif got != self.digest.hex:
             raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
         await asyncio.to_thread(self._commit_sync)
         return self.offset
@@ -204,4 +222,4 @@ class BlobWriter:
             if self._file is not None and not self._file.closed:
                 self._file.close()
             if not keep:
-                self.store.partial_path(self.digest).unlink(missing_ok=True)
+                self._partial.unlink(missing_ok=True)

@@ -1,0 +1,62 @@
+"""What every command shares: common options, loading the config, exit codes, printing sizes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mirror import config
+from mirror.engine.copy import ImageResult
+from mirror.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def add_common(sp: argparse.ArgumentParser) -> None:
+    """Add `-c/--config` and `--cache` to a command's parser."""
+    sp.add_argument("-c", "--config", type=Path, help="TOML config (registries, defaults)")
+    sp.add_argument("--cache", type=Path, help="cache directory (an OCI layout); default ./cache or $MIRROR_CACHE")
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    """Return the config file's settings with the command line's overrides applied."""
+    cfg = config.load(args.config) if getattr(args, "config", None) else config.Config()
+    overrides: dict[str, Any] = {}
+    if getattr(args, "cache", None):
+        overrides["cache"] = args.cache
+    elif not getattr(args, "config", None) and os.environ.get("MIRROR_CACHE"):
+        overrides["cache"] = Path(os.environ["MIRROR_CACHE"])
+    if getattr(args, "concurrency", None):
+        overrides["concurrency"] = args.concurrency
+    if getattr(args, "per_host", None):
+        overrides["per_host"] = args.per_host
+    for host in getattr(args, "insecure", None) or []:
+        overrides.setdefault("registries", list(cfg.registries)).append(config.RegistryConfig(host, insecure=True))
+    if "registries" in overrides:
+        overrides["registries"] = tuple(overrides["registries"])
+    if overrides.get("concurrency", 1) < 1 or overrides.get("per_host", 1) < 1:
+        raise UsageError("--concurrency and --per-host must be at least 1")
+    return config.Config(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, **overrides})
+
+
+def exit_code(results: Sequence[ImageResult]) -> int:
+    """Return 0 when every image is cached, 3 when no endpoint could be reached, else 1."""
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return EXIT_OK
+    if len(failed) == len(results) and all(r.error.startswith("cannot reach") for r in failed):
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def human(n: int) -> str:
+    """Return a byte count the way `docker images` shows sizes."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{n}B"

@@ -1,0 +1,29 @@
+"""`mirror ls`: what the cache holds."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
+from mirror.store.inventory import inventory
+from mirror.store.layout import Layout
+
+
+def register(sub: Any) -> None:
+    """Add the `ls` command."""
+    p: argparse.ArgumentParser = sub.add_parser("ls", help="list what the cache holds")
+    add_common(p)
+    p.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Print reference, digest, platforms and size of every cached image."""
+    cfg = load_config(args)
+    layout = Layout.open(cfg.cache, create=False)
+    rows = await inventory(layout)
+    for img in rows:
+        plats = ",".join(img.platforms) or "-"
+        extra = f"  PROBLEM: {img.problem}" if img.problem else ""
+        print(f"{img.name}\t{img.digest}\t{plats}\t{human(img.size)}{extra}")
+    return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK

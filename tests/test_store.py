@@ -69,3 +69,15 @@ def test_foreign_layout_marker_is_refused(tmp_path: Path) -> None:
     (tmp_path / "oci-layout").write_text('{"imageLayoutVersion": "9"}')
     with pytest.raises(StoreError, match="not an OCI layout marker"):
         Layout.open(tmp_path)
+
+
+async def test_second_writer_is_told_the_cache_is_busy(tmp_path: Path) -> None:
+    from mirror.store.lock import CacheLock
+
+    Layout.open(tmp_path / "c")
+    async with CacheLock(tmp_path / "c"):
+        with pytest.raises(StoreError, match=r"cache .* is busy: another mirror process \(pid \d+\)"):
+            async with CacheLock(tmp_path / "c", wait=0.3):
+                pass
+    async with CacheLock(tmp_path / "c", wait=0.3):
+        pass

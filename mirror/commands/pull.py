@@ -17,6 +17,7 @@ from mirror.progress import PlainProgress, RichProgress
 from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
+from mirror.store.lock import CacheLock
 
 
 def register(sub: Any) -> None:
@@ -29,6 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
     p.set_defaults(run=run)
 
 
@@ -41,7 +43,7 @@ async def run(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty() and not args.quiet
     progress = RichProgress(Console(stderr=True)) if tty else PlainProgress(sys.stderr, quiet=args.quiet)
     t0 = time.monotonic()
-    async with cfg.transport() as transport:
+    async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
         source = RegistryV2Source(transport)
         with progress if isinstance(progress, RichProgress) else nullcontext():

@@ -1,0 +1,165 @@
+"""Push from the cache into a second real docker-registry: digests unchanged, nothing re-sent, mounts, chunks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirror.digest import EMPTY_LAYER, Digest
+from mirror.engine.copy import Engine
+from mirror.engine.push import Pusher
+from mirror.manifest import schema1_payload
+from mirror.reference import Reference
+from mirror.sinks.registry_v2 import RegistryV2Sink
+from mirror.sinks.schema1 import sign_schema1
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.layout import Layout
+from mirror.transport import Transport
+from tests.conftest import Seeded, inspect_digest, registry_digest
+from tests.test_cli import mirror
+from tools.registry import Registry, skopeo_copy
+
+NAMES = ["t/schema2:1", "t/schema1:1", "t/oci:1", "t/index:1", "t/list:1"] + [f"shared/app{i}:1" for i in range(3)]
+WRITES = ("POST", "PUT", "PATCH")
+
+
+@pytest.fixture(scope="module")
+async def cache(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding every seeded image, pulled by the engine."""
+    root = tmp_path_factory.mktemp("push-cache") / "cache"
+    layout = Layout.open(root)
+    async with Transport() as transport:
+        source = RegistryV2Source(transport)
+        results = await Engine(layout).pull_many([(source, Reference.parse(seeded.ref(n))) for n in NAMES])
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    return root
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(tmp_path / "target").start()
+    yield reg
+    reg.stop()
+
+
+async def push(cache: Path, pairs: list[tuple[str, str]], *, known: Pusher | None = None, **sink_args: int) -> Pusher:
+    async with Transport() as transport:
+        pusher = Pusher(Engine(Layout.open(cache)), RegistryV2Sink(transport, **sink_args))
+        if known is not None:
+            pusher.known = known.known
+        for src, dest in pairs:
+            result = await pusher.push(src, Reference.parse(dest))
+            assert result.status == "ok", result.error
+    return pusher
+
+
+def writes(reg: Registry, since: Counter[tuple[str, str]] | None = None) -> Counter[tuple[str, str]]:
+    """Return the write requests (POST, PUT, PATCH) the registry answered since `since`."""
+    now = reg.requests()
+    return Counter(
+        {k: n - (since or Counter())[k] for k, n in now.items() if k[0] in WRITES and n > (since or {}).get(k, 0)}
+    )
+
+
+def largest(cache: Path, pusher: Pusher) -> Digest:
+    """Return the biggest blob a push sent: the shared 300 kB base layer."""
+    (known,) = pusher.known.values()
+    return max(known, key=lambda d: (cache / "blobs" / d.algorithm / d.hex).stat().st_size)
+
+
+def test_schema1_signature_keeps_the_payload() -> None:
+    payload = json.dumps({"schemaVersion": 1, "name": "a/b", "fsLayers": []}, indent=3).encode()
+    signed = sign_schema1(payload)
+    assert b'"signatures"' in signed and json.loads(signed)["signatures"][0]["header"]["alg"] == "ES256"
+    assert schema1_payload(signed) == payload
+
+
+@pytest.mark.slow
+async def test_push_keeps_digests_and_a_second_push_uploads_nothing(
+    seeded: Seeded, cache: Path, target: Registry
+) -> None:
+    names = ["t/schema2:1", "t/oci:1", "t/index:1", "t/list:1", "t/schema1:1"]
+    pairs = [(seeded.ref(n), f"{target.host}/copy/{n}") for n in names]
+    pusher = await push(cache, pairs)
+    assert pusher.stats.blobs_uploaded > 0 and pusher.stats.blobs_present == 0
+    for n in names:
+        # The registry's own digest for what we pushed is the source registry's.
+        assert registry_digest(target.host, f"copy/{n}") == seeded.digests[n], n
+    for n in ["t/schema2:1", "t/oci:1", "t/index:1", "t/list:1"]:
+        assert inspect_digest(f"docker://{target.host}/copy/{n}") == seeded.digests[n], n
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", f"docker://{target.host}/copy/t/schema1:1"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    assert info["Digest"] == seeded.digests["t/schema1:1"]
+    assert str(EMPTY_LAYER) in info["Layers"]
+    # Every platform of the index can be pulled back.
+    skopeo_copy(f"docker://{target.host}/copy/t/index:1", f"dir:{cache.parent / 'back'}", "--all")
+    before = target.requests()
+    again = await push(cache, pairs)
+    assert writes(target, before) == Counter()
+    assert again.stats.blobs_uploaded == 0 and again.stats.manifests_put == 0
+    assert again.stats.blobs_present == pusher.stats.blobs_uploaded + pusher.stats.blobs_mounted
+
+
+@pytest.mark.slow
+async def test_blob_in_another_repository_is_mounted(seeded: Seeded, cache: Path, target: Registry) -> None:
+    first = await push(cache, [(seeded.ref("shared/app0:1"), f"{target.host}/a/app0:1")])
+    uploaded = first.stats.blobs_uploaded
+    base = largest(cache, first)
+    before = target.requests()
+    # The run knows a/app0 holds the shared base layer: it mounts instead of uploading.
+    pusher = await push(cache, [(seeded.ref("shared/app1:1"), f"{target.host}/b/app1:1")], known=first)
+    new = writes(target, before)
+    assert [uri for (method, uri) in new if method == "POST" and "mount=" in uri] == [
+        f"/v2/b/app1/blobs/uploads/?mount={base}&from=a/app0"
+    ]
+    assert not [uri for (method, uri) in new if method == "PUT" and f"digest={base}" in uri]
+    assert pusher.stats.blobs_mounted == 1
+    assert pusher.stats.blobs_uploaded == uploaded - 1  # config and own layer; not the base
+    # A later run is told where to look with --mount-from.
+    before = target.requests()
+    res = mirror(
+        "push", "--cache", str(cache), "--mount-from", "a/app0", seeded.ref("shared/app2:1"), f"{target.host}/c/app2:1"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\t") == [f"{target.host}/c/app2:1", seeded.digests["shared/app2:1"] + "\n"]
+    assert "mounted 1," in res.stderr
+    new = writes(target, before)
+    # Every blob the repository lacks is tried with the hint; only the base is there to mount.
+    assert f"/v2/c/app2/blobs/uploads/?mount={base}&from=a/app0" in {uri for (_, uri) in new}
+    assert not [uri for (method, uri) in new if method == "PUT" and f"digest={base}" in uri]
+    assert inspect_digest(f"docker://{target.host}/c/app2:1") == seeded.digests["shared/app2:1"]
+
+
+@pytest.mark.slow
+async def test_large_blobs_go_up_in_chunks(seeded: Seeded, cache: Path, target: Registry) -> None:
+    pusher = await push(
+        cache, [(seeded.ref("t/oci:1"), f"{target.host}/chunked/oci:1")], chunk_threshold=100_000, chunk_bytes=64 * 1024
+    )
+    assert pusher.stats.blobs_uploaded == 3
+    patches = sum(n for (method, _), n in target.requests().items() if method == "PATCH")
+    # Only the ~300 kB base layer is over the threshold: five 64 KiB chunks.
+    base = largest(cache, pusher)
+    size = (cache / "blobs" / base.algorithm / base.hex).stat().st_size
+    assert size > 100_000
+    assert patches == -(-size // (64 * 1024))
+    assert inspect_digest(f"docker://{target.host}/chunked/oci:1") == seeded.digests["t/oci:1"]
+    out = cache.parent / "chunked-back"
+    skopeo_copy(f"docker://{target.host}/chunked/oci:1", f"dir:{out}")
+    assert (out / base.hex).read_bytes() == (cache / "blobs" / "sha256" / base.hex).read_bytes()
+
+
+def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:
+    Layout.open(tmp_path / "c")
+    res = mirror("push", "--cache", str(tmp_path / "c"), "127.0.0.1:1/no/such:1", "127.0.0.1:2/x:1")
+    assert res.returncode == 1
+    assert f"127.0.0.1:1/no/such:1 is not in the cache {tmp_path / 'c'}" in res.stderr

@@ -13,7 +13,7 @@ import pytest
 from mirror.digest import EMPTY_LAYER, Digest
 from mirror.engine.copy import Engine
 from mirror.engine.push import Pusher
-from mirror.manifest import schema1_payload
+from mirror.manifest import Platform, schema1_payload
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
 from mirror.sinks.schema1 import sign_schema1
@@ -128,15 +128,27 @@ async def test_blob_in_another_repository_is_mounted(seeded: Seeded, cache: Path
     # A later run is told where to look with --mount-from.
     before = target.requests()
     res = mirror(
-        "push", "--cache", str(cache), "--mount-from", "a/app0", seeded.ref("shared/app2:1"), f"{target.host}/c/app2:1"
+        "push",
+        "--cache",
+        str(cache),
+        "--mount-from",
+        "nothing/here",
+        "--mount-from",
+        "a/app0",
+        seeded.ref("shared/app2:1"),
+        f"{target.host}/c/app2:1",
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\t") == [f"{target.host}/c/app2:1", seeded.digests["shared/app2:1"] + "\n"]
-    assert "mounted 1," in res.stderr
+    assert "uploaded 2 " in res.stderr and "mounted 1," in res.stderr
     new = writes(target, before)
-    # Every blob the repository lacks is tried with the hint; only the base is there to mount.
-    assert f"/v2/c/app2/blobs/uploads/?mount={base}&from=a/app0" in {uri for (_, uri) in new}
+    # Each of the three blobs is tried with both hints; only the base is in a/app0.
+    mounts = sorted(uri.split("?")[1] for (method, uri) in new if method == "POST" and "mount=" in uri)
+    assert len(mounts) == 6 and f"mount={base}&from=a/app0" in mounts
     assert not [uri for (method, uri) in new if method == "PUT" and f"digest={base}" in uri]
+    # The upload session each refused mount opened is used or cancelled, never left behind.
+    deletes = sum(n for (method, uri), n in target.requests().items() if method == "DELETE" and "/c/app2/" in uri)
+    assert deletes == 3
     assert inspect_digest(f"docker://{target.host}/c/app2:1") == seeded.digests["shared/app2:1"]
 
 
@@ -156,6 +168,20 @@ async def test_large_blobs_go_up_in_chunks(seeded: Seeded, cache: Path, target: 
     out = cache.parent / "chunked-back"
     skopeo_copy(f"docker://{target.host}/chunked/oci:1", f"dir:{out}")
     assert (out / base.hex).read_bytes() == (cache / "blobs" / "sha256" / base.hex).read_bytes()
+
+
+@pytest.mark.slow
+async def test_an_index_missing_platforms_is_refused(seeded: Seeded, tmp_path: Path, target: Registry) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    async with Transport() as transport:
+        ref = Reference.parse(seeded.ref("t/index:1"))
+        result = await Engine(layout).pull(RegistryV2Source(transport), ref, (Platform.parse("linux/arm64"),))
+        assert result.status == "ok", result.error
+        pusher = Pusher(Engine(layout), RegistryV2Sink(transport))
+        pushed = await pusher.push(str(ref), Reference.parse(f"{target.host}/part/index:1"))
+    assert pushed.status == "failed"
+    assert "platform linux/amd64" in pushed.error and "cannot be pushed with its digest" in pushed.error
+    assert writes(target) == Counter()
 
 
 def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:

@@ -90,11 +90,19 @@ class RegistryV2Sink:
         path = _with_query(f"/v2/{ref.repository}/blobs/uploads/", mount=str(desc.digest), **{"from": from_repository})
         scopes = (push_scope(ref.repository), f"repository:{from_repository}:pull")
         async with self.transport.request("POST", ref.api_host, path, scopes=scopes, expect=(201, 202)) as resp:
-            if resp.status == 201:
-                return True
-            # 202: the registry could not mount and opened an ordinary upload instead; use it.
-            self._opened[(ref.api_host, ref.repository, desc.digest)] = resp.headers.get("Location", "")
-            return False
+            mounted = resp.status == 201
+            location = resp.headers.get("Location", "")
+        key = (ref.api_host, ref.repository, desc.digest)
+        older = self._opened.pop(key, None)
+        if not mounted:
+            # 202: the registry could not mount and opened an ordinary upload instead; keep it for put_blob.
+            self._opened[key] = location
+        if older:
+            # An earlier refused mount of this blob opened a session too: cancel it (DELETE <location>).
+            host, older_path = self._location(ref, older)
+            async with self.transport.request("DELETE", host, older_path, scopes=scopes, expect=(204, 404)):
+                pass
+        return mounted
 
     async def _start(self, ref: Reference, desc: Descriptor) -> tuple[str, str]:
         opened = self._opened.pop((ref.api_host, ref.repository, desc.digest), None)

@@ -60,10 +60,8 @@ async def push(cache: Path, pairs: list[tuple[str, str]], *, known: Pusher | Non
 
 def writes(reg: Registry, since: Counter[tuple[str, str]] | None = None) -> Counter[tuple[str, str]]:
     """Return the write requests (POST, PUT, PATCH) the registry answered since `since`."""
-    now = reg.requests()
-    return Counter(
-        {k: n - (since or Counter())[k] for k, n in now.items() if k[0] in WRITES and n > (since or {}).get(k, 0)}
-    )
+    since = since or Counter()
+    return Counter({k: n - since[k] for k, n in reg.requests().items() if k[0] in WRITES and n > since[k]})
 
 
 def largest(cache: Path, pusher: Pusher) -> Digest:

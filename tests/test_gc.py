@@ -168,8 +168,8 @@ class Cache:
                     assert wrapper is not None
                     entry = Descriptor(OCI_INDEX, self.blob(wrapper), len(wrapper))
             reach.add(entry.digest)
-            reach.add(parse_manifest(self.stored[entry.digest], entry.media_type).digest)
             if entry.media_type == OCI_INDEX and top.kind != "oci-index":
+                # A wrapper of the project's own: the original document it names is reached too.
                 reach.add(
                     Digest.parse(json.loads(self.stored[entry.digest])["annotations"]["dev.mirror.source.digest"])
                 )

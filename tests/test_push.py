@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections import Counter
@@ -9,6 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from mirror.digest import EMPTY_LAYER, Digest
 from mirror.engine.copy import Engine
@@ -16,7 +21,7 @@ from mirror.engine.push import Pusher
 from mirror.manifest import Platform, schema1_payload
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
-from mirror.sinks.schema1 import sign_schema1
+from mirror.sinks.schema1 import libtrust_key_id, sign_schema1
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Transport
@@ -75,6 +80,24 @@ def test_schema1_signature_keeps_the_payload() -> None:
     signed = sign_schema1(payload)
     assert b'"signatures"' in signed and json.loads(signed)["signatures"][0]["header"]["alg"] == "ES256"
     assert schema1_payload(signed) == payload
+    # The JWS verifies against the key in its own header, as libtrust checks it.
+    sig = json.loads(signed)["signatures"][0]
+    jwk = sig["header"]["jwk"]
+    point = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(b64(jwk["x"]), "big"), int.from_bytes(b64(jwk["y"]), "big"), ec.SECP256R1()
+    )
+    key = point.public_key()
+    assert jwk["kid"] == libtrust_key_id(key) and len(jwk["kid"].split(":")) == 12
+    raw_sig = b64(sig["signature"])
+    der = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
+    signing_input = f"{sig['protected']}.{base64.urlsafe_b64encode(payload).rstrip(b'=').decode()}".encode()
+    key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        key.verify(der, signing_input + b"x", ec.ECDSA(hashes.SHA256()))
+
+
+def b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -131,15 +132,20 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         scopes: tuple[str, ...] = (),
         expect: tuple[int, ...] = (200,),
+        body: Callable[[], Any] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request to `host`, answering one auth challenge; yield a response with an expected status."""
+        """Send a request to `host`, answering one auth challenge; yield a response with an expected status.
+
+        `body`, when given, is called once per attempt for a fresh request body (bytes or an
+        async iterator of chunks), so a retried or redirected request re-sends from the start.
+        """
         url = self.base_url(host) + path
         hdrs = dict(headers or {})
-        resp = await self._send(method, url, host, hdrs, scopes)
+        resp = await self._send(method, url, host, hdrs, scopes, body)
         try:
             if resp.status == 401 and await self._answer_challenge(resp, host, scopes):
                 resp.release()
-                resp = await self._send(method, url, host, hdrs, scopes)
+                resp = await self._send(method, url, host, hdrs, scopes, body)
             if resp.status not in expect:
                 await self._raise_for(resp, method, host, path)
             yield resp
@@ -161,7 +167,13 @@ class Transport:
         return None
 
     async def _send(
-        self, method: str, url: str, host: str, headers: dict[str, str], scopes: tuple[str, ...]
+        self,
+        method: str,
+        url: str,
+        host: str,
+        headers: dict[str, str],
+        scopes: tuple[str, ...],
+        body: Callable[[], Any] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send, following redirects by hand: credentials never go to another host."""
         auth = self._auth_header(host, scopes)
@@ -172,7 +184,9 @@ class Transport:
                 hdrs["Authorization"] = auth
             try:
                 self.requests += 1
-                resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
+                resp = await self.session.request(
+                    method, url, headers=hdrs, data=body() if body else None, allow_redirects=False
+                )
             except aiohttp.ClientConnectorError as exc:
                 raise UnreachableError(f"cannot reach {host}: {exc.os_error.strerror or exc}") from None
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -181,7 +195,7 @@ class Transport:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
                 if resp.status == 303:
-                    method = "GET"
+                    method, body = "GET", None
                 continue
             return resp
         raise TransportError(f"{method} {host}: more than {MAX_REDIRECTS} redirects")

@@ -1,0 +1,48 @@
+"""`mirror gc`: remove blobs no cached reference reaches, and stale partial downloads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mirror.commands.common import EXIT_OK, add_common, human, load_config
+from mirror.errors import UsageError
+from mirror.store.gc import PARTIAL_AGE, collect
+from mirror.store.layout import Layout
+
+
+def register(sub: Any) -> None:
+    """Add the `gc` command."""
+    p: argparse.ArgumentParser = sub.add_parser("gc", help="remove unreferenced blobs and stale partial files")
+    add_common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument(
+        "--partial-age",
+        type=float,
+        default=PARTIAL_AGE,
+        metavar="SECONDS",
+        help=f"remove partial downloads older than this (default {PARTIAL_AGE:.0f})",
+    )
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    p.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Collect garbage under the exclusive cache lock; print one line per removed file and a summary."""
+    cfg = load_config(args)
+    if args.partial_age < 0:
+        raise UsageError("--partial-age must be at least 0")
+    layout = Layout.open(cfg.cache, create=False)
+    garbage = await collect(layout, dry_run=args.dry_run, partial_age=args.partial_age, wait=args.wait)
+    verb = "would remove" if args.dry_run else "removed"
+    for digest, size in garbage.blobs:
+        print(f"{verb}\t{digest}\t{human(size)}")
+    for path, size in garbage.partials:
+        print(f"{verb}\t{path}\t{human(size)}")
+    print(
+        f"{verb} {len(garbage.blobs)} blobs and {len(garbage.partials)} partial files ({human(garbage.bytes)}); "
+        f"kept {garbage.kept} blobs",
+        file=sys.stderr,
+    )
+    return EXIT_OK

@@ -1,0 +1,58 @@
+"""`mirror verify`: re-hash every blob, check every reference, quarantine and optionally re-fetch bad content."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
+from mirror.engine.copy import Engine
+from mirror.engine.repair import RegistryRefetch
+from mirror.errors import UsageError
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.layout import Layout
+from mirror.store.lock import CacheLock
+from mirror.store.verify import quarantine_path, verify
+
+
+def register(sub: Any) -> None:
+    """Add the `verify` command."""
+    p: argparse.ArgumentParser = sub.add_parser("verify", help="re-hash every blob and check every cached reference")
+    add_common(p)
+    p.add_argument("--repair", action="store_true", help="re-fetch missing and corrupt content from its registry")
+    p.add_argument("--hashers", type=int, default=os.cpu_count() or 2, metavar="N", help="blobs hashed at once")
+    p.add_argument("--concurrency", type=int, help="blobs re-fetched at once (default 8)")
+    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
+    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    p.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Verify the cache; print each reference's state; exit 1 when anything is (still) bad."""
+    cfg = load_config(args)
+    if args.hashers < 1:
+        raise UsageError("--hashers must be at least 1")
+    layout = Layout.open(cfg.cache, create=False)
+    async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
+        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
+        refetch = RegistryRefetch(engine, RegistryV2Source(transport)) if args.repair else None
+        report = await verify(layout, concurrency=args.hashers, refetch=refetch)
+    for digest in report.corrupt:
+        print(f"corrupt\t{digest}\tmoved to {quarantine_path(layout.blobs, digest)}")
+    for ref in report.refs:
+        state = "bad" if ref.problems else "repaired" if ref.repaired else "ok"
+        details = "; ".join(ref.problems + ref.repaired)
+        print(f"{state}\t{ref.name}" + (f"\t{details}" if details else ""))
+    bad = sum(bool(r.problems) for r in report.refs)
+    print(
+        f"{report.blobs} blobs ({human(report.bytes)}) hashed, {len(report.corrupt)} corrupt; "
+        f"{len(report.refs)} references, {bad} bad",
+        file=sys.stderr,
+    )
+    # Without --repair a corrupt blob is a failure even when no reference needs it; with it, quarantine fixed it.
+    if bad or (report.corrupt and not args.repair):
+        return EXIT_FAILED
+    return EXIT_OK

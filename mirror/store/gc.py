@@ -1,0 +1,212 @@
+"""Garbage collection: mark every blob `index.json` reaches (pure), sweep the rest and stale partial files.
+
+Mark follows each named entry through wrapper indexes of the project's own to the source
+document they name, indexes to their (cached) children, image manifests to config and
+layers, `subject` links, and any annotation value that is the digest of a stored blob
+(kept v1 json documents and the like). A reachable manifest that is missing or does not
+parse makes the result "broken": what it references is unknown, so nothing is swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+
+from mirror.digest import Digest
+from mirror.errors import DigestError, ManifestError, MirrorError, StoreError
+from mirror.manifest import (
+    MAX_MANIFEST_BYTES,
+    REF_NAME,
+    SOURCE_DIGEST,
+    SOURCE_MEDIA_TYPE,
+    Descriptor,
+    ImageManifest,
+    IndexManifest,
+    parse_manifest,
+)
+from mirror.store.blobs import BlobStore
+from mirror.store.layout import Layout
+from mirror.store.lock import CacheLock
+
+PARTIAL_AGE = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """The blobs reachable from the roots, and why marking was incomplete (empty when it was not)."""
+
+    reachable: frozenset[Digest]
+    broken: tuple[str, ...]
+
+
+def _annotated(annotations: Any, stored: Collection[Digest]) -> list[Digest]:
+    """Return every annotation value that parses as the digest of a stored blob."""
+    out: list[Digest] = []
+    if isinstance(annotations, Mapping):
+        for value in annotations.values():
+            try:
+                d = Digest.parse(str(value))
+            except DigestError:
+                continue
+            if d in stored:
+                out.append(d)
+    return out
+
+
+def mark(roots: Iterable[Descriptor], load: Callable[[Digest], bytes | None], stored: Collection[Digest]) -> Marked:
+    """Return what `roots` (index.json's descriptors) reach; `load` returns a stored document's bytes or None.
+
+    Pure: every read goes through `load`, so a dict's `get` is as good as the disk.
+    """
+    reachable: set[Digest] = set()
+    broken: list[str] = []
+    done: set[Digest] = set()
+    for root in roots:
+        name = root.annotations.get(REF_NAME) or str(root.digest)
+        reachable.update(_annotated(root.annotations, stored))
+        # (digest, media type, required): an index child that is not cached was left out by --platform.
+        stack: list[tuple[Digest, str, bool]] = [(root.digest, root.media_type, True)]
+        while stack:
+            digest, media_type, required = stack.pop()
+            if digest in done:
+                continue
+            done.add(digest)
+            reachable.add(digest)
+            raw = load(digest)
+            if raw is None:
+                if required:
+                    broken.append(f"{name}: manifest {digest} is missing")
+                continue
+            try:
+                manifest = parse_manifest(raw, media_type, digest)
+                doc = json.loads(raw)
+            except (MirrorError, ValueError) as exc:
+                broken.append(f"{name}: manifest {digest} is unreadable: {exc}")
+                continue
+            ann = doc.get("annotations") if isinstance(doc, dict) else None
+            reachable.update(_annotated(ann, stored))
+            if isinstance(ann, Mapping) and SOURCE_DIGEST in ann:
+                try:
+                    stack.append((Digest.parse(str(ann[SOURCE_DIGEST])), str(ann.get(SOURCE_MEDIA_TYPE, "")), True))
+                except DigestError:
+                    broken.append(f"{name}: wrapper {digest} names a malformed source digest")
+            subject = doc.get("subject") if isinstance(doc, dict) else None
+            if isinstance(subject, dict):
+                try:
+                    sd = Descriptor.from_json(subject)
+                    stack.append((sd.digest, sd.media_type, False))
+                except ManifestError:
+                    pass
+            if isinstance(manifest, IndexManifest):
+                for child in manifest.manifests:
+                    reachable.update(_annotated(child.annotations, stored))
+                    stack.append((child.digest, child.media_type, False))
+            elif isinstance(manifest, ImageManifest):
+                for blob in manifest.blobs:
+                    reachable.add(blob.digest)
+                    reachable.update(_annotated(blob.annotations, stored))
+    return Marked(frozenset(reachable), tuple(broken))
+
+
+@dataclass(frozen=True, slots=True)
+class Garbage:
+    """What a collection removed (or, on a dry run, would remove)."""
+
+    blobs: tuple[tuple[Digest, int], ...]
+    partials: tuple[tuple[Path, int], ...]
+    kept: int
+
+    @property
+    def bytes(self) -> int:
+        """Return the bytes freed."""
+        return sum(n for _, n in self.blobs) + sum(n for _, n in self.partials)
+
+
+def stored_blobs(store: BlobStore) -> dict[Digest, int]:
+    """Return every blob file under `blobs/` named by a valid digest, with its size."""
+    out: dict[Digest, int] = {}
+    top = store.root / "blobs"
+    if not top.is_dir():
+        return out
+    for algo in os.scandir(top):
+        if not algo.is_dir():
+            continue
+        for entry in os.scandir(algo.path):
+            try:
+                d = Digest.parse(f"{algo.name}:{entry.name}")
+            except DigestError:
+                continue  # not ours: leave it alone
+            if entry.is_file(follow_symlinks=False):
+                out[d] = entry.stat().st_size
+    return out
+
+
+def _loader(store: BlobStore) -> Callable[[Digest], bytes | None]:
+    def load(digest: Digest) -> bytes | None:
+        try:
+            with open(store.path(digest), "rb") as f:
+                return f.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            return None
+
+    return load
+
+
+async def index_roots(layout: Layout) -> list[Descriptor]:
+    """Return every descriptor in `index.json`, named or not (all are roots of the layout)."""
+    path = layout.root / "index.json"
+    async with aiofiles.open(path, "rb") as f:
+        raw = await f.read()
+    try:
+        items = json.loads(raw).get("manifests") or []
+        return [Descriptor.from_json(item) for item in items]
+    except (ValueError, AttributeError, ManifestError) as exc:
+        raise StoreError(f"{path} is unreadable, nothing can be collected: {exc}") from None
+
+
+def _stale_partials(ingest: Path, older_than: float) -> list[tuple[Path, int]]:
+    if not ingest.is_dir():
+        return []
+    out = []
+    for p in sorted(ingest.glob("*.partial")):
+        st = p.stat()
+        if st.st_mtime < older_than:
+            out.append((p, st.st_size))
+    return out
+
+
+def _remove(store: BlobStore, blobs: Iterable[Digest], partials: Iterable[Path]) -> None:
+    for d in blobs:
+        store.path(d).unlink(missing_ok=True)
+    for p in partials:
+        p.unlink(missing_ok=True)
+
+
+async def collect(
+    layout: Layout, *, dry_run: bool = False, partial_age: float = PARTIAL_AGE, wait: float = 0.0
+) -> Garbage:
+    """Remove blobs no `index.json` entry reaches and partial files older than `partial_age` seconds.
+
+    Holds the cache lock exclusively, so no pull or sync writes meanwhile. Refuses (StoreError)
+    when a reachable manifest is missing or unreadable.
+    """
+    async with CacheLock(layout.root, exclusive=True, wait=wait):
+        roots = await index_roots(layout)
+        stored = await asyncio.to_thread(stored_blobs, layout.blobs)
+        marked = await asyncio.to_thread(mark, roots, _loader(layout.blobs), stored.keys())
+        if marked.broken:
+            more = f" (and {len(marked.broken) - 1} more)" if len(marked.broken) > 1 else ""
+            raise StoreError(f"gc refused: {marked.broken[0]}{more}; run `mirror verify --repair` first")
+        blobs = tuple(sorted((d, n) for d, n in stored.items() if d not in marked.reachable))
+        partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
+        if not dry_run:
+            await asyncio.to_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
+        return Garbage(blobs, partials, len(stored) - len(blobs))

@@ -1,0 +1,212 @@
+"""Push from the cache into a second real docker-registry: digests unchanged, nothing re-sent, mounts, chunks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from mirror.digest import EMPTY_LAYER, Digest
+from mirror.engine.copy import Engine
+from mirror.engine.push import Pusher
+from mirror.manifest import Platform, schema1_payload
+from mirror.reference import Reference
+from mirror.sinks.registry_v2 import RegistryV2Sink
+from mirror.sinks.schema1 import libtrust_key_id, sign_schema1
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.layout import Layout
+from mirror.transport import Transport
+from tests.conftest import Seeded, inspect_digest, registry_digest
+from tests.test_cli import mirror
+from tools.registry import Registry, skopeo_copy
+
+NAMES = ["t/schema2:1", "t/schema1:1", "t/oci:1", "t/index:1", "t/list:1"] + [f"shared/app{i}:1" for i in range(3)]
+WRITES = ("POST", "PUT", "PATCH")
+
+
+@pytest.fixture(scope="module")
+async def cache(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding every seeded image, pulled by the engine."""
+    root = tmp_path_factory.mktemp("push-cache") / "cache"
+    layout = Layout.open(root)
+    async with Transport() as transport:
+        source = RegistryV2Source(transport)
+        results = await Engine(layout).pull_many([(source, Reference.parse(seeded.ref(n))) for n in NAMES])
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    return root
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(tmp_path / "target").start()
+    yield reg
+    reg.stop()
+
+
+async def push(cache: Path, pairs: list[tuple[str, str]], *, known: Pusher | None = None, **sink_args: int) -> Pusher:
+    async with Transport() as transport:
+        pusher = Pusher(Engine(Layout.open(cache)), RegistryV2Sink(transport, **sink_args))
+        if known is not None:
+            pusher.known = known.known
+        for src, dest in pairs:
+            result = await pusher.push(src, Reference.parse(dest))
+            assert result.status == "ok", result.error
+    return pusher
+
+
+def writes(reg: Registry, since: Counter[tuple[str, str]] | None = None) -> Counter[tuple[str, str]]:
+    """Return the write requests (POST, PUT, PATCH) the registry answered since `since`."""
+    since = since or Counter()
+    return Counter({k: n - since[k] for k, n in reg.requests().items() if k[0] in WRITES and n > since[k]})
+
+
+def largest(cache: Path, pusher: Pusher) -> Digest:
+    """Return the biggest blob a push sent: the shared 300 kB base layer."""
+    (known,) = pusher.known.values()
+    return max(known, key=lambda d: (cache / "blobs" / d.algorithm / d.hex).stat().st_size)
+
+
+def test_schema1_signature_keeps_the_payload() -> None:
+    payload = json.dumps({"schemaVersion": 1, "name": "a/b", "fsLayers": []}, indent=3).encode()
+    signed = sign_schema1(payload)
+    assert b'"signatures"' in signed and json.loads(signed)["signatures"][0]["header"]["alg"] == "ES256"
+    assert schema1_payload(signed) == payload
+    # The JWS verifies against the key in its own header, as libtrust checks it.
+    sig = json.loads(signed)["signatures"][0]
+    jwk = sig["header"]["jwk"]
+    point = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(b64(jwk["x"]), "big"), int.from_bytes(b64(jwk["y"]), "big"), ec.SECP256R1()
+    )
+    key = point.public_key()
+    assert jwk["kid"] == libtrust_key_id(key) and len(jwk["kid"].split(":")) == 12
+    raw_sig = b64(sig["signature"])
+    der = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
+    signing_input = f"{sig['protected']}.{base64.urlsafe_b64encode(payload).rstrip(b'=').decode()}".encode()
+    key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        key.verify(der, signing_input + b"x", ec.ECDSA(hashes.SHA256()))
+
+
+def b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@pytest.mark.slow
+async def test_push_keeps_digests_and_a_second_push_uploads_nothing(
+    seeded: Seeded, cache: Path, target: Registry
+) -> None:
+    names = ["t/schema2:1", "t/oci:1", "t/index:1", "t/list:1", "t/schema1:1"]
+    pairs = [(seeded.ref(n), f"{target.host}/copy/{n}") for n in names]
+    pusher = await push(cache, pairs)
+    assert pusher.stats.blobs_uploaded > 0 and pusher.stats.blobs_present == 0
+    for n in names:
+        # The registry's own digest for what we pushed is the source registry's.
+        assert registry_digest(target.host, f"copy/{n}") == seeded.digests[n], n
+    for n in ["t/schema2:1", "t/oci:1", "t/index:1", "t/list:1"]:
+        assert inspect_digest(f"docker://{target.host}/copy/{n}") == seeded.digests[n], n
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", f"docker://{target.host}/copy/t/schema1:1"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    assert info["Digest"] == seeded.digests["t/schema1:1"]
+    assert str(EMPTY_LAYER) in info["Layers"]
+    # Every platform of the index can be pulled back.
+    skopeo_copy(f"docker://{target.host}/copy/t/index:1", f"dir:{cache.parent / 'back'}", "--all")
+    before = target.requests()
+    again = await push(cache, pairs)
+    assert writes(target, before) == Counter()
+    assert again.stats.blobs_uploaded == 0 and again.stats.manifests_put == 0
+    assert again.stats.blobs_present == pusher.stats.blobs_uploaded + pusher.stats.blobs_mounted
+
+
+@pytest.mark.slow
+async def test_blob_in_another_repository_is_mounted(seeded: Seeded, cache: Path, target: Registry) -> None:
+    first = await push(cache, [(seeded.ref("shared/app0:1"), f"{target.host}/a/app0:1")])
+    uploaded = first.stats.blobs_uploaded
+    base = largest(cache, first)
+    before = target.requests()
+    # The run knows a/app0 holds the shared base layer: it mounts instead of uploading.
+    pusher = await push(cache, [(seeded.ref("shared/app1:1"), f"{target.host}/b/app1:1")], known=first)
+    new = writes(target, before)
+    assert [uri for (method, uri) in new if method == "POST" and "mount=" in uri] == [
+        f"/v2/b/app1/blobs/uploads/?mount={base}&from=a/app0"
+    ]
+    assert not [uri for (method, uri) in new if method == "PUT" and f"digest={base}" in uri]
+    assert pusher.stats.blobs_mounted == 1
+    assert pusher.stats.blobs_uploaded == uploaded - 1  # config and own layer; not the base
+    # A later run is told where to look with --mount-from.
+    before = target.requests()
+    res = mirror(
+        "push",
+        "--cache",
+        str(cache),
+        "--mount-from",
+        "nothing/here",
+        "--mount-from",
+        "a/app0",
+        seeded.ref("shared/app2:1"),
+        f"{target.host}/c/app2:1",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\t") == [f"{target.host}/c/app2:1", seeded.digests["shared/app2:1"] + "\n"]
+    assert "uploaded 2 " in res.stderr and "mounted 1," in res.stderr
+    new = writes(target, before)
+    # Each of the three blobs is tried with both hints; only the base is in a/app0.
+    mounts = sorted(uri.split("?")[1] for (method, uri) in new if method == "POST" and "mount=" in uri)
+    assert len(mounts) == 6 and f"mount={base}&from=a/app0" in mounts
+    assert not [uri for (method, uri) in new if method == "PUT" and f"digest={base}" in uri]
+    # The upload session each refused mount opened is used or cancelled, never left behind.
+    deletes = sum(n for (method, uri), n in target.requests().items() if method == "DELETE" and "/c/app2/" in uri)
+    assert deletes == 3
+    assert inspect_digest(f"docker://{target.host}/c/app2:1") == seeded.digests["shared/app2:1"]
+
+
+@pytest.mark.slow
+async def test_large_blobs_go_up_in_chunks(seeded: Seeded, cache: Path, target: Registry) -> None:
+    pusher = await push(
+        cache, [(seeded.ref("t/oci:1"), f"{target.host}/chunked/oci:1")], chunk_threshold=100_000, chunk_bytes=64 * 1024
+    )
+    assert pusher.stats.blobs_uploaded == 3
+    patches = sum(n for (method, _), n in target.requests().items() if method == "PATCH")
+    # Only the ~300 kB base layer is over the threshold: five 64 KiB chunks.
+    base = largest(cache, pusher)
+    size = (cache / "blobs" / base.algorithm / base.hex).stat().st_size
+    assert size > 100_000
+    assert patches == -(-size // (64 * 1024))
+    assert inspect_digest(f"docker://{target.host}/chunked/oci:1") == seeded.digests["t/oci:1"]
+    out = cache.parent / "chunked-back"
+    skopeo_copy(f"docker://{target.host}/chunked/oci:1", f"dir:{out}")
+    assert (out / base.hex).read_bytes() == (cache / "blobs" / "sha256" / base.hex).read_bytes()
+
+
+@pytest.mark.slow
+async def test_an_index_missing_platforms_is_refused(seeded: Seeded, tmp_path: Path, target: Registry) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    async with Transport() as transport:
+        ref = Reference.parse(seeded.ref("t/index:1"))
+        result = await Engine(layout).pull(RegistryV2Source(transport), ref, (Platform.parse("linux/arm64"),))
+        assert result.status == "ok", result.error
+        pusher = Pusher(Engine(layout), RegistryV2Sink(transport))
+        pushed = await pusher.push(str(ref), Reference.parse(f"{target.host}/part/index:1"))
+    assert pushed.status == "failed"
+    assert "platform linux/amd64" in pushed.error and "cannot be pushed with its digest" in pushed.error
+    assert writes(target) == Counter()
+
+
+def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:
+    Layout.open(tmp_path / "c")
+    res = mirror("push", "--cache", str(tmp_path / "c"), "127.0.0.1:1/no/such:1", "127.0.0.1:2/x:1")
+    assert res.returncode == 1
+    assert f"127.0.0.1:1/no/such:1 is not in the cache {tmp_path / 'c'}" in res.stderr

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from mirror.manifest import (
     IndexManifest,
     Manifest,
     Platform,
+    choose_child,
     parse_manifest,
 )
 from mirror.reference import Reference
@@ -90,11 +92,7 @@ class Catalog:
 
     repositories: Mapping[str, Repository] = field(default_factory=dict)
     manifests: Mapping[Digest, StoredManifest] = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        """Return the repository names in lexical order (the `_catalog` order)."""
-        return sorted(self.repositories)
+    names: tuple[str, ...] = ()  # repository names in lexical order, as `_catalog` lists them
 
 
 def served_names(ref: Reference) -> tuple[str, str | None]:
@@ -178,7 +176,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
     }
-    return Catalog(repos, stored)
+    return Catalog(repos, stored, tuple(sorted(repos)))
 
 
 class CacheView:
@@ -249,20 +247,6 @@ def is_accepted(media_type: str, accepted: frozenset[str] | None) -> bool:
     return media_type == DOCKER_SCHEMA1 and bool(accepted & _SCHEMA1_ALIASES)
 
 
-def pick_child(index: StoredManifest, cached: Mapping[Digest, StoredManifest], platform: Platform) -> Descriptor | None:
-    """Return the index child to answer with when the index itself is not acceptable.
-
-    The only cached child when there is one, else the first cached child for `platform`.
-    """
-    kids = [d for d in index.children if d.digest in cached]
-    if len(kids) == 1:
-        return kids[0]
-    for d in kids:
-        if d.platform is not None and platform.matches(d.platform):
-            return d
-    return None
-
-
 def negotiate(
     found: StoredManifest,
     accepted: frozenset[str] | None,
@@ -275,13 +259,13 @@ def negotiate(
 
     A manifest asked for by digest is served as it is. By tag, an index (Docker list or OCI
     index) that the client does not accept is answered with one of its children (see
-    `pick_child`) when the client accepts that child's type, as distribution does for
+    `choose_child`) when the client accepts that child's type, as distribution does for
     clients that predate manifest lists.
     """
     if not by_tag or is_accepted(found.media_type, accepted):
         return found
     if found.media_type in INDEX_TYPES:
-        child = pick_child(found, catalog.manifests, platform)
+        child = choose_child(found.children, catalog.manifests, platform)
         if child is not None:
             kid = catalog.manifests[child.digest]
             if is_accepted(kid.media_type, accepted):
@@ -289,15 +273,15 @@ def negotiate(
     return None
 
 
-def page(items: list[str], n_text: str | None, last: str | None) -> tuple[list[str], bool]:
-    """Return the page after `last` of at most `n` items (all when n is absent) and whether more follow."""
-    rest = [i for i in items if last is None or i > last]
+def page(items: Sequence[str], n_text: str | None, last: str | None) -> tuple[list[str], bool]:
+    """Return the page after `last` of at most `n` sorted items (all when n is absent) and whether more follow."""
+    rest = items[bisect.bisect_right(items, last) :] if last is not None else items
     if n_text is None:
-        return rest, False
+        return list(rest), False
     n = int(n_text)  # ValueError is the caller's PAGINATION_NUMBER_INVALID
     if n < 0:
         raise ValueError(n_text)
-    return rest[:n], len(rest) > n
+    return list(rest[:n]), len(rest) > n
 
 
 # --- Authentication ---------------------------------------------------------------------------
@@ -411,7 +395,7 @@ async def _base(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-def _paged(request: web.Request, items: list[str], key: str, extra: dict[str, Any]) -> web.Response:
+def _paged(request: web.Request, items: Sequence[str], key: str, extra: dict[str, Any]) -> web.Response:
     try:
         chosen, more = page(items, request.query.get("n"), request.query.get("last"))
     except ValueError:
@@ -514,6 +498,12 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _load_catalog(app: web.Application) -> None:
+    # Read the cache once before the first request: a broken index.json fails the start.
+    catalog = await app[APP_KEY].catalog()
+    log.info("serving %d repositories", len(catalog.repositories))
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
 
@@ -569,6 +559,7 @@ def make_app(
     app[APP_KEY] = CacheView(layout)
     app[PLATFORM_KEY] = default_platform
     app.on_response_prepare.append(_blob_etag)
+    app.on_startup.append(_load_catalog)
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2/_catalog", _catalog)
     app.router.add_get(r"/v2/{name:.+}/tags/list", _tags)

@@ -32,10 +32,17 @@ IMAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def run_mirror(*args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+MIRROR = [sys.executable, "-m", "mirror"]
+
+
+def mirror_env() -> dict[str, str]:
+    """Return the environment the command line runs in (this worktree on the path)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     """Run the command line as a user does."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, env=env, **kw)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run([*MIRROR, *args], capture_output=True, env=mirror_env(), timeout=timeout)
 
 
 @dataclass

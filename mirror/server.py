@@ -120,8 +120,11 @@ class _Reader:
     def __init__(self, layout: Layout, memo: dict[Digest, Manifest]) -> None:
         self.layout = layout
         self.memo = memo
+        self.used: set[Digest] = set()
 
     def manifest(self, digest: Digest, media_type: str) -> Manifest:
+        """Return the stored manifest `digest`, parsed and checked."""
+        self.used.add(digest)
         got = self.memo.get(digest)
         if got is None:
             got = parse_manifest(self.layout.blobs.read(digest), media_type, digest)
@@ -130,7 +133,10 @@ class _Reader:
 
 
 def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, Manifest]) -> Catalog:
-    """Return what the server offers for `entries` (blocking file reads: run it in a thread)."""
+    """Return what the server offers for `entries` (blocking file reads: run it in a thread).
+
+    `memo` holds manifests parsed by earlier builds; it is left holding those used now.
+    """
     reader = _Reader(layout, memo)
     tags: dict[str, dict[str, Digest]] = {}
     manifests_of: dict[str, set[Digest]] = {}
@@ -176,6 +182,8 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
     }
+    for gone in set(memo) - reader.used:  # no longer named (a ref was dropped, gc ran)
+        del memo[gone]
     return Catalog(repos, stored, tuple(sorted(repos)))
 
 
@@ -537,7 +545,7 @@ async def _guarded(
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return error(404, "NOT_FOUND", "no such endpoint in the registry API", request.path)
+        return error(404, "UNSUPPORTED", "no such endpoint in this registry's API", request.path)
     except (MirrorError, OSError) as exc:
         log.error("%s %s: %s", request.method, request.path, exc)
         return error(500, "UNKNOWN", "the cache could not be read", str(exc))

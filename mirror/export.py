@@ -18,7 +18,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +58,7 @@ class Member:
     path: str
     data: bytes | None = None
     blob: Digest | None = None
-    size: int = 0
+    size: int = 0  # of a cache blob: checked against the file when it is read
     link: str = ""
     is_dir: bool = False
 
@@ -68,10 +68,10 @@ class ExportPlan:
     """Everything an export writes, in order; blob members name each digest once."""
 
     members: tuple[Member, ...]
-    images: tuple[str, ...] = field(default=())
+    images: tuple[str, ...] = field(default=())  # the cached references exported
 
 
-_HEAD = [Member("oci-layout", data=LAYOUT_MARKER), Member("blobs/", is_dir=True), Member("blobs/sha256/", is_dir=True)]
+_HEAD = (Member("oci-layout", data=LAYOUT_MARKER), Member("blobs/", is_dir=True), Member("blobs/sha256/", is_dir=True))
 
 
 # --- Naming the images ------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def plan_oci(layout: Layout, entries: Sequence[Entry], refs: Sequence[str]) -> E
         entry["annotations"] = {**img.entry.annotations, REF_NAME: img.name}
         index.append(entry)
     tail = [Member("index.json", data=_index(index))]
-    return ExportPlan(_sized(_HEAD + members.items + tail), tuple(i.name for i in images))
+    return ExportPlan((*_HEAD, *members.items, *tail), tuple(i.name for i in images))
 
 
 def _v1_json(config: dict[str, Any], v1_id: str, parent: str, top: bool) -> bytes:
@@ -321,13 +321,7 @@ def plan_docker(
         Member("manifest.json", data=json.dumps(manifest_json).encode()),
         Member("repositories", data=json.dumps(repositories).encode()),
     ]
-    return ExportPlan(_sized(_HEAD + members.items + v1_dirs + tail), tuple(c.name for c in cached))
-
-
-def _sized(members: Iterable[Member]) -> tuple[Member, ...]:
-    return tuple(
-        Member(m.path, m.data, m.blob, len(m.data), m.link, m.is_dir) if m.data is not None else m for m in members
-    )
+    return ExportPlan((*_HEAD, *members.items, *v1_dirs, *tail), tuple(c.name for c in cached))
 
 
 # --- Writing -----------------------------------------------------------------------------------

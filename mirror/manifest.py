@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,3 +299,14 @@ def platform_of_config(raw: bytes) -> Platform | None:
         return Platform(str(doc["os"]), str(doc["architecture"]), str(doc.get("variant") or ""))
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def choose_child(children: tuple[Descriptor, ...], cached: Container[Digest], platform: Platform) -> Descriptor | None:
+    """Return the one image of an index to use where only one fits (old clients, `docker load`).
+
+    The only cached child when there is one, else the first cached child for `platform`.
+    """
+    kids = [d for d in children if d.digest in cached]
+    if len(kids) == 1:
+        return kids[0]
+    return next((d for d in kids if d.platform is not None and platform.matches(d.platform)), None)

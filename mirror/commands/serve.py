@@ -1,0 +1,96 @@
+"""`mirror serve`: the cache as a read-only v2 registry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mirror.commands.common import EXIT_OK, add_common, load_config
+from mirror.errors import UsageError
+from mirror.manifest import Platform
+from mirror.server import DEFAULT_PLATFORM, Authenticator, Htpasswd, StaticUser, make_app, parse_listen
+from mirror.store.layout import Layout
+
+PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
+
+
+def register(sub: Any) -> None:
+    """Add the `serve` command."""
+    p: argparse.ArgumentParser = sub.add_parser("serve", help="serve the cache as a read-only v2 registry")
+    add_common(p)
+    p.add_argument("--listen", default="127.0.0.1:5000", metavar="HOST:PORT", help="address (default 127.0.0.1:5000)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--htpasswd", type=Path, metavar="FILE", help="require Basic auth checked against a bcrypt file")
+    auth.add_argument("--user", metavar="NAME", help=f"require Basic auth as NAME, password from ${PASSWORD_ENV}")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    p.add_argument(
+        "--default-platform",
+        default=str(DEFAULT_PLATFORM),
+        metavar="OS/ARCH",
+        help="child of an index given to clients that accept no index (default linux/amd64)",
+    )
+    p.set_defaults(run=run)
+
+
+def _authenticator(args: argparse.Namespace) -> Authenticator | None:
+    if args.htpasswd:
+        return Htpasswd(args.htpasswd)
+    if args.user:
+        password = os.environ.get(PASSWORD_ENV)
+        if not password:
+            raise UsageError(f"--user needs the password in the environment variable {PASSWORD_ENV}")
+        return StaticUser(args.user, password)
+    return None
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls_cert and not args.tls_key:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
+    return ctx
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; print the address once listening."""
+    cfg = load_config(args)
+    host, port = parse_listen(args.listen)
+    layout = Layout.open(cfg.cache, create=False)
+    tls = _tls(args)
+    app = make_app(layout, auth=_authenticator(args), default_platform=Platform.parse(args.default_platform))
+    logging.basicConfig(level=logging.WARNING, format="mirror serve: %(message)s", stream=sys.stderr)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {args.listen}: {exc.strerror}") from None
+        scheme = "https" if tls else "http"
+        for addr in runner.addresses:
+            shown = f"[{addr[0]}]" if ":" in str(addr[0]) else addr[0]
+            print(f"mirror: serving {cfg.cache} at {scheme}://{shown}:{addr[1]}/v2/", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return EXIT_OK

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mirror import config
 from mirror.engine.copy import Engine, ImageResult
 from mirror.engine.daemon import pull_from_daemon
 from mirror.errors import UnreachableError, UsageError
@@ -339,3 +341,14 @@ async def test_tcp_with_tls_client_certificates(podman: Podman, tls_proxy: tuple
         str(exc.value)
         == f"DOCKER_TLS_VERIFY is set but {no_client}/cert.pem is missing (DOCKER_CERT_PATH needs cert.pem)"
     )
+
+
+def test_config_daemon_table() -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    # The example's daemon table, uncommented, is what a user would write.
+    for commented in ("[daemon]", 'url = "unix', "compress ="):
+        text = text.replace(f"# {commented}", commented)
+    doc = tomllib.loads(text)
+    assert config.parse(doc, "example").daemon == config.DaemonConfig("unix:///var/run/docker.sock", "none")
+    with pytest.raises(config.ConfigError, match=r'^t: daemon.compress: expected "none" or "gzip", got \'zstd\'$'):
+        config.parse({"daemon": {"compress": "zstd"}}, "t")

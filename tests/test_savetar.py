@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,11 +14,16 @@ from pathlib import Path
 import pytest
 
 from mirror.digest import Digest
+from mirror.engine.copy import Engine
+from mirror.engine.daemon import cache_saved_image
 from mirror.errors import IntegrityError
 from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
+from mirror.reference import Reference
+from mirror.sources.daemon import ImageInspect
 from mirror.sources.savetar import SaveContents, SaveFormatError, read_save
 from mirror.store.layout import Layout
 from tools.imagebuild import layer_tar
+from tools.registry import skopeo_copy
 
 BIG = layer_tar("big.bin", 200_000, 1)  # over SMALL_ENTRY: streamed into the store as it passes
 SMALL = layer_tar("small.bin", 1_000, 2)  # kept in memory, written when the image is put together
@@ -234,3 +240,23 @@ async def test_oci_blob_with_wrong_content_is_refused(tmp_path: Path) -> None:
     entries: list[Entry] = [(f"blobs/sha256/{wrong}", BIG)]
     with pytest.raises(IntegrityError, match=f"blobs/sha256/{wrong} holds content of digest sha256:{sha(BIG)}"):
         await read_save(chunks_of(build_tar(entries, tarfile.PAX_FORMAT), 65536), Layout.open(tmp_path / "c").blobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["legacy", "oci", "oci-index-only"])
+async def test_saved_images_read_back_with_skopeo(tmp_path: Path, kind: str) -> None:
+    """Each format, put together as the cache's OCI image: skopeo reads the config and diff ids back."""
+    data, configs = legacy_tar(tarfile.GNU_FORMAT) if kind == "legacy" else oci_tar(kind == "oci")
+    cache = tmp_path / "cache"
+    engine = Engine(Layout.open(cache))
+    contents = await read_save(chunks_of(data, 65536), engine.store, compress=True)
+    for tag, cfg in configs.items():
+        ref = Reference.parse(tag)
+        diff_ids = tuple(json.loads(cfg)["rootfs"]["diff_ids"])
+        # The id of an image the daemon reports is the digest of its config: that picks it out of the export.
+        await cache_saved_image(engine, contents, ref, ImageInspect(f"sha256:{sha(cfg)}", (tag,), diff_ids))
+        out = subprocess.run(["skopeo", "inspect", "--config", f"oci:{cache}:{ref}"], capture_output=True, check=True)
+        assert json.loads(out.stdout) == json.loads(cfg)
+        skopeo_copy(f"oci:{cache}:{ref}", f"dir:{tmp_path / sha(cfg)}")  # skopeo checks every blob's digest
+        assert (tmp_path / sha(cfg) / sha(cfg)).read_bytes() == cfg
+    assert {e.name for e in await engine.layout.entries()} == {str(Reference.parse(t)) for t in configs}

@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
     add_daemon_option(p, "Docker daemon of daemon:// images (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
-    p.add_argument("--compress", choices=COMPRESSIONS, default="none", help="compress daemon layers on the way in")
+    p.add_argument("--compress", choices=COMPRESSIONS, help="compress daemon layers on the way in (default none)")
     p.set_defaults(run=run)
 
 
@@ -62,7 +62,9 @@ async def run(args: argparse.Namespace) -> int:
         with progress if isinstance(progress, RichProgress) else nullcontext():
             results = await engine.pull_many([(source, r) for r in refs], platforms)
             if from_daemon:
-                results += await pull_daemon_sources(engine, args.daemon, from_daemon, args.compress)
+                url = cfg.daemon.url if args.daemon is None else args.daemon
+                compress = args.compress or cfg.daemon.compress
+                results += await pull_daemon_sources(engine, url, from_daemon, compress)
     secs = time.monotonic() - t0
     ok = sum(r.status == "ok" for r in results)
     s = engine.stats

@@ -45,19 +45,28 @@ def oci_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _match(saved: list[SavedImage], contents: SaveContents, info: ImageInspect) -> tuple[SavedImage, bytes]:
-    """Return the export's image with the id the daemon reported (its config digest), and that config."""
+def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info: ImageInspect) -> SavedImage:
+    """Return the export's image `ref` asked for.
+
+    By id first: the daemon's image id is the digest of its config (Docker's classic store,
+    podman). Else by `RepoTags` (Docker's containerd store, where the id names a manifest).
+    """
     for image in saved:
-        config = contents.read(image.config)
-        if str(Digest.of(config)) == info.id:
-            return image, config
-    raise SaveFormatError(f"the export holds no image with id {info.id}")
+        if str(Digest.of(contents.read(image.config))) == info.id:
+            return image
+    for image in saved:
+        for tag in image.repo_tags:
+            try:
+                if Reference.parse(tag) == ref:
+                    return image
+            except UsageError:
+                continue
+    raise SaveFormatError(f"the export holds no image with id {info.id} or tag {ref}")
 
 
-async def _store_image(
-    engine: Engine, contents: SaveContents, image: SavedImage, config: bytes, info: ImageInspect
-) -> Descriptor:
+async def _store_image(engine: Engine, contents: SaveContents, image: SavedImage, info: ImageInspect) -> Descriptor:
     """Store config, layers and an OCI manifest of one saved image; return the manifest's descriptor."""
+    config = contents.read(image.config)
     try:
         doc = json.loads(config)
         diff_ids = [str(d) for d in doc["rootfs"]["diff_ids"]]
@@ -80,6 +89,19 @@ async def _store_image(
     return Descriptor(OCI_MANIFEST, await engine.store.put(raw), len(raw), platform_of_config(config))
 
 
+async def cache_saved_image(
+    engine: Engine, contents: SaveContents, ref: Reference, info: ImageInspect
+) -> tuple[Descriptor, int]:
+    """Store the export's image `ref` (as `info` describes it) and name it in `index.json`.
+
+    Return the OCI manifest's descriptor and the bytes of its layer blobs.
+    """
+    image = _match(contents.images(), contents, ref, info)
+    entry = await _store_image(engine, contents, image, info)
+    await engine.layout.set_refs({str(ref): entry})
+    return entry, sum(contents.layers[contents.resolve(n)].blob.size for n in image.layers)
+
+
 async def pull_from_daemon(
     engine: Engine, client: DaemonClient, sources: Sequence[str], *, compress: bool = False
 ) -> list[ImageResult]:
@@ -98,18 +120,15 @@ async def pull_from_daemon(
         try:
             async with engine.slot(client.endpoint.url), client.export(list({n: None for _, n, _, _ in found})) as body:
                 contents = await read_save(body, engine.store, compress=compress)
-            saved = contents.images()
+            contents.images()  # fails here, for every image, when the export has no readable manifest
         except MirrorError as exc:
             for i, _, ref, _ in found:
                 results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=str(exc))
         else:
             for i, name, ref, info in found:
                 try:
-                    image, config = _match(saved, contents, info)
-                    entry = await _store_image(engine, contents, image, config, info)
-                    await engine.layout.set_refs({str(ref): entry})
+                    entry, size = await cache_saved_image(engine, contents, ref, info)
                     plats = (str(entry.platform),) if entry.platform else ()
-                    size = sum(contents.layers[contents.resolve(n)].blob.size for n in image.layers)
                     results[i] = ImageResult(ref, "ok", entry.digest, plats, size, time.monotonic() - t0)
                 except MirrorError as exc:
                     results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=f"{name}: {exc}")

@@ -23,14 +23,17 @@ class DaemonProxy:
         self._server: asyncio.Server | None = None
 
     async def start_unix(self, path: str) -> DaemonProxy:
+        """Listen on the unix socket `path`."""
         self._server = await asyncio.start_unix_server(self._handle, path)
         return self
 
     async def start_tcp(self, ctx: ssl.SSLContext | None = None) -> int:
+        """Listen on a free loopback port (TLS with `ctx`); return the port."""
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ctx)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop listening."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

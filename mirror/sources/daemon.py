@@ -291,6 +291,6 @@ class DaemonClient:
             async for chunk in resp.content.iter_chunked(CHUNK):
                 got += len(chunk)
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (OSError, aiohttp.ClientError) as exc:  # OSError includes TimeoutError and resets
             detail = str(exc) or type(exc).__name__
             raise TransportError(f"export from {self.where} was cut off after {got} bytes: {detail}") from None

@@ -30,7 +30,7 @@ from mirror.store.blobs import FLUSH_BYTES, BlobStore
 
 BLOCK = 512
 SMALL_ENTRY = 64 * 1024  # entries up to this size are kept in memory whatever they are
-MAX_META = 64 * 1024 * 1024  # a JSON entry (config, manifest) larger than this is refused
+MAX_META = 64 * 1024 * 1024  # a JSON entry (config, manifest) up to this size is kept in memory
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINK_HOPS = 16
 _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"2": "symlink", b"1": "hardlink", b"5": "dir"}
@@ -447,9 +447,8 @@ async def read_save(
             contents.links[header.name] = _norm(header.linkname)  # hard link targets are archive paths
         elif header.kind == "file":
             head = await tar.peek(2)
-            if header.size <= SMALL_ENTRY or head[:1] in (b"{", b"["):
-                if header.size > MAX_META:
-                    raise SaveFormatError(f"export tar: document {header.name} of {header.size} bytes is too large")
+            # Small entries and JSON documents (configs, OCI manifests) are kept; the rest are layers.
+            if header.size <= SMALL_ENTRY or (head[:1] in (b"{", b"[") and header.size <= MAX_META):
                 contents.files[header.name] = await tar.read_all()
                 contents.layers.pop(header.name, None)
             else:

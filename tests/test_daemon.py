@@ -349,3 +349,35 @@ def test_config_daemon_table() -> None:
     assert config.parse(doc, "example").daemon == config.DaemonConfig("unix:///var/run/docker.sock", "none")
     with pytest.raises(config.ConfigError, match=r'^t: daemon.compress: expected "none" or "gzip", got \'zstd\'$'):
         config.parse({"daemon": {"compress": "zstd"}}, "t")
+
+
+@pytest.mark.slow
+async def test_plain_tcp_and_a_server_certificate_not_trusted(
+    podman: Podman, tls_proxy: tuple[int, Path], tmp_path: Path
+) -> None:
+    proxy = DaemonProxy(podman.socket)
+    port = await proxy.start_tcp()
+    try:
+        async with DaemonClient(DaemonEndpoint.resolve(None, env={"DOCKER_HOST": f"tcp://127.0.0.1:{port}"})) as c:
+            assert podman.names["a"] in {t for img in await c.images() for t in img.repo_tags}
+    finally:
+        await proxy.stop()
+    # A CA of its own that did not sign the daemon's certificate: the handshake is refused, in one line.
+    tls_port, certs = tls_proxy
+    other = tmp_path / "other"
+    other.mkdir()
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "another CA")])
+    _write_pem(other / "ca.pem", _cert("another CA", other_key, other_name, other_key, ca=True))
+    shutil.copy(certs / "cert.pem", other / "cert.pem")
+    shutil.copy(certs / "key.pem", other / "key.pem")
+    env = {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(other)}
+    with pytest.raises(UnreachableError) as exc:
+        async with DaemonClient(DaemonEndpoint.resolve(f"tcp://127.0.0.1:{tls_port}", env=env)):
+            pass
+    # OpenSSL's own reason follows ("self-signed certificate in certificate chain", or the like).
+    assert str(exc.value).startswith(
+        f"cannot reach the Docker daemon at tcp://127.0.0.1:{tls_port}: TLS certificate not accepted: "
+    )
+    assert "certificate" in str(exc.value).rsplit(": ", 1)[1]
+    assert "\n" not in str(exc.value)

@@ -195,7 +195,8 @@ class DaemonClient:
         try:
             resp = await self._session.get(url, params=params)
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise self._unreachable(None, f"TLS certificate not accepted: {exc.certificate_error}") from None
+            why = getattr(exc.certificate_error, "verify_message", "") or exc.certificate_error
+            raise self._unreachable(None, f"TLS certificate not accepted: {why}") from None
         except aiohttp.ClientConnectorError as exc:
             raise self._unreachable(exc.os_error) from None
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from mirror import config
 from mirror.engine.copy import Engine, ImageResult
-from mirror.engine.daemon import pull_from_daemon
+from mirror.engine.daemon import daemon_reference, pull_from_daemon
 from mirror.errors import UnreachableError, UsageError
 from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
 from mirror.reference import Reference
@@ -381,3 +381,13 @@ async def test_plain_tcp_and_a_server_certificate_not_trusted(
     )
     assert "certificate" in str(exc.value).rsplit(": ", 1)[1]
     assert "\n" not in str(exc.value)
+
+
+def test_daemon_source_names() -> None:
+    name, ref = daemon_reference("daemon://ubuntu:15.10")
+    assert (name, str(ref)) == ("ubuntu:15.10", "docker.io/library/ubuntu:15.10")
+    assert str(daemon_reference("daemon://localhost/app")[1]) == "localhost/app:latest"
+    with pytest.raises(UsageError, match=r"^invalid daemon source 'daemon://': expected daemon://NAME\[:TAG\]$"):
+        daemon_reference("daemon://")
+    with pytest.raises(UsageError, match="name an image by NAME\\[:TAG\\], not by digest"):
+        daemon_reference("daemon://app@sha256:" + "0" * 64)

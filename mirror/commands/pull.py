@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> int:
         with progress if isinstance(progress, RichProgress) else nullcontext():
             results = await engine.pull_many([(source, r) for r in refs], platforms)
             if from_daemon:
-                url = cfg.daemon.url if args.daemon is None else args.daemon
+                url = args.daemon or cfg.daemon.url
                 compress = args.compress or cfg.daemon.compress
                 results += await pull_daemon_sources(engine, url, from_daemon, compress)
     secs = time.monotonic() - t0

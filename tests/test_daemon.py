@@ -33,7 +33,7 @@ from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
 from mirror.reference import Reference
 from mirror.sources.daemon import DaemonClient, DaemonEndpoint
 from mirror.store.layout import Layout
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Seeded
 from tests.daemon_proxy import DaemonProxy
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
@@ -193,16 +193,19 @@ async def test_cached_image_loads_back_into_podman(podman: Podman, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_pull_cli_and_a_missing_image(podman: Podman, tmp_path: Path) -> None:
+def test_pull_cli_mixes_daemon_and_registry_images(podman: Podman, seeded: Seeded, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     missing = f"daemon://{PREFIX}-nope:1"
-    res = mirror("pull", "--cache", str(cache), "--daemon", podman.url, f"daemon://{podman.names['a']}", missing)
+    args = [f"daemon://{podman.names['a']}", seeded.ref("t/oci:1"), missing]
+    res = mirror("pull", "--cache", str(cache), "--daemon", podman.url, *args)
     assert res.returncode == 1, res.stderr
     assert f"FAILED {PREFIX}-nope:1: {PREFIX}-nope:1: the Docker daemon at {podman.url}:" in res.stderr
-    assert "1/2 images cached, 1 failed" in res.stderr
+    assert "2/3 images cached, 1 failed" in res.stderr
     res = mirror("ls", "--cache", str(cache))
-    (line,) = res.stdout.splitlines()
-    assert line.split("\t")[:3] == [podman.names["a"], line.split("\t")[1], "linux/amd64"]
+    listed = {line.split("\t")[0]: line.split("\t") for line in res.stdout.splitlines()}
+    assert sorted(listed) == sorted([podman.names["a"], seeded.ref("t/oci:1")])
+    assert listed[podman.names["a"]][2] == "linux/amd64"
+    assert listed[seeded.ref("t/oci:1")][1] == seeded.digests["t/oci:1"]
 
 
 @pytest.mark.slow

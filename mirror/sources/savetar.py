@@ -19,7 +19,7 @@ import json
 import posixpath
 import re
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -429,7 +429,6 @@ async def read_save(
     store: BlobStore,
     *,
     compress: bool = False,
-    progress: Callable[[int], None] | None = None,
 ) -> SaveContents:
     """Read a `docker save` stream to its end; large entries become blobs as they pass.
 
@@ -452,7 +451,7 @@ async def read_save(
                 contents.files[header.name] = await tar.read_all()
                 contents.layers.pop(header.name, None)
             else:
-                stored = await _stream_layer(tar, store, compress and not head.startswith(GZIP_MAGIC), head, progress)
+                stored = await _stream_layer(tar, store, compress and not head.startswith(GZIP_MAGIC), head)
                 _check_oci_name(header.name, stored)
                 contents.layers[header.name] = stored
                 contents.files.pop(header.name, None)
@@ -460,17 +459,13 @@ async def read_save(
     return contents
 
 
-async def _stream_layer(
-    tar: TarReader, store: BlobStore, compress: bool, head: bytes, progress: Callable[[int], None] | None
-) -> StoredLayer:
+async def _stream_layer(tar: TarReader, store: BlobStore, compress: bool, head: bytes) -> StoredLayer:
     """Write the current entry as a blob, gzip-compressed when `compress`; return what was stored."""
     writer = await store.new_blob()
     try:
         if not compress:
             async for chunk in tar.body():
                 await writer.write(chunk)
-                if progress:
-                    progress(len(chunk))
             size = await writer.commit()
             if head.startswith(GZIP_MAGIC):  # the daemon sent it compressed: its diff id is in the config
                 return StoredLayer(Descriptor(OCI_LAYER_GZIP, writer.digest, size), writer.digest, None)
@@ -483,8 +478,6 @@ async def _stream_layer(
         async for chunk in tar.body():
             batch.append(chunk)
             batched += len(chunk)
-            if progress:
-                progress(len(chunk))
             if batched >= FLUSH_BYTES:
                 # Compress a batch in a worker thread while the next one is read off the stream.
                 if pending is not None:

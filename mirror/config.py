@@ -33,6 +33,14 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The Docker daemon `daemon://` images come from (None: `$DOCKER_HOST` or the default socket)."""
+
+    url: str | None = None
+    compress: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration of a run."""
 
@@ -42,6 +50,7 @@ class Config:
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
     registries: tuple[RegistryConfig, ...] = ()
+    daemon: DaemonConfig = DaemonConfig()
 
     def transport(self) -> Transport:
         """Return a Transport set up for every configured registry."""
@@ -104,7 +113,14 @@ def parse(doc: dict[str, Any], where: str) -> Config:
                 password=password,
             )
         )
+    daemon = doc.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{where}: [daemon] must be a table")
+    compress = _get(daemon, "compress", str, f"{where}: daemon", "none")
+    if compress not in ("none", "gzip"):
+        raise ConfigError(f'{where}: daemon.compress: expected "none" or "gzip", got {compress!r}')
     return Config(
+        daemon=DaemonConfig(_get(daemon, "url", str, f"{where}: daemon", None), compress),
         cache=Path(_get(cache, "path", str, f"{where}: cache", "./cache")),
         concurrency=conc,
         per_host=per_host,

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
+from mirror.commands.daemon_source import add_daemon_option, list_daemon_images
 from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
 
@@ -14,11 +15,14 @@ def register(sub: Any) -> None:
     """Add the `ls` command."""
     p: argparse.ArgumentParser = sub.add_parser("ls", help="list what the cache holds")
     add_common(p)
+    add_daemon_option(p, "list a Docker daemon's images instead (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
     p.set_defaults(run=run)
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Print reference, digest, platforms and size of every cached image."""
+    """Print reference, digest, platforms and size of every cached image (or the daemon's images)."""
+    if args.daemon is not None:
+        return await list_daemon_images(args.daemon or load_config(args).daemon.url)
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     rows = await inventory(layout)

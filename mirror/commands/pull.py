@@ -11,6 +11,13 @@ from typing import Any
 from rich.console import Console
 
 from mirror.commands.common import add_common, exit_code, load_config
+from mirror.commands.daemon_source import (
+    COMPRESSIONS,
+    add_daemon_option,
+    check_daemon_sources,
+    is_daemon_source,
+    pull_daemon_sources,
+)
 from mirror.engine.copy import Engine
 from mirror.manifest import Platform
 from mirror.progress import PlainProgress, RichProgress
@@ -24,20 +31,26 @@ def register(sub: Any) -> None:
     """Add the `pull` command."""
     p: argparse.ArgumentParser = sub.add_parser("pull", help="copy images into the cache")
     add_common(p)
-    p.add_argument("refs", nargs="+", metavar="REF", help="image references, HOST/NAME[:TAG][@DIGEST]")
+    p.add_argument(
+        "refs", nargs="+", metavar="REF", help="image references, HOST/NAME[:TAG][@DIGEST], or daemon://NAME[:TAG]"
+    )
     p.add_argument("--platform", action="append", default=[], help="OS/ARCH[/VARIANT] to keep from an index")
     p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 8)")
     p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_daemon_option(p, "Docker daemon of daemon:// images (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
+    p.add_argument("--compress", choices=COMPRESSIONS, help="compress daemon layers on the way in (default none)")
     p.set_defaults(run=run)
 
 
 async def run(args: argparse.Namespace) -> int:
     """Pull every reference; print a line per image and a summary; return the exit code."""
     cfg = load_config(args)
-    refs = [Reference.parse(r) for r in args.refs]
+    refs = [Reference.parse(r) for r in args.refs if not is_daemon_source(r)]
+    from_daemon = [r for r in args.refs if is_daemon_source(r)]
+    check_daemon_sources(from_daemon)
     platforms = tuple(Platform.parse(p) for p in args.platform)
     layout = Layout.open(cfg.cache)
     tty = sys.stderr.isatty() and not args.quiet
@@ -48,6 +61,10 @@ async def run(args: argparse.Namespace) -> int:
         source = RegistryV2Source(transport)
         with progress if isinstance(progress, RichProgress) else nullcontext():
             results = await engine.pull_many([(source, r) for r in refs], platforms)
+            if from_daemon:
+                url = args.daemon or cfg.daemon.url
+                compress = args.compress or cfg.daemon.compress
+                results += await pull_daemon_sources(engine, url, from_daemon, compress)
     secs = time.monotonic() - t0
     ok = sum(r.status == "ok" for r in results)
     s = engine.stats

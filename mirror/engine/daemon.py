@@ -1,0 +1,141 @@
+"""Pull images out of a Docker daemon: one `/images/get` export streamed into the cache.
+
+Per image, the cache gets the daemon's config blob as it is (so the diff ids are the
+daemon's `RootFS.Layers`), one blob per layer (shared layers once), an OCI manifest
+built here with deterministic bytes, and an `index.json` entry named by the image's
+normalised reference (`daemon://ubuntu:15.10` is cached as `docker.io/library/ubuntu:15.10`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from mirror.digest import Digest
+from mirror.engine.copy import Engine, ImageResult
+from mirror.errors import IntegrityError, MirrorError, UsageError
+from mirror.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, platform_of_config
+from mirror.reference import Reference
+from mirror.sources.daemon import DaemonClient, ImageInspect
+from mirror.sources.savetar import SaveContents, SavedImage, SaveFormatError, read_save
+
+DAEMON_SCHEME = "daemon://"
+
+
+def daemon_reference(text: str) -> tuple[str, Reference]:
+    """Return (name to ask the daemon for, normalised reference) of `daemon://NAME[:TAG]`."""
+    name = text.removeprefix(DAEMON_SCHEME)
+    if not name:
+        raise UsageError(f"invalid daemon source {text!r}: expected daemon://NAME[:TAG]")
+    ref = Reference.parse(name)
+    if ref.digest is not None:
+        raise UsageError(f"invalid daemon source {text!r}: name an image by NAME[:TAG], not by digest")
+    return name, ref
+
+
+def oci_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
+    """Return the bytes of an OCI image manifest of `config` and `layers` (sorted keys, compact)."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.to_json(),
+        "layers": [d.to_json() for d in layers],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info: ImageInspect) -> SavedImage:
+    """Return the export's image `ref` asked for.
+
+    By id first: the daemon's image id is the digest of its config (Docker's classic store,
+    podman). Else by `RepoTags` (Docker's containerd store, where the id names a manifest).
+    """
+    for image in saved:
+        if str(Digest.of(contents.read(image.config))) == info.id:
+            return image
+    for image in saved:
+        for tag in image.repo_tags:
+            try:
+                if Reference.parse(tag) == ref:
+                    return image
+            except UsageError:
+                continue
+    raise SaveFormatError(f"the export holds no image with id {info.id} or tag {ref}")
+
+
+async def _store_image(engine: Engine, contents: SaveContents, image: SavedImage, info: ImageInspect) -> Descriptor:
+    """Store config, layers and an OCI manifest of one saved image; return the manifest's descriptor."""
+    config = contents.read(image.config)
+    try:
+        doc = json.loads(config)
+        diff_ids = [str(d) for d in doc["rootfs"]["diff_ids"]]
+    except (ValueError, KeyError, TypeError):
+        raise SaveFormatError(f"export tar: config {image.config} has no rootfs.diff_ids") from None
+    if info.diff_ids and tuple(diff_ids) != info.diff_ids:
+        raise IntegrityError(f"config {image.config} lists other diff ids than the daemon's RootFS.Layers")
+    if len(diff_ids) != len(image.layers):
+        raise IntegrityError(
+            f"config {image.config} names {len(diff_ids)} diff ids for the {len(image.layers)} layers of the export"
+        )
+    layers = []
+    for name, diff_id in zip(image.layers, diff_ids, strict=True):
+        stored = await contents.layer(name)
+        if stored.diff_id is not None and str(stored.diff_id) != diff_id:
+            raise IntegrityError(f"layer {name} has diff id {stored.diff_id}, the image config says {diff_id}")
+        layers.append(stored.blob)
+    config_desc = Descriptor(OCI_CONFIG, await engine.store.put(config), len(config))
+    raw = oci_manifest(config_desc, layers)
+    return Descriptor(OCI_MANIFEST, await engine.store.put(raw), len(raw), platform_of_config(config))
+
+
+async def cache_saved_image(
+    engine: Engine, contents: SaveContents, ref: Reference, info: ImageInspect
+) -> tuple[Descriptor, int]:
+    """Store the export's image `ref` (as `info` describes it) and name it in `index.json`.
+
+    Return the OCI manifest's descriptor and the bytes of its layer blobs.
+    """
+    image = _match(contents.images(), contents, ref, info)
+    entry = await _store_image(engine, contents, image, info)
+    await engine.layout.set_refs({str(ref): entry})
+    return entry, sum(contents.layers[contents.resolve(n)].blob.size for n in image.layers)
+
+
+async def pull_from_daemon(
+    engine: Engine, client: DaemonClient, sources: Sequence[str], *, compress: bool = False
+) -> list[ImageResult]:
+    """Cache every `daemon://NAME[:TAG]` of `sources` from one export; one failing never stops the others."""
+    t0 = time.monotonic()
+    wanted = [daemon_reference(s) for s in sources]
+    results: dict[int, ImageResult] = {}
+    found: list[tuple[int, str, Reference, ImageInspect]] = []
+    # Engine API: inspect first, so a missing image fails alone and the rest export in one call.
+    for i, (name, ref) in enumerate(wanted):
+        try:
+            found.append((i, name, ref, await client.inspect(name)))
+        except MirrorError as exc:
+            results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=f"{name}: {exc}")
+    if found:
+        try:
+            async with engine.slot(client.endpoint.url), client.export(list({n: None for _, n, _, _ in found})) as body:
+                contents = await read_save(body, engine.store, compress=compress)
+            contents.images()  # fails here, for every image, when the export has no readable manifest
+        except MirrorError as exc:
+            for i, _, ref, _ in found:
+                results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=str(exc))
+        else:
+            for i, name, ref, info in found:
+                try:
+                    entry, size = await cache_saved_image(engine, contents, ref, info)
+                    plats = (str(entry.platform),) if entry.platform else ()
+                    results[i] = ImageResult(ref, "ok", entry.digest, plats, size, time.monotonic() - t0)
+                except MirrorError as exc:
+                    results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=f"{name}: {exc}")
+            # Every layer entry is a blob now, the small ones written while the images were stored.
+            engine.stats.blobs_fetched += len(contents.layers)
+            engine.stats.bytes_fetched += contents.bytes_written
+    out = [results[i] for i in range(len(wanted))]
+    for r in out:
+        engine.progress.image_finished(r)
+    return out

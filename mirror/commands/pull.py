@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from contextlib import nullcontext
@@ -12,9 +13,12 @@ from rich.console import Console
 
 from mirror.commands.common import add_common, exit_code, load_config
 from mirror.engine.copy import Engine
+from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
 from mirror.progress import PlainProgress, RichProgress
 from mirror.reference import Reference
+from mirror.sources.detect import API_CHOICES, ApiDetector
+from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
@@ -29,6 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 8)")
     p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
+    p.add_argument(
+        "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
     p.set_defaults(run=run)
@@ -46,8 +53,10 @@ async def run(args: argparse.Namespace) -> int:
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
         source = RegistryV2Source(transport)
+        v1 = RegistryV1Source(transport)
+        detector = ApiDetector(transport, {r.host: r.api for r in cfg.registries}, args.api)
         with progress if isinstance(progress, RichProgress) else nullcontext():
-            results = await engine.pull_many([(source, r) for r in refs], platforms)
+            results = await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
     secs = time.monotonic() - t0
     ok = sum(r.status == "ok" for r in results)
     s = engine.stats

@@ -1,0 +1,201 @@
+"""Pulling a v1 image: tag -> id, ancestry, each image's json and layer once, conversion to OCI.
+
+Layers stream concurrently under the engine's slots into `store.new_blob()` writers
+(v1 ids are not content digests: the blob is named by the sha256 of what arrived) while
+their diff_id is computed from the uncompressed bytes. Each image id is fetched once per
+host per run, however many tags and repositories share it. A download cut mid-way
+resumes with `Range` from the bytes already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+
+from mirror.convert_v1 import EMPTY_LAYER_GZIP, DiffIdHasher, V1Image, convert, layer_media_type
+from mirror.digest import Digest
+from mirror.engine.copy import Engine, ImageResult
+from mirror.errors import IntegrityError, MirrorError, TransportError, UsageError
+from mirror.manifest import OCI_MANIFEST, Descriptor, Platform, platform_of_config
+from mirror.reference import Reference
+from mirror.sources.detect import ApiDetector
+from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
+from mirror.sources.registry_v2 import RegistryV2Source
+
+# The v1 images each engine fetched in this run, by (host, image id): later pulls reuse them.
+_fetched: weakref.WeakKeyDictionary[Engine, dict[tuple[str, str], V1Image]] = weakref.WeakKeyDictionary()
+LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
+_HASH_INLINE = 64 << 10  # smaller batches are hashed on the loop; bigger ones in a worker thread
+
+
+async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> ImageResult:
+    """Copy one v1 image into the cache as an OCI image named with the v1 name (`library/` rule applied)."""
+    t0 = time.monotonic()
+    name = ref
+    try:
+        name = v1_reference(ref)
+        if ref.digest is not None:
+            raise UsageError(f"{ref}: v1 registries have no content digests; name the image by tag")
+        host = source.host(name)
+        async with engine.host_slot(host):
+            top = await source.tag_id(name)
+        async with engine.host_slot(host):
+            ancestry = await source.ancestry(name, top)
+        fetched = [0]
+
+        def fetch(image_id: str) -> Callable[[], Awaitable[V1Image]]:
+            return lambda: _fetch_image(engine, source, name, image_id, fetched)
+
+        # Single flight per image id, and a memo for the rest of the run: tags and repositories
+        # sharing a layer fetch it once.
+        images = await asyncio.gather(
+            *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry)
+        )
+        converted = convert(images)
+        if converted.needs_empty_layer:
+            await _put(engine, EMPTY_LAYER_GZIP)
+        await _put(engine, converted.config)
+        digest = await _put(engine, converted.manifest)
+        await engine.layout.set_refs({str(name): Descriptor(OCI_MANIFEST, digest, len(converted.manifest))})
+        plat = platform_of_config(converted.config)
+        result = ImageResult(name, "ok", digest, (str(plat),) if plat else (), fetched[0], time.monotonic() - t0)
+    except MirrorError as exc:
+        result = ImageResult(name, "failed", seconds=time.monotonic() - t0, error=str(exc))
+    engine.progress.image_finished(result)
+    return result
+
+
+async def _fetch_image(
+    engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str, fetched: list[int]
+) -> V1Image:
+    """Fetch one image's json (kept as a blob) and layer (a blob named by its sha256)."""
+    host = source.host(ref)
+    async with engine.host_slot(host):
+        json_raw = await source.image_json(ref, image_id)
+    json_digest = await _put(engine, json_raw)
+    layer, diff_id, empty, n = await _fetch_layer(engine, source, ref, image_id)
+    fetched[0] += n
+    image = V1Image(image_id, json_raw, json_digest, layer, diff_id, empty)
+    _fetched.setdefault(engine, {})[(host, image_id)] = image
+    return image
+
+
+def _memo(engine: Engine, key: tuple[str, str]) -> Awaitable[V1Image] | None:
+    """Return an awaitable of the image fetched earlier in this run, when its blobs are still stored."""
+    image = _fetched.get(engine, {}).get(key)
+    if image is None or not engine.store.has(image.json_digest):
+        return None
+    if image.layer is not None and not engine.store.has(image.layer.digest, image.layer.size):
+        return None
+    return _ready(image)
+
+
+async def _ready(image: V1Image) -> V1Image:
+    return image
+
+
+async def _put(engine: Engine, data: bytes) -> Digest:
+    """Store small `data` once however many pulls produce it at the same time (they share one temp file)."""
+    digest = Digest.of(data)
+    return await engine.once(("put", digest), lambda: engine.store.put(data, digest))
+
+
+async def _feed(hasher: DiffIdHasher, batch: list[bytes]) -> None:
+    data = b"".join(batch)
+    batch.clear()
+    if len(data) > _HASH_INLINE:
+        await asyncio.to_thread(hasher.update, data)  # inflating megabytes must not stall the loop
+    else:
+        hasher.update(data)
+
+
+async def _fetch_layer(
+    engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str
+) -> tuple[Descriptor | None, Digest, bool, int]:
+    """Stream the layer into the store, resuming with Range; return (descriptor, diff_id, empty, bytes)."""
+    key = Digest("v1", image_id)  # a progress key: the blob's digest is known only at the end
+    async with engine.slot(source.host(ref)):
+        writer = await engine.store.new_blob()
+        hasher = DiffIdHasher()
+        engine.progress.blob_started(key, -1)
+        ok = False
+        total = -1
+        downloaded = 0
+        try:
+            for attempt in range(LAYER_ATTEMPTS):
+                try:
+                    async with source.open_layer(ref, image_id, writer.offset) as body:
+                        if body.total == 0:
+                            # No bytes stored for this image (416): it has no layer at all.
+                            await writer.abort(keep=False)
+                            ok = True
+                            diff_id, _ = DiffIdHasher().finish()
+                            return None, diff_id, True, 0
+                        if body.offset != writer.offset:
+                            if body.offset:
+                                raise IntegrityError(
+                                    f"v1 layer {image_id[:12]}: asked for bytes from {writer.offset},"
+                                    f" got them from {body.offset}"
+                                )
+                            # The server ignored Range and sent everything again: start over.
+                            await writer.reset()
+                            hasher = DiffIdHasher()
+                        total = body.total
+                        batch: list[bytes] = []
+                        size = 0
+                        try:
+                            async for chunk in body.chunks:
+                                await writer.write(chunk)
+                                downloaded += len(chunk)
+                                batch.append(chunk)
+                                size += len(chunk)
+                                engine.progress.blob_advanced(key, len(chunk))
+                                if size >= 1 << 20:
+                                    await _feed(hasher, batch)
+                                    size = 0
+                        finally:
+                            # Bytes written are hashed too, even when the body was cut: a resume continues after them.
+                            await _feed(hasher, batch)
+                    break
+                except TransportError as exc:
+                    if exc.status is not None or attempt == LAYER_ATTEMPTS - 1:
+                        raise
+                    # Cut mid-body: what was written stays in the partial file; ask for the rest.
+            if 0 <= total != writer.offset:
+                raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {total} bytes")
+            diff_id, empty = hasher.finish()
+            size_done = writer.offset
+            await writer.commit()
+            ok = True
+            engine.stats.blobs_fetched += 1
+            desc = Descriptor(layer_media_type(hasher.gzip), writer.digest, size_done)
+            return desc, diff_id, empty, downloaded
+        except BaseException:
+            if not ok:
+                await writer.abort(keep=False)
+            raise
+        finally:
+            engine.stats.bytes_fetched += downloaded
+            engine.progress.blob_finished(key, ok)
+
+
+async def pull_detected(
+    engine: Engine,
+    detector: ApiDetector,
+    v2: RegistryV2Source,
+    v1: RegistryV1Source,
+    ref: Reference,
+    platforms: tuple[Platform, ...] = (),
+) -> ImageResult:
+    """Copy one image through the API its endpoint speaks (v2 unless detected or told v1)."""
+    try:
+        api = await detector.api(ref.api_host)
+    except MirrorError as exc:
+        result = ImageResult(ref, "failed", error=str(exc))
+        engine.progress.image_finished(result)
+        return result
+    if api == "v1":
+        return await pull_v1(engine, v1, ref)
+    return await engine.pull(v2, ref, platforms)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.digest import EMPTY_LAYER, Digest
-from mirror.errors import ManifestError
+from mirror.errors import DigestError, ManifestError
 from mirror.manifest import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor
 
 # The 32-byte gzip'd empty tar (1024 zero bytes) that v1 serves for an image with no
@@ -31,6 +31,7 @@ EMPTY_TAR_DIFF_ID = Digest("sha256", "5f70bf18a086007016e948b04aed3b82103a36bea4
 V1_ID = "dev.mirror.v1.id"  # on the manifest: the top image id; on a layer: its image id
 V1_JSON = "dev.mirror.v1.json"  # on a layer: digest of the image's original v1 JSON blob
 V1_IMAGES = "dev.mirror.v1.images"  # on the manifest: every v1 JSON blob digest, base first
+V1_ANCESTRY = "dev.mirror.v1.ancestry"  # on the manifest: digest of the ancestry record (see ancestry_record)
 
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 # v1-only keys Docker's migration drops from the top image's JSON (MakeConfigFromV1Config).
@@ -64,6 +65,7 @@ class Converted:
 
     config: bytes
     manifest: bytes
+    record: bytes  # the ancestry record the manifest names in V1_ANCESTRY
     needs_empty_layer: bool = False  # the manifest names the a3ed95 blob, which the store must hold
 
     @property
@@ -214,6 +216,7 @@ def convert(ancestry: Sequence[V1Image]) -> Converted:
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     config["history"] = history
     config_raw = _canonical(config)
+    record = ancestry_record(base_first)
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -222,10 +225,65 @@ def convert(ancestry: Sequence[V1Image]) -> Converted:
         "annotations": {
             V1_ID: ancestry[0].id,
             V1_IMAGES: ",".join(str(img.json_digest) for img in base_first),
+            V1_ANCESTRY: str(Digest.of(record)),
         },
     }
     needs_empty = any(img.layer is None for img, kept in zip(base_first, keep, strict=True) if kept)
-    return Converted(config_raw, _canonical(manifest), needs_empty)
+    return Converted(config_raw, _canonical(manifest), record, needs_empty)
+
+
+def ancestry_record(base_first: Sequence[V1Image]) -> bytes:
+    """Return what was learnt of each image, base first, so a later run can skip fetching it again."""
+    images = []
+    for img in base_first:
+        layer = None
+        if img.layer is not None:
+            layer = {"mediaType": img.layer.media_type, "digest": str(img.layer.digest), "size": img.layer.size}
+        images.append(
+            {
+                "id": img.id,
+                "json": str(img.json_digest),
+                "layer": layer,
+                "diff_id": str(img.diff_id),
+                "empty": img.empty,
+            }
+        )
+    return _canonical({"images": images})
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One image of an ancestry record: a V1Image without its JSON bytes."""
+
+    id: str
+    json_digest: Digest
+    layer: Descriptor | None
+    diff_id: Digest
+    empty: bool
+
+    def image(self, json_raw: bytes) -> V1Image:
+        """Return the V1Image, given the JSON bytes stored under `json_digest`."""
+        return V1Image(self.id, json_raw, self.json_digest, self.layer, self.diff_id, self.empty)
+
+
+def parse_ancestry_record(raw: bytes) -> list[ImageRecord]:
+    """Return the images of an ancestry record, base first, or raise ManifestError."""
+    try:
+        out = []
+        for item in json.loads(raw)["images"]:
+            layer = Descriptor.from_json(item["layer"]) if item["layer"] is not None else None
+            out.append(
+                ImageRecord(
+                    check_image_id(item["id"], "v1 ancestry record"),
+                    Digest.parse(item["json"]),
+                    layer,
+                    Digest.parse(item["diff_id"]),
+                    bool(item["empty"]),
+                )
+            )
+        return out
+    except (ValueError, KeyError, TypeError, DigestError) as exc:
+        raise ManifestError(f"v1 ancestry record unreadable: {exc}") from None
 
 
 def _canonical(doc: Any) -> bytes:

@@ -176,11 +176,17 @@ async def test_seed_walk_reads_back_in_skopeo_and_podman(seed: Seed, v1reg: V1Re
 async def test_second_pull_gives_byte_identical_manifests(seed: Seed, v1reg: V1Registry, tmp_path: Path) -> None:
     ref = f"{v1reg.host}/ubuntu:zero"
     _, first = await pull(tmp_path / "a", [ref])
-    _, again = await pull(tmp_path / "a", [ref])
+    layers_before = sum(layer_gets(v1reg).values())
+    engine, again = await pull(tmp_path / "a", [ref])
+    # A later run into the same cache asks for the tag and ancestry, but fetches no json or layer again.
+    assert sum(layer_gets(v1reg).values()) == layers_before
+    assert all(v1reg.count(f"/v1/images/{i}/json") == 1 for i in seed.store.ancestry(seed.ids["last"]))
+    assert engine.stats.bytes_fetched == 0
     _, other = await pull(tmp_path / "b", [ref])
     assert first[0].status == again[0].status == other[0].status == "ok"
     assert first[0].digest == again[0].digest == other[0].digest
     assert blob(tmp_path / "a", str(first[0].digest)) == blob(tmp_path / "b", str(other[0].digest))
+    assert sum(layer_gets(v1reg).values()) == 2 * layers_before  # a fresh cache fetches everything
 
 
 @pytest.mark.parametrize("honour_range", [True, False])

@@ -10,11 +10,21 @@ resumes with `Range` from the bytes already written.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-from mirror.convert_v1 import EMPTY_LAYER_GZIP, DiffIdHasher, V1Image, convert, layer_media_type
+from mirror.convert_v1 import (
+    EMPTY_LAYER_GZIP,
+    V1_ANCESTRY,
+    DiffIdHasher,
+    V1Image,
+    convert,
+    layer_media_type,
+    parse_ancestry_record,
+)
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult
 from mirror.errors import IntegrityError, MirrorError, TransportError, UsageError
@@ -24,8 +34,25 @@ from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
 from mirror.sources.registry_v2 import RegistryV2Source
 
-# The v1 images each engine fetched in this run, by (host, image id): later pulls reuse them.
-_fetched: weakref.WeakKeyDictionary[Engine, dict[tuple[str, str], V1Image]] = weakref.WeakKeyDictionary()
+
+@dataclass(slots=True)
+class _Known:
+    """The v1 images an engine knows in this run, by (host, image id), and the hosts whose cache entries were read."""
+
+    images: dict[tuple[str, str], V1Image] = field(default_factory=dict)
+    scanned: set[str] = field(default_factory=set)
+
+
+_known: weakref.WeakKeyDictionary[Engine, _Known] = weakref.WeakKeyDictionary()
+
+
+def _known_to(engine: Engine) -> _Known:
+    known = _known.get(engine)
+    if known is None:
+        known = _known[engine] = _Known()
+    return known
+
+
 LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
 _HASH_INLINE = 64 << 10  # smaller batches are hashed on the loop; bigger ones in a worker thread
 
@@ -48,16 +75,18 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
         def fetch(image_id: str) -> Callable[[], Awaitable[V1Image]]:
             return lambda: _fetch_image(engine, source, name, image_id, fetched)
 
-        # Single flight per image id, and a memo for the rest of the run: tags and repositories
-        # sharing a layer fetch it once.
+        # Single flight per image id, and a memo for the rest of the run (seeded from what earlier
+        # runs cached from this host): tags and repositories sharing a layer fetch it once.
+        await engine.once(("v1-cached", host), lambda: _remember_cached(engine, host))
         images = await asyncio.gather(
             *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry)
         )
         converted = convert(images)
         if converted.needs_empty_layer:
-            await _put(engine, EMPTY_LAYER_GZIP)
-        await _put(engine, converted.config)
-        digest = await _put(engine, converted.manifest)
+            await engine.store.put(EMPTY_LAYER_GZIP)
+        await engine.store.put(converted.config)
+        await engine.store.put(converted.record)
+        digest = await engine.store.put(converted.manifest)
         await engine.layout.set_refs({str(name): Descriptor(OCI_MANIFEST, digest, len(converted.manifest))})
         plat = platform_of_config(converted.config)
         result = ImageResult(name, "ok", digest, (str(plat),) if plat else (), fetched[0], time.monotonic() - t0)
@@ -74,17 +103,37 @@ async def _fetch_image(
     host = source.host(ref)
     async with engine.host_slot(host):
         json_raw = await source.image_json(ref, image_id)
-    json_digest = await _put(engine, json_raw)
+    json_digest = await engine.store.put(json_raw)
     layer, diff_id, empty, n = await _fetch_layer(engine, source, ref, image_id)
     fetched[0] += n
     image = V1Image(image_id, json_raw, json_digest, layer, diff_id, empty)
-    _fetched.setdefault(engine, {})[(host, image_id)] = image
+    _known_to(engine).images[(host, image_id)] = image
     return image
+
+
+async def _remember_cached(engine: Engine, host: str) -> None:
+    """Fill the run's memo with the v1 images earlier pulls from `host` left in the cache (once per run)."""
+    known = _known_to(engine)
+    if host in known.scanned:
+        return
+    for entry in await engine.layout.entries():
+        if not entry.name.startswith(f"{host}/") or entry.descriptor.media_type != OCI_MANIFEST:
+            continue
+        try:
+            manifest = json.loads(engine.store.read(entry.descriptor.digest))
+            record = (manifest.get("annotations") or {}).get(V1_ANCESTRY)
+            if not record:
+                continue
+            for item in parse_ancestry_record(engine.store.read(Digest.parse(record))):
+                known.images.setdefault((host, item.id), item.image(engine.store.read(item.json_digest)))
+        except (MirrorError, ValueError, AttributeError):
+            continue  # an unreadable or incomplete earlier result: fetch again
+    known.scanned.add(host)
 
 
 def _memo(engine: Engine, key: tuple[str, str]) -> Awaitable[V1Image] | None:
     """Return an awaitable of the image fetched earlier in this run, when its blobs are still stored."""
-    image = _fetched.get(engine, {}).get(key)
+    image = _known_to(engine).images.get(key)
     if image is None or not engine.store.has(image.json_digest):
         return None
     if image.layer is not None and not engine.store.has(image.layer.digest, image.layer.size):
@@ -94,12 +143,6 @@ def _memo(engine: Engine, key: tuple[str, str]) -> Awaitable[V1Image] | None:
 
 async def _ready(image: V1Image) -> V1Image:
     return image
-
-
-async def _put(engine: Engine, data: bytes) -> Digest:
-    """Store small `data` once however many pulls produce it at the same time (they share one temp file)."""
-    digest = Digest.of(data)
-    return await engine.once(("put", digest), lambda: engine.store.put(data, digest))
 
 
 async def _feed(hasher: DiffIdHasher, batch: list[bytes]) -> None:

@@ -29,6 +29,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ingest = root / ".mirror" / "ingest"
+        self._puts: dict[Digest, asyncio.Future[Digest]] = {}
 
     def path(self, digest: Digest) -> Path:
         """Return where the blob `digest` lives (whether or not it exists)."""
@@ -78,6 +79,14 @@ class BlobStore:
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
+        # Two writers of one digest would share one temp file: concurrent puts of it wait for the first.
+        pending = self._puts.get(digest)
+        if pending is None:
+            pending = self._puts[digest] = asyncio.ensure_future(self._put(data, digest))
+            pending.add_done_callback(lambda _f: self._puts.pop(digest, None))
+        return await asyncio.shield(pending)
+
+    async def _put(self, data: bytes, digest: Digest) -> Digest:
         w = await self.writer(digest, len(data), resume=False)
         try:
             await w.write(data)

@@ -27,7 +27,7 @@ from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
 from mirror.transport import HostConfig, Transport
 from tests.test_cli import mirror
-from tests.v1server import Store, V1Index, V1Registry
+from tests.v1server import LayerStorage, Store, V1Index, V1Registry
 from tools.imagebuild import Layer, random_layer
 from tools.imagebuild import Layout as SrcLayout
 from tools.registry import Registry, free_port, skopeo_copy
@@ -216,6 +216,8 @@ async def test_cut_layer_resumes_with_range_and_verifies(seed: Seed, tmp_path: P
 
 async def test_token_flow(seed: Seed, tmp_path: Path) -> None:
     reg = V1Registry(seed.store, standalone=False).start()
+    storage = LayerStorage(reg).start()
+    reg.storage = storage.host
     dead = f"127.0.0.1:{free_port()}"
     index = V1Index(reg, [dead, reg.host], users={"alice": "s3cret"}).start()
     try:
@@ -261,11 +263,14 @@ async def test_token_flow(seed: Seed, tmp_path: Path) -> None:
             r = await pull_v1(engine, source, Reference.parse(f"{index.host}/tools/app:1"))
             assert r.status == "ok", r.error
             assert source.token_flows == 3
-        # The registry never saw a call without a valid token succeed: every layer came once.
+        # Every layer came once, through the registry's redirect to its storage, which never saw the token.
         assert set(layer_gets(reg)) <= set(seed.store.images)
         assert all(n == 1 for n in layer_gets(reg).values())
+        assert len(storage.authorizations) == len(layer_gets(reg)) > 0
+        assert set(storage.authorizations) == {""}
     finally:
         index.stop()
+        storage.stop()
         reg.stop()
 
 

@@ -159,6 +159,7 @@ class V1Registry(_Threaded):
         self.ranges: list[tuple[str, str]] = []  # (image id, Range header) seen on layer requests
         self.refused: Counter[str] = Counter()  # path -> 401s answered
         self.honour_range = True  # False: answer every layer request with the whole layer (200)
+        self.storage: str | None = None  # host of a LayerStorage to redirect layer requests to
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._count])
@@ -249,6 +250,13 @@ class V1Registry(_Threaded):
         image = self._image(request)
         if isinstance(image, web.Response):
             return image
+        if self.storage:
+            # docker-registry's `storage_redirect`: the bytes come from the storage backend (S3 and the like).
+            raise web.HTTPFound(f"http://{self.storage}/layers/{image.id}")
+        return await self.serve_layer(request, image)
+
+    async def serve_layer(self, request: web.Request, image: Image) -> web.StreamResponse:
+        """Answer a layer request, with Range (legacy Content-Range form), 416 for 0 bytes, and cuts."""
         data = image.layer
         rng = request.headers.get("Range", "")
         self.ranges.append((image.id, rng))
@@ -279,6 +287,27 @@ class V1Registry(_Threaded):
         assert request.transport is not None
         request.transport.close()
         return resp
+
+
+class LayerStorage(_Threaded):
+    """A storage backend a registry redirects layer downloads to; records the Authorization headers it gets."""
+
+    def __init__(self, registry: V1Registry) -> None:
+        super().__init__()
+        self.registry = registry
+        self.authorizations: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._count])
+        app.router.add_get("/layers/{id:[0-9a-f]{64}}", self.layer)
+        return app
+
+    async def layer(self, request: web.Request) -> web.StreamResponse:
+        self.authorizations.append(request.headers.get("Authorization", ""))
+        image = self.registry.store.images.get(request.match_info["id"])
+        if image is None:
+            return _error(404, "no such object")
+        return await self.registry.serve_layer(request, image)
 
 
 class V1Index(_Threaded):

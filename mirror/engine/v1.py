@@ -3,8 +3,9 @@
 Layers stream concurrently under the engine's slots into `store.new_blob()` writers
 (v1 ids are not content digests: the blob is named by the sha256 of what arrived) while
 their diff_id is computed from the uncompressed bytes. Each image id is fetched once per
-host per run, however many tags and repositories share it. A download cut mid-way
-resumes with `Range` from the bytes already written.
+host per run, however many tags and repositories share it, and not at all when an earlier
+run left it in the cache. A download cut mid-way resumes with `Range` from the bytes
+already written.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
 
         # Single flight per image id, and a memo for the rest of the run (seeded from what earlier
         # runs cached from this host): tags and repositories sharing a layer fetch it once.
-        await engine.once(("v1-cached", host), lambda: _remember_cached(engine, host))
+        await engine.once(("v1-cached", host), lambda: _remember_cached(engine, host, name.registry))
         images = await asyncio.gather(
             *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry)
         )
@@ -111,24 +112,35 @@ async def _fetch_image(
     return image
 
 
-async def _remember_cached(engine: Engine, host: str) -> None:
-    """Fill the run's memo with the v1 images earlier pulls from `host` left in the cache (once per run)."""
+async def _remember_cached(engine: Engine, host: str, registry: str) -> None:
+    """Fill the run's memo with the v1 images earlier pulls from `registry` left in the cache (once per run)."""
     known = _known_to(engine)
     if host in known.scanned:
         return
-    for entry in await engine.layout.entries():
-        if not entry.name.startswith(f"{host}/") or entry.descriptor.media_type != OCI_MANIFEST:
-            continue
+    manifests = [
+        e.descriptor.digest
+        for e in await engine.layout.entries()
+        if e.name.startswith(f"{registry}/") and e.descriptor.media_type == OCI_MANIFEST
+    ]
+    for image in await asyncio.to_thread(_cached_images, engine, manifests):
+        known.images.setdefault((host, image.id), image)
+    known.scanned.add(host)
+
+
+def _cached_images(engine: Engine, manifests: list[Digest]) -> list[V1Image]:
+    """Return the images named by the ancestry records of converted manifests (runs in a worker thread)."""
+    out: list[V1Image] = []
+    for digest in manifests:
         try:
-            manifest = json.loads(engine.store.read(entry.descriptor.digest))
+            manifest = json.loads(engine.store.read(digest))
             record = (manifest.get("annotations") or {}).get(V1_ANCESTRY)
             if not record:
-                continue
+                continue  # not a v1 conversion
             for item in parse_ancestry_record(engine.store.read(Digest.parse(record))):
-                known.images.setdefault((host, item.id), item.image(engine.store.read(item.json_digest)))
+                out.append(item.image(engine.store.read(item.json_digest)))
         except (MirrorError, ValueError, AttributeError):
             continue  # an unreadable or incomplete earlier result: fetch again
-    known.scanned.add(host)
+    return out
 
 
 def _memo(engine: Engine, key: tuple[str, str]) -> Awaitable[V1Image] | None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -26,6 +26,9 @@ from mirror.reference import Reference
 from mirror.sources.base import BlobBody
 from mirror.sources.registry_v2 import parse_content_range
 from mirror.transport import Transport
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 def v1_repository(repository: str) -> str:
@@ -59,13 +62,15 @@ class RegistryV1Source:
         self.transport = transport
         self._standalone: dict[str, asyncio.Future[bool]] = {}
         self._sessions: dict[tuple[str, str], asyncio.Future[V1Session]] = {}
+        self._down: set[str] = set()  # endpoints that could not be reached
         self.token_flows = 0
 
     def host(self, ref: Reference) -> str:
         """Return the host the reference names (the registry, or the index)."""
         return ref.api_host
 
-    async def _cached(self, cache: dict[Any, asyncio.Future[Any]], key: Any, make: Any) -> Any:
+    async def _cached(self, cache: dict[K, asyncio.Future[T]], key: K, make: Callable[[], Awaitable[T]]) -> T:
+        """Return `make()`'s answer for `key`, computed once among concurrent callers; a failure is not kept."""
         fut = cache.get(key)
         if fut is None:
             fut = cache[key] = asyncio.ensure_future(make())
@@ -89,13 +94,14 @@ class RegistryV1Source:
                 return False  # no v1 ping: an index (the old Hub answered none), use the token flow
             return value.strip().lower() in ("true", "1")
 
-        return bool(await self._cached(self._standalone, host, ping))
+        return await self._cached(self._standalone, host, ping)
 
     async def session(self, ref: Reference, stale: V1Session | None = None) -> V1Session:
         """Return the session for `ref`'s repository; replace `stale` (refused with 401) by a fresh token flow."""
         key = (ref.api_host, ref.repository)
         fut = self._sessions.get(key)
-        if stale is not None and fut is not None and fut.done() and not fut.exception() and fut.result() is stale:
+        finished = fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+        if stale is not None and finished and fut is not None and fut.result() is stale:
             del self._sessions[key]
 
         async def make() -> V1Session:
@@ -103,8 +109,7 @@ class RegistryV1Source:
                 return V1Session(ref.repository, (ref.api_host,))
             return await self._token_flow(ref)
 
-        session: V1Session = await self._cached(self._sessions, key, make)
-        return session
+        return await self._cached(self._sessions, key, make)
 
     async def _token_flow(self, ref: Reference) -> V1Session:
         """Index token flow step 1-2: ask the index for a token and the registry endpoints."""
@@ -152,13 +157,18 @@ class RegistryV1Source:
         if session.token:
             hdrs["Authorization"] = f"Token {session.token}"
         failure: UnreachableError | None = None
-        for endpoint in session.endpoints:
+        # X-Docker-Endpoints lists fallbacks: the first that answers, endpoints seen down last.
+        for endpoint in sorted(session.endpoints, key=lambda e: e in self._down):
             try:
-                return await stack.enter_async_context(
+                resp = await stack.enter_async_context(
                     self.transport.request("GET", endpoint, path, headers=hdrs, expect=expect)
                 )
             except UnreachableError as exc:
-                failure = exc  # X-Docker-Endpoints lists fallbacks: try the next one
+                failure = exc
+                self._down.add(endpoint)
+                continue
+            self._down.discard(endpoint)
+            return resp
         assert failure is not None
         raise failure
 

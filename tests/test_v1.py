@@ -6,7 +6,9 @@ import asyncio
 import gzip
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
 from mirror.transport import HostConfig, Transport
+from tests.conftest import ROOT
 from tests.test_cli import mirror
 from tests.v1server import LayerStorage, Store, V1Index, V1Registry
 from tools.imagebuild import Layer, random_layer
@@ -343,6 +346,29 @@ def test_cli_detects_v1_and_ls_lists_it(v1reg: V1Registry, tmp_path: Path) -> No
     assert fields[0] == f"{v1reg.host}/library/ubuntu:15.10" and fields[2] == "linux/amd64"
     res = mirror("pull", "--api", "v2", "--cache", str(cache), f"{v1reg.host}/ubuntu:15.10")
     assert res.returncode == 1 and "not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_cli_index_flow_from_config(seed: Seed, tmp_path: Path) -> None:
+    reg = V1Registry(seed.store, standalone=False).start()
+    index = V1Index(reg, [reg.host], users={"bob": "pw"}).start()
+    try:
+        cfg = tmp_path / "mirror.toml"
+        cfg.write_text(
+            f'[cache]\npath = "{tmp_path / "cache"}"\n'
+            f'[[registries]]\nhost = "{index.host}"\napi = "v1"\nusername = "bob"\npassword_env = "V1_TEST_PW"\n'
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "V1_TEST_PW": "pw"}
+        cmd = [sys.executable, "-m", "mirror", "pull", "-c", str(cfg), f"{index.host}/tools/app:1"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        assert f"{index.host}/tools/app:1 sha256:" in res.stderr
+        assert index.count("/v2/") == 0  # api = "v1": no detection
+        assert index.count("/v1/repositories/tools/app/images") == 1
+        assert reg.refused == {}
+    finally:
+        index.stop()
+        reg.stop()
 
 
 def test_empty_layer_constant_is_the_a3ed95_blob() -> None:

@@ -40,6 +40,7 @@ class Image:
 
     @property
     def raw_json(self) -> bytes:
+        """The JSON document as the registry serves it."""
         return json.dumps(self.doc).encode()
 
 
@@ -107,6 +108,7 @@ class _Threaded:
         self._thread: threading.Thread | None = None
 
     def app(self) -> web.Application:
+        """Return the aiohttp application to serve."""
         raise NotImplementedError
 
     @web.middleware
@@ -116,6 +118,7 @@ class _Threaded:
         return resp
 
     def start(self) -> _Threaded:
+        """Serve in a thread; return once the port accepts connections."""
         ready = threading.Event()
 
         async def serve() -> None:
@@ -138,6 +141,7 @@ class _Threaded:
         return self
 
     def stop(self) -> None:
+        """Stop serving and join the thread."""
         if self._loop and self._thread:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
@@ -190,6 +194,7 @@ class V1Registry(_Threaded):
         return image in self.store.repo_images(m.group("repo"))
 
     async def ping(self, request: web.Request) -> web.Response:
+        """`_ping`: JSON true, the registry version and whether it is standalone."""
         return web.json_response(
             True,
             headers={
@@ -199,11 +204,13 @@ class V1Registry(_Threaded):
         )
 
     async def search(self, request: web.Request) -> web.Response:
+        """`/v1/search?q=`: repositories whose name contains q."""
         q = request.query.get("q", "")
         results = [{"name": n, "description": ""} for n in sorted(self.store.repos) if q in n]
         return web.json_response({"num_results": len(results), "query": q, "results": results})
 
     async def tags(self, request: web.Request) -> web.Response:
+        """`{tag: id}` of a repository."""
         repo = _repo(request.match_info["repo"])
         if not self._allowed(request, repo=repo):
             return self._refuse(request)
@@ -212,6 +219,7 @@ class V1Registry(_Threaded):
         return web.json_response(self.store.repos[repo])
 
     async def tag(self, request: web.Request) -> web.Response:
+        """The id a tag points at, as a bare JSON string."""
         repo = _repo(request.match_info["repo"])
         if not self._allowed(request, repo=repo):
             return self._refuse(request)
@@ -230,12 +238,14 @@ class V1Registry(_Threaded):
         return image
 
     async def ancestry(self, request: web.Request) -> web.Response:
+        """The image and its parents, the image first."""
         image = self._image(request)
         if isinstance(image, web.Response):
             return image
         return web.json_response(self.store.ancestry(image.id))
 
     async def json(self, request: web.Request) -> web.Response:
+        """The image's v1 JSON, with X-Docker-Size and X-Docker-Checksum-Payload."""
         image = self._image(request)
         if isinstance(image, web.Response):
             return image
@@ -247,6 +257,7 @@ class V1Registry(_Threaded):
         return web.Response(body=raw, content_type="application/json", headers=headers)
 
     async def layer(self, request: web.Request) -> web.StreamResponse:
+        """The layer, or a redirect to the storage backend."""
         image = self._image(request)
         if isinstance(image, web.Response):
             return image
@@ -303,6 +314,7 @@ class LayerStorage(_Threaded):
         return app
 
     async def layer(self, request: web.Request) -> web.StreamResponse:
+        """Serve a layer the registry redirected here."""
         self.authorizations.append(request.headers.get("Authorization", ""))
         image = self.registry.store.images.get(request.match_info["id"])
         if image is None:
@@ -326,6 +338,7 @@ class V1Index(_Threaded):
         return app
 
     async def ping(self, request: web.Request) -> web.Response:
+        """`_ping` of an index: not a standalone registry."""
         return web.json_response({}, headers={"X-Docker-Registry-Standalone": "False"})
 
     def revoke(self) -> None:
@@ -333,6 +346,7 @@ class V1Index(_Threaded):
         self.registry.tokens.clear()
 
     async def images(self, request: web.Request) -> web.Response:
+        """Token flow steps 1-2: the image list, with a token and the registry endpoints."""
         if self.users:
             auth = request.headers.get("Authorization", "")
             try:

@@ -19,7 +19,7 @@ import pytest
 from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON
 from mirror.digest import EMPTY_LAYER
 from mirror.engine.copy import Engine, ImageResult
-from mirror.engine.v1 import pull_detected, pull_v1
+from mirror.engine.v1 import LAYER_ATTEMPTS, pull_detected, pull_v1
 from mirror.errors import AuthError
 from mirror.reference import Reference
 from mirror.sources.detect import ApiDetector
@@ -199,7 +199,7 @@ async def test_cut_layer_resumes_with_range_and_verifies(seed: Seed, tmp_path: P
     try:
         base = seed.ids["base"]
         size = len(seed.store.images[base].layer)
-        reg.cut[base] = size // 2
+        reg.cut[base] = [size // 2]
         engine, results = await pull(tmp_path / "cache", [f"{reg.host}/ubuntu:15.10"])
         assert results[0].status == "ok", results[0].error
         ranges = [r for i, r in reg.ranges if i == base]
@@ -213,6 +213,36 @@ async def test_cut_layer_resumes_with_range_and_verifies(seed: Seed, tmp_path: P
         every = sum(len(seed.store.images[i].layer) for i in seed.store.ancestry(seed.ids["top"]))
         assert engine.stats.bytes_fetched == every + (0 if honour_range else size // 2)
         assert list((tmp_path / "cache" / ".mirror" / "ingest").iterdir()) == []
+    finally:
+        reg.stop()
+
+
+async def test_layer_cut_in_one_run_resumes_in_the_next(seed: Seed, tmp_path: Path) -> None:
+    reg = V1Registry(seed.store).start()
+    try:
+        base = seed.ids["base"]
+        layer = seed.store.images[base].layer
+        step = len(layer) // 10
+        reg.cut[base] = [step] * LAYER_ATTEMPTS  # every attempt of the first run is cut `step` bytes further on
+        cache = tmp_path / "cache"
+        _, results = await pull(cache, [f"{reg.host}/ubuntu:15.10"])
+        assert results[0].status == "failed" and "download cut" in results[0].error
+        partials = list((cache / ".mirror" / "ingest").iterdir())
+        assert [p.stat().st_size for p in partials] == [LAYER_ATTEMPTS * step]
+        assert partials[0].read_bytes() == layer[: LAYER_ATTEMPTS * step]
+        assert (await inventory(Layout.open(cache))) == []
+        # The next run (a new engine) continues the kept partial file from where it stopped.
+        engine, results = await pull(cache, [f"{reg.host}/ubuntu:15.10"])
+        assert results[0].status == "ok", results[0].error
+        assert [r for i, r in reg.ranges if i == base] == [""] + [f"bytes={n * step}-" for n in range(1, 5)]
+        # The kept bytes are not fetched again (the image's other layers are: run 1 named no image).
+        every = sum(len(seed.store.images[i].layer) for i in seed.store.ancestry(seed.ids["top"]))
+        assert engine.stats.bytes_fetched == every - LAYER_ATTEMPTS * step
+        digest = seed.layers[base].digest
+        assert hashlib.sha256(blob(cache, digest)).hexdigest() == digest.split(":")[1]
+        _, config = manifest_of(cache, results[0])
+        assert config["rootfs"]["diff_ids"][0] == seed.layers[base].diff_id
+        assert list((cache / ".mirror" / "ingest").iterdir()) == []
     finally:
         reg.stop()
 
@@ -290,6 +320,16 @@ async def test_version_detection(registry: Registry, v1reg: V1Registry, tmp_path
         assert await forced.api(registry.host) == "v1"
         assert await ApiDetector(t, {v1reg.host: "v2"}).api(v1reg.host) == "v2"
         assert v1reg.count("/v1/_ping") == 1
+        # An endpoint answering both: v2 wins unless told otherwise.
+        both = V1Registry(Store())
+        both.also_v2 = True
+        both.start()
+        try:
+            assert await ApiDetector(t).api(both.host) == "v2"
+            assert both.count("/v1/_ping") == 0
+            assert await ApiDetector(t, {both.host: "v1"}).api(both.host) == "v1"
+        finally:
+            both.stop()
         engine = Engine(Layout.open(tmp_path / "cache"))
         r = await pull_detected(
             engine, detector, RegistryV2Source(t), RegistryV1Source(t), Reference.parse(f"{v1reg.host}/ubuntu:14.04")

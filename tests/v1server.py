@@ -159,11 +159,12 @@ class V1Registry(_Threaded):
         self.store = store
         self.standalone = standalone
         self.tokens: dict[str, str] = {}  # signature -> repository, shared with the index
-        self.cut: dict[str, int] = {}  # image id -> cut the next layer download after this many bytes
+        self.cut: dict[str, list[int]] = {}  # image id -> cut the next layer downloads after these many bytes
         self.ranges: list[tuple[str, str]] = []  # (image id, Range header) seen on layer requests
         self.refused: Counter[str] = Counter()  # path -> 401s answered
         self.honour_range = True  # False: answer every layer request with the whole layer (200)
         self.storage: str | None = None  # host of a LayerStorage to redirect layer requests to
+        self.also_v2 = False  # True: answer `GET /v2/` too, like a v2 registry fronting a v1 one
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._count])
@@ -171,6 +172,7 @@ class V1Registry(_Threaded):
         r.add_get("/v1/_ping", self.ping)
         r.add_get("/_ping", self.ping)
         r.add_get("/v1/search", self.search)
+        r.add_get("/v2/", self.v2_base)
         r.add_get(f"/v1/repositories/{{repo:{_REPO}}}/tags", self.tags)
         r.add_get(f"/v1/repositories/{{repo:{_REPO}}}/tags/{{tag}}", self.tag)
         r.add_get("/v1/images/{id:[0-9a-f]{64}}/ancestry", self.ancestry)
@@ -202,6 +204,12 @@ class V1Registry(_Threaded):
                 "X-Docker-Registry-Standalone": "True" if self.standalone else "False",
             },
         )
+
+    async def v2_base(self, request: web.Request) -> web.Response:
+        """`GET /v2/`: 404, or the v2 answer when `also_v2`."""
+        if not self.also_v2:
+            return _error(404, "Not found")
+        return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
 
     async def search(self, request: web.Request) -> web.Response:
         """`/v1/search?q=`: repositories whose name contains q."""
@@ -285,7 +293,8 @@ class V1Registry(_Threaded):
             status = 206
             headers["Content-Range"] = f"{start}-{len(data) - 1}/{len(data)}"  # no `bytes ` unit: legacy form
         body = data[start:]
-        cut = self.cut.pop(image.id, None)
+        cuts = self.cut.get(image.id)
+        cut = cuts.pop(0) if cuts else None
         if cut is None:
             return web.Response(body=body, status=status, headers=headers, content_type="application/octet-stream")
         # Announce the whole body, send `cut` bytes, then drop the connection.

@@ -11,11 +11,14 @@ already written.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+import aiofiles
 
 from mirror.convert_v1 import (
     EMPTY_LAYER_GZIP,
@@ -28,12 +31,13 @@ from mirror.convert_v1 import (
 )
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult
-from mirror.errors import IntegrityError, MirrorError, TransportError, UsageError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, TransportError, UsageError
 from mirror.manifest import OCI_MANIFEST, Descriptor, Platform, platform_of_config
 from mirror.reference import Reference
 from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
 from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.blobs import BlobWriter
 
 
 @dataclass(slots=True)
@@ -56,6 +60,7 @@ def _known_to(engine: Engine) -> _Known:
 
 LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
 _HASH_INLINE = 64 << 10  # smaller batches are hashed on the loop; bigger ones in a worker thread
+_HASH_BATCH = 1 << 20  # bytes gathered before they go to the diff-id hasher
 
 
 async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> ImageResult:
@@ -79,10 +84,15 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
         # Single flight per image id, and a memo for the rest of the run (seeded from what earlier
         # runs cached from this host): tags and repositories sharing a layer fetch it once.
         await engine.once(("v1-cached", host), lambda: _remember_cached(engine, host, name.registry))
-        images = await asyncio.gather(
-            *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry)
+        # Every fetch is let finish (a layer done now is a layer the next run need not fetch).
+        settled = await asyncio.gather(
+            *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry),
+            return_exceptions=True,
         )
-        converted = convert(images)
+        for outcome in settled:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        converted = convert([i for i in settled if isinstance(i, V1Image)])
         if converted.needs_empty_layer:
             await engine.store.put(EMPTY_LAYER_GZIP)
         await engine.store.put(converted.config)
@@ -166,19 +176,42 @@ async def _feed(hasher: DiffIdHasher, batch: list[bytes]) -> None:
         hasher.update(data)
 
 
+async def _refeed(hasher: DiffIdHasher, writer: BlobWriter) -> None:
+    """Feed the bytes a kept partial file already holds to a fresh diff-id hasher."""
+    async with aiofiles.open(writer.partial, "rb") as f:
+        left = writer.offset
+        while left > 0:
+            block = await f.read(min(left, 1 << 20))
+            if not block:
+                raise IntegrityError(f"partial file {writer.partial} is shorter than {writer.offset} bytes")
+            left -= len(block)
+            await _feed(hasher, [block])
+
+
+def _partial_key(host: str, image_id: str) -> str:
+    """Return the name the layer's partial file is kept under between runs."""
+    return f"v1-{hashlib.sha256(host.encode()).hexdigest()[:16]}-{image_id}"
+
+
 async def _fetch_layer(
     engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str
 ) -> tuple[Descriptor | None, Digest, bool, int]:
-    """Stream the layer into the store, resuming with Range; return (descriptor, diff_id, empty, bytes)."""
-    key = Digest("v1", image_id)  # a progress key: the blob's digest is known only at the end
-    async with engine.slot(source.host(ref)):
-        writer = await engine.store.new_blob()
+    """Stream the layer into the store, resuming with Range; return (descriptor, diff_id, empty, bytes).
+
+    The partial file is kept when a download fails on the way (cut, timeout, interrupt),
+    and continued by a later attempt or run; it is dropped when its content is bad.
+    """
+    progress_key = Digest("v1", image_id)  # the blob's digest is known only at the end
+    host = source.host(ref)
+    async with engine.slot(host):
+        writer = await engine.store.new_blob(_partial_key(host, image_id))
         hasher = DiffIdHasher()
-        engine.progress.blob_started(key, -1)
+        engine.progress.blob_started(progress_key, -1)
         ok = False
-        total = -1
         downloaded = 0
         try:
+            if writer.offset:
+                await _refeed(hasher, writer)
             for attempt in range(LAYER_ATTEMPTS):
                 try:
                     async with source.open_layer(ref, image_id, writer.offset) as body:
@@ -186,54 +219,60 @@ async def _fetch_layer(
                             # No bytes stored for this image (416): it has no layer at all.
                             await writer.abort(keep=False)
                             ok = True
-                            diff_id, _ = DiffIdHasher().finish()
-                            return None, diff_id, True, 0
+                            return None, DiffIdHasher().finish()[0], True, 0
                         if body.offset != writer.offset:
                             if body.offset:
                                 raise IntegrityError(
                                     f"v1 layer {image_id[:12]}: asked for bytes from {writer.offset},"
                                     f" got them from {body.offset}"
                                 )
-                            # The server ignored Range and sent everything again: start over.
+                            # The server ignored Range and sends everything again: start over.
                             await writer.reset()
                             hasher = DiffIdHasher()
-                        total = body.total
                         batch: list[bytes] = []
-                        size = 0
+                        batched = 0
                         try:
                             async for chunk in body.chunks:
                                 await writer.write(chunk)
                                 downloaded += len(chunk)
                                 batch.append(chunk)
-                                size += len(chunk)
-                                engine.progress.blob_advanced(key, len(chunk))
-                                if size >= 1 << 20:
+                                batched += len(chunk)
+                                engine.progress.blob_advanced(progress_key, len(chunk))
+                                if batched >= _HASH_BATCH:
                                     await _feed(hasher, batch)
-                                    size = 0
+                                    batched = 0
                         finally:
                             # Bytes written are hashed too, even when the body was cut: a resume continues after them.
                             await _feed(hasher, batch)
+                    if 0 <= body.total != writer.offset:
+                        raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {body.total} bytes")
                     break
                 except TransportError as exc:
-                    if exc.status is not None or attempt == LAYER_ATTEMPTS - 1:
+                    if attempt == LAYER_ATTEMPTS - 1:
+                        raise
+                    if exc.status == 416 and writer.offset:
+                        # Range refused: the kept bytes are not a prefix of this layer after all.
+                        await writer.reset()
+                        hasher = DiffIdHasher()
+                    elif exc.status is not None:
                         raise
                     # Cut mid-body: what was written stays in the partial file; ask for the rest.
-            if 0 <= total != writer.offset:
-                raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {total} bytes")
             diff_id, empty = hasher.finish()
-            size_done = writer.offset
+            size = writer.offset
             await writer.commit()
             ok = True
             engine.stats.blobs_fetched += 1
-            desc = Descriptor(layer_media_type(hasher.gzip), writer.digest, size_done)
-            return desc, diff_id, empty, downloaded
+            return Descriptor(layer_media_type(hasher.gzip), writer.digest, size), diff_id, empty, downloaded
+        except (IntegrityError, ManifestError):
+            await writer.abort(keep=False)  # bad content: nothing worth resuming
+            raise
         except BaseException:
             if not ok:
-                await writer.abort(keep=False)
+                await writer.abort(keep=True)  # cut, refused, interrupted: a later attempt continues it
             raise
         finally:
             engine.stats.bytes_fetched += downloaded
-            engine.progress.blob_finished(key, ok)
+            engine.progress.blob_finished(progress_key, ok)
 
 
 async def pull_detected(

@@ -225,7 +225,8 @@ class RegistryV1Source:
         async with self._get(ref, f"/v1/images/{image_id}/layer", headers=headers, expect=(200, 206, 416)) as resp:
             if resp.status == 416:
                 if offset:
-                    raise TransportError(f"v1 layer {image_id[:12]}: range from byte {offset} refused (416)")
+                    msg = f"v1 layer {image_id[:12]}: range from byte {offset} refused (416)"
+                    raise TransportError(msg, status=416)
                 # The legacy server answers 416 for a layer stored with 0 bytes.
                 yield BlobBody(_no_chunks(), 0, 0)
                 return

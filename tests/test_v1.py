@@ -292,6 +292,7 @@ async def test_token_flow(seed: Seed, tmp_path: Path) -> None:
             assert r.status == "ok", r.error
             assert source.token_flows == 2
             assert reg.refused["/v1/repositories/library/ubuntu/tags/14.04"] == 1
+            assert await source.tags(Reference.parse(f"{index.host}/ubuntu")) == seed.store.repos["library/ubuntu"]
             # Another repository gets its own token.
             r = await pull_v1(engine, source, Reference.parse(f"{index.host}/tools/app:1"))
             assert r.status == "ok", r.error
@@ -414,3 +415,15 @@ def test_cli_index_flow_from_config(seed: Seed, tmp_path: Path) -> None:
 def test_empty_layer_constant_is_the_a3ed95_blob() -> None:
     assert hashlib.sha256(EMPTY_LAYER_GZIP).hexdigest() == EMPTY_LAYER.hex
     assert "sha256:" + hashlib.sha256(gzip.decompress(EMPTY_LAYER_GZIP)).hexdigest() == str(EMPTY_TAR_DIFF_ID)
+
+
+async def test_missing_tag_repository_and_digest_are_one_line_failures(v1reg: V1Registry, tmp_path: Path) -> None:
+    host = v1reg.host
+    refs = [f"{host}/ubuntu:nope", f"{host}/nope/x:1", f"{host}/ubuntu@sha256:{'0' * 64}"]
+    _, results = await pull(tmp_path / "cache", refs)
+    errors = [r.error for r in results]
+    assert [r.status for r in results] == ["failed"] * 3
+    assert errors[0] == f"v1 tag {host}/library/ubuntu:nope: not found (Tag not found)"
+    assert errors[1] == f"v1 tag {host}/nope/x:1: not found (Tag not found)"
+    assert "v1 registries have no content digests" in errors[2]
+    assert all("\n" not in e for e in errors)

@@ -27,8 +27,8 @@ from mirror.sources.base import BlobBody
 from mirror.sources.registry_v2 import parse_content_range
 from mirror.transport import Transport
 
-K = TypeVar("K")
-T = TypeVar("T")
+_K = TypeVar("_K")
+_T = TypeVar("_T")
 
 
 def v1_repository(repository: str) -> str:
@@ -69,7 +69,7 @@ class RegistryV1Source:
         """Return the host the reference names (the registry, or the index)."""
         return ref.api_host
 
-    async def _cached(self, cache: dict[K, asyncio.Future[T]], key: K, make: Callable[[], Awaitable[T]]) -> T:
+    async def _cached(self, cache: dict[_K, asyncio.Future[_T]], key: _K, make: Callable[[], Awaitable[_T]]) -> _T:
         """Return `make()`'s answer for `key`, computed once among concurrent callers; a failure is not kept."""
         fut = cache.get(key)
         if fut is None:
@@ -98,6 +98,7 @@ class RegistryV1Source:
 
     async def session(self, ref: Reference, stale: V1Session | None = None) -> V1Session:
         """Return the session for `ref`'s repository; replace `stale` (refused with 401) by a fresh token flow."""
+        ref = v1_reference(ref)
         key = (ref.api_host, ref.repository)
         fut = self._sessions.get(key)
         finished = fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
@@ -184,6 +185,7 @@ class RegistryV1Source:
 
     async def tags(self, ref: Reference) -> dict[str, str]:
         """Return `{tag: image id}` of `ref`'s repository."""
+        ref = v1_reference(ref)
         what = f"v1 tags of {ref.name}"
         doc = await self._json(ref, f"/v1/repositories/{ref.repository}/tags", what)
         if not isinstance(doc, dict):
@@ -192,6 +194,7 @@ class RegistryV1Source:
 
     async def tag_id(self, ref: Reference) -> str:
         """Return the image id `ref`'s tag points at (v1 answers a bare JSON string)."""
+        ref = v1_reference(ref)
         what = f"v1 tag {ref}"
         try:
             doc = await self._json(ref, f"/v1/repositories/{ref.repository}/tags/{ref.tag or 'latest'}", what)

@@ -18,7 +18,7 @@ import secrets
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -117,7 +117,7 @@ class _Threaded:
         resp: web.StreamResponse = await handler(request)
         return resp
 
-    def start(self) -> _Threaded:
+    def start(self) -> Self:
         """Serve in a thread; return once the port accepts connections."""
         ready = threading.Event()
 

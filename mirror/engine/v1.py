@@ -11,6 +11,7 @@ already written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -59,7 +60,6 @@ def _known_to(engine: Engine) -> _Known:
 
 
 LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
-_HASH_INLINE = 64 << 10  # smaller batches are hashed on the loop; bigger ones in a worker thread
 _HASH_BATCH = 1 << 20  # bytes gathered before they go to the diff-id hasher
 
 
@@ -167,25 +167,53 @@ async def _ready(image: V1Image) -> V1Image:
     return image
 
 
-async def _feed(hasher: DiffIdHasher, batch: list[bytes]) -> None:
-    data = b"".join(batch)
-    batch.clear()
-    if len(data) > _HASH_INLINE:
-        await asyncio.to_thread(hasher.update, data)  # inflating megabytes must not stall the loop
-    else:
-        hasher.update(data)
+class _DiffIdFeed:
+    """Feeds a DiffIdHasher in a worker thread, one batch at a time, while the download reads on."""
+
+    def __init__(self) -> None:
+        self.hasher = DiffIdHasher()
+        self._pending: asyncio.Future[None] | None = None
+
+    async def drain(self) -> None:
+        """Wait for the batch in the worker thread (raising its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def feed(self, batch: list[bytes]) -> None:
+        """Hand `batch` (emptied) to the worker once the previous one is done: inflating must not stall the loop."""
+        data = b"".join(batch)
+        batch.clear()
+        await self.drain()
+        if data:
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self.hasher.update, data)
+
+    async def reset(self) -> None:
+        """Start over with a fresh hasher."""
+        await self.close()
+        self.hasher = DiffIdHasher()
+
+    async def finish(self) -> tuple[Digest, bool]:
+        """Return (diff_id, empty) once every batch is hashed."""
+        await self.drain()
+        return self.hasher.finish()
+
+    async def close(self) -> None:
+        """Wait for the worker, ignoring its error: the download is being abandoned anyway."""
+        with contextlib.suppress(MirrorError):
+            await self.drain()
 
 
-async def _refeed(hasher: DiffIdHasher, writer: BlobWriter) -> None:
-    """Feed the bytes a kept partial file already holds to a fresh diff-id hasher."""
+async def _refeed(feed: _DiffIdFeed, writer: BlobWriter) -> None:
+    """Feed the bytes a kept partial file already holds to the diff-id hasher."""
     async with aiofiles.open(writer.partial, "rb") as f:
         left = writer.offset
         while left > 0:
-            block = await f.read(min(left, 1 << 20))
+            block = await f.read(min(left, _HASH_BATCH))
             if not block:
                 raise IntegrityError(f"partial file {writer.partial} is shorter than {writer.offset} bytes")
             left -= len(block)
-            await _feed(hasher, [block])
+            await feed.feed([block])
 
 
 def _partial_key(host: str, image_id: str) -> str:
@@ -205,13 +233,13 @@ async def _fetch_layer(
     host = source.host(ref)
     async with engine.slot(host):
         writer = await engine.store.new_blob(_partial_key(host, image_id))
-        hasher = DiffIdHasher()
+        feed = _DiffIdFeed()
         engine.progress.blob_started(progress_key, -1)
         ok = False
         downloaded = 0
         try:
             if writer.offset:
-                await _refeed(hasher, writer)
+                await _refeed(feed, writer)
             for attempt in range(LAYER_ATTEMPTS):
                 try:
                     async with source.open_layer(ref, image_id, writer.offset) as body:
@@ -228,7 +256,7 @@ async def _fetch_layer(
                                 )
                             # The server ignored Range and sends everything again: start over.
                             await writer.reset()
-                            hasher = DiffIdHasher()
+                            await feed.reset()
                         batch: list[bytes] = []
                         batched = 0
                         try:
@@ -239,11 +267,11 @@ async def _fetch_layer(
                                 batched += len(chunk)
                                 engine.progress.blob_advanced(progress_key, len(chunk))
                                 if batched >= _HASH_BATCH:
-                                    await _feed(hasher, batch)
+                                    await feed.feed(batch)
                                     batched = 0
                         finally:
                             # Bytes written are hashed too, even when the body was cut: a resume continues after them.
-                            await _feed(hasher, batch)
+                            await feed.feed(batch)
                     if 0 <= body.total != writer.offset:
                         raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {body.total} bytes")
                     break
@@ -253,20 +281,22 @@ async def _fetch_layer(
                     if exc.status == 416 and writer.offset:
                         # Range refused: the kept bytes are not a prefix of this layer after all.
                         await writer.reset()
-                        hasher = DiffIdHasher()
+                        await feed.reset()
                     elif exc.status is not None:
                         raise
                     # Cut mid-body: what was written stays in the partial file; ask for the rest.
-            diff_id, empty = hasher.finish()
+            diff_id, empty = await feed.finish()
             size = writer.offset
             await writer.commit()
             ok = True
             engine.stats.blobs_fetched += 1
-            return Descriptor(layer_media_type(hasher.gzip), writer.digest, size), diff_id, empty, downloaded
+            return Descriptor(layer_media_type(feed.hasher.gzip), writer.digest, size), diff_id, empty, downloaded
         except (IntegrityError, ManifestError):
+            await feed.close()
             await writer.abort(keep=False)  # bad content: nothing worth resuming
             raise
         except BaseException:
+            await feed.close()
             if not ok:
                 await writer.abort(keep=True)  # cut, refused, interrupted: a later attempt continues it
             raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.errors import UsageError
+from mirror.sources.detect import check_api
 from mirror.transport import HostConfig, Timeouts, Transport
 
 DEFAULT_CONCURRENCY = 8
@@ -30,6 +31,7 @@ class RegistryConfig:
     insecure: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    api: str = "auto"  # registry API: auto (detect), v2 or v1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ def parse(doc: dict[str, Any], where: str) -> Config:
                 insecure=_get(r, "insecure", bool, w, False),
                 username=_get(r, "username", str, w, None),
                 password=password,
+                api=check_api(_get(r, "api", str, w, "auto"), f"{w}.api"),
             )
         )
     daemon = doc.get("daemon", {})

@@ -180,7 +180,9 @@ class Transport:
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
-            if auth and urlsplit(url).netloc == origin:
+            if urlsplit(url).netloc != origin:
+                hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
+            elif auth:
                 hdrs["Authorization"] = auth
             try:
                 self.requests += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from contextlib import nullcontext
@@ -19,9 +20,12 @@ from mirror.commands.daemon_source import (
     pull_daemon_sources,
 )
 from mirror.engine.copy import Engine
+from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
 from mirror.progress import PlainProgress, RichProgress
 from mirror.reference import Reference
+from mirror.sources.detect import API_CHOICES, ApiDetector
+from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
@@ -38,6 +42,9 @@ def register(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 8)")
     p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
+    p.add_argument(
+        "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
     add_daemon_option(p, "Docker daemon of daemon:// images (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
@@ -59,8 +66,12 @@ async def run(args: argparse.Namespace) -> int:
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
         source = RegistryV2Source(transport)
+        v1 = RegistryV1Source(transport)
+        detector = ApiDetector(transport, {r.host: r.api for r in cfg.registries}, args.api)
         with progress if isinstance(progress, RichProgress) else nullcontext():
-            results = await engine.pull_many([(source, r) for r in refs], platforms)
+            results = list(
+                await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
+            )
             if from_daemon:
                 url = args.daemon or cfg.daemon.url
                 compress = args.compress or cfg.daemon.compress

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +22,7 @@ from mirror.errors import IntegrityError, StoreError
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
 _serial = itertools.count()
+_KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class BlobStore:
@@ -29,6 +31,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ingest = root / ".mirror" / "ingest"
+        self._puts: dict[Digest, asyncio.Future[Digest]] = {}
 
     def path(self, digest: Digest) -> Path:
         """Return where the blob `digest` lives (whether or not it exists)."""
@@ -63,14 +66,17 @@ class BlobStore:
         await asyncio.to_thread(w.open_sync, resume)
         return w
 
-    async def new_blob(self) -> BlobWriter:
+    async def new_blob(self, key: str | None = None) -> BlobWriter:
         """Return a writer for content whose digest is learnt at the end (v1 layers, daemon exports).
 
         `commit()` names the blob by the sha256 of what was written; `writer.digest` is
-        then that digest.
+        then that digest. With `key` (a file-name-safe name of the source content) the
+        partial file is named after it, and a writer with the same key continues it.
         """
-        w = BlobWriter(self, None, -1)
-        await asyncio.to_thread(w.open_sync, False)
+        if key is not None and not _KEY.fullmatch(key):
+            raise StoreError(f"blob writer key {key!r}: use letters, digits, '.', '_', '-'")
+        w = BlobWriter(self, None, -1, key)
+        await asyncio.to_thread(w.open_sync, key is not None)
         return w
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
@@ -78,6 +84,14 @@ class BlobStore:
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
+        # Two writers of one digest would share one temp file: concurrent puts of it wait for the first.
+        pending = self._puts.get(digest)
+        if pending is None:
+            pending = self._puts[digest] = asyncio.ensure_future(self._put(data, digest))
+            pending.add_done_callback(lambda _f: self._puts.pop(digest, None))
+        return await asyncio.shield(pending)
+
+    async def _put(self, data: bytes, digest: Digest) -> Digest:
         w = await self.writer(digest, len(data), resume=False)
         try:
             await w.write(data)
@@ -110,20 +124,27 @@ class BlobStore:
 class BlobWriter:
     """One blob being written: hashes each batch in a worker thread while the next arrives."""
 
-    def __init__(self, store: BlobStore, digest: Digest | None, size: int) -> None:
+    def __init__(self, store: BlobStore, digest: Digest | None, size: int, key: str | None = None) -> None:
         self.store = store
         self.expected: Digest | None = digest
         self.digest: Digest = digest or Digest("sha256", "")
         self.expected_size = size
         self.offset = 0
         self._partial = (
-            store.partial_path(digest) if digest else store.ingest / f"new-{os.getpid()}-{next(_serial)}.partial"
+            store.partial_path(digest)
+            if digest
+            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}'}.partial"
         )
         self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None
         self._buf: list[bytes] = []
         self._buffered = 0
         self._pending: asyncio.Future[None] | None = None
+
+    @property
+    def partial(self) -> Path:
+        """Return the temp file the bytes are written to until `commit()`."""
+        return self._partial
 
     def open_sync(self, resume: bool) -> None:
         """Open the partial file; when resuming, feed the bytes already in it to the hash."""

@@ -1,0 +1,325 @@
+"""Pulling a v1 image: tag -> id, ancestry, each image's json and layer once, conversion to OCI.
+
+Layers stream concurrently under the engine's slots into `store.new_blob()` writers
+(v1 ids are not content digests: the blob is named by the sha256 of what arrived) while
+their diff_id is computed from the uncompressed bytes. Each image id is fetched once per
+host per run, however many tags and repositories share it, and not at all when an earlier
+run left it in the cache. A download cut mid-way resumes with `Range` from the bytes
+already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiofiles
+
+from mirror.convert_v1 import (
+    EMPTY_LAYER_GZIP,
+    V1_ANCESTRY,
+    DiffIdHasher,
+    V1Image,
+    convert,
+    layer_media_type,
+    parse_ancestry_record,
+)
+from mirror.digest import Digest
+from mirror.engine.copy import Engine, ImageResult
+from mirror.errors import IntegrityError, ManifestError, MirrorError, TransportError, UsageError
+from mirror.manifest import OCI_MANIFEST, Descriptor, Platform, platform_of_config
+from mirror.reference import Reference
+from mirror.sources.detect import ApiDetector
+from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.blobs import BlobWriter
+
+
+@dataclass(slots=True)
+class _Known:
+    """The v1 images an engine knows in this run, by (host, image id), and the hosts whose cache entries were read."""
+
+    images: dict[tuple[str, str], V1Image] = field(default_factory=dict)
+    scanned: set[str] = field(default_factory=set)
+
+
+_known: weakref.WeakKeyDictionary[Engine, _Known] = weakref.WeakKeyDictionary()
+
+
+def _known_to(engine: Engine) -> _Known:
+    known = _known.get(engine)
+    if known is None:
+        known = _known[engine] = _Known()
+    return known
+
+
+LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
+_HASH_BATCH = 1 << 20  # bytes gathered before they go to the diff-id hasher
+
+
+async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> ImageResult:
+    """Copy one v1 image into the cache as an OCI image named with the v1 name (`library/` rule applied)."""
+    t0 = time.monotonic()
+    name = ref
+    try:
+        name = v1_reference(ref)
+        if ref.digest is not None:
+            raise UsageError(f"{ref}: v1 registries have no content digests; name the image by tag")
+        host = source.host(name)
+        async with engine.host_slot(host):
+            top = await source.tag_id(name)
+        async with engine.host_slot(host):
+            ancestry = await source.ancestry(name, top)
+        fetched = [0]
+
+        def fetch(image_id: str) -> Callable[[], Awaitable[V1Image]]:
+            return lambda: _fetch_image(engine, source, name, image_id, fetched)
+
+        # Single flight per image id, and a memo for the rest of the run (seeded from what earlier
+        # runs cached from this host): tags and repositories sharing a layer fetch it once.
+        await engine.once(("v1-cached", host), lambda: _remember_cached(engine, host, name.registry))
+        # Every fetch is let finish (a layer done now is a layer the next run need not fetch).
+        settled = await asyncio.gather(
+            *(_memo(engine, (host, i)) or engine.once(("v1", host, i), fetch(i)) for i in ancestry),
+            return_exceptions=True,
+        )
+        for outcome in settled:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        converted = convert([i for i in settled if isinstance(i, V1Image)])
+        if converted.needs_empty_layer:
+            await engine.store.put(EMPTY_LAYER_GZIP)
+        await engine.store.put(converted.config)
+        await engine.store.put(converted.record)
+        digest = await engine.store.put(converted.manifest)
+        await engine.layout.set_refs({str(name): Descriptor(OCI_MANIFEST, digest, len(converted.manifest))})
+        plat = platform_of_config(converted.config)
+        result = ImageResult(name, "ok", digest, (str(plat),) if plat else (), fetched[0], time.monotonic() - t0)
+    except MirrorError as exc:
+        result = ImageResult(name, "failed", seconds=time.monotonic() - t0, error=str(exc))
+    engine.progress.image_finished(result)
+    return result
+
+
+async def _fetch_image(
+    engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str, fetched: list[int]
+) -> V1Image:
+    """Fetch one image's json (kept as a blob) and layer (a blob named by its sha256)."""
+    host = source.host(ref)
+    async with engine.host_slot(host):
+        json_raw = await source.image_json(ref, image_id)
+    json_digest = await engine.store.put(json_raw)
+    layer, diff_id, empty, n = await _fetch_layer(engine, source, ref, image_id)
+    fetched[0] += n
+    image = V1Image(image_id, json_raw, json_digest, layer, diff_id, empty)
+    _known_to(engine).images[(host, image_id)] = image
+    return image
+
+
+async def _remember_cached(engine: Engine, host: str, registry: str) -> None:
+    """Fill the run's memo with the v1 images earlier pulls from `registry` left in the cache (once per run)."""
+    known = _known_to(engine)
+    if host in known.scanned:
+        return
+    manifests = [
+        e.descriptor.digest
+        for e in await engine.layout.entries()
+        if e.name.startswith(f"{registry}/") and e.descriptor.media_type == OCI_MANIFEST
+    ]
+    for image in await asyncio.to_thread(_cached_images, engine, manifests):
+        known.images.setdefault((host, image.id), image)
+    known.scanned.add(host)
+
+
+def _cached_images(engine: Engine, manifests: list[Digest]) -> list[V1Image]:
+    """Return the images named by the ancestry records of converted manifests (runs in a worker thread)."""
+    out: list[V1Image] = []
+    for digest in manifests:
+        try:
+            manifest = json.loads(engine.store.read(digest))
+            record = (manifest.get("annotations") or {}).get(V1_ANCESTRY)
+            if not record:
+                continue  # not a v1 conversion
+            for item in parse_ancestry_record(engine.store.read(Digest.parse(record))):
+                out.append(item.image(engine.store.read(item.json_digest)))
+        except (MirrorError, ValueError, AttributeError):
+            continue  # an unreadable or incomplete earlier result: fetch again
+    return out
+
+
+def _memo(engine: Engine, key: tuple[str, str]) -> Awaitable[V1Image] | None:
+    """Return an awaitable of the image fetched earlier in this run, when its blobs are still stored."""
+    image = _known_to(engine).images.get(key)
+    if image is None or not engine.store.has(image.json_digest):
+        return None
+    if image.layer is not None and not engine.store.has(image.layer.digest, image.layer.size):
+        return None
+    return _ready(image)
+
+
+async def _ready(image: V1Image) -> V1Image:
+    return image
+
+
+class _DiffIdFeed:
+    """Feeds a DiffIdHasher in a worker thread, one batch at a time, while the download reads on."""
+
+    def __init__(self) -> None:
+        self.hasher = DiffIdHasher()
+        self._pending: asyncio.Future[None] | None = None
+
+    async def drain(self) -> None:
+        """Wait for the batch in the worker thread (raising its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def feed(self, batch: list[bytes]) -> None:
+        """Hand `batch` (emptied) to the worker once the previous one is done: inflating must not stall the loop."""
+        data = b"".join(batch)
+        batch.clear()
+        await self.drain()
+        if data:
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self.hasher.update, data)
+
+    async def reset(self) -> None:
+        """Start over with a fresh hasher."""
+        await self.close()
+        self.hasher = DiffIdHasher()
+
+    async def finish(self) -> tuple[Digest, bool]:
+        """Return (diff_id, empty) once every batch is hashed."""
+        await self.drain()
+        return self.hasher.finish()
+
+    async def close(self) -> None:
+        """Wait for the worker, ignoring its error: the download is being abandoned anyway."""
+        with contextlib.suppress(MirrorError):
+            await self.drain()
+
+
+async def _refeed(feed: _DiffIdFeed, writer: BlobWriter) -> None:
+    """Feed the bytes a kept partial file already holds to the diff-id hasher."""
+    async with aiofiles.open(writer.partial, "rb") as f:
+        left = writer.offset
+        while left > 0:
+            block = await f.read(min(left, _HASH_BATCH))
+            if not block:
+                raise IntegrityError(f"partial file {writer.partial} is shorter than {writer.offset} bytes")
+            left -= len(block)
+            await feed.feed([block])
+
+
+def _partial_key(host: str, image_id: str) -> str:
+    """Return the name the layer's partial file is kept under between runs."""
+    return f"v1-{hashlib.sha256(host.encode()).hexdigest()[:16]}-{image_id}"
+
+
+async def _fetch_layer(
+    engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str
+) -> tuple[Descriptor | None, Digest, bool, int]:
+    """Stream the layer into the store, resuming with Range; return (descriptor, diff_id, empty, bytes).
+
+    The partial file is kept when a download fails on the way (cut, timeout, interrupt),
+    and continued by a later attempt or run; it is dropped when its content is bad.
+    """
+    progress_key = Digest("v1", image_id)  # the blob's digest is known only at the end
+    host = source.host(ref)
+    async with engine.slot(host):
+        writer = await engine.store.new_blob(_partial_key(host, image_id))
+        feed = _DiffIdFeed()
+        engine.progress.blob_started(progress_key, -1)
+        ok = False
+        downloaded = 0
+        try:
+            if writer.offset:
+                await _refeed(feed, writer)
+            for attempt in range(LAYER_ATTEMPTS):
+                try:
+                    async with source.open_layer(ref, image_id, writer.offset) as body:
+                        if body.total == 0:
+                            # No bytes stored for this image (416): it has no layer at all.
+                            await writer.abort(keep=False)
+                            ok = True
+                            return None, DiffIdHasher().finish()[0], True, 0
+                        if body.offset != writer.offset:
+                            if body.offset:
+                                raise IntegrityError(
+                                    f"v1 layer {image_id[:12]}: asked for bytes from {writer.offset},"
+                                    f" got them from {body.offset}"
+                                )
+                            # The server ignored Range and sends everything again: start over.
+                            await writer.reset()
+                            await feed.reset()
+                        batch: list[bytes] = []
+                        batched = 0
+                        try:
+                            async for chunk in body.chunks:
+                                await writer.write(chunk)
+                                downloaded += len(chunk)
+                                batch.append(chunk)
+                                batched += len(chunk)
+                                engine.progress.blob_advanced(progress_key, len(chunk))
+                                if batched >= _HASH_BATCH:
+                                    await feed.feed(batch)
+                                    batched = 0
+                        finally:
+                            # Bytes written are hashed too, even when the body was cut: a resume continues after them.
+                            await feed.feed(batch)
+                    if 0 <= body.total != writer.offset:
+                        raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {body.total} bytes")
+                    break
+                except TransportError as exc:
+                    if attempt == LAYER_ATTEMPTS - 1:
+                        raise
+                    if exc.status == 416 and writer.offset:
+                        # Range refused: the kept bytes are not a prefix of this layer after all.
+                        await writer.reset()
+                        await feed.reset()
+                    elif exc.status is not None:
+                        raise
+                    # Cut mid-body: what was written stays in the partial file; ask for the rest.
+            diff_id, empty = await feed.finish()
+            size = writer.offset
+            await writer.commit()
+            ok = True
+            engine.stats.blobs_fetched += 1
+            return Descriptor(layer_media_type(feed.hasher.gzip), writer.digest, size), diff_id, empty, downloaded
+        except (IntegrityError, ManifestError):
+            await feed.close()
+            await writer.abort(keep=False)  # bad content: nothing worth resuming
+            raise
+        except BaseException:
+            await feed.close()
+            if not ok:
+                await writer.abort(keep=True)  # cut, refused, interrupted: a later attempt continues it
+            raise
+        finally:
+            engine.stats.bytes_fetched += downloaded
+            engine.progress.blob_finished(progress_key, ok)
+
+
+async def pull_detected(
+    engine: Engine,
+    detector: ApiDetector,
+    v2: RegistryV2Source,
+    v1: RegistryV1Source,
+    ref: Reference,
+    platforms: tuple[Platform, ...] = (),
+) -> ImageResult:
+    """Copy one image through the API its endpoint speaks (v2 unless detected or told v1)."""
+    try:
+        api = await detector.api(ref.api_host)
+    except MirrorError as exc:
+        result = ImageResult(ref, "failed", error=str(exc))
+        engine.progress.image_finished(result)
+        return result
+    if api == "v1":
+        return await pull_v1(engine, v1, ref)
+    return await engine.pull(v2, ref, platforms)

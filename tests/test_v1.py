@@ -1,0 +1,429 @@
+"""Registry v1: the seed's walk into the cache, read back by skopeo and podman; tokens, resume, detection."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON
+from mirror.digest import EMPTY_LAYER
+from mirror.engine.copy import Engine, ImageResult
+from mirror.engine.v1 import LAYER_ATTEMPTS, pull_detected, pull_v1
+from mirror.errors import AuthError
+from mirror.reference import Reference
+from mirror.sources.detect import ApiDetector
+from mirror.sources.registry_v1 import RegistryV1Source
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.inventory import inventory
+from mirror.store.layout import Layout
+from mirror.transport import HostConfig, Transport
+from tests.conftest import ROOT
+from tests.test_cli import mirror
+from tests.v1server import LayerStorage, Store, V1Index, V1Registry
+from tools.imagebuild import Layer, random_layer
+from tools.imagebuild import Layout as SrcLayout
+from tools.registry import Registry, free_port, skopeo_copy
+
+PODMAN_PREFIX = "mirrortest-v1-"
+
+
+@dataclass
+class Seed:
+    """The seed's v1 registry: two tags of library/ubuntu sharing three layers, and what they hold."""
+
+    store: Store
+    layers: dict[str, Layer] = field(default_factory=dict)  # image id -> its (non-empty) layer
+    ids: dict[str, str] = field(default_factory=dict)  # short name -> image id
+
+
+def build_seed() -> Seed:
+    """base (gzip) <- env (empty, a3ed95) <- app (plain tar) <- top (gzip): `15.10`; `14.04` = other on app.
+
+    `zero` puts an image whose layer is stored with 0 bytes (416) under a gzip'd top.
+    """
+    store = Store()
+    seed = Seed(store)
+    base, app, top, other, last = (
+        random_layer(n, s) for n, s in ((200_000, 11), (40_000, 12), (30_000, 13), (20_000, 14), (10_000, 15))
+    )
+    ids = seed.ids
+    ids["base"] = store.add(base.blob, cmd="#(nop) ADD file:base in /")
+    ids["env"] = store.add(None, ids["base"], "#(nop) ENV X=1")
+    ids["app"] = store.add(app.tar, ids["env"], "#(nop) ADD file:app in /app")  # a plain (not gzip'd) tar
+    ids["top"] = store.add(top.blob, ids["app"], "apt-get install top")
+    ids["other"] = store.add(other.blob, ids["app"], "apt-get install other")
+    ids["zero"] = store.add(b"", ids["app"], "#(nop) LABEL zero=1")
+    ids["last"] = store.add(last.blob, ids["zero"], "apt-get install last")
+    seed.layers = {ids["base"]: base, ids["app"]: app, ids["top"]: top, ids["other"]: other, ids["last"]: last}
+    store.tag("library/ubuntu", "15.10", ids["top"])
+    store.tag("library/ubuntu", "14.04", ids["other"])
+    store.tag("library/ubuntu", "zero", ids["last"])
+    store.tag("tools/app", "1", ids["other"])  # a second repository sharing the same images
+    return seed
+
+
+@pytest.fixture(scope="module")
+def seed() -> Seed:
+    return build_seed()
+
+
+@pytest.fixture
+def v1reg(seed: Seed) -> Iterator[V1Registry]:
+    reg = V1Registry(seed.store).start()
+    yield reg
+    reg.stop()
+
+
+async def pull(cache: Path, refs: list[str], hosts: dict[str, HostConfig] | None = None) -> tuple[Engine, list[Any]]:
+    layout = Layout.open(cache)
+    async with Transport(hosts) as transport:
+        engine = Engine(layout)
+        source = RegistryV1Source(transport)
+        results = list(await asyncio.gather(*(pull_v1(engine, source, Reference.parse(x)) for x in refs)))
+    return engine, results
+
+
+def blob(cache: Path, digest: str) -> bytes:
+    return (cache / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+
+
+def manifest_of(cache: Path, result: ImageResult) -> tuple[dict[str, Any], dict[str, Any]]:
+    manifest = json.loads(blob(cache, str(result.digest)))
+    return manifest, json.loads(blob(cache, manifest["config"]["digest"]))
+
+
+def layer_gets(reg: V1Registry) -> dict[str, int]:
+    return {p.split("/")[3]: n for (m, p), n in reg.requests.items() if p.endswith("/layer")}
+
+
+def podman(*args: str) -> str:
+    res = subprocess.run(["podman", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.slow
+async def test_seed_walk_reads_back_in_skopeo_and_podman(seed: Seed, v1reg: V1Registry, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    host = v1reg.host
+    refs = [f"{host}/ubuntu:15.10", f"{host}/ubuntu:14.04", f"{host}/tools/app:1", f"{host}/ubuntu:zero"]
+    _, results = await pull(cache, refs)
+    assert [r.status for r in results] == ["ok"] * 4, [r.error for r in results]
+    # The v1 rule: `ubuntu` is `library/ubuntu`, and that is the name in the cache.
+    assert [str(r.ref) for r in results][:2] == [f"{host}/library/ubuntu:15.10", f"{host}/library/ubuntu:14.04"]
+    # Every image's json and layer is fetched once, across tags and repositories.
+    gets = layer_gets(v1reg)
+    assert gets == {i: 1 for i in seed.store.images}, gets
+    assert all(v1reg.count(f"/v1/images/{i}/json") == 1 for i in seed.store.images)
+    ids = seed.ids
+    expect = {
+        "15.10": [ids["base"], ids["app"], ids["top"]],
+        "14.04": [ids["base"], ids["app"], ids["other"]],
+        "zero": [ids["base"], ids["app"], ids["last"]],
+    }
+    by_name = {str(r.ref): r for r in results}
+    for tag, layer_ids in expect.items():
+        manifest, config = manifest_of(cache, by_name[f"{host}/library/ubuntu:{tag}"])
+        # Base first; empty layers (the a3ed95 one and the 0-byte one) are history only.
+        assert [d["annotations"][V1_ID] for d in manifest["layers"]] == layer_ids
+        # Each layer blob is named by the sha256 of the bytes the registry stores (gzip or plain tar).
+        stored = [seed.store.images[i].layer for i in layer_ids]
+        assert [d["digest"] for d in manifest["layers"]] == ["sha256:" + hashlib.sha256(b).hexdigest() for b in stored]
+        assert config["rootfs"]["diff_ids"] == [seed.layers[i].diff_id for i in layer_ids]
+        empties = [h.get("empty_layer", False) for h in config["history"]]
+        assert empties == ([False, True, False, False] if tag != "zero" else [False, True, False, True, False])
+        assert manifest["layers"][1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+        # The original v1 json documents are in the store, named from the manifest.
+        jsons = manifest["annotations"][V1_IMAGES].split(",")
+        assert [json.loads(blob(cache, d))["id"] for d in jsons] == list(reversed(seed.store.ancestry(layer_ids[-1])))
+        assert blob(cache, manifest["layers"][0]["annotations"][V1_JSON]) == seed.store.images[ids["base"]].raw_json
+        assert "id" not in config and "parent" not in config and config["os"] == "linux"
+    # The same image through two repositories is one manifest.
+    assert by_name[f"{host}/tools/app:1"].digest == by_name[f"{host}/library/ubuntu:14.04"].digest
+    listed = {img.name: img for img in await inventory(Layout.open(cache))}
+    assert set(listed) == {str(r.ref) for r in results}
+    assert all(img.platforms == ("linux/amd64",) and not img.problem for img in listed.values())
+
+    # Other tools read it: skopeo copies it out, podman loads it and sees our diff ids.
+    name = f"{host}/library/ubuntu:15.10"
+    skopeo_copy(f"oci:{cache}:{name}", f"dir:{tmp_path / 'out'}")
+    out_manifest = json.loads((tmp_path / "out" / "manifest.json").read_bytes())
+    assert out_manifest["config"]["digest"] == manifest_of(cache, by_name[name])[0]["config"]["digest"]
+    podman_name = f"{PODMAN_PREFIX}{free_port()}:15.10"
+    archive = tmp_path / "ubuntu.tar"
+    skopeo_copy(f"oci:{cache}:{name}", f"docker-archive:{archive}:{podman_name}")
+    loaded = podman("load", "-i", str(archive))
+    podman_name = loaded.strip().splitlines()[-1].removeprefix("Loaded image: ").strip()
+    assert podman_name.endswith(f"/{podman_name.split('/')[-1]}") and PODMAN_PREFIX in podman_name
+    try:
+        info = json.loads(podman("image", "inspect", podman_name))[0]
+        _, config = manifest_of(cache, by_name[name])
+        assert info["RootFS"]["Layers"] == config["rootfs"]["diff_ids"]
+        assert info["RootFS"]["Layers"] == [seed.layers[i].diff_id for i in expect["15.10"]]
+    finally:
+        podman("rmi", "-f", podman_name)
+
+
+@pytest.mark.slow
+async def test_second_pull_gives_byte_identical_manifests(seed: Seed, v1reg: V1Registry, tmp_path: Path) -> None:
+    ref = f"{v1reg.host}/ubuntu:zero"
+    _, first = await pull(tmp_path / "a", [ref])
+    layers_before = sum(layer_gets(v1reg).values())
+    engine, again = await pull(tmp_path / "a", [ref])
+    # A later run into the same cache asks for the tag and ancestry, but fetches no json or layer again.
+    assert sum(layer_gets(v1reg).values()) == layers_before
+    assert all(v1reg.count(f"/v1/images/{i}/json") == 1 for i in seed.store.ancestry(seed.ids["last"]))
+    assert engine.stats.bytes_fetched == 0
+    _, other = await pull(tmp_path / "b", [ref])
+    assert first[0].status == again[0].status == other[0].status == "ok"
+    assert first[0].digest == again[0].digest == other[0].digest
+    assert blob(tmp_path / "a", str(first[0].digest)) == blob(tmp_path / "b", str(other[0].digest))
+    assert sum(layer_gets(v1reg).values()) == 2 * layers_before  # a fresh cache fetches everything
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+async def test_cut_layer_resumes_with_range_and_verifies(seed: Seed, tmp_path: Path, honour_range: bool) -> None:
+    reg = V1Registry(seed.store).start()
+    reg.honour_range = honour_range
+    try:
+        base = seed.ids["base"]
+        size = len(seed.store.images[base].layer)
+        reg.cut[base] = [size // 2]
+        engine, results = await pull(tmp_path / "cache", [f"{reg.host}/ubuntu:15.10"])
+        assert results[0].status == "ok", results[0].error
+        ranges = [r for i, r in reg.ranges if i == base]
+        assert ranges == ["", f"bytes={size // 2}-"]
+        # The digest verifies: the file under the layer's name holds exactly the registry's bytes.
+        layer = seed.layers[base]
+        assert hashlib.sha256(blob(tmp_path / "cache", layer.digest)).hexdigest() == layer.digest.split(":")[1]
+        _, config = manifest_of(tmp_path / "cache", results[0])
+        assert config["rootfs"]["diff_ids"][0] == layer.diff_id
+        # With Range only the missing half comes after the cut; a server ignoring Range sends it all again.
+        every = sum(len(seed.store.images[i].layer) for i in seed.store.ancestry(seed.ids["top"]))
+        assert engine.stats.bytes_fetched == every + (0 if honour_range else size // 2)
+        assert list((tmp_path / "cache" / ".mirror" / "ingest").iterdir()) == []
+    finally:
+        reg.stop()
+
+
+async def test_layer_cut_in_one_run_resumes_in_the_next(seed: Seed, tmp_path: Path) -> None:
+    reg = V1Registry(seed.store).start()
+    try:
+        base = seed.ids["base"]
+        layer = seed.store.images[base].layer
+        step = len(layer) // 10
+        reg.cut[base] = [step] * LAYER_ATTEMPTS  # every attempt of the first run is cut `step` bytes further on
+        cache = tmp_path / "cache"
+        _, results = await pull(cache, [f"{reg.host}/ubuntu:15.10"])
+        assert results[0].status == "failed" and "download cut" in results[0].error
+        partials = list((cache / ".mirror" / "ingest").iterdir())
+        assert [p.stat().st_size for p in partials] == [LAYER_ATTEMPTS * step]
+        assert partials[0].read_bytes() == layer[: LAYER_ATTEMPTS * step]
+        assert (await inventory(Layout.open(cache))) == []
+        # The next run (a new engine) continues the kept partial file from where it stopped.
+        engine, results = await pull(cache, [f"{reg.host}/ubuntu:15.10"])
+        assert results[0].status == "ok", results[0].error
+        assert [r for i, r in reg.ranges if i == base] == [""] + [f"bytes={n * step}-" for n in range(1, 5)]
+        # The kept bytes are not fetched again (the image's other layers are: run 1 named no image).
+        every = sum(len(seed.store.images[i].layer) for i in seed.store.ancestry(seed.ids["top"]))
+        assert engine.stats.bytes_fetched == every - LAYER_ATTEMPTS * step
+        digest = seed.layers[base].digest
+        assert hashlib.sha256(blob(cache, digest)).hexdigest() == digest.split(":")[1]
+        _, config = manifest_of(cache, results[0])
+        assert config["rootfs"]["diff_ids"][0] == seed.layers[base].diff_id
+        assert list((cache / ".mirror" / "ingest").iterdir()) == []
+    finally:
+        reg.stop()
+
+
+async def test_token_flow(seed: Seed, tmp_path: Path) -> None:
+    reg = V1Registry(seed.store, standalone=False).start()
+    storage = LayerStorage(reg).start()
+    reg.storage = storage.host
+    dead = f"127.0.0.1:{free_port()}"
+    index = V1Index(reg, [dead, reg.host], users={"alice": "s3cret"}).start()
+    try:
+        async with Transport() as t:
+            top = seed.ids["top"]
+            path = "/v1/repositories/library/ubuntu/tags"
+            # No token: 401 with `WWW-Authenticate: Token`.
+            with pytest.raises(AuthError) as exc:
+                async with t.request("GET", reg.host, path):
+                    pass
+            assert exc.value.status == 401
+            # A token for another repository: 401, on repository and image calls alike.
+            hdrs = {"X-Docker-Token": "true", "Authorization": "Basic YWxpY2U6czNjcmV0"}
+            async with t.request("GET", index.host, "/v1/repositories/tools/app/images", headers=hdrs) as resp:
+                other = resp.headers["X-Docker-Token"]
+                assert resp.headers["X-Docker-Endpoints"] == f"{dead}, {reg.host}"
+            for p in (path, f"/v1/images/{seed.ids['top']}/json"):
+                with pytest.raises(AuthError):
+                    async with t.request("GET", reg.host, p, headers={"Authorization": f"Token {other}"}):
+                        pass
+            assert reg.refused[f"/v1/images/{top}/json"] == 1
+        # Without the index's Basic credentials the flow is refused.
+        _, results = await pull(tmp_path / "c0", [f"{index.host}/ubuntu:15.10"])
+        assert results[0].status == "failed" and "401" in results[0].error
+        # With them, the pull goes index -> token -> first endpoint that answers.
+        creds = {index.host: HostConfig(username="alice", password="s3cret")}
+        layout = Layout.open(tmp_path / "c1")
+        async with Transport(creds) as t:
+            engine = Engine(layout)
+            source = RegistryV1Source(t)
+            r = await pull_v1(engine, source, Reference.parse(f"{index.host}/ubuntu:15.10"))
+            assert r.status == "ok", r.error
+            assert str(r.ref) == f"{index.host}/library/ubuntu:15.10"
+            assert source.token_flows == 1
+            assert index.count("/v1/repositories/library/ubuntu/images") == 2  # the refused one, then this
+            # Tokens revoked: the next call is refused once, the flow runs again, the pull succeeds.
+            index.revoke()
+            r = await pull_v1(engine, source, Reference.parse(f"{index.host}/ubuntu:14.04"))
+            assert r.status == "ok", r.error
+            assert source.token_flows == 2
+            assert reg.refused["/v1/repositories/library/ubuntu/tags/14.04"] == 1
+            assert await source.tags(Reference.parse(f"{index.host}/ubuntu")) == seed.store.repos["library/ubuntu"]
+            # Another repository gets its own token.
+            r = await pull_v1(engine, source, Reference.parse(f"{index.host}/tools/app:1"))
+            assert r.status == "ok", r.error
+            assert source.token_flows == 3
+        # Every layer came once, through the registry's redirect to its storage, which never saw the token.
+        assert set(layer_gets(reg)) <= set(seed.store.images)
+        assert all(n == 1 for n in layer_gets(reg).values())
+        assert len(storage.authorizations) == len(layer_gets(reg)) > 0
+        assert set(storage.authorizations) == {""}
+    finally:
+        index.stop()
+        storage.stop()
+        reg.stop()
+
+
+@pytest.mark.slow
+async def test_version_detection(registry: Registry, v1reg: V1Registry, tmp_path: Path) -> None:
+    async with Transport() as t:
+        detector = ApiDetector(t)
+        assert await detector.api(registry.host) == "v2"
+        assert await detector.api(v1reg.host) == "v1"
+        assert await detector.api(v1reg.host) == "v1"
+        assert v1reg.count("/v1/_ping") == 1 and v1reg.count("/v2/") == 1  # asked once, then cached
+        # A forced choice asks nothing.
+        forced = ApiDetector(t, {v1reg.host: "v2"}, force="v1")
+        assert await forced.api(registry.host) == "v1"
+        assert await ApiDetector(t, {v1reg.host: "v2"}).api(v1reg.host) == "v2"
+        assert v1reg.count("/v1/_ping") == 1
+        # An endpoint answering both: v2 wins unless told otherwise.
+        both = V1Registry(Store())
+        both.also_v2 = True
+        both.start()
+        try:
+            assert await ApiDetector(t).api(both.host) == "v2"
+            assert both.count("/v1/_ping") == 0
+            assert await ApiDetector(t, {both.host: "v1"}).api(both.host) == "v1"
+        finally:
+            both.stop()
+        engine = Engine(Layout.open(tmp_path / "cache"))
+        r = await pull_detected(
+            engine, detector, RegistryV2Source(t), RegistryV1Source(t), Reference.parse(f"{v1reg.host}/ubuntu:14.04")
+        )
+        assert r.status == "ok", r.error
+        dead = await pull_detected(
+            engine, detector, RegistryV2Source(t), RegistryV1Source(t), Reference.parse(f"127.0.0.1:{free_port()}/a:1")
+        )
+        assert dead.status == "failed" and dead.error.startswith("cannot reach")
+
+
+@pytest.mark.slow
+async def test_same_layer_through_v1_and_v2_is_one_blob(tmp_path: Path) -> None:
+    shared = random_layer(60_000, 21)
+    store = Store()
+    store.tag("dedup/img", "1", store.add(random_layer(5_000, 22).blob, store.add(shared.blob)))
+    reg1 = V1Registry(store).start()
+    reg2 = Registry(tmp_path / "reg").start()
+    try:
+        src = SrcLayout(tmp_path / "src")
+        src.tag("img", src.image([shared, random_layer(5_000, 23)]))
+        skopeo_copy(f"oci:{src.root}:img", f"docker://{reg2.host}/dedup/img:1")
+        cache = tmp_path / "cache"
+        async with Transport() as t:
+            engine = Engine(Layout.open(cache))
+            detector = ApiDetector(t)
+            v2, v1 = RegistryV2Source(t), RegistryV1Source(t)
+            results = [
+                await pull_detected(engine, detector, v2, v1, Reference.parse(f"{reg2.host}/dedup/img:1")),
+                await pull_detected(engine, detector, v2, v1, Reference.parse(f"{reg1.host}/dedup/img:1")),
+            ]
+        assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+        via_v2 = json.loads(blob(cache, str(results[0].digest)))
+        via_v1, _ = manifest_of(cache, results[1])
+        assert via_v2["layers"][0]["digest"] == via_v1["layers"][0]["digest"] == shared.digest
+        stored = sorted(p.name for p in (cache / "blobs" / "sha256").iterdir())
+        assert stored.count(shared.digest.split(":")[1]) == 1
+        assert len(stored) == len(set(stored))
+    finally:
+        reg1.stop()
+        reg2.stop()
+
+
+@pytest.mark.slow
+def test_cli_detects_v1_and_ls_lists_it(v1reg: V1Registry, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    res = mirror("pull", "--cache", str(cache), f"{v1reg.host}/ubuntu:15.10", f"{v1reg.host}/a/b/c:1")
+    assert res.returncode == 1, res.stderr
+    assert f"ok     {v1reg.host}/library/ubuntu:15.10 sha256:" in res.stderr
+    assert "v1 repository 'a/b/c' has more than one '/'" in res.stderr
+    res = mirror("ls", "--cache", str(cache))
+    assert res.returncode == 0, res.stderr
+    fields = res.stdout.strip().split("\t")
+    assert fields[0] == f"{v1reg.host}/library/ubuntu:15.10" and fields[2] == "linux/amd64"
+    res = mirror("pull", "--api", "v2", "--cache", str(cache), f"{v1reg.host}/ubuntu:15.10")
+    assert res.returncode == 1 and "not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_cli_index_flow_from_config(seed: Seed, tmp_path: Path) -> None:
+    reg = V1Registry(seed.store, standalone=False).start()
+    index = V1Index(reg, [reg.host], users={"bob": "pw"}).start()
+    try:
+        cfg = tmp_path / "mirror.toml"
+        cfg.write_text(
+            f'[cache]\npath = "{tmp_path / "cache"}"\n'
+            f'[[registries]]\nhost = "{index.host}"\napi = "v1"\nusername = "bob"\npassword_env = "V1_TEST_PW"\n'
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "V1_TEST_PW": "pw"}
+        cmd = [sys.executable, "-m", "mirror", "pull", "-c", str(cfg), f"{index.host}/tools/app:1"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        assert f"{index.host}/tools/app:1 sha256:" in res.stderr
+        assert index.count("/v2/") == 0  # api = "v1": no detection
+        assert index.count("/v1/repositories/tools/app/images") == 1
+        assert reg.refused == {}
+    finally:
+        index.stop()
+        reg.stop()
+
+
+def test_empty_layer_constant_is_the_a3ed95_blob() -> None:
+    assert hashlib.sha256(EMPTY_LAYER_GZIP).hexdigest() == EMPTY_LAYER.hex
+    assert "sha256:" + hashlib.sha256(gzip.decompress(EMPTY_LAYER_GZIP)).hexdigest() == str(EMPTY_TAR_DIFF_ID)
+
+
+async def test_missing_tag_repository_and_digest_are_one_line_failures(v1reg: V1Registry, tmp_path: Path) -> None:
+    host = v1reg.host
+    refs = [f"{host}/ubuntu:nope", f"{host}/nope/x:1", f"{host}/ubuntu@sha256:{'0' * 64}"]
+    _, results = await pull(tmp_path / "cache", refs)
+    errors = [r.error for r in results]
+    assert [r.status for r in results] == ["failed"] * 3
+    assert errors[0] == f"v1 tag {host}/library/ubuntu:nope: not found (Tag not found)"
+    assert errors[1] == f"v1 tag {host}/nope/x:1: not found (Tag not found)"
+    assert "v1 registries have no content digests" in errors[2]
+    assert all("\n" not in e for e in errors)

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import uvloop
 
 from mirror import __version__
-from mirror.commands import ls, pull, sync
+from mirror.commands import daemon, ls, pull, sync
 from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import MirrorError, UnreachableError, UsageError
 
 # Each module adds its subcommand; add new commands here.
-COMMANDS = [pull, ls, sync]
+COMMANDS = [pull, ls, sync, daemon]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ def seed_registry(root: Path, repos: dict[str, dict[str, str]] | None = None) ->
     """Start a docker-registry under `root` and push every repo:tag of `repos` (default REPOS)."""
     reg = Registry(root / "registry").start()
     s = SyncRegistry(reg, SrcLayout(root / "src"), random_layer(200_000, 999))
-    for repo, tags in (repos or REPOS).items():
+    for repo, tags in (REPOS if repos is None else repos).items():
         for tag, image in tags.items():
             s.push(image, repo, tag)
     return s

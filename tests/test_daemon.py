@@ -1,0 +1,223 @@
+"""`mirror daemon` as a user runs it: scheduled jobs, /metrics and /status, SIGHUP reloads, SIGTERM stops cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT
+from tests.syncfixtures import SyncRegistry, blob_gets, delta, seed_registry
+from tools.registry import free_port
+
+pytestmark = pytest.mark.slow
+
+REPOS = {"d/one": {"1": "o1", "2": "o2"}, "d/two": {"1": "w1"}, "d/three": {"1": "h1"}}
+
+
+def job(name: str, host: str, repos: list[str], interval: str) -> str:
+    return (
+        f'[[jobs]]\nname = "{name}"\nsource = {{type = "registry", host = "{host}"}}\n'
+        f"repositories = {json.dumps(repos)}\nschedule = {{interval = {interval}}}\n"
+    )
+
+
+class DaemonProc:
+    """A `mirror daemon` subprocess and its HTTP endpoint."""
+
+    def __init__(self, cfg: Path, port: int, tmp: Path) -> None:
+        self.port = port
+        self.log_path = tmp / "daemon.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mirror", "daemon", "-c", str(cfg)], stderr=self._log, stdout=self._log, env=env
+        )
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+            return bytes(resp.read())
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.get("/status")))
+
+    def wait_for(self, what: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                last = self.status()
+                if what(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon never got there: {last}\n{self.log_path.read_text()}")
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait(30)
+        self._log.close()
+        return code
+
+
+def jobs_by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {j["name"]: j for j in status["jobs"]}
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def cache_is_consistent(cache: Path) -> list[str]:
+    """Return the blobs whose content does not hash to their name (none when consistent)."""
+    bad = []
+    for path in (cache / "blobs" / "sha256").iterdir():
+        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
+            bad.append(path.name)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def dreg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SyncRegistry]:
+    s = seed_registry(tmp_path_factory.mktemp("daemonreg"), REPOS)
+    yield s
+    s.registry.stop()
+
+
+def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path) -> None:
+    h, port, cache = dreg.host, free_port(), tmp_path / "cache"
+    head = f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\n'
+    cfg = tmp_path / "mirror.toml"
+    cfg.write_text(head + job("a", h, ["d/one"], '"1h"') + job("b", h, ["d/two", "d/three"], "3600"))
+    before = dreg.registry.requests()
+    d = DaemonProc(cfg, port, tmp_path)
+    try:
+        st = d.wait_for(lambda s: all(j["runs"] >= 1 and not j["running"] for j in s["jobs"]) and len(s["jobs"]) == 2)
+        jobs = jobs_by_name(st)
+        assert jobs["a"]["last"]["outcome"] == "ok" and jobs["a"]["last"]["counts"] == {"ok": 2}
+        assert jobs["b"]["last"]["outcome"] == "ok" and jobs["b"]["last"]["counts"] == {"ok": 2}
+        assert jobs["a"]["schedule"] == "every 3600s" and jobs["a"]["next_run"] is not None
+        assert d.get("/healthz") == b"ok\n"
+
+        # The counters match the work the registry saw and the cache holds.
+        made = delta(dreg.registry.requests(), before)
+        m = metric_samples(d.get("/metrics").decode())
+        gets = blob_gets(made)
+        assert m[("mirror_blobs_fetched_total", ())] == sum(gets.values()) == len(gets)
+        fetched_bytes = sum((cache / "blobs" / "sha256" / dg.split(":")[1]).stat().st_size for dg in gets)
+        assert m[("mirror_bytes_fetched_total", ())] == fetched_bytes
+        for method in ("GET", "HEAD"):
+            seen = sum(n for (meth, _), n in made.items() if meth == method)
+            assert m[("mirror_requests_total", (("host", h), ("method", method), ("status", "200")))] == seen
+        for name in ("a", "b"):
+            assert m[("mirror_job_runs_total", (("job", name), ("outcome", "ok")))] == 1
+            assert m[("mirror_images_total", (("job", name), ("status", "ok")))] == 2
+            assert m[("mirror_job_duration_seconds_count", (("job", name),))] == 1
+            assert m[("mirror_job_last_success_timestamp_seconds", (("job", name),))] > 0
+        # The shared base layer is wanted by all four images and fetched once.
+        assert m[("mirror_blobs_reused_total", ())] >= 3
+
+        # SIGHUP with a bad config: rejected, the running jobs kept.
+        cfg.write_text(head + job("a", h, ["d/one"], '"1h"') + 'tags = {semver = ">=x"}\n')
+        d.proc.send_signal(signal.SIGHUP)
+        st = d.wait_for(lambda s: s["last_reload"] is not None)
+        assert st["last_reload"]["ok"] is False
+        assert st["last_reload"]["error"].startswith(f"{cfg}: jobs[0].tags.semver: invalid semver range '>=x'")
+        assert sorted(jobs_by_name(st)) == ["a", "b"]
+        assert jobs_by_name(st)["a"]["runs"] == 1
+
+        # A good config: the new job is scheduled and runs; unchanged jobs keep their schedule.
+        cfg.write_text(
+            head
+            + job("a", h, ["d/one"], '"1h"')
+            + job("b", h, ["d/two", "d/three"], "3600")
+            + job("c", h, ["d/two"], '"1h"')
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        st = d.wait_for(lambda s: "c" in jobs_by_name(s) and jobs_by_name(s)["c"]["runs"] == 1)
+        assert st["last_reload"]["ok"] is True
+        assert jobs_by_name(st)["c"]["last"]["counts"] == {"unchanged": 1}  # job b cached it already
+        assert jobs_by_name(st)["a"]["runs"] == 1 and jobs_by_name(st)["b"]["runs"] == 1
+
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        events = [e["event"] for e in d.events()]
+        assert "reload_rejected" in events and "reloaded" in events
+        assert events[-2:] == ["stopping", "stopped"]
+    finally:
+        d.stop()
+
+
+def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path) -> None:
+    s = seed_registry(tmp_path / "reg", {})
+    proxy_port = free_port()
+    big = s.push("big", "slow/big", "1", size=3_000_000)
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.slowproxy", s.host, str(proxy_port), "400000"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    d: DaemonProc | None = None
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        port, cache = free_port(), tmp_path / "cache"
+        cfg = tmp_path / "mirror.toml"
+        grace = 1.0
+        cfg.write_text(
+            f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = {grace}\n'
+            + job("slow", f"127.0.0.1:{proxy_port}", ["slow/big"], '"1s"')
+        )
+        d = DaemonProc(cfg, port, tmp_path)
+        partial = cache / ".mirror" / "ingest" / f"sha256-{big.digest.split(':')[1]}.partial"
+        # The job is still downloading when its next slot comes: that slot is skipped.
+        st = d.wait_for(lambda s: jobs_by_name(s)["slow"]["skipped"] >= 1 and partial.exists())
+        assert jobs_by_name(st)["slow"]["running"] is True
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(grace + 20) == 0
+        events = d.events()
+        names = [e["event"] for e in events]
+        assert "job_skipped" in names
+        assert names[-1] == "stopped" and "cancelling" in names
+        finished = [e for e in events if e["event"] == "job_finished"]
+        assert finished[-1]["outcome"] == "cancelled"
+        # No blob under a digest name that does not hash to it; the big layer is only a partial file.
+        assert cache_is_consistent(cache) == []
+        assert not (cache / "blobs" / "sha256" / big.digest.split(":")[1]).exists()
+        assert 0 < partial.stat().st_size < len(big.blob)
+        assert json.loads((cache / "index.json").read_text())["manifests"] == []
+        res = subprocess.run(
+            [sys.executable, "-m", "mirror", "ls", "--cache", str(cache)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert res.returncode == 0 and res.stdout == ""
+    finally:
+        if d is not None:
+            d.stop()
+        proxy.kill()
+        proxy.wait()
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+        s.registry.stop()

@@ -15,6 +15,7 @@ from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_pat
 from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
 from mirror.manifest import Platform
+from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -210,10 +211,14 @@ def _source(job: dict[str, Any], w: str) -> SourceConfig:
     host = _get(src, "host", str, ws, "")
     if not host:
         raise ConfigError(f'{ws}.host: missing; the registry host, e.g. "registry.example:5000"')
-    return SourceConfig(kind, host)
+    parsed = _checked(ws, "host", Reference.parse, f"{host}/x")
+    if parsed.repository != "x" and parsed.repository != "library/x":
+        # As Docker reads references, a host needs a '.', a ':PORT' or to be `localhost`.
+        raise ConfigError(f"{ws}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
+    return SourceConfig(kind, parsed.registry)
 
 
-def _repositories(job: dict[str, Any], w: str) -> RepoFilter:
+def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
     raw = job.get("repositories", [])
     wr = f"{w}.repositories"
     if isinstance(raw, list):
@@ -229,6 +234,8 @@ def _repositories(job: dict[str, Any], w: str) -> RepoFilter:
     )
     if not repos.names and not repos.catalog:
         raise ConfigError(f"{wr}: no repositories: give a list, or catalog = true")
+    for name in repos.names:
+        _checked(wr, "list", Reference.parse, f"{host}/{name}")
     return repos
 
 
@@ -244,8 +251,11 @@ def _tags(job: dict[str, Any], w: str) -> TagFilter:
     newest = _get(raw, "newest", int, wt, None)
     if newest is not None and newest < 1:
         raise ConfigError(f"{wt}.newest: must be at least 1, got {newest}")
+    names = _strings(raw, "list", wt)
+    for tag in names:
+        _checked(wt, "list", Reference.parse, f"localhost/x:{tag}")
     return TagFilter(
-        names=_strings(raw, "list", wt),
+        names=names,
         include=_checked(wt, "include", compile_patterns, _strings(raw, "include", wt), "regex"),
         exclude=_checked(wt, "exclude", compile_patterns, _strings(raw, "exclude", wt), "regex"),
         semver=_checked(wt, "semver", SemverRange.parse, semver_text) if semver_text is not None else None,
@@ -308,7 +318,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
         spec = SyncJob(
             name=name,
             registry=source.host,
-            repositories=_repositories(job, w),
+            repositories=_repositories(job, w, source.host),
             tags=_tags(job, w),
             platforms=platforms,
             immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),

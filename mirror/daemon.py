@@ -149,6 +149,7 @@ class Daemon:
         self.log = log
         self.listen = listen or cfg.daemon.listen
         self.grace = cfg.daemon.grace if grace is None else grace
+        self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
         self.runtimes: list[Runtime] = []
         self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes])
@@ -253,6 +254,10 @@ class Daemon:
         ):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
+        if new.daemon.listen != self.cfg.daemon.listen:
+            self.log.event("reload_note", note=f"[daemon] listen {new.daemon.listen} takes effect after a restart")
+        if self._grace_from_config:
+            self.grace = new.daemon.grace
         self.cfg = new
         self._apply_jobs(new)
         self.reload_status = Reload(time.time(), True)
@@ -318,6 +323,8 @@ class Daemon:
             raise
         except MirrorError as exc:
             error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
+            error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             seconds = time.monotonic() - t0
             st.runs += 1

@@ -12,10 +12,12 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    Task,
     TaskID,
     TextColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from mirror.digest import Digest
 from mirror.engine import copy
@@ -53,6 +55,24 @@ class PlainProgress:
             print(result_line(result), file=self.out, flush=True)
 
 
+class _SizeColumn(DownloadColumn):
+    """Bytes for blob bars; `done/total images` for a job's bar (a task with `images=True`)."""
+
+    def render(self, task: Task) -> Text:
+        """Return the task's progress in its unit."""
+        if task.fields.get("images"):
+            return Text(f"{int(task.completed)}/{int(task.total or 0)} images", style="progress.download")
+        return super().render(task)
+
+
+class _SpeedColumn(TransferSpeedColumn):
+    """Transfer speed, left blank on a job's bar."""
+
+    def render(self, task: Task) -> Text:
+        """Return the speed, or nothing for a job."""
+        return Text("") if task.fields.get("images") else super().render(task)
+
+
 class RichProgress(PlainProgress):
     """A bar per blob in flight and a running total, on a terminal."""
 
@@ -62,8 +82,8 @@ class RichProgress(PlainProgress):
         self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _SizeColumn(),
+            _SpeedColumn(),
             console=console,
             transient=True,
         )
@@ -213,7 +233,7 @@ class RichSyncView:
         """Grow the job's bar."""
         task = self.jobs.get(job)
         if task is None:
-            task = self.jobs[job] = self.progress.bars.add_task(f"job {job}", total=0)
+            task = self.jobs[job] = self.progress.bars.add_task(f"job {job}", total=0, images=True)
         current = self.progress.bars.tasks[self.progress.bars.task_ids.index(task)].total or 0
         self.progress.bars.update(task, total=current + images)
 

@@ -174,7 +174,7 @@ def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path
     proxy_port = free_port()
     big = s.push("big", "slow/big", "1", size=3_000_000)
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "tests.slowproxy", s.host, str(proxy_port), "400000"],
+        [sys.executable, "-m", "tests.slowproxy", s.host, str(proxy_port), "600000"],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -213,6 +213,26 @@ def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert res.returncode == 0 and res.stdout == ""
+        d.stop()
+
+        # Again with a long grace: the download in flight (resumed from the partial) finishes, exit 0.
+        cfg.write_text(cfg.read_text().replace(f"grace = {grace}", "grace = 120"))
+        d = DaemonProc(cfg, port, tmp_path)
+        d.wait_for(lambda s: jobs_by_name(s)["slow"]["running"] and jobs_by_name(s)["slow"]["skipped"] >= 1)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(120) == 0
+        finished = [e for e in d.events() if e["event"] == "job_finished"]
+        assert [(e["outcome"], e["counts"]) for e in finished] == [("ok", {"ok": 1})]
+        assert cache_is_consistent(cache) == []
+        assert (cache / "blobs" / "sha256" / big.digest.split(":")[1]).exists()
+        assert not partial.exists()
+        res = subprocess.run(
+            [sys.executable, "-m", "mirror", "ls", "--cache", str(cache)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert res.returncode == 0 and res.stdout.startswith(f"127.0.0.1:{proxy_port}/slow/big:1\t")
     finally:
         if d is not None:
             d.stop()

@@ -18,6 +18,7 @@ from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_pat
 from mirror.engine.sync import SyncResult, sync
 from mirror.errors import UsageError
 from mirror.manifest import ACCEPT
+from mirror.schedule import Schedule, parse_duration
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -108,6 +109,22 @@ def test_tag_filter_newest_and_regexes() -> None:
     assert repos.select(["team/one", "team/skip", "other/x", "team/two"]) == ["team/one", "team/two"]
 
 
+def test_schedules_cron_and_interval() -> None:
+    from datetime import UTC, datetime
+
+    t = datetime(2026, 1, 1, 10, 7, 30, tzinfo=UTC)
+    cron = Schedule.parse_cron("*/15 * * * *")
+    assert cron.first_slot(t) == datetime(2026, 1, 1, 10, 15, tzinfo=UTC)
+    assert cron.next_slot(cron.first_slot(t)) == datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+    every = Schedule(interval=parse_duration("1h30m"))
+    assert every.first_slot(t) == t
+    assert every.next_slot(t) == datetime(2026, 1, 1, 11, 37, 30, tzinfo=UTC)
+    assert [parse_duration(v) for v in (90, "90s", "5m", "1d", 0.5)] == [90, 90, 300, 86400, 0.5]
+    for bad in ("0s", "", "5 minutes", -1):
+        with pytest.raises(UsageError, match="invalid duration"):
+            parse_duration(bad)
+
+
 # --- config -------------------------------------------------------------------------------
 
 
@@ -121,27 +138,38 @@ def test_example_config_documents_jobs_and_daemon() -> None:
 @pytest.mark.parametrize(
     ("snippet", "message"),
     [
-        ('source = {type = "v9", host = "h"}\nrepositories = ["a"]', "jobs[0].source.type: unknown source type 'v9'"),
+        (
+            'source = {type = "v9", host = "h.example"}\nrepositories = ["a"]',
+            "jobs[0].source.type: unknown source type 'v9'",
+        ),
         ('source = {type = "registry"}\nrepositories = ["a"]', "jobs[0].source.host: missing"),
         (
-            'source = {type = "registry", host = "h"}\nrepositories = ["a"]\ndestination = {type = "registry"}',
+            'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\ndestination = {type = "registry"}',
             "jobs[0].destination.type: unknown destination 'registry'",
         ),
         (
-            'source = {type = "registry", host = "h"}\nrepositories = ["a"]\ntags = {semver = ">=x"}',
+            'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\ntags = {semver = ">=x"}',
             "jobs[0].tags.semver",
         ),
-        ('source = {type = "registry", host = "h"}\nrepositories = {include = ["("]}', "jobs[0].repositories.include"),
-        ('source = {type = "registry", host = "h"}\nrepositories = ["a"]\ntags = {newest = 0}', "jobs[0].tags.newest"),
         (
-            'source = {type = "registry", host = "h"}\nrepositories = ["a"]\nschedule = {cron = "61 * * * *"}',
+            'source = {type = "registry", host = "h.example"}\nrepositories = {include = ["("]}',
+            "jobs[0].repositories.include",
+        ),
+        (
+            'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\ntags = {newest = 0}',
+            "jobs[0].tags.newest",
+        ),
+        (
+            'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\nschedule = {cron = "61 * * * *"}',
             "jobs[0].schedule.cron: invalid cron expression '61 * * * *'",
         ),
         (
-            'source = {type = "registry", host = "h"}\nrepositories = ["a"]\nschedule = {interval = "soon"}',
+            'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\nschedule = {interval = "soon"}',
             "jobs[0].schedule.interval: invalid duration 'soon'",
         ),
-        ('source = {type = "registry", host = "h"}\nrepos = ["a"]', "jobs[0]: unknown key 'repos'"),
+        ('source = {type = "registry", host = "h.example"}\nrepos = ["a"]', "jobs[0]: unknown key 'repos'"),
+        ('source = {type = "registry", host = "myreg"}\nrepositories = ["a"]', "jobs[0].source.host: 'myreg' is not"),
+        ('source = {type = "registry", host = "h.example"}\nrepositories = ["A/b"]', "jobs[0].repositories.list"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path: Path, snippet: str, message: str) -> None:
@@ -157,14 +185,16 @@ def test_bad_config_is_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     path = write_config(
         tmp_path,
-        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "j"\nsource = {{type = "registry", host = "h"}}\n'
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "j"\nsource = {{type = "registry", host = "h.example"}}\n'
         'repositories = ["a"]\nplatforms = ["amd64"]\n',
     )
     res = mirror("sync", "-c", str(path))
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().startswith(f"mirror: {path}: jobs[0].platforms: invalid platform 'amd64'")
     assert not cache.exists()
-    res = mirror("sync", "-c", str(write_config(tmp_path, THREE_JOBS.format(cache=cache, host="h"))), "--job", "nope")
+    res = mirror(
+        "sync", "-c", str(write_config(tmp_path, THREE_JOBS.format(cache=cache, host="h.example"))), "--job", "nope"
+    )
     assert res.returncode == 2
     assert "--job nope: no such job in the config (jobs: semver, catalog, newest)" in res.stderr
     assert not cache.exists()

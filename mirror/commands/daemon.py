@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mirror.daemon import run_daemon
 from mirror.errors import UsageError
 from mirror.progress import JsonLog
 
@@ -31,5 +30,8 @@ async def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--listen {args.listen}: expected HOST:PORT, e.g. 127.0.0.1:9090")
     if args.grace is not None and args.grace < 0:
         raise UsageError("--grace must not be negative")
+    # Imported here: aiohttp.web and prometheus_client are only needed by the daemon.
+    from mirror.daemon import run_daemon
+
     log = JsonLog(sys.stderr, quiet=args.quiet)
     return await run_daemon(Path(args.config), listen=args.listen, grace=args.grace, wait=args.wait, log=log)

@@ -176,8 +176,10 @@ class Syncer:
             if job.repositories.catalog:
                 if not isinstance(source, TagLister):
                     raise MirrorError(f"job {job.name}: its source cannot list repositories (_catalog)")
-                async with self.engine.host_slot(job.registry):
-                    catalog = await source.catalog(job.registry)
+                # `_catalog` is asked of the API host (registry-1.docker.io for docker.io).
+                api_host = Reference(job.registry, "_catalog").api_host
+                async with self.engine.host_slot(api_host):
+                    catalog = await source.catalog(api_host)
             repos = job.repositories.select(catalog)
             parts = await asyncio.gather(*(self._repo(job, source, repo) for repo in repos))
             return [r for part in parts for r in part]

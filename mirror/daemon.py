@@ -370,14 +370,17 @@ def make_app(daemon: Daemon) -> web.Application:
     """Return the daemon's HTTP application; other features (serve) may add routes or sub-apps to it."""
 
     async def healthz(_req: web.Request) -> web.Response:
+        """200 while running, 503 once stopping (so a balancer drains it)."""
         if daemon.stopping.is_set():
             return web.Response(status=503, text="stopping\n")
         return web.Response(text="ok\n")
 
     async def metrics(_req: web.Request) -> web.Response:
+        """Every metric, Prometheus text format."""
         return web.Response(body=daemon.metrics.text(), headers={"Content-Type": CONTENT_TYPE})
 
     async def status(_req: web.Request) -> web.Response:
+        """Jobs, next runs, last outcomes, as JSON."""
         return web.json_response(daemon.status())
 
     app = web.Application()

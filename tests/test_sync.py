@@ -217,10 +217,15 @@ async def test_three_jobs_then_incremental_runs(sreg: SyncRegistry, tmp_path: Pa
         f"{h}/apps/beta:v3",
         f"{h}/apps/beta:v4",
     }
+    before = sreg.registry.requests()
     results, _ = await run_sync(path)
     assert {r.reference for r in results} == expected
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     assert cached_names(cache) == expected
+    # The three jobs share one engine: the base layer all seven images have is fetched once.
+    gets = blob_gets(delta(sreg.registry.requests(), before))
+    assert gets[sreg.base.digest] == 1
+    assert all(n == 1 for n in gets.values()), gets
 
     # Nothing changed upstream: one HEAD per non-immutable tag, no manifest or blob GET.
     before = sreg.registry.requests()
@@ -269,6 +274,23 @@ async def test_three_jobs_then_incremental_runs(sreg: SyncRegistry, tmp_path: Pa
         runs = await state.runs()
     assert tags[f"{h}/apps/beta:v4"].digest == changed[0].digest
     assert [r.outcome for r in runs] == ["ok", "ok", "ok"]
+
+
+@pytest.mark.slow
+async def test_tags_of_one_image_sync_together(sreg: SyncRegistry, tmp_path: Path) -> None:
+    # 2.0.0 and latest name one manifest; both are pulled at once and store it once.
+    cache = tmp_path / "cache"
+    path = write_config(
+        tmp_path,
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "all"\n'
+        f'source = {{type = "registry", host = "{sreg.host}"}}\nrepositories = ["apps/alpha"]\n',
+    )
+    results, _ = await run_sync(path)
+    by_tag = {r.reference.rsplit(":", 1)[1]: r for r in results}
+    assert sorted(by_tag) == ["1.0.0", "1.1.0", "1.2.0", "2.0.0", "latest"]
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    assert by_tag["2.0.0"].digest == by_tag["latest"].digest
+    assert list((cache / ".mirror" / "ingest").iterdir()) == []
 
 
 @pytest.mark.slow

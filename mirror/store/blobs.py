@@ -29,6 +29,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ingest = root / ".mirror" / "ingest"
+        self._puts: dict[Digest, asyncio.Future[None]] = {}
 
     def path(self, digest: Digest) -> Path:
         """Return where the blob `digest` lives (whether or not it exists)."""
@@ -74,10 +75,22 @@ class BlobStore:
         return w
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
-        """Store small `data` (a manifest or config) and return its digest."""
+        """Store small `data` (a manifest or config) and return its digest.
+
+        Concurrent puts of one digest (two tags of one image) share one write: they would
+        otherwise share, truncate and rename one partial file.
+        """
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
+        pending = self._puts.get(digest)
+        if pending is None:
+            pending = self._puts[digest] = asyncio.ensure_future(self._put(data, digest))
+            pending.add_done_callback(lambda _f: self._puts.pop(digest, None))
+        await asyncio.shield(pending)
+        return digest
+
+    async def _put(self, data: bytes, digest: Digest) -> None:
         w = await self.writer(digest, len(data), resume=False)
         try:
             await w.write(data)
@@ -85,7 +98,6 @@ class BlobStore:
         except BaseException:
             await w.abort(keep=False)
             raise
-        return digest
 
     async def write_stream(
         self,

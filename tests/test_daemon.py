@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT
 from tests.syncfixtures import SyncRegistry, blob_gets, delta, seed_registry
+from tools.imagebuild import Layer
 from tools.registry import free_port
 
 pytestmark = pytest.mark.slow
@@ -169,27 +171,60 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
         d.stop()
 
 
-def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path) -> None:
-    s = seed_registry(tmp_path / "reg", {})
-    proxy_port = free_port()
+@dataclass
+class Slow:
+    """A registry holding one image with a 3 MB layer, behind a proxy that sends blobs slowly."""
+
+    host: str
+    big: Layer
+
+    def partial(self, cache: Path) -> Path:
+        return cache / ".mirror" / "ingest" / f"sha256-{self.big.digest.split(':')[1]}.partial"
+
+    def blob(self, cache: Path) -> Path:
+        return cache / "blobs" / "sha256" / self.big.digest.split(":")[1]
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
+    s = seed_registry(tmp_path_factory.mktemp("slowreg"), {})
     big = s.push("big", "slow/big", "1", size=3_000_000)
+    port = free_port()
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "tests.slowproxy", s.host, str(proxy_port), "600000"],
+        [sys.executable, "-m", "tests.slowproxy", s.host, str(port), "600000"],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    d: DaemonProc | None = None
     try:
         assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        yield Slow(f"127.0.0.1:{port}", big)
+    finally:
+        proxy.kill()
+        proxy.wait()
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+        s.registry.stop()
+
+
+def mirror_ls(cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", "ls", "--cache", str(cache)], capture_output=True, text=True, env=env
+    )
+
+
+def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(slow: Slow, tmp_path: Path) -> None:
+    d: DaemonProc | None = None
+    try:
         port, cache = free_port(), tmp_path / "cache"
         cfg = tmp_path / "mirror.toml"
         grace = 1.0
         cfg.write_text(
             f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = {grace}\n'
-            + job("slow", f"127.0.0.1:{proxy_port}", ["slow/big"], '"1s"')
+            + job("slow", slow.host, ["slow/big"], '"1s"')
         )
         d = DaemonProc(cfg, port, tmp_path)
-        partial = cache / ".mirror" / "ingest" / f"sha256-{big.digest.split(':')[1]}.partial"
+        partial = slow.partial(cache)
         # The job is still downloading when its next slot comes: that slot is skipped.
         st = d.wait_for(lambda s: jobs_by_name(s)["slow"]["skipped"] >= 1 and partial.exists())
         assert jobs_by_name(st)["slow"]["running"] is True
@@ -203,15 +238,10 @@ def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path
         assert finished[-1]["outcome"] == "cancelled"
         # No blob under a digest name that does not hash to it; the big layer is only a partial file.
         assert cache_is_consistent(cache) == []
-        assert not (cache / "blobs" / "sha256" / big.digest.split(":")[1]).exists()
-        assert 0 < partial.stat().st_size < len(big.blob)
+        assert not slow.blob(cache).exists()
+        assert 0 < partial.stat().st_size < len(slow.big.blob)
         assert json.loads((cache / "index.json").read_text())["manifests"] == []
-        res = subprocess.run(
-            [sys.executable, "-m", "mirror", "ls", "--cache", str(cache)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        res = mirror_ls(cache)
         assert res.returncode == 0 and res.stdout == ""
         d.stop()
 
@@ -224,20 +254,39 @@ def test_sigterm_mid_download_exits_0_and_leaves_cache_consistent(tmp_path: Path
         finished = [e for e in d.events() if e["event"] == "job_finished"]
         assert [(e["outcome"], e["counts"]) for e in finished] == [("ok", {"ok": 1})]
         assert cache_is_consistent(cache) == []
-        assert (cache / "blobs" / "sha256" / big.digest.split(":")[1]).exists()
+        assert slow.blob(cache).exists()
         assert not partial.exists()
-        res = subprocess.run(
-            [sys.executable, "-m", "mirror", "ls", "--cache", str(cache)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        assert res.returncode == 0 and res.stdout.startswith(f"127.0.0.1:{proxy_port}/slow/big:1\t")
+        res = mirror_ls(cache)
+        assert res.returncode == 0 and res.stdout.startswith(f"{slow.host}/slow/big:1\t")
     finally:
         if d is not None:
             d.stop()
-        proxy.kill()
-        proxy.wait()
-        if proxy.stdout is not None:
-            proxy.stdout.close()
-        s.registry.stop()
+
+
+def test_sync_stops_on_sigterm_and_reports(slow: Slow, tmp_path: Path) -> None:
+    cache, report = tmp_path / "cache", tmp_path / "report.json"
+    cfg = tmp_path / "mirror.toml"
+    cfg.write_text(
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "slow"\nsource = {{type = "registry", host = "{slow.host}"}}\n'
+        'repositories = ["slow/big"]\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        deadline = time.monotonic() + 60
+        while not (slow.partial(cache).exists() and slow.partial(cache).stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: finishing downloads in flight" in err
+    doc = json.loads(report.read_text())
+    assert doc["interrupted"] == "SIGTERM" and doc["exit_code"] == 143
+    assert cache_is_consistent(cache) == []
+    assert not slow.blob(cache).exists()
+    assert slow.partial(cache).stat().st_size < len(slow.big.blob)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -42,7 +44,27 @@ def register(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    p.add_argument(
+        "--grace", type=float, metavar="SECONDS", help="after SIGTERM/SIGINT, time downloads in flight get to finish"
+    )
     p.set_defaults(run=run)
+
+
+class _Collect:
+    """A SyncObserver that keeps every result (for the report of an interrupted run) and passes it on."""
+
+    def __init__(self, inner: SyncObserver) -> None:
+        self.inner = inner
+        self.results: list[SyncResult] = []
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Pass on."""
+        self.inner.job_grew(job, images)
+
+    def result(self, result: SyncResult) -> None:
+        """Keep and pass on."""
+        self.results.append(result)
+        self.inner.result(result)
 
 
 def chosen_jobs(cfg: Config, names: list[str]) -> list[JobConfig]:
@@ -56,11 +78,14 @@ def chosen_jobs(cfg: Config, names: list[str]) -> list[JobConfig]:
     return [j for j in cfg.jobs if not names or j.name in names]
 
 
-def report_doc(run_id: int, started: float, results: list[SyncResult], code: int, dry_run: bool) -> dict[str, Any]:
+def report_doc(
+    run_id: int, started: float, results: list[SyncResult], code: int, dry_run: bool, interrupted: str | None = None
+) -> dict[str, Any]:
     """Return the `--report` document."""
     return {
         "run": run_id or None,
         "dry_run": dry_run,
+        "interrupted": interrupted,
         "started": started,
         "finished": time.time(),
         "exit_code": code,
@@ -103,12 +128,32 @@ async def run(args: argparse.Namespace) -> int:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
         if rich is not None:
             stack.enter_context(rich)
+        # Downloads are tasks of their own: on the way out, stop any a cancelled run left.
+        stack.push_async_callback(engine.abort)
         pairs = [(j.spec, j.build_source(transport)) for j in jobs]
-        run_id, results = await sync(engine, state, pairs, dry_run=args.dry_run, observer=observer)
+        collected = _Collect(observer)
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(
+            sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected)
+        )
+        grace = cfg.daemon.grace if args.grace is None else args.grace
+        signalled = _stop_on_signals(task, stopping, grace)
+        try:
+            run_id, results = await task
+        except asyncio.CancelledError:
+            if not signalled:
+                raise
+            run_id, results = 0, collected.results
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().remove_signal_handler(sig)
     secs = time.monotonic() - t0
     code = exit_code(results) if results else EXIT_OK
+    interrupted = signalled[0].name if signalled else None
+    if signalled:
+        code = 128 + signalled[0].value  # the shell's convention for "ended by a signal"
     if args.report:
-        doc = report_doc(run_id, started, results, code, args.dry_run)
+        doc = report_doc(run_id, started, results, code, args.dry_run, interrupted)
         async with aiofiles.open(args.report, "w") as f:
             await f.write(json.dumps(doc, indent=1) + "\n")
     counts = summarize(results)
@@ -125,12 +170,36 @@ async def run(args: argparse.Namespace) -> int:
             bytes_fetched=s.bytes_fetched,
             seconds=round(secs, 3),
             exit_code=code,
+            interrupted=interrupted,
         )
         return code
     parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
     print(
         f"{len(results)} references in {len(jobs)} jobs: {parts}; blobs fetched {s.blobs_fetched}, "
-        f"already present {s.blobs_present}; {mb:.1f} MB in {secs:.2f}s",
+        f"already present {s.blobs_present}; {mb:.1f} MB in {secs:.2f}s"
+        + (f"; stopped by {interrupted}" if interrupted else ""),
         file=sys.stderr,
     )
     return code
+
+
+def _stop_on_signals(task: asyncio.Future[Any], stopping: asyncio.Event, grace: float) -> list[signal.Signals]:
+    """On SIGTERM/SIGINT stop starting images, give downloads in flight `grace` seconds, then cancel `task`.
+
+    A second signal cancels at once. Returns the list the first signal received is put in.
+    """
+    got: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if got:
+            task.cancel()
+            return
+        got.append(sig)
+        stopping.set()
+        print(f"mirror: {sig.name}: finishing downloads in flight (up to {grace:g}s)", file=sys.stderr, flush=True)
+        loop.call_later(grace, task.cancel)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return got

@@ -110,6 +110,11 @@ class Reload:
     error: str = ""
 
 
+def _engine_settings(cfg: Config) -> dict[str, Any]:
+    """Return what a Runtime is built from: every setting but the jobs and the daemon's own."""
+    return {f: getattr(cfg, f) for f in Config.__slots__ if f not in ("jobs", "daemon")}
+
+
 def outcome_of(results: list[SyncResult]) -> str:
     """Return `ok`, `failed` (some image failed), `unreachable` (nothing reached) or `cancelled`."""
     failed = [r for r in results if r.status == FAILED]
@@ -244,14 +249,7 @@ class Daemon:
             self.reload_status = Reload(time.time(), False, str(exc))
             self.log.event("reload_rejected", error=str(exc))
             return
-        rt = self.runtimes[-1]
-        if (new.concurrency, new.per_host, new.registries, new.connect_timeout, new.read_timeout) != (
-            rt.cfg.concurrency,
-            rt.cfg.per_host,
-            rt.cfg.registries,
-            rt.cfg.connect_timeout,
-            rt.cfg.read_timeout,
-        ):
+        if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
         if new.daemon.listen != self.cfg.daemon.listen:

@@ -224,7 +224,16 @@ class Syncer:
         return out
 
     async def _tag(self, job: SyncJob, source: ManifestSource, ref: Reference) -> SyncResult:
+        """Check one tag and copy it when needed; any error becomes a failed result of its own."""
         t0 = time.monotonic()
+        try:
+            return await self._check_and_copy(job, source, ref, t0)
+        except (MirrorError, OSError) as exc:
+            # OSError: the cache's disk (full, read-only); reported per image like any other failure.
+            err = str(exc) if isinstance(exc, MirrorError) else f"cache {self.engine.layout.root}: {exc}"
+            return await self._done(SyncResult(job.name, str(ref), FAILED, seconds=time.monotonic() - t0, error=err))
+
+    async def _check_and_copy(self, job: SyncJob, source: ManifestSource, ref: Reference, t0: float) -> SyncResult:
         key = str(ref)
         plats = platform_key(job.platforms)
         st = self._states.get(key)
@@ -252,8 +261,6 @@ class Syncer:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=f"{key}: not found ({exc})")
             )
-        except MirrorError as exc:
-            return await self._done(SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=str(exc)))
         res = await self.engine.pull(source, ref, job.platforms)
         if res.status != "ok" or res.digest is None:
             return await self._done(

@@ -110,7 +110,10 @@ class StateDB:
             raise StoreError(f"{self.path}: cannot open the state database: {exc}") from None
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: state database: {exc}") from None
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

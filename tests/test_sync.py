@@ -223,9 +223,13 @@ async def test_three_jobs_then_incremental_runs(sreg: SyncRegistry, tmp_path: Pa
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     assert cached_names(cache) == expected
     # The three jobs share one engine: the base layer all seven images have is fetched once.
-    gets = blob_gets(delta(sreg.registry.requests(), before))
+    made = delta(sreg.registry.requests(), before)
+    gets = blob_gets(made)
     assert gets[sreg.base.digest] == 1
     assert all(n == 1 for n in gets.values()), gets
+    # Nothing was cached: no HEAD first, one manifest GET per tag.
+    assert manifest_requests(made, "HEAD") == {}
+    assert sum(manifest_requests(made, "GET").values()) == len(expected)
 
     # Nothing changed upstream: one HEAD per non-immutable tag, no manifest or blob GET.
     before = sreg.registry.requests()

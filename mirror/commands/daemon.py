@@ -14,7 +14,7 @@ from mirror.progress import JsonLog
 def register(sub: Any) -> None:
     """Add the `daemon` command."""
     p: argparse.ArgumentParser = sub.add_parser("daemon", help="run the config's jobs on their schedules")
-    p.add_argument("-c", "--config", required=True, help="TOML config with [[jobs]] that have a schedule")
+    p.add_argument("-c", "--config", type=Path, required=True, help="TOML config with [[jobs]] that have a schedule")
     p.add_argument("--listen", metavar="HOST:PORT", help="where /healthz, /metrics, /status answer")
     p.add_argument("--grace", type=float, metavar="SECONDS", help="time in-flight downloads get after SIGTERM")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
@@ -34,4 +34,4 @@ async def run(args: argparse.Namespace) -> int:
     from mirror.daemon import run_daemon
 
     log = JsonLog(sys.stderr, quiet=args.quiet)
-    return await run_daemon(Path(args.config), listen=args.listen, grace=args.grace, wait=args.wait, log=log)
+    return await run_daemon(args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log)

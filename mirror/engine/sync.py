@@ -245,7 +245,8 @@ class Syncer:
             return await self._done(SyncResult(job.name, key, CANCELLED))
         try:
             upstream: Digest | None = None
-            if isinstance(source, ManifestHeader):
+            # A tag not cached yet is fetched without a HEAD first (a dry run still asks, to show the digest).
+            if isinstance(source, ManifestHeader) and (cached or self.dry_run):
                 async with self.engine.host_slot(source.host(ref)):
                     upstream = await source.head_manifest(ref)
             now = time.time()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,9 +148,18 @@ class Daemon:
     """Runs the config's scheduled jobs until told to stop."""
 
     def __init__(
-        self, path: Path, cfg: Config, *, log: JsonLog, listen: str | None = None, grace: float | None = None
+        self,
+        path: Path,
+        cfg: Config,
+        *,
+        log: JsonLog,
+        listen: str | None = None,
+        grace: float | None = None,
+        app_hooks: Sequence[Callable[[web.Application], None]] = (),
     ) -> None:
         self.path = path
+        # Each hook may add routes or sub-apps to the HTTP app (e.g. serving the cache on this port).
+        self.app_hooks = tuple(app_hooks)
         self.cfg = cfg
         self.log = log
         self.listen = listen or cfg.daemon.listen
@@ -173,7 +183,10 @@ class Daemon:
         async with CacheLock(self.cfg.cache, wait=wait):
             self._state = await StateDB.open(self.cfg.cache)
             self._new_runtime(self.cfg)
-            runner = web.AppRunner(make_app(self), access_log=None)
+            app = make_app(self)
+            for hook in self.app_hooks:
+                hook(app)
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host, _, port = self.listen.rpartition(":")
             try:

@@ -176,7 +176,8 @@ class Syncer:
             if job.repositories.catalog:
                 if not isinstance(source, TagLister):
                     raise MirrorError(f"job {job.name}: its source cannot list repositories (_catalog)")
-                # `_catalog` is asked of the API host (registry-1.docker.io for docker.io).
+                # Distribution spec "Listing Repositories" (`GET /v2/_catalog`), asked of the
+                # API host (registry-1.docker.io for docker.io).
                 api_host = Reference(job.registry, "_catalog").api_host
                 async with self.engine.host_slot(api_host):
                     catalog = await source.catalog(api_host)
@@ -193,6 +194,7 @@ class Syncer:
             if job.tags.needs_listing:
                 if not isinstance(source, TagLister):
                     raise MirrorError(f"job {job.name}: its source cannot list the tags of {base.name}")
+                # Distribution spec "Listing Tags" (`GET /v2/NAME/tags/list`, paginated by Link).
                 async with self.engine.host_slot(source.host(base)):
                     listed = await source.tags(base)
             wanted = job.tags.select(listed or [])

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import uvloop
 
 from mirror import __version__
-from mirror.commands import export, gc, ls, pull, push, serve, verify
+from mirror.commands import daemon, export, gc, ls, pull, push, serve, sync, verify
 from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import MirrorError, UnreachableError, UsageError
 
 # Each module adds its subcommand; add new commands here.
-COMMANDS = [pull, ls, push, serve, export, verify, gc]
+COMMANDS = [pull, ls, sync, daemon, push, serve, export, verify, gc]
 
 
 def parser() -> argparse.ArgumentParser:

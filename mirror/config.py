@@ -11,8 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
+from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
+from mirror.manifest import Platform
+from mirror.reference import Reference
+from mirror.schedule import Schedule, parse_duration
+from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
+from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.transport import HostConfig, Timeouts, Transport
 
 DEFAULT_CONCURRENCY = 8
@@ -35,8 +42,8 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DaemonConfig:
-    """The Docker daemon `daemon://` images come from (None: `$DOCKER_HOST` or the default socket)."""
+class DockerConfig:
+    """The `[docker]` table: the Docker daemon of `daemon://` images (url None: `$DOCKER_HOST` or the socket)."""
 
     url: str | None = None
     compress: str = "none"
@@ -52,7 +59,9 @@ class Config:
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
     registries: tuple[RegistryConfig, ...] = ()
-    daemon: DaemonConfig = DaemonConfig()
+    docker: DockerConfig = DockerConfig()
+    jobs: tuple[JobConfig, ...] = ()
+    daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
 
     def transport(self) -> Transport:
         """Return a Transport set up for every configured registry."""
@@ -116,18 +125,237 @@ def parse(doc: dict[str, Any], where: str) -> Config:
                 api=check_api(_get(r, "api", str, w, "auto"), f"{w}.api"),
             )
         )
-    daemon = doc.get("daemon", {})
-    if not isinstance(daemon, dict):
-        raise ConfigError(f"{where}: [daemon] must be a table")
-    compress = _get(daemon, "compress", str, f"{where}: daemon", "none")
+    docker = doc.get("docker", {})
+    if not isinstance(docker, dict):
+        raise ConfigError(f"{where}: [docker] must be a table")
+    compress = _get(docker, "compress", str, f"{where}: docker", "none")
     if compress not in ("none", "gzip"):
-        raise ConfigError(f'{where}: daemon.compress: expected "none" or "gzip", got {compress!r}')
+        raise ConfigError(f'{where}: docker.compress: expected "none" or "gzip", got {compress!r}')
     return Config(
-        daemon=DaemonConfig(_get(daemon, "url", str, f"{where}: daemon", None), compress),
+        docker=DockerConfig(_get(docker, "url", str, f"{where}: docker", None), compress),
         cache=Path(_get(cache, "path", str, f"{where}: cache", "./cache")),
         concurrency=conc,
         per_host=per_host,
         connect_timeout=float(_get(engine, "connect_timeout", (int, float), f"{where}: engine", 30.0)),
         read_timeout=float(_get(engine, "read_timeout", (int, float), f"{where}: engine", 120.0)),
         registries=tuple(regs),
+        jobs=_jobs(doc, where),
+        daemon=_daemon(doc, where),
     )
+
+
+# --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
+
+# Source types a job may name, and what builds each from the run's Transport. A new
+# source (v1 registry, Docker daemon) adds its parser and builder here.
+SOURCE_TYPES = ("registry",)
+DESTINATION_TYPES = ("cache",)
+DEFAULT_LISTEN = "127.0.0.1:9090"
+DEFAULT_GRACE = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """Where a job reads from: `type` picks the source; `host` is the registry host for `registry`."""
+
+    type: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    """One `[[jobs]]` table: its source, what to copy (a SyncJob), destination and schedule."""
+
+    name: str
+    source: SourceConfig
+    spec: SyncJob
+    destination: str = "cache"
+    schedule: Schedule | None = None
+
+    def build_source(self, transport: Transport) -> ManifestSource:
+        """Return the source this job reads from, sharing `transport`."""
+        if self.source.type == "registry":
+            return RegistryV2Source(transport)
+        raise ConfigError(f"job {self.name}: unknown source type {self.source.type!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The `[daemon]` table: where the HTTP endpoint listens, and the shutdown grace period."""
+
+    listen: str = DEFAULT_LISTEN
+    grace: float = DEFAULT_GRACE
+
+
+def _table(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{key}: expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strings(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = _get(table, key, list, where, [])
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}.{key}: expected a list of strings, got {item!r} in it")
+    return tuple(value)
+
+
+def _checked(where: str, key: str, make: Any, *args: Any) -> Any:
+    """Call `make(*args)`; a UsageError becomes a ConfigError naming the file and key."""
+    try:
+        return make(*args)
+    except ConfigError:
+        raise
+    except UsageError as exc:
+        raise ConfigError(f"{where}.{key}: {exc}") from None
+
+
+def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+
+
+def _source(job: dict[str, Any], w: str) -> SourceConfig:
+    if "source" not in job:
+        raise ConfigError(f'{w}.source: missing; e.g. source = {{type = "registry", host = "HOST[:PORT]"}}')
+    src = _table(job, "source", w)
+    ws = f"{w}.source"
+    kind = _get(src, "type", str, ws, "")
+    if kind not in SOURCE_TYPES:
+        raise ConfigError(f"{ws}.type: unknown source type {kind!r} (known: {', '.join(SOURCE_TYPES)})")
+    _known(src, {"type", "host"}, ws)
+    host = _get(src, "host", str, ws, "")
+    if not host:
+        raise ConfigError(f'{ws}.host: missing; the registry host, e.g. "registry.example:5000"')
+    parsed = _checked(ws, "host", Reference.parse, f"{host}/x")
+    if parsed.repository != "x" and parsed.repository != "library/x":
+        # As Docker reads references, a host needs a '.', a ':PORT' or to be `localhost`.
+        raise ConfigError(f"{ws}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
+    return SourceConfig(kind, parsed.registry)
+
+
+def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
+    raw = job.get("repositories", [])
+    wr = f"{w}.repositories"
+    if isinstance(raw, list):
+        raw = {"list": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{wr}: expected a list of names or a table, got {type(raw).__name__}")
+    _known(raw, {"list", "catalog", "include", "exclude"}, wr)
+    repos = RepoFilter(
+        names=_strings(raw, "list", wr),
+        catalog=_get(raw, "catalog", bool, wr, False),
+        include=_checked(wr, "include", compile_patterns, _strings(raw, "include", wr), "regex"),
+        exclude=_checked(wr, "exclude", compile_patterns, _strings(raw, "exclude", wr), "regex"),
+    )
+    if not repos.names and not repos.catalog:
+        raise ConfigError(f"{wr}: no repositories: give a list, or catalog = true")
+    for name in repos.names:
+        _checked(wr, "list", Reference.parse, f"{host}/{name}")
+    return repos
+
+
+def _tags(job: dict[str, Any], w: str) -> TagFilter:
+    raw = job.get("tags", {})
+    wt = f"{w}.tags"
+    if isinstance(raw, list):
+        raw = {"list": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{wt}: expected a list of tags or a table, got {type(raw).__name__}")
+    _known(raw, {"list", "include", "exclude", "semver", "newest"}, wt)
+    semver_text = _get(raw, "semver", str, wt, None)
+    newest = _get(raw, "newest", int, wt, None)
+    if newest is not None and newest < 1:
+        raise ConfigError(f"{wt}.newest: must be at least 1, got {newest}")
+    names = _strings(raw, "list", wt)
+    for tag in names:
+        _checked(wt, "list", Reference.parse, f"localhost/x:{tag}")
+    return TagFilter(
+        names=names,
+        include=_checked(wt, "include", compile_patterns, _strings(raw, "include", wt), "regex"),
+        exclude=_checked(wt, "exclude", compile_patterns, _strings(raw, "exclude", wt), "regex"),
+        semver=_checked(wt, "semver", SemverRange.parse, semver_text) if semver_text is not None else None,
+        newest=newest,
+    )
+
+
+def _schedule(job: dict[str, Any], w: str) -> Schedule | None:
+    if "schedule" not in job:
+        return None
+    raw = _table(job, "schedule", w)
+    ws = f"{w}.schedule"
+    _known(raw, {"cron", "interval"}, ws)
+    if ("cron" in raw) == ("interval" in raw):
+        raise ConfigError(f'{ws}: give exactly one of cron = "MIN HOUR DOM MON DOW" or interval = "6h"')
+    if "cron" in raw:
+        cron: Schedule = _checked(ws, "cron", Schedule.parse_cron, _get(raw, "cron", str, ws, ""))
+        return cron
+    value = _get(raw, "interval", (int, float, str), ws, None)
+    return Schedule(interval=_checked(ws, "interval", parse_duration, value))
+
+
+JOB_KEYS = {
+    "name",
+    "source",
+    "destination",
+    "repositories",
+    "tags",
+    "platforms",
+    "immutable",
+    "prune",
+    "schedule",
+}
+
+
+def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
+    raw = doc.get("jobs", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: jobs must be an array of tables ([[jobs]])")
+    out: list[JobConfig] = []
+    for i, job in enumerate(raw):
+        w = f"{where}: jobs[{i}]"
+        if not isinstance(job, dict):
+            raise ConfigError(f"{w}: expected a table")
+        _known(job, JOB_KEYS, w)
+        name = _get(job, "name", str, w, "")
+        if not name:
+            raise ConfigError(f"{w}.name: missing; every job needs a unique name")
+        if any(j.name == name for j in out):
+            raise ConfigError(f"{w}.name: job name {name!r} is used twice")
+        source = _source(job, w)
+        dest = _table(job, "destination", w)
+        dest_type = _get(dest, "type", str, f"{w}.destination", "cache")
+        if dest_type not in DESTINATION_TYPES:
+            raise ConfigError(
+                f"{w}.destination.type: unknown destination {dest_type!r} (known: cache; pushing to a registry"
+                " is not available yet)"
+            )
+        platforms = tuple(_checked(w, "platforms", Platform.parse, p) for p in _strings(job, "platforms", w))
+        spec = SyncJob(
+            name=name,
+            registry=source.host,
+            repositories=_repositories(job, w, source.host),
+            tags=_tags(job, w),
+            platforms=platforms,
+            immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),
+            prune=_get(job, "prune", bool, w, False),
+        )
+        out.append(JobConfig(name, source, spec, dest_type, _schedule(job, w)))
+    return tuple(out)
+
+
+def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:
+    raw = _table(doc, "daemon", where)
+    w = f"{where}: daemon"
+    _known(raw, {"listen", "grace"}, w)
+    listen = _get(raw, "listen", str, w, DEFAULT_LISTEN)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{w}.listen: expected HOST:PORT, got {listen!r}")
+    grace = float(_get(raw, "grace", (int, float), w, DEFAULT_GRACE))
+    if grace < 0:
+        raise ConfigError(f"{w}.grace: must not be negative, got {grace}")
+    return DaemonConfig(listen, grace)

@@ -1,22 +1,28 @@
-"""Progress display: rich bars on a terminal, one plain line per image otherwise."""
+"""Progress display: rich bars on a terminal, one plain line per image otherwise, JSON lines for machines."""
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import IO
+import time
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    Task,
     TaskID,
     TextColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from mirror.digest import Digest
+from mirror.engine import copy
 from mirror.engine.copy import ImageResult
+from mirror.engine.sync import FAILED, SyncResult
 
 
 def result_line(r: ImageResult) -> str:
@@ -49,6 +55,24 @@ class PlainProgress:
             print(result_line(result), file=self.out, flush=True)
 
 
+class _SizeColumn(DownloadColumn):
+    """Bytes for blob bars; `done/total images` for a job's bar (a task with `images=True`)."""
+
+    def render(self, task: Task) -> Text:
+        """Return the task's progress in its unit."""
+        if task.fields.get("images"):
+            return Text(f"{int(task.completed)}/{int(task.total or 0)} images", style="progress.download")
+        return super().render(task)
+
+
+class _SpeedColumn(TransferSpeedColumn):
+    """Transfer speed, left blank on a job's bar."""
+
+    def render(self, task: Task) -> Text:
+        """Return the speed, or nothing for a job."""
+        return Text("") if task.fields.get("images") else super().render(task)
+
+
 class RichProgress(PlainProgress):
     """A bar per blob in flight and a running total, on a terminal."""
 
@@ -58,8 +82,8 @@ class RichProgress(PlainProgress):
         self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _SizeColumn(),
+            _SpeedColumn(),
             console=console,
             transient=True,
         )
@@ -93,3 +117,129 @@ class RichProgress(PlainProgress):
     def image_finished(self, result: ImageResult) -> None:
         """Print the image's line above the bars."""
         self.console.print(result_line(result), highlight=False, markup=False)
+
+
+class JsonLog:
+    """Writes one JSON object per line, `{"time": ..., "event": ..., ...}`: the daemon's and non-TTY log."""
+
+    def __init__(self, out: IO[str] = sys.stderr, quiet: bool = False) -> None:
+        self.out = out
+        self.quiet = quiet
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Write one log line."""
+        line = {"time": round(time.time(), 3), "event": event, **fields}
+        print(json.dumps(line, default=str), file=self.out, flush=True)
+
+
+class JsonProgress(JsonLog):
+    """A Progress that logs each finished blob and image as a JSON line (failures even when quiet)."""
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Say nothing."""
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """Say nothing."""
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Log the blob's end."""
+        if not self.quiet or not ok:
+            self.event("blob", digest=str(digest), ok=ok)
+
+    def image_finished(self, result: ImageResult) -> None:
+        """Log the image's result."""
+        if not self.quiet or result.status == "failed":
+            self.event(
+                "image",
+                reference=str(result.ref),
+                status=result.status,
+                digest=str(result.digest) if result.digest else None,
+                bytes=result.bytes,
+                seconds=round(result.seconds, 3),
+                error=result.error or None,
+            )
+
+
+class BlobsOnly:
+    """A Progress that passes blob events to `inner` and drops image lines (sync prints its own)."""
+
+    def __init__(self, inner: copy.Progress) -> None:
+        self.inner = inner
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Pass on."""
+        self.inner.blob_started(digest, total)
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """Pass on."""
+        self.inner.blob_advanced(digest, n)
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Pass on."""
+        self.inner.blob_finished(digest, ok)
+
+    def image_finished(self, result: ImageResult) -> None:
+        """Drop."""
+
+
+def sync_line(r: SyncResult) -> str:
+    """Return the one-line summary of a sync result."""
+    if r.status == FAILED:
+        return f"FAILED {r.reference} ({r.job}): {r.error}"
+    plats = f" [{','.join(r.platforms)}]" if r.platforms else ""
+    size = f" {r.bytes} bytes in {r.seconds:.2f}s" if r.status == "ok" else ""
+    return f"{r.status:9} {r.reference} {r.digest}{plats}{size}"
+
+
+class PlainSyncView:
+    """A SyncObserver printing a line per reference (only failures when quiet)."""
+
+    def __init__(self, out: IO[str] = sys.stderr, quiet: bool = False) -> None:
+        self.out = out
+        self.quiet = quiet
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Say nothing."""
+
+    def result(self, result: SyncResult) -> None:
+        """Print the reference's line."""
+        if not self.quiet or result.status == FAILED:
+            print(sync_line(result), file=self.out, flush=True)
+
+
+class JsonSyncView:
+    """A SyncObserver logging each reference as a JSON line (only failures when quiet)."""
+
+    def __init__(self, log: JsonLog) -> None:
+        self.log = log
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Say nothing."""
+
+    def result(self, result: SyncResult) -> None:
+        """Log the reference's result."""
+        if not self.log.quiet or result.status == FAILED:
+            self.log.event("image", **result.to_json())
+
+
+class RichSyncView:
+    """A SyncObserver drawing a bar per job (references done of those wanted) above the blob bars."""
+
+    def __init__(self, progress: RichProgress) -> None:
+        self.progress = progress
+        self.jobs: dict[str, TaskID] = {}
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Grow the job's bar."""
+        task = self.jobs.get(job)
+        if task is None:
+            task = self.jobs[job] = self.progress.bars.add_task(f"job {job}", total=0, images=True)
+        current = self.progress.bars.tasks[self.progress.bars.task_ids.index(task)].total or 0
+        self.progress.bars.update(task, total=current + images)
+
+    def result(self, result: SyncResult) -> None:
+        """Advance the job's bar and print the reference's line."""
+        task = self.jobs.get(result.job)
+        if task is not None:
+            self.progress.bars.advance(task, 1)
+        self.progress.console.print(sync_line(result), highlight=False, markup=False)

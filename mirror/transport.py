@@ -21,6 +21,7 @@ import aiohttp
 from mirror import __version__
 from mirror.auth import Challenge, parse_challenges, token_url
 from mirror.errors import AuthError, NotFoundError, TransportError, UnreachableError
+from mirror.observe import NoEvents, TransportEvents
 from mirror.reference import is_loopback
 
 USER_AGENT = f"mirror/{__version__}"
@@ -88,6 +89,7 @@ class Transport:
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
         self.requests = 0
+        self.events: TransportEvents = NoEvents()
 
     async def __aenter__(self) -> Transport:
         return self
@@ -190,9 +192,12 @@ class Transport:
                     method, url, headers=hdrs, data=body() if body else None, allow_redirects=False
                 )
             except aiohttp.ClientConnectorError as exc:
+                self.events.response(host, method, "error")
                 raise UnreachableError(f"cannot reach {host}: {exc.os_error.strerror or exc}") from None
             except (TimeoutError, aiohttp.ClientError) as exc:
+                self.events.response(host, method, "error")
                 raise TransportError(f"{method} {host}: {type(exc).__name__}: {exc}") from None
+            self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()

@@ -343,15 +343,15 @@ async def test_tcp_with_tls_client_certificates(podman: Podman, tls_proxy: tuple
     )
 
 
-def test_config_daemon_table() -> None:
+def test_config_docker_table() -> None:
     text = (ROOT / "config.example.toml").read_text()
-    # The example's daemon table, uncommented, is what a user would write.
-    for commented in ("[daemon]", 'url = "unix', "compress ="):
+    # The example's [docker] table, uncommented, is what a user would write.
+    for commented in ("[docker]", 'url = "unix', "compress ="):
         text = text.replace(f"# {commented}", commented)
     doc = tomllib.loads(text)
-    assert config.parse(doc, "example").daemon == config.DaemonConfig("unix:///var/run/docker.sock", "none")
-    with pytest.raises(config.ConfigError, match=r'^t: daemon.compress: expected "none" or "gzip", got \'zstd\'$'):
-        config.parse({"daemon": {"compress": "zstd"}}, "t")
+    assert config.parse(doc, "example").docker == config.DockerConfig("unix:///var/run/docker.sock", "none")
+    with pytest.raises(config.ConfigError, match=r'^t: docker.compress: expected "none" or "gzip", got \'zstd\'$'):
+        config.parse({"docker": {"compress": "zstd"}}, "t")
 
 
 @pytest.mark.slow

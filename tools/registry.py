@@ -74,9 +74,10 @@ class Registry:
             if "response completed" not in line:
                 continue
             m = re.search(r"http\.request\.method=(\w+)", line)
-            u = re.search(r'http\.request\.uri="([^"]+)"', line)
+            # logrus quotes a value only when it has characters like ':' (digests), not tags.
+            u = re.search(r'http\.request\.uri=(?:"([^"]+)"|(\S+))', line)
             if m and u:
-                out[(m.group(1), u.group(1))] += 1
+                out[(m.group(1), u.group(1) or u.group(2))] += 1
         return out
 
     def blob_path(self, digest: str) -> Path:

@@ -6,10 +6,9 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mirror import config
-from mirror.engine.copy import ImageResult
 from mirror.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -42,7 +41,21 @@ def load_config(args: argparse.Namespace) -> config.Config:
     return config.Config(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, **overrides})
 
 
-def exit_code(results: Sequence[ImageResult]) -> int:
+class Outcome(Protocol):
+    """What exit_code reads of a result: an ImageResult of pull, a SyncResult of sync."""
+
+    @property
+    def status(self) -> str:
+        """`failed` or another status."""
+        ...
+
+    @property
+    def error(self) -> str:
+        """The error message of a failure."""
+        ...
+
+
+def exit_code(results: Sequence[Outcome]) -> int:
     """Return 0 when every image is cached, 3 when no endpoint could be reached, else 1."""
     failed = [r for r in results if r.status == "failed"]
     if not failed:

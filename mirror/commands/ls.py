@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
 async def run(args: argparse.Namespace) -> int:
     """Print reference, digest, platforms and size of every cached image (or the daemon's images)."""
     if args.daemon is not None:
-        return await list_daemon_images(args.daemon or load_config(args).daemon.url)
+        return await list_daemon_images(args.daemon or load_config(args).docker.url)
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     rows = await inventory(layout)

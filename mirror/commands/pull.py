@@ -73,8 +73,8 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
             )
             if from_daemon:
-                url = args.daemon or cfg.daemon.url
-                compress = args.compress or cfg.daemon.compress
+                url = args.daemon or cfg.docker.url
+                compress = args.compress or cfg.docker.compress
                 results += await pull_daemon_sources(engine, url, from_daemon, compress)
     secs = time.monotonic() - t0
     ok = sum(r.status == "ok" for r in results)

@@ -82,6 +82,7 @@ class Stats:
     blobs_fetched: int = 0
     blobs_present: int = 0
     bytes_fetched: int = 0
+    bytes_present: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -139,6 +140,7 @@ class Engine:
         """
         if self.store.has(desc.digest, desc.size):
             self.stats.blobs_present += 1
+            self.stats.bytes_present += max(desc.size, 0)
             return 0
         task = self._inflight.get(desc.digest)
         if task is None:
@@ -154,7 +156,15 @@ class Engine:
             # The shared download failed through another repository: try through ours.
             return await self.fetch_blob(source, ref, desc)
         self.stats.blobs_present += 1
+        self.stats.bytes_present += max(desc.size, 0)
         return 0
+
+    async def abort(self) -> None:
+        """Cancel every download in flight and wait for each to put its partial file aside."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _forget(self, task: asyncio.Task[int]) -> None:
         for digest, t in list(self._inflight.items()):

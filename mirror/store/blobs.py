@@ -80,11 +80,14 @@ class BlobStore:
         return w
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
-        """Store small `data` (a manifest or config) and return its digest."""
+        """Store small `data` (a manifest or config) and return its digest.
+
+        Concurrent puts of one digest (two tags of one image) share one write: they would
+        otherwise share, truncate and rename one partial file.
+        """
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
-        # Two writers of one digest would share one temp file: concurrent puts of it wait for the first.
         pending = self._puts.get(digest)
         if pending is None:
             pending = self._puts[digest] = asyncio.ensure_future(self._put(data, digest))

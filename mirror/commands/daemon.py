@@ -1,0 +1,37 @@
+"""`mirror daemon -c FILE`: run the config's jobs on their schedules, with an HTTP status endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mirror.errors import UsageError
+from mirror.progress import JsonLog
+
+
+def register(sub: Any) -> None:
+    """Add the `daemon` command."""
+    p: argparse.ArgumentParser = sub.add_parser("daemon", help="run the config's jobs on their schedules")
+    p.add_argument("-c", "--config", type=Path, required=True, help="TOML config with [[jobs]] that have a schedule")
+    p.add_argument("--listen", metavar="HOST:PORT", help="where /healthz, /metrics, /status answer")
+    p.add_argument("--grace", type=float, metavar="SECONDS", help="time in-flight downloads get after SIGTERM")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only failures and life-cycle events")
+    p.set_defaults(run=run)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return 0 after a clean stop."""
+    if args.listen is not None:
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise UsageError(f"--listen {args.listen}: expected HOST:PORT, e.g. 127.0.0.1:9090")
+    if args.grace is not None and args.grace < 0:
+        raise UsageError("--grace must not be negative")
+    # Imported here: aiohttp.web and prometheus_client are only needed by the daemon.
+    from mirror.daemon import run_daemon
+
+    log = JsonLog(sys.stderr, quiet=args.quiet)
+    return await run_daemon(args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log)

@@ -1,0 +1,205 @@
+"""`mirror sync -c FILE`: run the config's jobs once, incrementally; the exit code says how it went."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+from rich.console import Console
+
+from mirror.commands.common import EXIT_OK, add_common, exit_code, load_config
+from mirror.config import Config, JobConfig
+from mirror.engine.copy import Engine, Progress
+from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
+from mirror.errors import UsageError
+from mirror.progress import (
+    BlobsOnly,
+    JsonLog,
+    JsonProgress,
+    JsonSyncView,
+    PlainSyncView,
+    RichProgress,
+    RichSyncView,
+)
+from mirror.store.layout import Layout
+from mirror.store.lock import CacheLock
+from mirror.store.state import StateDB
+
+
+def register(sub: Any) -> None:
+    """Add the `sync` command."""
+    p: argparse.ArgumentParser = sub.add_parser("sync", help="run the config's jobs once, incrementally")
+    add_common(p)
+    p.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be fetched; write nothing")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    p.add_argument(
+        "--grace", type=float, metavar="SECONDS", help="after SIGTERM/SIGINT, time downloads in flight get to finish"
+    )
+    p.set_defaults(run=run)
+
+
+class _Collect:
+    """A SyncObserver that keeps every result (for the report of an interrupted run) and passes it on."""
+
+    def __init__(self, inner: SyncObserver) -> None:
+        self.inner = inner
+        self.results: list[SyncResult] = []
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Pass on."""
+        self.inner.job_grew(job, images)
+
+    def result(self, result: SyncResult) -> None:
+        """Keep and pass on."""
+        self.results.append(result)
+        self.inner.result(result)
+
+
+def chosen_jobs(cfg: Config, names: list[str]) -> list[JobConfig]:
+    """Return the jobs named on the command line (all when none), or raise UsageError for an unknown one."""
+    if not cfg.jobs:
+        raise UsageError("the config has no [[jobs]] to run")
+    known = {j.name: j for j in cfg.jobs}
+    for name in names:
+        if name not in known:
+            raise UsageError(f"--job {name}: no such job in the config (jobs: {', '.join(known)})")
+    return [j for j in cfg.jobs if not names or j.name in names]
+
+
+def report_doc(
+    run_id: int, started: float, results: list[SyncResult], code: int, dry_run: bool, interrupted: str | None = None
+) -> dict[str, Any]:
+    """Return the `--report` document."""
+    return {
+        "run": run_id or None,
+        "dry_run": dry_run,
+        "interrupted": interrupted,
+        "started": started,
+        "finished": time.time(),
+        "exit_code": code,
+        "counts": summarize(results),
+        "failed": [r.reference for r in results if r.status == FAILED],
+        "images": [r.to_json() for r in results],
+    }
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the chosen jobs; print a line per image and a summary; write the report; return the exit code."""
+    if args.config is None:
+        raise UsageError("sync needs a config file: mirror sync -c mirror.toml")
+    cfg = load_config(args)  # a bad config stops here, before anything is written
+    jobs = chosen_jobs(cfg, args.job)
+    tty = sys.stderr.isatty() and not args.quiet and not args.json
+    rich: RichProgress | None = RichProgress(Console(stderr=True)) if tty else None
+    observer: SyncObserver
+    progress: Progress
+    log: JsonLog | None = None
+    if rich is not None:
+        progress, observer = BlobsOnly(rich), RichSyncView(rich)
+    elif args.json or not sys.stderr.isatty():
+        log = JsonLog(sys.stderr, quiet=args.quiet)
+        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), JsonSyncView(log)
+    else:
+        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(sys.stderr, args.quiet)
+    started, t0 = time.time(), time.monotonic()
+    async with AsyncExitStack() as stack:
+        if args.dry_run:
+            # Read what is there; create nothing, lock nothing.
+            layout = Layout.open(cfg.cache, create=False) if (cfg.cache / "oci-layout").exists() else Layout(cfg.cache)
+            state = await StateDB.open(cfg.cache, readonly=True)
+        else:
+            layout = Layout.open(cfg.cache)
+            await stack.enter_async_context(CacheLock(cfg.cache, wait=args.wait))
+            state = await StateDB.open(cfg.cache)
+        stack.push_async_callback(state.close)
+        transport = await stack.enter_async_context(cfg.transport())
+        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
+        if rich is not None:
+            stack.enter_context(rich)
+        # Downloads are tasks of their own: on the way out, stop any a cancelled run left.
+        stack.push_async_callback(engine.abort)
+        pairs = [(j.spec, j.build_source(transport)) for j in jobs]
+        collected = _Collect(observer)
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(
+            sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected)
+        )
+        grace = cfg.daemon.grace if args.grace is None else args.grace
+        signalled = _stop_on_signals(task, stopping, grace)
+        try:
+            run_id, results = await task
+        except asyncio.CancelledError:
+            if not signalled:
+                raise
+            run_id, results = 0, collected.results
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().remove_signal_handler(sig)
+    secs = time.monotonic() - t0
+    code = exit_code(results) if results else EXIT_OK
+    interrupted = signalled[0].name if signalled else None
+    if signalled:
+        code = 128 + signalled[0].value  # the shell's convention for "ended by a signal"
+    if args.report:
+        doc = report_doc(run_id, started, results, code, args.dry_run, interrupted)
+        async with aiofiles.open(args.report, "w") as f:
+            await f.write(json.dumps(doc, indent=1) + "\n")
+    counts = summarize(results)
+    s = engine.stats
+    mb = s.bytes_fetched / 1e6
+    if log is not None:
+        log.event(
+            "summary",
+            references=len(results),
+            jobs=len(jobs),
+            counts=counts,
+            blobs_fetched=s.blobs_fetched,
+            blobs_present=s.blobs_present,
+            bytes_fetched=s.bytes_fetched,
+            seconds=round(secs, 3),
+            exit_code=code,
+            interrupted=interrupted,
+        )
+        return code
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
+    print(
+        f"{len(results)} references in {len(jobs)} jobs: {parts}; blobs fetched {s.blobs_fetched}, "
+        f"already present {s.blobs_present}; {mb:.1f} MB in {secs:.2f}s"
+        + (f"; stopped by {interrupted}" if interrupted else ""),
+        file=sys.stderr,
+    )
+    return code
+
+
+def _stop_on_signals(task: asyncio.Future[Any], stopping: asyncio.Event, grace: float) -> list[signal.Signals]:
+    """On SIGTERM/SIGINT stop starting images, give downloads in flight `grace` seconds, then cancel `task`.
+
+    A second signal cancels at once. Returns the list the first signal received is put in.
+    """
+    got: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if got:
+            task.cancel()
+            return
+        got.append(sig)
+        stopping.set()
+        print(f"mirror: {sig.name}: finishing downloads in flight (up to {grace:g}s)", file=sys.stderr, flush=True)
+        loop.call_later(grace, task.cancel)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return got

@@ -1,0 +1,410 @@
+"""The long-lived daemon: runs sync jobs on cron or interval schedules, serves /healthz, /metrics, /status.
+
+Signals: SIGTERM/SIGINT stop taking new work, give in-flight downloads `grace` seconds,
+then cancel them (a cancelled blob stays a partial file under `.mirror/ingest/`, never
+under a digest name) and exit 0. SIGHUP reloads the config file; a bad one is logged
+and the running config kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mirror import config
+from mirror.config import Config, JobConfig
+from mirror.engine.copy import Engine, Stats
+from mirror.engine.sync import CANCELLED, FAILED, SyncResult, summarize, sync
+from mirror.errors import MirrorError, UsageError
+from mirror.metrics import CONTENT_TYPE, Metrics
+from mirror.progress import JsonLog, JsonProgress
+from mirror.store.layout import Layout
+from mirror.store.lock import CacheLock
+from mirror.store.state import StateDB
+from mirror.transport import Transport
+
+
+def _iso(ts: float | datetime | None) -> str | None:
+    if ts is None:
+        return None
+    if isinstance(ts, float):
+        ts = datetime.fromtimestamp(ts, UTC)
+    return ts.isoformat(timespec="seconds")
+
+
+@dataclass(slots=True)
+class JobRun:
+    """How one run of a job went."""
+
+    outcome: str
+    started: float
+    finished: float
+    counts: dict[str, int]
+    error: str = ""
+
+
+@dataclass(slots=True)
+class JobState:
+    """A scheduled job: its config, next slot, running task and history."""
+
+    config: JobConfig
+    next_run: datetime | None = None
+    running: asyncio.Task[None] | None = None
+    scheduler: asyncio.Task[None] | None = None
+    runs: int = 0
+    skipped: int = 0
+    last: JobRun | None = None
+    last_success: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Return whether a run of this job is in progress."""
+        return self.running is not None and not self.running.done()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the job's `/status` entry."""
+        last = self.last
+        return {
+            "name": self.config.name,
+            "schedule": str(self.config.schedule) if self.config.schedule else None,
+            "next_run": _iso(self.next_run),
+            "running": self.busy,
+            "runs": self.runs,
+            "skipped": self.skipped,
+            "last_success": _iso(self.last_success),
+            "last": None
+            if last is None
+            else {
+                "outcome": last.outcome,
+                "started": _iso(last.started),
+                "finished": _iso(last.finished),
+                "seconds": round(last.finished - last.started, 3),
+                "counts": last.counts,
+                "error": last.error or None,
+            },
+        }
+
+
+@dataclass(slots=True)
+class Runtime:
+    """A transport and engine built from one config's [engine] and [[registries]]; shared by every job."""
+
+    cfg: Config
+    transport: Transport
+    engine: Engine
+
+
+@dataclass(slots=True)
+class Reload:
+    """The outcome of the last SIGHUP."""
+
+    time: float
+    ok: bool
+    error: str = ""
+
+
+def _engine_settings(cfg: Config) -> dict[str, Any]:
+    """Return what a Runtime is built from: every setting but the jobs and the daemon's own."""
+    return {f: getattr(cfg, f) for f in Config.__slots__ if f not in ("jobs", "daemon")}
+
+
+def outcome_of(results: list[SyncResult]) -> str:
+    """Return `ok`, `failed` (some image failed), `unreachable` (nothing reached) or `cancelled`."""
+    failed = [r for r in results if r.status == FAILED]
+    if any(r.status == CANCELLED for r in results):
+        return "cancelled"
+    if not failed:
+        return "ok"
+    if len(failed) == len(results) and all(r.error.startswith("cannot reach") for r in failed):
+        return "unreachable"
+    return "failed"
+
+
+class _LogView:
+    """A SyncObserver that logs failed references and counts every reference in the metrics."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Nothing to log."""
+
+    def result(self, result: SyncResult) -> None:
+        """Count the result; log it when it failed or fetched something."""
+        self.daemon.metrics.images.labels(result.job, result.status).inc()
+        if result.status in (FAILED, "ok", "pruned", "deleted"):
+            self.daemon.log.event("image", **result.to_json())
+
+
+class Daemon:
+    """Runs the config's scheduled jobs until told to stop."""
+
+    def __init__(
+        self,
+        path: Path,
+        cfg: Config,
+        *,
+        log: JsonLog,
+        listen: str | None = None,
+        grace: float | None = None,
+        app_hooks: Sequence[Callable[[web.Application], None]] = (),
+    ) -> None:
+        self.path = path
+        # Each hook may add routes or sub-apps to the HTTP app (e.g. serving the cache on this port).
+        self.app_hooks = tuple(app_hooks)
+        self.cfg = cfg
+        self.log = log
+        self.listen = listen or cfg.daemon.listen
+        self.grace = cfg.daemon.grace if grace is None else grace
+        self._grace_from_config = grace is None
+        self.jobs: dict[str, JobState] = {}
+        self.runtimes: list[Runtime] = []
+        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes])
+        self.started = time.time()
+        self.reload_status: Reload | None = None
+        self.stopping = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._layout: Layout | None = None
+        self._state: StateDB | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def run(self, *, wait: float = 0.0) -> int:
+        """Take the cache, serve HTTP, run jobs on their schedules until a stop signal; return 0."""
+        self._layout = Layout.open(self.cfg.cache)
+        async with CacheLock(self.cfg.cache, wait=wait):
+            self._state = await StateDB.open(self.cfg.cache)
+            self._new_runtime(self.cfg)
+            app = make_app(self)
+            for hook in self.app_hooks:
+                hook(app)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            host, _, port = self.listen.rpartition(":")
+            try:
+                await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise UsageError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop, sig.name)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
+            try:
+                self._apply_jobs(self.cfg)
+                await self._stop.wait()
+                await self._shutdown()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+                await runner.cleanup()
+                for rt in self.runtimes:
+                    await rt.transport.close()
+                await self._state.close()
+        self.log.event("stopped")
+        return 0
+
+    def stop(self, why: str = "stop") -> None:
+        """Stop taking new work; in-flight work gets the grace period (a signal handler)."""
+        if not self.stopping.is_set():
+            self.log.event("stopping", signal=why, grace=self.grace)
+            self.stopping.set()
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        for st in self.jobs.values():
+            if st.scheduler is not None:
+                st.scheduler.cancel()
+        running = [st.running for st in self.jobs.values() if st.running is not None and not st.running.done()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=self.grace)
+            if pending:
+                self.log.event("cancelling", runs=len(pending), after_seconds=self.grace)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for rt in self.runtimes:
+            # Downloads run as tasks of their own (single flight): stop those the runs left behind.
+            await rt.engine.abort()
+
+    def _new_runtime(self, cfg: Config) -> Runtime:
+        assert self._layout is not None
+        transport = cfg.transport()
+        transport.events = self.metrics
+        engine = Engine(
+            self._layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=JsonProgress(self.log.out, True)
+        )
+        rt = Runtime(cfg, transport, engine)
+        self.runtimes.append(rt)
+        return rt
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config file; keep the running config when the new one is bad (SIGHUP)."""
+        try:
+            new = config.load(self.path)
+            if new.cache.resolve() != self.cfg.cache.resolve():
+                raise UsageError(f"{self.path}: cache.path cannot change while the daemon runs ({self.cfg.cache})")
+            scheduled = [j for j in new.jobs if j.schedule is not None]
+            if not scheduled:
+                raise UsageError(f"{self.path}: no job has a schedule")
+        except MirrorError as exc:
+            self.reload_status = Reload(time.time(), False, str(exc))
+            self.log.event("reload_rejected", error=str(exc))
+            return
+        if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
+            # Runs in progress keep their engine; new runs use one built from the new settings.
+            self._new_runtime(new)
+        if new.daemon.listen != self.cfg.daemon.listen:
+            self.log.event("reload_note", note=f"[daemon] listen {new.daemon.listen} takes effect after a restart")
+        if self._grace_from_config:
+            self.grace = new.daemon.grace
+        self.cfg = new
+        self._apply_jobs(new)
+        self.reload_status = Reload(time.time(), True)
+        self.log.event("reloaded", jobs=[j.name for j in new.jobs])
+
+    def _apply_jobs(self, cfg: Config) -> None:
+        """Start schedulers for new or changed jobs, stop those of removed ones (their runs finish)."""
+        wanted = {j.name: j for j in cfg.jobs}
+        for name, st in list(self.jobs.items()):
+            if name not in wanted or wanted[name] != st.config:
+                if st.scheduler is not None:
+                    st.scheduler.cancel()
+                if name not in wanted:
+                    del self.jobs[name]
+        for name, job in wanted.items():
+            known = self.jobs.get(name)
+            if known is not None and known.config == job and (known.scheduler is not None or job.schedule is None):
+                continue
+            st = known if known is not None else JobState(job)
+            self.jobs[name] = st
+            st.config = job
+            st.next_run = None
+            if job.schedule is None:
+                self.log.event("job_unscheduled", job=name)
+                continue
+            st.scheduler = asyncio.create_task(self._schedule(st), name=f"schedule {name}")
+
+    # --- running jobs ----------------------------------------------------------------------
+
+    async def _schedule(self, st: JobState) -> None:
+        sched = st.config.schedule
+        assert sched is not None
+        slot = sched.first_slot(datetime.now(UTC))
+        while not self.stopping.is_set():
+            st.next_run = slot
+            await asyncio.sleep(max(0.0, (slot - datetime.now(UTC)).total_seconds()))
+            if self.stopping.is_set():
+                break
+            if st.busy:
+                st.skipped += 1
+                self.metrics.job_skipped.labels(st.config.name).inc()
+                self.log.event("job_skipped", job=st.config.name, slot=_iso(slot), reason="still running")
+            else:
+                st.running = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
+            slot = sched.next_slot(slot)
+        st.next_run = None
+
+    async def _run(self, st: JobState) -> None:
+        assert self._state is not None
+        job = st.config
+        rt = self.runtimes[-1]
+        started, t0 = time.time(), time.monotonic()
+        self.log.event("job_started", job=job.name)
+        outcome, counts, error = "error", {}, ""
+        try:
+            source = job.build_source(rt.transport)
+            _, results = await sync(
+                rt.engine, self._state, [(job.spec, source)], stopping=self.stopping, observer=_LogView(self)
+            )
+            outcome, counts = outcome_of(results), summarize(results)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except MirrorError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            seconds = time.monotonic() - t0
+            st.runs += 1
+            st.last = JobRun(outcome, started, time.time(), counts, error)
+            if outcome == "ok":
+                st.last_success = st.last.finished
+                self.metrics.last_success.labels(job.name).set(st.last.finished)
+            self.metrics.job_runs.labels(job.name, outcome).inc()
+            self.metrics.job_duration.labels(job.name).observe(seconds)
+            self.log.event(
+                "job_finished",
+                job=job.name,
+                outcome=outcome,
+                seconds=round(seconds, 3),
+                counts=counts,
+                error=error or None,
+            )
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Return the `/status` document: jobs with next run and last outcome, reload state."""
+        stats: list[Stats] = [rt.engine.stats for rt in self.runtimes]
+        return {
+            "config": str(self.path),
+            "cache": str(self.cfg.cache),
+            "started": _iso(self.started),
+            "stopping": self.stopping.is_set(),
+            "last_reload": None
+            if self.reload_status is None
+            else {
+                "time": _iso(self.reload_status.time),
+                "ok": self.reload_status.ok,
+                "error": self.reload_status.error or None,
+            },
+            "blobs_fetched": sum(s.blobs_fetched for s in stats),
+            "bytes_fetched": sum(s.bytes_fetched for s in stats),
+            "jobs": [st.to_json() for st in self.jobs.values()],
+        }
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    """Return the daemon's HTTP application; other features (serve) may add routes or sub-apps to it."""
+
+    async def healthz(_req: web.Request) -> web.Response:
+        """200 while running, 503 once stopping (so a balancer drains it)."""
+        if daemon.stopping.is_set():
+            return web.Response(status=503, text="stopping\n")
+        return web.Response(text="ok\n")
+
+    async def metrics(_req: web.Request) -> web.Response:
+        """Every metric, Prometheus text format."""
+        return web.Response(body=daemon.metrics.text(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status(_req: web.Request) -> web.Response:
+        """Jobs, next runs, last outcomes, as JSON."""
+        return web.json_response(daemon.status())
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    return app
+
+
+async def run_daemon(path: Path, *, listen: str | None, grace: float | None, wait: float, log: JsonLog) -> int:
+    """Load the config at `path` and run the daemon until stopped; return the exit code."""
+    cfg = config.load(path)
+    if not any(j.schedule is not None for j in cfg.jobs):
+        raise UsageError(f'{path}: no job has a schedule (add schedule = {{interval = "6h"}} to a [[jobs]] table)')
+    daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace)
+    return await daemon.run(wait=wait)

@@ -1,0 +1,326 @@
+"""Incremental sync: many jobs, one engine; a HEAD per tag decides whether anything is fetched.
+
+For each wanted tag the manifest digest the registry reports (`HEAD /v2/NAME/manifests/TAG`,
+distribution spec "Checking if content exists") is compared with what the cache's state
+says it holds: an unchanged tag costs that one HEAD and no GET, and a tag matching an
+immutable pattern that is already cached costs nothing. All jobs of a run share the
+engine, so a blob wanted by many repositories is fetched once and the per-host limits
+hold across jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from mirror.digest import Digest
+from mirror.engine.copy import Engine
+from mirror.engine.select import RepoFilter, TagFilter, matches_any
+from mirror.errors import MirrorError, NotFoundError
+from mirror.manifest import Platform
+from mirror.reference import Reference
+from mirror.sources.base import ManifestSource
+from mirror.store.state import StateDB, TagState
+
+# Statuses of a SyncResult. Only `failed` makes a run fail.
+FETCHED = "ok"  # new or changed upstream, now cached
+UNCHANGED = "unchanged"  # the HEAD digest is the cached one
+IMMUTABLE = "immutable"  # cached, and its tag is never re-checked
+PLANNED = "planned"  # dry run: would be fetched
+DELETED = "deleted"  # cached, no longer listed upstream, kept
+PRUNED = "pruned"  # no longer listed upstream, removed from the cache's index
+CANCELLED = "cancelled"  # not started: the process is stopping
+FAILED = "failed"
+
+
+@runtime_checkable
+class TagLister(Protocol):
+    """A source that lists tags of a repository and repositories of a host (v2 `tags/list`, `_catalog`)."""
+
+    async def tags(self, ref: Reference) -> list[str]:
+        """Return every tag of `ref`'s repository."""
+        ...
+
+    async def catalog(self, host: str) -> list[str]:
+        """Return every repository the host lists."""
+        ...
+
+
+@runtime_checkable
+class ManifestHeader(Protocol):
+    """A source that reports a manifest's digest without sending it (v2 `HEAD .../manifests/TAG`)."""
+
+    async def head_manifest(self, ref: Reference) -> Digest | None:
+        """Return the digest the source reports for `ref`, None when it does not say."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncJob:
+    """What one job copies: repositories and tags of one registry, platforms, immutable tags, pruning."""
+
+    name: str
+    registry: str
+    repositories: RepoFilter
+    tags: TagFilter = field(default_factory=TagFilter)
+    platforms: tuple[Platform, ...] = ()
+    immutable: tuple[re.Pattern[str], ...] = ()
+    prune: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """How one reference (or, for a listing failure, one repository or registry) went."""
+
+    job: str
+    reference: str
+    status: str
+    digest: str = ""
+    platforms: tuple[str, ...] = ()
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
+        return {
+            "job": self.job,
+            "reference": self.reference,
+            "digest": self.digest or None,
+            "status": self.status,
+            "platforms": list(self.platforms),
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "error": self.error or None,
+        }
+
+
+class SyncObserver(Protocol):
+    """What a sync reports while it works (the CLI and the daemon show or count it)."""
+
+    def job_grew(self, job: str, images: int) -> None:
+        """`images` more references of `job` are known to be wanted."""
+
+    def result(self, result: SyncResult) -> None:
+        """One reference is done."""
+
+
+class NoObserver:
+    """A SyncObserver that shows nothing."""
+
+    def job_grew(self, job: str, images: int) -> None:
+        """Ignore."""
+
+    def result(self, result: SyncResult) -> None:
+        """Ignore."""
+
+
+def platform_key(platforms: tuple[Platform, ...]) -> str:
+    """Return the platforms a job keeps, as stored in the state (empty: all)."""
+    return ",".join(sorted(str(p) for p in platforms))
+
+
+class Syncer:
+    """Runs sync jobs against one Engine and one state file; one failing image never stops the rest."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        state: StateDB,
+        *,
+        run: int = 0,
+        dry_run: bool = False,
+        stopping: asyncio.Event | None = None,
+        observer: SyncObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.state = state
+        self.run_id = run
+        self.dry_run = dry_run
+        self.stopping = stopping or asyncio.Event()
+        self.observer: SyncObserver = observer or NoObserver()
+        self._states: dict[str, TagState] = {}
+        self._entries: dict[str, str] = {}
+        self._by_repo: dict[str, list[Reference]] = {}
+
+    async def run(self, jobs: Sequence[tuple[SyncJob, ManifestSource]]) -> list[SyncResult]:
+        """Run every job at once; return one result per reference (and per listing failure)."""
+        self._states = await self.state.tags()
+        layout = self.engine.layout
+        if (layout.root / "index.json").exists():  # a dry run may look at a cache not made yet
+            self._entries = {e.name: str(e.descriptor.digest) for e in await layout.entries()}
+        for name in self._entries:
+            ref = _parse_or_none(name)
+            if ref is not None and ref.tag and ref.digest is None:
+                self._by_repo.setdefault(ref.name, []).append(ref)
+        parts = await asyncio.gather(*(self._job(job, source) for job, source in jobs))
+        return [r for part in parts for r in part]
+
+    async def _guard(
+        self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[SyncResult]]]
+    ) -> list[SyncResult]:
+        """Run `work`; a MirrorError becomes one failed result for `name`."""
+        t0 = time.monotonic()
+        try:
+            return await work()
+        except MirrorError as exc:
+            return [await self._done(SyncResult(job.name, name, FAILED, seconds=time.monotonic() - t0, error=str(exc)))]
+
+    async def _job(self, job: SyncJob, source: ManifestSource) -> list[SyncResult]:
+        async def work() -> list[SyncResult]:
+            catalog: list[str] | None = None
+            if job.repositories.catalog:
+                if not isinstance(source, TagLister):
+                    raise MirrorError(f"job {job.name}: its source cannot list repositories (_catalog)")
+                # Distribution spec "Listing Repositories" (`GET /v2/_catalog`), asked of the
+                # API host (registry-1.docker.io for docker.io).
+                api_host = Reference(job.registry, "_catalog").api_host
+                async with self.engine.host_slot(api_host):
+                    catalog = await source.catalog(api_host)
+            repos = job.repositories.select(catalog)
+            parts = await asyncio.gather(*(self._repo(job, source, repo) for repo in repos))
+            return [r for part in parts for r in part]
+
+        return await self._guard(job, job.registry, work)
+
+    async def _repo(self, job: SyncJob, source: ManifestSource, repo: str) -> list[SyncResult]:
+        async def work() -> list[SyncResult]:
+            base = Reference.parse(f"{job.registry}/{repo}")
+            listed: list[str] | None = None
+            if job.tags.needs_listing:
+                if not isinstance(source, TagLister):
+                    raise MirrorError(f"job {job.name}: its source cannot list the tags of {base.name}")
+                # Distribution spec "Listing Tags" (`GET /v2/NAME/tags/list`, paginated by Link).
+                async with self.engine.host_slot(source.host(base)):
+                    listed = await source.tags(base)
+            wanted = job.tags.select(listed or [])
+            refs = [base.with_tag(t) for t in wanted]
+            gone: list[str] = []
+            if listed is not None:
+                # Cached tags of this repository that the registry no longer lists.
+                upstream = set(listed)
+                gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
+            self.observer.job_grew(job.name, len(refs) + len(gone))
+            results = list(await asyncio.gather(*(self._tag(job, source, ref) for ref in refs)))
+            if gone:
+                results += await self._gone(job, sorted(gone))
+            return results
+
+        return await self._guard(job, f"{job.registry}/{repo}", work)
+
+    async def _gone(self, job: SyncJob, names: list[str]) -> list[SyncResult]:
+        """Report tags deleted upstream; with `prune`, drop them from index.json and the state."""
+        status = PRUNED if job.prune and not self.dry_run else DELETED
+        if status == PRUNED:
+            await self.engine.layout.remove_refs(set(names))
+            await self.state.forget_tags(names)
+        out = []
+        for name in names:
+            st = self._states.get(name)
+            digest = st.digest if st else self._entries.get(name, "")
+            out.append(await self._done(SyncResult(job.name, name, status, digest)))
+        return out
+
+    async def _tag(self, job: SyncJob, source: ManifestSource, ref: Reference) -> SyncResult:
+        """Check one tag and copy it when needed; any error becomes a failed result of its own."""
+        t0 = time.monotonic()
+        try:
+            return await self._check_and_copy(job, source, ref, t0)
+        except (MirrorError, OSError) as exc:
+            # OSError: the cache's disk (full, read-only); reported per image like any other failure.
+            err = str(exc) if isinstance(exc, MirrorError) else f"cache {self.engine.layout.root}: {exc}"
+            return await self._done(SyncResult(job.name, str(ref), FAILED, seconds=time.monotonic() - t0, error=err))
+
+    async def _check_and_copy(self, job: SyncJob, source: ManifestSource, ref: Reference, t0: float) -> SyncResult:
+        key = str(ref)
+        plats = platform_key(job.platforms)
+        st = self._states.get(key)
+        entry = self._entries.get(key)
+        cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
+        if cached and st is not None and ref.tag and matches_any(ref.tag, job.immutable):
+            return await self._done(SyncResult(job.name, key, IMMUTABLE, st.digest))
+        if self.stopping.is_set():
+            return await self._done(SyncResult(job.name, key, CANCELLED))
+        try:
+            upstream: Digest | None = None
+            # A tag not cached yet is fetched without a HEAD first (a dry run still asks, to show the digest).
+            if isinstance(source, ManifestHeader) and (cached or self.dry_run):
+                async with self.engine.host_slot(source.host(ref)):
+                    upstream = await source.head_manifest(ref)
+            now = time.time()
+            if cached and st is not None and upstream is not None and str(upstream) == st.digest:
+                if not self.dry_run:
+                    await self.state.touch_tag(key, now)
+                return await self._done(SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0))
+            if self.dry_run:
+                return await self._done(SyncResult(job.name, key, PLANNED, str(upstream or "")))
+            if self.stopping.is_set():
+                return await self._done(SyncResult(job.name, key, CANCELLED, str(upstream or "")))
+        except NotFoundError as exc:
+            return await self._done(
+                SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=f"{key}: not found ({exc})")
+            )
+        res = await self.engine.pull(source, ref, job.platforms)
+        if res.status != "ok" or res.digest is None:
+            return await self._done(
+                SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=res.error or "failed")
+            )
+        desc = await self.engine.layout.find(key)
+        await self.state.record_tag(
+            TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
+        )
+        return await self._done(
+            SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
+        )
+
+    async def _done(self, result: SyncResult) -> SyncResult:
+        if result.status == FAILED and not self.dry_run:
+            await self.state.record_error(self.run_id, result.job, result.reference, result.error)
+        self.observer.result(result)
+        return result
+
+
+def _parse_or_none(name: str) -> Reference | None:
+    try:
+        return Reference.parse(name)
+    except MirrorError:
+        return None
+
+
+def summarize(results: Sequence[SyncResult]) -> dict[str, int]:
+    """Return how many results have each status."""
+    out: dict[str, int] = {}
+    for r in results:
+        out[r.status] = out.get(r.status, 0) + 1
+    return out
+
+
+async def sync(
+    engine: Engine,
+    state: StateDB,
+    jobs: Sequence[tuple[SyncJob, ManifestSource]],
+    *,
+    dry_run: bool = False,
+    stopping: asyncio.Event | None = None,
+    observer: SyncObserver | None = None,
+) -> tuple[int, list[SyncResult]]:
+    """Run `jobs` as one recorded run; return the run id and every result.
+
+    The one entry point `mirror sync`, the daemon and the tests share.
+    """
+    run = 0 if dry_run else await state.start_run(j.name for j, _ in jobs)
+    try:
+        results = await Syncer(engine, state, run=run, dry_run=dry_run, stopping=stopping, observer=observer).run(jobs)
+    except asyncio.CancelledError:
+        if not dry_run:
+            await state.finish_run(run, "cancelled", 0, 0, 0)
+        raise
+    if not dry_run:
+        failed = sum(r.status == FAILED for r in results)
+        outcome = "ok" if not failed else ("failed" if failed == len(results) else "partial")
+        await state.finish_run(run, outcome, len(results), failed, sum(r.bytes for r in results))
+    return run, results

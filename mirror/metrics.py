@@ -1,0 +1,93 @@
+"""The daemon's Prometheus metrics, in a registry of their own (prometheus_client, text format 0.0.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mirror.engine.copy import Stats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Job durations: from a few HEADs to hours of downloads.
+DURATION_BUCKETS = (0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf"))
+
+
+class _EngineCollector(Collector):
+    """Reads blob and byte totals from the engines' Stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], list[Stats]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the blob and byte counters summed over every engine."""
+        all_stats = self.stats()
+        for name, doc, attr in (
+            ("mirror_blobs_fetched", "Blobs downloaded and stored.", "blobs_fetched"),
+            (
+                "mirror_blobs_reused",
+                "Blobs wanted that the cache already had (or another image was fetching).",
+                "blobs_present",
+            ),
+            ("mirror_bytes_fetched", "Bytes of blob downloaded.", "bytes_fetched"),
+            ("mirror_bytes_reused", "Bytes of blobs wanted that the cache already had.", "bytes_present"),
+        ):
+            yield CounterMetricFamily(name, doc, value=sum(getattr(s, attr) for s in all_stats))
+
+
+class Metrics:
+    """Every metric the daemon serves; also the Transport's event sink (requests, retries, rate limits)."""
+
+    def __init__(self, stats: Callable[[], list[Stats]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mirror_requests",
+            "HTTP requests to registries.",
+            ["host", "method", "status"],
+            registry=r,
+        )
+        self.retries = Counter("mirror_retries", "Requests retried by the transport, by host.", ["host"], registry=r)
+        self.rate_limit_waits = Counter(
+            "mirror_rate_limit_waits",
+            "Waits because a host rate-limited us.",
+            ["host"],
+            registry=r,
+        )
+        self.rate_limit_seconds = Counter(
+            "mirror_rate_limit_wait_seconds", "Seconds spent waiting on rate limits, by host.", ["host"], registry=r
+        )
+        self.job_runs = Counter("mirror_job_runs", "Job runs, by job and outcome.", ["job", "outcome"], registry=r)
+        self.job_skipped = Counter(
+            "mirror_job_skipped", "Scheduled slots skipped because the job was still running.", ["job"], registry=r
+        )
+        self.job_duration = Histogram(
+            "mirror_job_duration_seconds", "How long job runs took.", ["job"], buckets=DURATION_BUCKETS, registry=r
+        )
+        self.last_success = Gauge(
+            "mirror_job_last_success_timestamp_seconds",
+            "When each job last ran cleanly.",
+            ["job"],
+            registry=r,
+        )
+        self.images = Counter("mirror_images", "References synced, by job and status.", ["job", "status"], registry=r)
+        r.register(_EngineCollector(stats))
+
+    def response(self, host: str, method: str, status: str) -> None:
+        """Count one request."""
+        self.requests.labels(host, method, status).inc()
+
+    def retry(self, host: str) -> None:
+        """Count one retry."""
+        self.retries.labels(host).inc()
+
+    def rate_limit_wait(self, host: str, seconds: float) -> None:
+        """Count one rate-limit wait and its seconds."""
+        self.rate_limit_waits.labels(host).inc()
+        self.rate_limit_seconds.labels(host).inc(seconds)
+
+    def text(self) -> bytes:
+        """Return every metric in the Prometheus text format."""
+        return generate_latest(self.registry)

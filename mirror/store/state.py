@@ -1,0 +1,249 @@
+"""The cache's state file `.mirror/state.db` (sqlite): runs, each tag's last digest and check time, errors.
+
+Every call runs on one worker thread that owns the connection, so the event loop never
+waits on the disk; each write is one transaction. WAL mode lets a dry run read while a
+sync writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from mirror.errors import StoreError
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    jobs TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    outcome TEXT,
+    images INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tags (
+    ref TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    entry_digest TEXT NOT NULL,
+    platforms TEXT NOT NULL,
+    checked REAL NOT NULL,
+    synced REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS errors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run INTEGER NOT NULL,
+    job TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    time REAL NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TagState:
+    """What the last sync stored for a reference: the source's manifest digest and the index entry's."""
+
+    ref: str
+    job: str
+    digest: str
+    entry_digest: str
+    platforms: str
+    checked: float
+    synced: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One finished or running sync run."""
+
+    id: int
+    jobs: str
+    started: float
+    finished: float | None
+    outcome: str | None
+    images: int
+    failed: int
+    bytes: int
+
+
+class StateDB:
+    """The sqlite state of one cache, used from async code through a single worker thread."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-state")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, cache: Path, *, readonly: bool = False) -> StateDB:
+        """Return the state of the cache at `cache`, creating the file unless `readonly`."""
+        db = cls(cache / ".mirror" / "state.db", readonly=readonly)
+        await db._call(db._open_sync)
+        return db
+
+    def _open_sync(self) -> None:
+        try:
+            if self.readonly and not self.path.exists():
+                return  # a cache never synced: no state to read
+            if self.readonly:
+                self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(self.path, timeout=30)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                with self._conn:
+                    self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from None
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: state database: {exc}") from None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: state database is closed")
+        return self._conn
+
+    async def close(self) -> None:
+        """Close the connection and the worker thread."""
+        if self._conn is not None:
+            await self._call(self._db().close)
+            self._conn = None
+        self._pool.shutdown(wait=True)
+
+    async def __aenter__(self) -> StateDB:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def tags(self) -> dict[str, TagState]:
+        """Return the state of every reference synced so far, by reference."""
+
+        def q() -> dict[str, TagState]:
+            rows = (
+                self._db()
+                .execute("SELECT ref, job, digest, entry_digest, platforms, checked, synced FROM tags")
+                .fetchall()
+            )
+            return {r[0]: TagState(*r) for r in rows}
+
+        if self._conn is None and self.readonly:
+            return {}
+        return await self._call(q)
+
+    async def start_run(self, jobs: Iterable[str]) -> int:
+        """Record that a run of `jobs` began; return its id."""
+
+        def w() -> int:
+            with self._db() as c:
+                cur = c.execute("INSERT INTO runs (jobs, started) VALUES (?, ?)", (",".join(jobs), time.time()))
+                return int(cur.lastrowid or 0)
+
+        return await self._call(w)
+
+    async def finish_run(self, run: int, outcome: str, images: int, failed: int, nbytes: int) -> None:
+        """Record how run `run` ended."""
+
+        def w() -> None:
+            with self._db() as c:
+                c.execute(
+                    "UPDATE runs SET finished = ?, outcome = ?, images = ?, failed = ?, bytes = ? WHERE id = ?",
+                    (time.time(), outcome, images, failed, nbytes, run),
+                )
+
+        await self._call(w)
+
+    async def record_tag(self, state: TagState) -> None:
+        """Store what the cache now holds for a reference (one transaction)."""
+
+        def w() -> None:
+            with self._db() as c:
+                c.execute(
+                    "INSERT OR REPLACE INTO tags (ref, job, digest, entry_digest, platforms, checked, synced)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        state.ref,
+                        state.job,
+                        state.digest,
+                        state.entry_digest,
+                        state.platforms,
+                        state.checked,
+                        state.synced,
+                    ),
+                )
+
+        await self._call(w)
+
+    async def touch_tag(self, ref: str, when: float) -> None:
+        """Record that `ref` was checked at `when` and found unchanged."""
+
+        def w() -> None:
+            with self._db() as c:
+                c.execute("UPDATE tags SET checked = ? WHERE ref = ?", (when, ref))
+
+        await self._call(w)
+
+    async def forget_tags(self, refs: Iterable[str]) -> None:
+        """Drop the state of references removed from the cache."""
+        names = [(r,) for r in refs]
+
+        def w() -> None:
+            with self._db() as c:
+                c.executemany("DELETE FROM tags WHERE ref = ?", names)
+
+        await self._call(w)
+
+    async def record_error(self, run: int, job: str, ref: str, message: str) -> None:
+        """Store a failure of `ref` in run `run`."""
+
+        def w() -> None:
+            with self._db() as c:
+                c.execute(
+                    "INSERT INTO errors (run, job, ref, time, message) VALUES (?, ?, ?, ?, ?)",
+                    (run, job, ref, time.time(), message),
+                )
+
+        await self._call(w)
+
+    async def runs(self, limit: int = 20) -> list[RunRecord]:
+        """Return the latest runs, newest first."""
+
+        def q() -> list[RunRecord]:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT id, jobs, started, finished, outcome, images, failed, bytes"
+                    " FROM runs ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
+            return [RunRecord(*r) for r in rows]
+
+        return await self._call(q)
+
+    async def errors(self, run: int) -> list[tuple[str, str, str]]:
+        """Return (job, ref, message) of every failure of run `run`."""
+
+        def q() -> list[tuple[str, str, str]]:
+            rows = self._db().execute("SELECT job, ref, message FROM errors WHERE run = ? ORDER BY id", (run,))
+            return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
+
+        return await self._call(q)

@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace) -> int:
                 url = args.daemon or cfg.docker.url
                 compress = args.compress or cfg.docker.compress
                 results += await pull_daemon_sources(engine, url, from_daemon, compress)
+            await engine.drain()
     secs = time.monotonic() - t0
     ok = sum(r.status == "ok" for r in results)
     s = engine.stats

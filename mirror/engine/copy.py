@@ -159,6 +159,11 @@ class Engine:
         self.stats.bytes_present += max(desc.size, 0)
         return 0
 
+    async def drain(self) -> None:
+        """Wait for every download still in flight: a shared one outlives an image that failed."""
+        while self._inflight or self._once:
+            await asyncio.gather(*self._inflight.values(), *self._once.values(), return_exceptions=True)
+
     async def abort(self) -> None:
         """Cancel every download in flight and wait for each to put its partial file aside."""
         tasks = list(self._inflight.values())
@@ -287,4 +292,6 @@ class Engine:
         self, items: Sequence[tuple[ManifestSource, Reference]], platforms: tuple[Platform, ...] = ()
     ) -> list[ImageResult]:
         """Copy many images at once; one failing never stops the others."""
-        return list(await asyncio.gather(*(self.pull(src, ref, platforms) for src, ref in items)))
+        results = list(await asyncio.gather(*(self.pull(src, ref, platforms) for src, ref in items)))
+        await self.drain()
+        return results

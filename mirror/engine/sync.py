@@ -158,6 +158,7 @@ class Syncer:
             if ref is not None and ref.tag and ref.digest is None:
                 self._by_repo.setdefault(ref.name, []).append(ref)
         parts = await asyncio.gather(*(self._job(job, source) for job, source in jobs))
+        await self.engine.drain()
         return [r for part in parts for r in part]
 
     async def _guard(

@@ -155,6 +155,7 @@ class Transport:
         self.certs_dirs = tuple(certs_dirs)
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._tokens: dict[tuple[str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
@@ -170,6 +171,7 @@ class Transport:
         return f"Transport(hosts={sorted(self.hosts)}, requests={self.requests})"
 
     async def __aenter__(self) -> Transport:
+        self._closed = False
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -178,6 +180,8 @@ class Transport:
     @property
     def session(self) -> aiohttp.ClientSession:
         """Return the shared aiohttp session, created on first use."""
+        if self._closed:
+            raise TransportError("the transport is closed (a request after the end of its run)")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
@@ -191,7 +195,8 @@ class Transport:
         return self._session
 
     async def close(self) -> None:
-        """Close the session and its connections."""
+        """Close the session and its connections; requests fail until the next `async with`."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
@@ -321,7 +326,8 @@ class Transport:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                await self._raise_for(resp, method, host, path, attempt + 1, sent_auth=auth is not None)
+                basic_sent = auth is not None and auth.startswith("Basic ")
+                await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
             return resp
 
     def _delay(self, attempt: int, status: int | None, retry_after: float | None) -> float | None:
@@ -492,7 +498,7 @@ class Transport:
         return value, expires_in
 
     async def _raise_for(
-        self, resp: aiohttp.ClientResponse, method: str, host: str, path: str, attempts: int, *, sent_auth: bool
+        self, resp: aiohttp.ClientResponse, method: str, host: str, path: str, attempts: int, *, sent_basic: bool
     ) -> None:
         try:
             body = b"" if method == "HEAD" else await resp.content.read(ERROR_BODY_LIMIT)
@@ -504,7 +510,10 @@ class Transport:
         if resp.status == 404:
             raise NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
         if resp.status in (401, 403):
-            what = "credentials refused" if sent_auth and resp.status == 401 else "access denied"
+            what = "credentials refused" if sent_basic and resp.status == 401 else "access denied"
+            token_error = [c.error for c in parse_challenges(resp.headers.get("WWW-Authenticate", "")) if c.error]
+            if token_error:
+                msg += f"; token: {token_error[0]}"
             raise AuthError(f"{where}: {what} ({resp.status} {msg})", status=resp.status, body=msg)
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)

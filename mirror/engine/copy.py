@@ -164,6 +164,8 @@ class Engine:
         return 0
 
     def _forget(self, task: asyncio.Task[int]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
         for digest, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[digest]

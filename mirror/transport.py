@@ -519,9 +519,25 @@ class Transport:
         raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """Return the reason of a TLS failure anywhere in `exc`'s chain (verification, a refused client cert), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
+            cert = seen.certificate_error
+            return str(getattr(cert, "verify_message", "") or cert)
+        for arg in (seen, *getattr(seen, "args", ())):
+            if isinstance(arg, ssl.SSLError):
+                return str(arg.reason or arg.strerror or arg)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _retryable(exc: BaseException) -> bool:
-    """Return whether a connection-level failure may pass on retry (not DNS, not a TLS verification failure)."""
-    return not isinstance(exc, aiohttp.ClientConnectorDNSError | aiohttp.ClientSSLError | aiohttp.InvalidURL)
+    """Return whether a connection-level failure may pass on retry (not DNS, not TLS, not a bad URL)."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError | aiohttp.InvalidURL):
+        return False
+    return _tls_failure(exc) is None
 
 
 def _describe(exc: BaseException) -> str:
@@ -533,8 +549,9 @@ def _describe(exc: BaseException) -> str:
 
 def _connection_error(exc: BaseException, method: str, host: str, attempts: int) -> TransportError:
     tries = f" after {attempts} attempts" if attempts > 1 else ""
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return UnreachableError(f"cannot reach {host}: TLS: {_describe(exc)}")
+    tls = _tls_failure(exc)
+    if tls is not None:
+        return UnreachableError(f"cannot reach {host}: TLS: {tls}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or str(exc)
         return UnreachableError(f"cannot reach {host}: {reason}{tries}")

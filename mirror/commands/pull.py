@@ -44,7 +44,14 @@ async def run(args: argparse.Namespace) -> int:
     progress = RichProgress(Console(stderr=True)) if tty else PlainProgress(sys.stderr, quiet=args.quiet)
     t0 = time.monotonic()
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
-        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
+        engine = Engine(
+            layout,
+            concurrency=cfg.concurrency,
+            per_host=cfg.per_host,
+            progress=progress,
+            limits=transport.limits,
+            retry=cfg.retry,
+        )
         source = RegistryV2Source(transport)
         with progress if isinstance(progress, RichProgress) else nullcontext():
             results = await engine.pull_many([(source, r) for r in refs], platforms)

@@ -9,12 +9,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 _PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 _SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)(?:\s+|$)")
 
 CATALOG_SCOPE = "registry:catalog:*"
+_REPO_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 # RFC 9110 §15: statuses worth another try; everything else 4xx fails at once.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Statuses that say the host is overloaded: the adaptive limit halves on them.
@@ -106,6 +107,26 @@ def pull_scope(repository: str) -> str:
 def push_scope(repository: str) -> str:
     """Return the token scope to read and write `repository`."""
     return f"repository:{repository}:pull,push"
+
+
+def scopes_for(method: str, path: str) -> tuple[str, ...]:
+    """Return the token scopes a v2 API request needs, read from its method and path.
+
+    Reads need `pull`; writes `pull,push`; a cross-repository mount (`?mount=&from=`)
+    also `pull` on the source; `/v2/_catalog` needs `registry:catalog:*`.
+    """
+    parts = urlsplit(path)
+    if parts.path.startswith("/v2/_catalog"):
+        return (CATALOG_SCOPE,)
+    m = _REPO_PATH.match(parts.path)
+    if not m:
+        return ()
+    name = m.group(1)
+    scopes = [pull_scope(name) if method in ("GET", "HEAD") else push_scope(name)]
+    for source in parse_qs(parts.query).get("from", []):
+        if source != name:
+            scopes.append(pull_scope(source))
+    return tuple(scopes)
 
 
 # --- retries ---------------------------------------------------------------------------------

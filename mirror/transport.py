@@ -34,6 +34,7 @@ from mirror.auth import (
     rate_limit_interval,
     retry_delay,
     scope_key,
+    scopes_for,
     token_lifetime,
     token_url,
 )
@@ -256,6 +257,7 @@ class Transport:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request to `host` with auth and retries; yield a response with an expected status.
 
+        `data` as bytes is re-sent on retries; a streamed body (async iterable) is sent once.
         Errors while the caller reads the body become StreamError (the caller may resume).
         """
         url = self.base_url(host) + path
@@ -280,13 +282,14 @@ class Transport:
     ) -> aiohttp.ClientResponse:
         """Send until a final answer: one auth round (plus one token refresh), retries with backoff."""
         replayable = data is None or isinstance(data, bytes)
+        want = scopes or scopes_for(method, path)
         attempt = 0
         challenged = refreshed = False
         where = f"{method} {host}{path.split('?')[0]}"
         while True:
             if method == "GET" and "/manifests/" in path:
                 await self._wait_rate_limit(host)
-            auth = await self._authorization(host, scopes)
+            auth = await self._authorization(host, want)
             try:
                 resp = await self._send(method, url, host, headers, auth, data)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -302,12 +305,15 @@ class Transport:
             self.limits.observe(host, resp.status)
             self._note_rate_limit(host, resp)
             # One answer to a challenge, plus at most one fresh token for a token refused.
-            if resp.status == 401 and 401 not in expect and not (refreshed if auth else challenged):
+            # A streamed body cannot be sent twice: authenticate with a bodiless request first.
+            if resp.status == 401 and 401 not in expect and replayable and not (refreshed if auth else challenged):
                 if auth:
                     refreshed = True
                 else:
                     challenged = True
-                if await self._answer_challenge(resp, host, scopes, auth):
+                answered = await self._answer_challenge(resp, host, want, auth)
+                if answered is not None:
+                    want = answered
                     resp.release()
                     continue
             if resp.status not in expect:
@@ -410,26 +416,29 @@ class Transport:
 
     async def _answer_challenge(
         self, resp: aiohttp.ClientResponse, host: str, scopes: tuple[str, ...], sent: str | None
-    ) -> bool:
-        """Learn the challenge of a 401 and get a (new) token or credentials for it; return whether to retry.
+    ) -> tuple[str, ...] | None:
+        """Learn the challenge of a 401 and get a (new) token or credentials for it.
 
-        Docker token spec: a 401 to a request that carried a token (expired, or
-        `error="insufficient_scope"`) earns one fresh token, never more.
+        Return the scopes to ask with from now on (the request's, plus any the challenge
+        names), or None when there is nothing to retry with. Docker token spec: a 401 to
+        a request that carried a token (expired, or `error="insufficient_scope"`) earns
+        one fresh token, never more.
         """
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
         if bearer is not None:
             self._challenges[host] = bearer
+            want = scopes + tuple(s for s in bearer.scopes if s not in scopes)
             stale = sent[len("Bearer ") :] if sent and sent.startswith("Bearer ") else None
-            await self._token(host, bearer, scopes or bearer.scopes, stale=stale, force=sent is not None)
-            return True
+            await self._token(host, bearer, want, stale=stale, force=sent is not None)
+            return want
         if basic is not None and sent is None:
             cred = await self.credentials.get(host)
             if cred is not None and cred.has_password:
                 self._challenges[host] = basic
-                return True
-        return False
+                return scopes
+        return None
 
     async def _token(
         self, host: str, ch: Challenge, scopes: tuple[str, ...], *, stale: str | None = None, force: bool = False

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from mirror import config
+from mirror.auth import push_scope
 from mirror.credentials import CredentialStore
 from mirror.engine.copy import Engine, ImageResult
 from mirror.errors import AuthError
+from mirror.manifest import ACCEPT
 from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
@@ -185,3 +187,20 @@ async def test_identity_token_uses_oauth2_post(bearer: TokenRegistry, issuer: To
     assert result.status == "ok", result.error
     assert issuer.count(method="POST", user=USER, scope="repository:team/app:pull") == 1
     assert all(r.grant == "refresh_token" for r in issuer.requests)
+
+
+async def test_request_without_scopes_takes_the_challenge_scope(bearer: TokenRegistry, issuer: TokenIssuer) -> None:
+    async with alice(bearer.registry.host) as t:
+        path = "/v2/team/app/manifests/1"
+        for _ in range(2):
+            async with t.request("HEAD", bearer.registry.host, path, headers={"Accept": ACCEPT}) as resp:
+                assert resp.headers["Docker-Content-Digest"].startswith("sha256:")
+    assert [r.scopes for r in issuer.requests] == [("repository:team/app:pull",)]
+
+
+async def test_push_scope_is_asked_for(bearer: TokenRegistry, issuer: TokenIssuer) -> None:
+    async with alice(bearer.registry.host) as t:
+        path = "/v2/team/app/blobs/uploads/"
+        async with t.request("POST", bearer.registry.host, path, scopes=(push_scope("team/app"),), expect=(202,)) as r:
+            assert "Location" in r.headers
+    assert [r.scopes for r in issuer.requests] == [("repository:team/app:pull,push",)]

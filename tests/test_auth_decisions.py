@@ -23,6 +23,7 @@ from mirror.auth import (
     rate_limit_interval,
     retry_delay,
     scope_key,
+    scopes_for,
     token_lifetime,
     token_url,
 )
@@ -165,3 +166,16 @@ async def test_adaptive_limiter_bounds_concurrency_after_overload() -> None:
     gate2.set()
     await asyncio.gather(*tasks)
     assert seen == 5
+
+
+def test_scopes_read_from_the_request() -> None:
+    assert scopes_for("GET", "/v2/a/b/manifests/1") == ("repository:a/b:pull",)
+    assert scopes_for("HEAD", "/v2/a/blobs/sha256:00") == ("repository:a:pull",)
+    assert scopes_for("GET", "/v2/a/tags/list?n=10") == ("repository:a:pull",)
+    assert scopes_for("PUT", "/v2/a/manifests/1") == ("repository:a:pull,push",)
+    assert scopes_for("POST", "/v2/a/blobs/uploads/?mount=sha256:00&from=b/c") == (
+        "repository:a:pull,push",
+        "repository:b/c:pull",
+    )
+    assert scopes_for("GET", "/v2/_catalog?n=100") == ("registry:catalog:*",)
+    assert scopes_for("GET", "/v2/") == ()

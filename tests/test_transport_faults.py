@@ -7,8 +7,12 @@ at the proxy).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -24,7 +28,7 @@ from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Timeouts, Transport
-from tests.conftest import Seeded
+from tests.conftest import ROOT, Seeded
 from tests.faultproxy import Fault, FaultProxy
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -223,3 +227,30 @@ async def test_rate_limit_floor_paces_manifest_gets(
     assert result.status == "ok", result.error
     assert transport.rate_limits[proxy.host].remaining == 2
     assert any("rate limit 2 of 1000 left (floor 5)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+async def test_interrupted_process_keeps_its_bytes_for_the_next_run(
+    seeded: Seeded, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    digest = base_layer(seeded)
+    proxy.add(Fault("stall", match=digest, after=100_000))
+    cache = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DOCKER_CONFIG": str(tmp_path)}
+    cmd = [sys.executable, "-m", "mirror", "pull", "-q", "--cache", str(cache), ref(proxy)]
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    while proxy.bytes_for(digest) < 100_000:  # bounded by the test timeout
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the stalled body's bytes reach the client
+    proc.send_signal(signal.SIGINT)
+    _, err = await proc.communicate()
+    assert proc.returncode == 130, err.decode()
+    partial = cache / ".mirror" / "ingest" / f"sha256-{digest.split(':')[1]}.partial"
+    kept = partial.stat().st_size
+    assert 0 < kept <= 100_000
+    proxy.sent.clear()
+    result, _, _ = await pull(cache, ref(proxy))
+    assert result.status == "ok", result.error
+    assert_cached(cache, seeded, digest)
+    assert proxy.ranges[-1] == (f"/v2/t/schema2/blobs/{digest}", f"bytes={kept}-")
+    assert proxy.bytes_for(digest) == BASE_SIZE - kept

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from mirror.auth import OVERLOAD_STATUSES, aimd_decrease, aimd_increase
+from mirror.credentials import registry_key
 
 SUCCESS_RUN = 8  # successes in a row before the limit grows by one
 
@@ -86,14 +87,14 @@ class HostLimits:
 
     def __init__(self, default: int, per_host: Mapping[str, int] | None = None) -> None:
         self.default = default
-        self.per_host = dict(per_host or {})
+        self.per_host = {registry_key(h): n for h, n in (per_host or {}).items()}
         self._limiters: dict[str, AdaptiveLimiter] = {}
 
     def get(self, host: str) -> AdaptiveLimiter:
         """Return the limiter of `host`, created on first use."""
         lim = self._limiters.get(host)
         if lim is None:
-            lim = self._limiters[host] = AdaptiveLimiter(self.per_host.get(host, self.default))
+            lim = self._limiters[host] = AdaptiveLimiter(self.per_host.get(registry_key(host), self.default))
         return lim
 
     def observe(self, host: str, status: int) -> None:

@@ -38,7 +38,7 @@ from mirror.auth import (
     token_lifetime,
     token_url,
 )
-from mirror.credentials import Credential, CredentialStore
+from mirror.credentials import Credential, CredentialStore, registry_key
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
 from mirror.limiter import HostLimits
 from mirror.reference import is_loopback
@@ -202,8 +202,11 @@ class Transport:
             await self._session.close()
 
     def config(self, host: str) -> HostConfig:
-        """Return the settings for `host` (defaults when none are configured)."""
-        return self.hosts.get(host, HostConfig())
+        """Return the settings for `host` (Docker Hub under any of its names; defaults when none are configured)."""
+        if host in self.hosts:
+            return self.hosts[host]
+        key = registry_key(host)
+        return next((c for h, c in self.hosts.items() if registry_key(h) == key), HostConfig())
 
     def _has_tls_material(self, host: str) -> bool:
         cfg = self.config(host)

@@ -64,3 +64,11 @@ def test_bad_values_name_file_and_key(doc: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as info:
         config.parse(doc, "c.toml")
     assert message in str(info.value)
+
+
+def test_docker_hub_settings_apply_to_its_api_host() -> None:
+    doc = {"registries": [{"host": "docker.io", "concurrency": 2, "username": "u", "password": "p"}]}
+    t = config.parse(doc, "c.toml").transport()
+    assert t.config("registry-1.docker.io").username == "u"
+    assert t.limits.get("registry-1.docker.io").limit == 2
+    assert t.config("quay.io").username is None

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar, cast
 from mirror.auth import RetryPolicy, backoff_delay
 from mirror.digest import Digest
 from mirror.engine.plan import plan_blobs
-from mirror.errors import IntegrityError, ManifestError, MirrorError, StreamError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
 from mirror.manifest import (
     Descriptor,
@@ -229,6 +229,8 @@ class Engine:
             return 0  # a kept partial file already holds every byte: commit verifies it
         received = 0
         async with source.open_blob(ref, desc, writer.offset) as body:
+            if body.offset not in (0, writer.offset):
+                raise TransportError(f"blob {desc.digest}: asked for bytes from {writer.offset}, got {body.offset}")
             if body.offset != writer.offset:
                 # Range ignored (200 instead of 206): start the file over.
                 await writer.reset()

@@ -79,11 +79,13 @@ def ref(proxy: FaultProxy) -> str:
 async def test_dropped_connection_resumes_with_range(seeded: Seeded, proxy: FaultProxy, tmp_path: Path) -> None:
     digest = base_layer(seeded)
     proxy.add(Fault("drop", match=digest, after=100_000))
-    result, _, _ = await pull(tmp_path / "c", ref(proxy))
+    result, engine, _ = await pull(tmp_path / "c", ref(proxy))
     assert result.status == "ok", result.error
     assert_cached(tmp_path / "c", seeded, digest)
     assert proxy.ranges == [(f"/v2/t/schema2/blobs/{digest}", "bytes=100000-")]
-    assert proxy.bytes_for(digest) == BASE_SIZE  # only the missing 200 000 bytes came again
+    assert proxy.bytes_for(digest) == BASE_SIZE  # only the missing bytes came again
+    # The engine's byte count is what crossed the wire for blobs, the broken try included.
+    assert engine.stats.bytes_fetched == sum(n for p, n in proxy.sent.items() if "/blobs/" in p)
 
 
 @pytest.mark.slow

@@ -204,6 +204,7 @@ class Engine:
                         continue
                     raise IntegrityError(f"{ref.name}: {exc}") from None
                 except StreamError as exc:
+                    fetched += max(0, writer.offset - resumed_from)  # what arrived before the break
                     await writer.abort(keep=True)
                     if attempt + 1 >= self.retry.attempts:
                         raise StreamError(f"{exc} (gave up after {attempt + 1} attempts)", status=exc.status) from None

@@ -94,9 +94,25 @@ def token_lifetime(expires_in: float | None, margin: float = 10.0) -> float:
     return max(life - margin, life / 2)
 
 
+def merge_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """Return `scopes` with the actions of one resource merged and sorted (`push,pull` = `pull,push`).
+
+    A scope is `TYPE:NAME:ACTIONS` (Docker token scope grammar); order of first appearance is kept.
+    """
+    merged: dict[tuple[str, str], set[str]] = {}
+    for scope in scopes:
+        head, sep, actions = scope.rpartition(":")
+        kind, _, name = head.partition(":")
+        if not sep or not name:
+            merged.setdefault((scope, ""), set())
+            continue
+        merged.setdefault((kind, name), set()).update(a for a in actions.split(",") if a)
+    return tuple(k if not n else f"{k}:{n}:{','.join(sorted(a))}" for (k, n), a in merged.items())
+
+
 def scope_key(scopes: tuple[str, ...]) -> tuple[str, ...]:
-    """Return the cache key of a scope set: order and repeats do not matter."""
-    return tuple(sorted(set(scopes)))
+    """Return the cache key of a scope set: order, repeats and action order do not matter."""
+    return tuple(sorted(merge_scopes(scopes)))
 
 
 def pull_scope(repository: str) -> str:

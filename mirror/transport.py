@@ -27,6 +27,7 @@ from mirror.auth import (
     Challenge,
     RateLimit,
     RetryPolicy,
+    merge_scopes,
     oauth2_form,
     parse_challenges,
     parse_rate_limit,
@@ -432,7 +433,7 @@ class Transport:
         basic = next((c for c in challenges if c.scheme == "basic"), None)
         if bearer is not None:
             self._challenges[host] = bearer
-            want = scopes + tuple(s for s in bearer.scopes if s not in scopes)
+            want = merge_scopes(scopes + bearer.scopes)
             stale = sent[len("Bearer ") :] if sent and sent.startswith("Bearer ") else None
             await self._token(host, bearer, want, stale=stale, force=sent is not None)
             return want

@@ -16,6 +16,7 @@ from mirror.auth import (
     aimd_decrease,
     aimd_increase,
     backoff_delay,
+    merge_scopes,
     oauth2_form,
     parse_challenges,
     parse_rate_limit,
@@ -72,6 +73,11 @@ def test_token_lifetime_and_scope_key() -> None:
     assert token_lifetime(300) == 290.0
     assert token_lifetime(4) == 2.0  # short tokens keep half their life
     assert scope_key(("b", "a", "b")) == ("a", "b")
+    assert scope_key(("repository:x:push,pull",)) == scope_key(("repository:x:pull", "repository:x:push"))
+    assert merge_scopes(("repository:a:pull", "registry:catalog:*", "repository:a:push,pull")) == (
+        "repository:a:pull,push",
+        "registry:catalog:*",
+    )
 
 
 def test_retry_after_seconds_and_date() -> None:

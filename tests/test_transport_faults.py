@@ -256,3 +256,12 @@ async def test_interrupted_process_keeps_its_bytes_for_the_next_run(
     assert_cached(cache, seeded, digest)
     assert proxy.ranges[-1] == (f"/v2/t/schema2/blobs/{digest}", f"bytes={kept}-")
     assert proxy.bytes_for(digest) == BASE_SIZE - kept
+
+
+@pytest.mark.slow
+async def test_manifest_body_cut_short_is_fetched_again(seeded: Seeded, proxy: FaultProxy, tmp_path: Path) -> None:
+    proxy.add(Fault("drop", match="/manifests/", after=100), Fault("drop", match="/manifests/", after=10))
+    result, _, _ = await pull(tmp_path / "c", ref(proxy))
+    assert result.status == "ok", result.error
+    assert str(result.digest) == seeded.digests["t/schema2:1"]
+    assert sum(1 for m, p, _ in proxy.log if m == "GET" and "/manifests/" in p) == 3

@@ -247,8 +247,17 @@ class Engine:
         return received
 
     async def _manifest(self, source: ManifestSource, ref: Reference) -> Manifest:
-        async with self.host_slot(source.host(ref)):
-            return await source.fetch_manifest(ref)
+        """Fetch a manifest; a body that breaks off is fetched again (retry policy, backoff with jitter)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.host_slot(source.host(ref)):
+                    return await source.fetch_manifest(ref)
+            except StreamError:
+                if attempt + 1 >= self.retry.attempts:
+                    raise
+                await asyncio.sleep(backoff_delay(self.retry, attempt, random.random()))
+                attempt += 1
 
     async def pull(self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...] = ()) -> ImageResult:
         """Copy one image (every wanted platform of an index) into the cache and name it."""

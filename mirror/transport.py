@@ -162,6 +162,7 @@ class Transport:
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._tls_material: dict[str, bool] = {}
         self._pace: dict[str, float] = {}
         self._next_get: dict[str, float] = {}
         self.rate_limits: dict[str, RateLimit] = {}
@@ -210,11 +211,12 @@ class Transport:
         return next((c for h, c in self.hosts.items() if registry_key(h) == key), HostConfig())
 
     def _has_tls_material(self, host: str) -> bool:
-        cfg = self.config(host)
-        if cfg.ca_file or cfg.cert_file:
-            return True
-        cas, pairs = certs_d_files(self.certs_dirs, host)
-        return bool(cas or pairs)
+        known = self._tls_material.get(host)
+        if known is None:
+            cfg = self.config(host)
+            cas, pairs = certs_d_files(self.certs_dirs, host)
+            known = self._tls_material[host] = bool(cfg.ca_file or cfg.cert_file or cas or pairs)
+        return known
 
     def base_url(self, host: str) -> str:
         """Return `scheme://host`: plain HTTP for hosts marked insecure and loopback hosts without TLS settings."""
@@ -482,7 +484,10 @@ class Transport:
                 self.requests += 1
                 self.token_requests += 1
                 async with asyncio.timeout(self.timeouts.first_byte):
-                    r = await self.session.request(method, url, headers=hdrs, data=form or None, allow_redirects=True)
+                    # With credentials, no redirect is followed: they stay with the realm the registry named.
+                    r = await self.session.request(
+                        method, url, headers=hdrs, data=form or None, allow_redirects=cred is None
+                    )
                 async with r:
                     body = await r.content.read(ERROR_BODY_LIMIT)
                     status = r.status

@@ -7,6 +7,8 @@ Docker's file (`$DOCKER_CONFIG/config.json`, default `~/.docker/config.json`) ho
 `{"ServerURL", "Username", "Secret"}` (docker-credential-helpers protocol). A Username
 of `<token>` means Secret is an identity token. Docker Hub is known under several
 names; they all resolve to the key `https://index.docker.io/v1/` that `docker login` uses.
+Order for a host: its `credHelpers` entry, then an `auths` entry holding credentials,
+then `credsStore`.
 """
 
 from __future__ import annotations

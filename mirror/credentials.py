@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
+
 from mirror.errors import AuthError, UsageError
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,24 @@ class DockerConfig:
     store: str = ""
 
     @classmethod
-    def load(cls, path: Path) -> DockerConfig:
+    async def load(cls, path: Path) -> DockerConfig:
         """Return the credentials in Docker config file `path` (empty when it does not exist)."""
         try:
-            doc: Any = json.loads(path.read_text())
+            async with aiofiles.open(path) as f:
+                text = await f.read()
         except FileNotFoundError:
             return cls(path)
-        except (OSError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path}: not a readable Docker config file: {type(exc).__name__}") from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: Path) -> DockerConfig:
+        """Return the credentials in the text of Docker config file `path`."""
+        try:
+            doc: Any = json.loads(text)
+        except ValueError:
+            raise UsageError(f"{path}: not a readable Docker config file: not JSON") from None
         if not isinstance(doc, dict):
             raise UsageError(f"{path}: not a JSON object")
         auths: dict[str, Credential] = {}
@@ -165,11 +177,11 @@ class CredentialStore:
     def __repr__(self) -> str:
         return f"CredentialStore(hosts={sorted(self.configured)}, docker_config={self.docker_config_path})"
 
-    def docker(self) -> DockerConfig:
+    async def docker(self) -> DockerConfig:
         """Return Docker's config file, read on first use."""
         if self._docker is None:
             path = self.docker_config_path or docker_config_path()
-            self._docker = DockerConfig.load(path) if self.use_docker_config else DockerConfig()
+            self._docker = await DockerConfig.load(path) if self.use_docker_config else DockerConfig()
         return self._docker
 
     async def get(self, host: str) -> Credential | None:
@@ -185,7 +197,7 @@ class CredentialStore:
         return self._cache[key]
 
     async def _lookup(self, key: str) -> Credential | None:
-        cfg = self.docker()
+        cfg = await self.docker()
         server = DOCKER_HUB_KEY if key == "docker.io" else key
         helper = cfg.helpers.get(key)
         if helper:

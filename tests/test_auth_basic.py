@@ -17,6 +17,7 @@ import pytest
 from mirror import config
 from mirror.credentials import DOCKER_HUB_KEY, CredentialStore, registry_key
 from mirror.engine.copy import Engine, ImageResult
+from mirror.errors import UsageError
 from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
@@ -229,3 +230,14 @@ async def test_redirect_to_blob_storage_carries_no_credentials(
     assert len(storage.headers) == 2
     assert all("Authorization" not in h for h in storage.headers)
     assert any(p.startswith("/v2/private/app/") for p, _ in proxy.auth_seen)  # the registry itself got them
+
+
+async def test_unreadable_docker_config_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(UsageError) as info:
+        await CredentialStore(docker_config=path).get("r.example")
+    assert str(info.value) == f"{path}: not a readable Docker config file: not JSON"
+    path.write_text(json.dumps({"auths": {"r.example": {"auth": "!!!"}}}))
+    with pytest.raises(UsageError, match=r"auths\['r.example'\]: `auth` is not base64 of USER:PASSWORD"):
+        await CredentialStore(docker_config=path).get("r.example")

@@ -11,16 +11,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mirror.auth import RetryPolicy
+from mirror.credentials import CredentialStore
+from mirror.engine.copy import Engine, Progress
 from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
 from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
+from mirror.limiter import HostLimits
 from mirror.manifest import Platform
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
 from mirror.sources.registry_v2 import RegistryV2Source
-from mirror.transport import HostConfig, Timeouts, Transport
+from mirror.store.layout import Layout
+from mirror.transport import (
+    DEFAULT_CERTS_DIRS,
+    DEFAULT_RATE_LIMIT_FLOOR,
+    DEFAULT_RETRY,
+    HostConfig,
+    Timeouts,
+    Transport,
+)
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_PER_HOST = 4
@@ -39,6 +51,23 @@ class RegistryConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     api: str = "auto"  # registry API: auto (detect), v2 or v1
+    identity_token: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    concurrency: int | None = None
+
+    def host_config(self) -> HostConfig:
+        """Return the transport's view of this registry."""
+        return HostConfig(
+            self.insecure,
+            self.username,
+            self.password,
+            self.identity_token,
+            self.ca_file,
+            self.cert_file,
+            self.key_file,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +91,43 @@ class Config:
     docker: DockerConfig = DockerConfig()
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
+    first_byte_timeout: float = 60.0
+    retry: RetryPolicy = DEFAULT_RETRY
+    rate_limit_floor: int = DEFAULT_RATE_LIMIT_FLOOR
+    certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
+    docker_config: Path | None = None
+    use_docker_config: bool = True
+
+    def host_limits(self) -> HostLimits:
+        """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
+        return HostLimits(self.per_host, {r.host: r.concurrency for r in self.registries if r.concurrency})
+
+    def engine(self, layout: Layout, transport: Transport, progress: Progress | None = None) -> Engine:
+        """Return an Engine with this config's limits, sharing `transport`'s adaptive host limits."""
+        return Engine(
+            layout,
+            concurrency=self.concurrency,
+            per_host=self.per_host,
+            progress=progress,
+            limits=transport.limits,
+            retry=self.retry,
+        )
 
     def transport(self) -> Transport:
-        """Return a Transport set up for every configured registry."""
-        hosts = {r.host: HostConfig(r.insecure, r.username, r.password) for r in self.registries}
-        return Transport(hosts, timeouts=Timeouts(self.connect_timeout, self.read_timeout))
+        """Return a Transport set up for every configured registry (pass its `limits` to the Engine)."""
+        hosts = {r.host: r.host_config() for r in self.registries}
+        configured = {h: c for h, hc in hosts.items() if (c := hc.credential()) is not None}
+        return Transport(
+            hosts,
+            timeouts=Timeouts(self.connect_timeout, self.read_timeout, self.first_byte_timeout),
+            retry=self.retry,
+            credentials=CredentialStore(
+                configured, docker_config=self.docker_config, use_docker_config=self.use_docker_config
+            ),
+            limits=self.host_limits(),
+            rate_limit_floor=self.rate_limit_floor,
+            certs_dirs=self.certs_dirs,
+        )
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
@@ -79,6 +140,27 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
         name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"{where}.{key}: expected {name}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _secret(r: dict[str, Any], key: str, where: str) -> str | None:
+    """Return secret `key`, or the environment variable named by `KEY_env`; never echo the value."""
+    value = _get(r, key, str, where, None)
+    env = _get(r, f"{key}_env", str, where, None)
+    if env is not None:
+        if env not in os.environ:
+            raise ConfigError(f"{where}.{key}_env: environment variable {env} is not set")
+        value = os.environ[env]
+    return value  # type: ignore[no-any-return]
+
+
+def _path(r: dict[str, Any], key: str, where: str) -> Path | None:
+    value = _get(r, key, str, where, None)
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{where}.{key}: no such file {p}")
+    return p
 
 
 def load(path: Path) -> Config:
@@ -110,18 +192,20 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         w = f"{where}: registries[{i}]"
         if not isinstance(r, dict) or "host" not in r:
             raise ConfigError(f"{w}: needs a host")
-        password = _get(r, "password", str, w, None)
-        env = _get(r, "password_env", str, w, None)
-        if env is not None:
-            if env not in os.environ:
-                raise ConfigError(f"{w}.password_env: environment variable {env} is not set")
-            password = os.environ[env]
+        conc_r = _get(r, "concurrency", int, w, None)
+        if conc_r is not None and conc_r < 1:
+            raise ConfigError(f"{w}.concurrency: must be at least 1")
         regs.append(
             RegistryConfig(
                 host=_get(r, "host", str, w, ""),
                 insecure=_get(r, "insecure", bool, w, False),
                 username=_get(r, "username", str, w, None),
-                password=password,
+                password=_secret(r, "password", w),
+                identity_token=_secret(r, "identity_token", w),
+                ca_file=_path(r, "ca_file", w),
+                cert_file=_path(r, "cert_file", w),
+                key_file=_path(r, "key_file", w),
+                concurrency=conc_r,
                 api=check_api(_get(r, "api", str, w, "auto"), f"{w}.api"),
             )
         )
@@ -131,7 +215,28 @@ def parse(doc: dict[str, Any], where: str) -> Config:
     compress = _get(docker, "compress", str, f"{where}: docker", "none")
     if compress not in ("none", "gzip"):
         raise ConfigError(f'{where}: docker.compress: expected "none" or "gzip", got {compress!r}')
+    retry, auth, tls = (_table(doc, k, where) for k in ("retry", "auth", "tls"))
+    w_retry = f"{where}: retry"
+    policy = RetryPolicy(
+        attempts=_get(retry, "attempts", int, w_retry, DEFAULT_RETRY.attempts),
+        base=float(_get(retry, "base", (int, float), w_retry, DEFAULT_RETRY.base)),
+        cap=float(_get(retry, "cap", (int, float), w_retry, DEFAULT_RETRY.cap)),
+        max_wait=float(_get(retry, "max_wait", (int, float), w_retry, DEFAULT_RETRY.max_wait)),
+    )
+    if policy.attempts < 1 or policy.base < 0 or policy.cap < 0 or policy.max_wait < 0:
+        raise ConfigError(f"{where}: retry.attempts must be at least 1 and retry times not negative")
+    dirs = _get(tls, "certs_dirs", list, f"{where}: tls", [str(d) for d in DEFAULT_CERTS_DIRS])
+    if not all(isinstance(d, str) for d in dirs):
+        raise ConfigError(f"{where}: tls.certs_dirs: expected an array of paths")
+    docker_config = _get(auth, "docker_config", str, f"{where}: auth", "")
+    floor = _get(engine, "rate_limit_floor", int, f"{where}: engine", DEFAULT_RATE_LIMIT_FLOOR)
     return Config(
+        first_byte_timeout=float(_get(engine, "first_byte_timeout", (int, float), f"{where}: engine", 60.0)),
+        retry=policy,
+        rate_limit_floor=floor,
+        certs_dirs=tuple(Path(d) for d in dirs),
+        docker_config=Path(docker_config).expanduser() if docker_config else None,
+        use_docker_config=_get(auth, "use_docker_config", bool, f"{where}: auth", True),
         docker=DockerConfig(_get(docker, "url", str, f"{where}: docker", None), compress),
         cache=Path(_get(cache, "path", str, f"{where}: cache", "./cache")),
         concurrency=conc,
@@ -190,7 +295,7 @@ class DaemonConfig:
 def _table(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = parent.get(key, {})
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}.{key}: expected a table, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: [{key}] must be a table, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -240,9 +240,7 @@ class Daemon:
         assert self._layout is not None
         transport = cfg.transport()
         transport.events = self.metrics
-        engine = Engine(
-            self._layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=JsonProgress(self.log.out, True)
-        )
+        engine = cfg.engine(self._layout, transport, JsonProgress(self.log.out, True))
         rt = Runtime(cfg, transport, engine)
         self.runtimes.append(rt)
         return rt

@@ -50,3 +50,7 @@ class AuthError(TransportError):
 
 class UnreachableError(TransportError):
     """The endpoint could not be reached at all (DNS, connection refused, TLS)."""
+
+
+class StreamError(TransportError):
+    """A response body broke off mid-stream (reset, truncated, idle timeout): the download may resume."""

@@ -1,7 +1,8 @@
-"""HTTP for registries: one aiohttp session, auth challenges, redirects, errors as MirrorError.
+"""HTTP for registries: one aiohttp session, auth, TLS, retries, rate limits, redirects, errors as MirrorError.
 
 The only module that talks HTTP to registries. aiohttp exceptions become TransportError
-subclasses here, carrying the status and the registry's own error message.
+subclasses here, carrying the status and the registry's own error message. Decisions
+(challenge parsing, backoff, Retry-After, rate-limit arithmetic) live in `mirror.auth`.
 """
 
 from __future__ import annotations
@@ -9,46 +10,84 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import random
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from mirror import __version__
-from mirror.auth import Challenge, parse_challenges, token_url
-from mirror.errors import AuthError, NotFoundError, TransportError, UnreachableError
+from mirror.auth import (
+    Challenge,
+    RateLimit,
+    RetryPolicy,
+    merge_scopes,
+    oauth2_form,
+    parse_challenges,
+    parse_rate_limit,
+    parse_retry_after,
+    rate_limit_interval,
+    retry_delay,
+    scope_key,
+    scopes_for,
+    token_lifetime,
+    token_url,
+)
+from mirror.credentials import Credential, CredentialStore, registry_key
+from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
+from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.reference import is_loopback
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = f"mirror/{__version__}"
 MAX_REDIRECTS = 5
 ERROR_BODY_LIMIT = 64 * 1024
+DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
+DEFAULT_PER_HOST = 4
+DEFAULT_RATE_LIMIT_FLOOR = 5
+DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True, slots=True)
 class HostConfig:
-    """How to talk to one registry host."""
+    """How to talk to one registry host: plain HTTP or TLS material, and credentials."""
 
     insecure: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def credential(self) -> Credential | None:
+        """Return the credentials configured for this host, if any."""
+        if self.username is None and not self.identity_token:
+            return None
+        return Credential(self.username or "", self.password or "", self.identity_token or "", origin="config")
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Connect and idle-read timeouts, in seconds."""
+    """Connect, idle-read and first-byte timeouts, in seconds."""
 
     connect: float = 30.0
     read: float = 120.0
+    first_byte: float = 60.0
 
 
 @dataclass(slots=True)
 class _Token:
-    value: str
+    value: str = field(repr=False)
     expires: float
 
 
@@ -73,6 +112,28 @@ def registry_error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace").strip()
 
 
+def certs_d_files(dirs: Sequence[Path], host: str) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Return (CA files, client cert/key pairs) in `DIR/HOST/` as Docker reads them.
+
+    Docker's rule (docs "Verify repository client with certificates"): `*.crt` are CA
+    roots, `*.cert` is a client certificate whose key is the `*.key` of the same name.
+    """
+    cas: list[Path] = []
+    pairs: list[tuple[Path, Path]] = []
+    for base in dirs:
+        d = base / host
+        if not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            if f.suffix == ".crt":
+                cas.append(f)
+            elif f.suffix == ".cert":
+                key = f.with_suffix(".key")
+                if key.exists():
+                    pairs.append((f, key))
+    return cas, pairs
+
+
 class Transport:
     """A shared HTTP client for every registry host of a run."""
 
@@ -81,17 +142,42 @@ class Transport:
         hosts: Mapping[str, HostConfig] | None = None,
         *,
         timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = DEFAULT_RETRY,
+        credentials: CredentialStore | None = None,
+        limits: HostLimits | None = None,
+        rate_limit_floor: int = DEFAULT_RATE_LIMIT_FLOOR,
+        certs_dirs: Sequence[Path] = DEFAULT_CERTS_DIRS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.timeouts = timeouts
+        self.retry = retry
+        configured = {h: c for h, hc in self.hosts.items() if (c := hc.credential()) is not None}
+        self.credentials = credentials or CredentialStore(configured)
+        self.limits = limits or HostLimits(DEFAULT_PER_HOST)
+        self.rate_limit_floor = rate_limit_floor
+        self.certs_dirs = tuple(certs_dirs)
+        self.clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._tokens: dict[tuple[str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._tls_material: dict[str, bool] = {}
+        self._pace: dict[str, float] = {}
+        self._next_get: dict[str, float] = {}
+        self.rate_limits: dict[str, RateLimit] = {}
         self.requests = 0
+        self.token_requests = 0
+        self.retries = 0
         self.events: TransportEvents = NoEvents()
 
+    def __repr__(self) -> str:
+        return f"Transport(hosts={sorted(self.hosts)}, requests={self.requests})"
+
     async def __aenter__(self) -> Transport:
+        self._closed = False
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -100,10 +186,14 @@ class Transport:
     @property
     def session(self) -> aiohttp.ClientSession:
         """Return the shared aiohttp session, created on first use."""
+        if self._closed:
+            raise TransportError("the transport is closed (a request after the end of its run)")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect, sock_read=self.timeouts.read),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timeouts.connect, sock_read=self.timeouts.read
+                ),
                 headers={"User-Agent": USER_AGENT},
                 read_bufsize=1 << 18,
                 auto_decompress=False,
@@ -111,18 +201,56 @@ class Transport:
         return self._session
 
     async def close(self) -> None:
-        """Close the session and its connections."""
+        """Close the session and its connections; requests fail until the next `async with`."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
     def config(self, host: str) -> HostConfig:
-        """Return the settings for `host` (defaults when none are configured)."""
-        return self.hosts.get(host, HostConfig())
+        """Return the settings for `host` (Docker Hub under any of its names; defaults when none are configured)."""
+        if host in self.hosts:
+            return self.hosts[host]
+        key = registry_key(host)
+        return next((c for h, c in self.hosts.items() if registry_key(h) == key), HostConfig())
+
+    def _has_tls_material(self, host: str) -> bool:
+        known = self._tls_material.get(host)
+        if known is None:
+            cfg = self.config(host)
+            cas, pairs = certs_d_files(self.certs_dirs, host)
+            known = self._tls_material[host] = bool(cfg.ca_file or cfg.cert_file or cas or pairs)
+        return known
 
     def base_url(self, host: str) -> str:
-        """Return `scheme://host`: plain HTTP for loopback and hosts marked insecure."""
-        plain = self.config(host).insecure or is_loopback(host)
+        """Return `scheme://host`: plain HTTP for hosts marked insecure and loopback hosts without TLS settings."""
+        cfg = self.config(host)
+        plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
         return f"{'http' if plain else 'https'}://{host}"
+
+    def ssl_context(self, host: str) -> ssl.SSLContext | bool:
+        """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert."""
+        ctx = self._ssl.get(host)
+        if ctx is not None:
+            return ctx
+        cfg = self.config(host)
+        cas, pairs = certs_d_files(self.certs_dirs, host)
+        if cfg.ca_file:
+            cas.append(cfg.ca_file)
+        if cfg.cert_file:
+            pairs.insert(0, (cfg.cert_file, cfg.key_file or cfg.cert_file))
+        if not cas and not pairs:
+            self._ssl[host] = True
+            return True
+        c = ssl.create_default_context()
+        try:
+            for ca in cas:
+                c.load_verify_locations(cafile=str(ca))
+            if pairs:
+                c.load_cert_chain(str(pairs[0][0]), str(pairs[0][1]))
+        except (OSError, ssl.SSLError) as exc:
+            raise UnreachableError(f"TLS settings for {host} unusable: {exc}") from None
+        self._ssl[host] = c
+        return c
 
     @asynccontextmanager
     async def request(
@@ -134,38 +262,146 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         scopes: tuple[str, ...] = (),
         expect: tuple[int, ...] = (200,),
+        data: bytes | AsyncIterable[bytes] | None = None,
         body: Callable[[], Any] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request to `host`, answering one auth challenge; yield a response with an expected status.
+        """Send a request to `host` with auth and retries; yield a response with an expected status.
 
-        `body`, when given, is called once per attempt for a fresh request body (bytes or an
-        async iterator of chunks), so a retried or redirected request re-sends from the start.
+        `data` as bytes is re-sent on retries; a streamed body (async iterable) is sent once.
+        `body`, when given, is called for a fresh body (bytes or chunks) at every attempt and
+        redirect hop, so such a request is retried like a bodiless one.
+        Errors while the caller reads the body become StreamError (the caller may resume).
         """
         url = self.base_url(host) + path
-        hdrs = dict(headers or {})
-        resp = await self._send(method, url, host, hdrs, scopes, body)
+        make: Callable[[], Any] = body if body is not None else (lambda: data)
+        replayable = body is not None or data is None or isinstance(data, bytes)
+        resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
         try:
-            if resp.status == 401 and await self._answer_challenge(resp, host, scopes):
-                resp.release()
-                resp = await self._send(method, url, host, hdrs, scopes, body)
-            if resp.status not in expect:
-                await self._raise_for(resp, method, host, path)
             yield resp
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StreamError(f"{method} {host}{path.split('?')[0]}: body broke off: {_describe(exc)}") from None
         finally:
             resp.release()
 
-    def _auth_header(self, host: str, scopes: tuple[str, ...]) -> str | None:
+    async def _exchange(
+        self,
+        method: str,
+        host: str,
+        url: str,
+        path: str,
+        headers: dict[str, str],
+        scopes: tuple[str, ...],
+        expect: tuple[int, ...],
+        make: Callable[[], Any],
+        replayable: bool,
+    ) -> aiohttp.ClientResponse:
+        """Send until a final answer: one auth round (plus one token refresh), retries with backoff."""
+        want = scopes or scopes_for(method, path)
+        attempt = 0
+        challenged = refreshed = False
+        where = f"{method} {host}{path.split('?')[0]}"
+        while True:
+            if method == "GET" and "/manifests/" in path:
+                await self._wait_rate_limit(host)
+            auth = await self._authorization(host, want)
+            try:
+                resp = await self._send(method, url, host, headers, auth, make)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.events.response(host, method, "error")
+                delay = self._delay(host, attempt, None, None) if replayable and _retryable(exc) else None
+                if delay is None:
+                    raise _connection_error(exc, method, host, attempt + 1) from None
+                log.info(
+                    "%s: %s, retry %d/%d in %.2f s", where, _describe(exc), attempt + 1, self.retry.attempts, delay
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            self.limits.observe(host, resp.status)
+            self._note_rate_limit(host, resp)
+            # One answer to a challenge, plus at most one fresh token for a token refused.
+            # A streamed body cannot be sent twice: authenticate with a bodiless request first.
+            if resp.status == 401 and 401 not in expect and replayable and not (refreshed if auth else challenged):
+                if auth:
+                    refreshed = True
+                else:
+                    challenged = True
+                answered = await self._answer_challenge(resp, host, want, auth)
+                if answered is not None:
+                    want = answered
+                    resp.release()
+                    continue
+            if resp.status not in expect:
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+                delay = self._delay(host, attempt, resp.status, retry_after) if replayable else None
+                if delay is not None:
+                    log.info(
+                        "%s: HTTP %d, retry %d/%d in %.2f s",
+                        where,
+                        resp.status,
+                        attempt + 1,
+                        self.retry.attempts,
+                        delay,
+                    )
+                    resp.release()
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                    continue
+                basic_sent = auth is not None and auth.startswith("Basic ")
+                await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
+            return resp
+
+    def _delay(self, host: str, attempt: int, status: int | None, retry_after: float | None) -> float | None:
+        delay = retry_delay(self.retry, attempt, status, retry_after, random.random())
+        if delay is not None:
+            self.retries += 1
+            self.events.retry(host)
+            if status == 429:
+                self.events.rate_limit_wait(host, delay)
+        return delay
+
+    async def _wait_rate_limit(self, host: str) -> None:
+        """Space new manifest GETs of a host whose rate-limit budget fell under the floor."""
+        interval = self._pace.get(host)
+        if interval is None:
+            return
+        now = self.clock()
+        at = max(now, self._next_get.get(host, now))
+        self._next_get[host] = at + interval
+        if at > now:
+            self.events.rate_limit_wait(host, at - now)
+            await asyncio.sleep(at - now)
+
+    def _note_rate_limit(self, host: str, resp: aiohttp.ClientResponse) -> None:
+        rl = parse_rate_limit(resp.headers)
+        if rl is None:
+            return
+        self.rate_limits[host] = rl
+        interval = rate_limit_interval(rl, self.rate_limit_floor)
+        if interval is not None and self._pace.get(host) is None:
+            log.warning(
+                "%s: rate limit %d of %d left (floor %d): spacing manifest GETs %.1f s apart",
+                host,
+                rl.remaining,
+                rl.limit,
+                self.rate_limit_floor,
+                interval,
+            )
+        if interval is None:
+            self._pace.pop(host, None)
+        else:
+            self._pace[host] = interval
+
+    async def _authorization(self, host: str, scopes: tuple[str, ...]) -> str | None:
+        """Return the Authorization value for a request, from what the host challenged before."""
         ch = self._challenges.get(host)
         if ch is None:
             return None
         if ch.scheme == "bearer":
-            tok = self._tokens.get((host, scopes))
-            if tok and tok.expires > time.monotonic():
-                return f"Bearer {tok.value}"
-            return None
-        cfg = self.config(host)
-        if ch.scheme == "basic" and cfg.username is not None:
-            return _basic(cfg.username, cfg.password or "")
+            return "Bearer " + await self._token(host, ch, scopes)
+        cred = await self.credentials.get(host)
+        if ch.scheme == "basic" and cred is not None and cred.has_password:
+            return _basic(cred.username, cred.password)
         return None
 
     async def _send(
@@ -174,92 +410,188 @@ class Transport:
         url: str,
         host: str,
         headers: dict[str, str],
-        scopes: tuple[str, ...],
-        body: Callable[[], Any] | None = None,
+        auth: str | None,
+        make: Callable[[], Any],
     ) -> aiohttp.ClientResponse:
         """Send, following redirects by hand: credentials never go to another host."""
-        auth = self._auth_header(host, scopes)
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
-            if urlsplit(url).netloc != origin:
+            netloc = urlsplit(url).netloc
+            if netloc != origin:
                 hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
             elif auth:
                 hdrs["Authorization"] = auth
-            try:
-                self.requests += 1
+            self.requests += 1
+            tls = self.ssl_context(host) if netloc == origin else True
+            async with asyncio.timeout(self.timeouts.first_byte):
                 resp = await self.session.request(
-                    method, url, headers=hdrs, data=body() if body else None, allow_redirects=False
+                    method, url, headers=hdrs, data=make(), allow_redirects=False, ssl=tls
                 )
-            except aiohttp.ClientConnectorError as exc:
-                self.events.response(host, method, "error")
-                raise UnreachableError(f"cannot reach {host}: {exc.os_error.strerror or exc}") from None
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                self.events.response(host, method, "error")
-                raise TransportError(f"{method} {host}: {type(exc).__name__}: {exc}") from None
             self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
                 if resp.status == 303:
-                    method, body = "GET", None
+                    method, make = "GET", lambda: None
                 continue
             return resp
         raise TransportError(f"{method} {host}: more than {MAX_REDIRECTS} redirects")
 
-    async def _answer_challenge(self, resp: aiohttp.ClientResponse, host: str, scopes: tuple[str, ...]) -> bool:
-        """Remember the challenge of a 401 and get a token or credentials for it; return whether to retry."""
+    async def _answer_challenge(
+        self, resp: aiohttp.ClientResponse, host: str, scopes: tuple[str, ...], sent: str | None
+    ) -> tuple[str, ...] | None:
+        """Learn the challenge of a 401 and get a (new) token or credentials for it.
+
+        Return the scopes to ask with from now on (the request's, plus any the challenge
+        names), or None when there is nothing to retry with. Docker token spec: a 401 to
+        a request that carried a token (expired, or `error="insufficient_scope"`) earns
+        one fresh token, never more.
+        """
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
-        cfg = self.config(host)
         if bearer is not None:
             self._challenges[host] = bearer
-            want = scopes or tuple(filter(None, [bearer.params.get("scope")]))
-            await self._fetch_token(host, bearer, want, scopes)
-            return True
-        if basic is not None and cfg.username is not None:
-            self._challenges[host] = basic
-            return True
-        return False
+            want = merge_scopes(scopes + bearer.scopes)
+            stale = sent[len("Bearer ") :] if sent and sent.startswith("Bearer ") else None
+            await self._token(host, bearer, want, stale=stale, force=sent is not None)
+            return want
+        if basic is not None and sent is None:
+            cred = await self.credentials.get(host)
+            if cred is not None and cred.has_password:
+                self._challenges[host] = basic
+                return scopes
+        return None
 
-    async def _fetch_token(self, host: str, ch: Challenge, want: tuple[str, ...], key_scopes: tuple[str, ...]) -> None:
-        key = (host, key_scopes)
+    async def _token(
+        self, host: str, ch: Challenge, scopes: tuple[str, ...], *, stale: str | None = None, force: bool = False
+    ) -> str:
+        """Return a cached token for (host, scope set), or fetch one; `force` replaces the `stale` one we sent."""
+        key = (host, scope_key(scopes))
         lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            url = token_url(ch, want)
-            cfg = self.config(host)
-            hdrs = {}
-            if cfg.username is not None:
-                hdrs["Authorization"] = _basic(cfg.username, cfg.password or "")
+            tok = self._tokens.get(key)
+            # With `force`, a cached token other than the one refused was refreshed by another request.
+            if tok is not None and tok.expires > self.clock() and not (force and tok.value == stale):
+                return tok.value
+            value, expires_in = await self._fetch_token(host, ch, key[1])
+            self._tokens[key] = _Token(value, self.clock() + token_lifetime(expires_in))
+            return value
+
+    async def _fetch_token(self, host: str, ch: Challenge, scopes: tuple[str, ...]) -> tuple[str, float | None]:
+        """Ask the realm for a token: oauth2 POST with an identity token, GET with Basic or anonymously."""
+        realm = ch.params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AuthError(f"{host} asks for a token from an unusable realm {realm!r}")
+        cred = await self.credentials.get(host)
+        plain = parts.scheme == "http" and not is_loopback(parts.netloc) and not self.config(host).insecure
+        if cred is not None and plain:
+            raise AuthError(f"{host}: refusing to send credentials to the plain-HTTP token realm {parts.netloc}")
+        if cred is not None and cred.identity_token:
+            method, url, form = "POST", realm, oauth2_form(ch, scopes, cred.identity_token)
+            hdrs: dict[str, str] = {}
+        else:
+            account = cred.username if cred is not None and cred.has_password else None
+            method, url, form, hdrs = "GET", token_url(ch, scopes, account), {}, {}
+            if cred is not None and cred.has_password:
+                hdrs["Authorization"] = _basic(cred.username, cred.password)
+        for attempt in range(self.retry.attempts):
             try:
                 self.requests += 1
-                async with self.session.get(url, headers=hdrs) as r:
+                self.token_requests += 1
+                async with asyncio.timeout(self.timeouts.first_byte):
+                    # With credentials, no redirect is followed: they stay with the realm the registry named.
+                    r = await self.session.request(
+                        method, url, headers=hdrs, data=form or None, allow_redirects=cred is None
+                    )
+                async with r:
                     body = await r.content.read(ERROR_BODY_LIMIT)
-                    if r.status != 200:
-                        msg = registry_error_message(body)
-                        raise AuthError(
-                            f"token request for {host} refused ({r.status}): {msg}", status=r.status, body=msg
-                        )
-            except aiohttp.ClientError as exc:
-                raise UnreachableError(f"cannot reach the token service of {host}: {exc}") from None
-            try:
-                doc = json.loads(body)
-                value = str(doc.get("token") or doc["access_token"])
-                expires_in = float(doc.get("expires_in") or 60)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise AuthError(f"token service of {host} answered no token") from None
-            self._tokens[key] = _Token(value, time.monotonic() + max(expires_in - 10, expires_in / 2))
+                    status = r.status
+                    retry_after = parse_retry_after(r.headers.get("Retry-After"), time.time())
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                delay = self._delay(host, attempt, None, None) if _retryable(exc) else None
+                if delay is None:
+                    raise UnreachableError(f"cannot reach the token service of {host}: {_describe(exc)}") from None
+                await asyncio.sleep(delay)
+                continue
+            if status == 200:
+                break
+            delay = self._delay(host, attempt, status, retry_after)
+            if delay is None:
+                msg = registry_error_message(body)
+                who = "credentials refused by" if cred is not None else "anonymous token refused by"
+                raise AuthError(f"{who} the token service of {host} ({status}): {msg}", status=status, body=msg)
+            await asyncio.sleep(delay)
+        try:
+            doc = json.loads(body)
+            value = str(doc.get("token") or doc["access_token"])
+            raw = doc.get("expires_in")
+            expires_in = float(raw) if isinstance(raw, int | float) else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise AuthError(f"token service of {host} answered no token") from None
+        return value, expires_in
 
-    async def _raise_for(self, resp: aiohttp.ClientResponse, method: str, host: str, path: str) -> None:
-        body = b"" if method == "HEAD" else await resp.content.read(ERROR_BODY_LIMIT)
+    async def _raise_for(
+        self, resp: aiohttp.ClientResponse, method: str, host: str, path: str, attempts: int, *, sent_basic: bool
+    ) -> None:
+        try:
+            body = b"" if method == "HEAD" else await resp.content.read(ERROR_BODY_LIMIT)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
         msg = registry_error_message(body) or resp.reason or ""
         where = f"{method} {host}{path.split('?')[0]}"
+        resp.release()
         if resp.status == 404:
             raise NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
         if resp.status in (401, 403):
-            raise AuthError(f"{where}: access denied ({resp.status} {msg})", status=resp.status, body=msg)
-        raise TransportError(f"{where}: HTTP {resp.status} {msg}", status=resp.status, body=msg)
+            what = "credentials refused" if sent_basic and resp.status == 401 else "access denied"
+            token_error = [c.error for c in parse_challenges(resp.headers.get("WWW-Authenticate", "")) if c.error]
+            if token_error:
+                msg += f"; token: {token_error[0]}"
+            raise AuthError(f"{where}: {what} ({resp.status} {msg})", status=resp.status, body=msg)
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """Return the reason of a TLS failure anywhere in `exc`'s chain (verification, a refused client cert), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
+            cert = seen.certificate_error
+            return str(getattr(cert, "verify_message", "") or cert)
+        for arg in (seen, *getattr(seen, "args", ())):
+            if isinstance(arg, ssl.SSLError):
+                return str(arg.reason or arg.strerror or arg)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Return whether a connection-level failure may pass on retry (not DNS, not TLS, not a bad URL)."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError | aiohttp.InvalidURL):
+        return False
+    return _tls_failure(exc) is None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).split("\n")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _connection_error(exc: BaseException, method: str, host: str, attempts: int) -> TransportError:
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    tls = _tls_failure(exc)
+    if tls is not None:
+        return UnreachableError(f"cannot reach {host}: TLS: {tls}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or str(exc)
+        return UnreachableError(f"cannot reach {host}: {reason}{tries}")
+    return TransportError(f"{method} {host}: {_describe(exc)}{tries}")
 
 
 def _basic(user: str, password: str) -> str:

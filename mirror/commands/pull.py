@@ -19,7 +19,6 @@ from mirror.commands.daemon_source import (
     is_daemon_source,
     pull_daemon_sources,
 )
-from mirror.engine.copy import Engine
 from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
 from mirror.progress import PlainProgress, RichProgress
@@ -64,7 +63,7 @@ async def run(args: argparse.Namespace) -> int:
     progress = RichProgress(Console(stderr=True)) if tty else PlainProgress(sys.stderr, quiet=args.quiet)
     t0 = time.monotonic()
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
-        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
+        engine = cfg.engine(layout, transport, progress)
         source = RegistryV2Source(transport)
         v1 = RegistryV1Source(transport)
         detector = ApiDetector(transport, {r.host: r.api for r in cfg.registries}, args.api)

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_common, human, load_config
-from mirror.engine.copy import Engine
 from mirror.engine.push import Pusher
 from mirror.errors import UsageError
 from mirror.reference import Reference
@@ -49,7 +48,7 @@ async def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     # A shared lock: pushes only read the cache, but gc must not delete blobs under them.
     async with CacheLock(cfg.cache, exclusive=False, wait=args.wait), cfg.transport() as transport:
-        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
+        engine = cfg.engine(layout, transport)
         sink = RegistryV2Sink(transport, chunk_threshold=args.chunk_threshold, chunk_bytes=args.chunk_size)
         pusher = Pusher(engine, sink, mount_from=tuple(args.mount_from))
         result = await pusher.push(args.source, dest)

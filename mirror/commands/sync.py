@@ -17,7 +17,7 @@ from rich.console import Console
 
 from mirror.commands.common import EXIT_OK, add_common, exit_code, load_config
 from mirror.config import Config, JobConfig
-from mirror.engine.copy import Engine, Progress
+from mirror.engine.copy import Progress
 from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError
 from mirror.progress import (
@@ -125,7 +125,7 @@ async def run(args: argparse.Namespace) -> int:
             state = await StateDB.open(cfg.cache)
         stack.push_async_callback(state.close)
         transport = await stack.enter_async_context(cfg.transport())
-        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host, progress=progress)
+        engine = cfg.engine(layout, transport, progress)
         if rich is not None:
             stack.enter_context(rich)
         # Downloads are tasks of their own: on the way out, stop any a cancelled run left.

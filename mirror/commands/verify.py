@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
-from mirror.engine.copy import Engine
 from mirror.engine.repair import RegistryRefetch
 from mirror.errors import UsageError
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -37,7 +36,7 @@ async def run(args: argparse.Namespace) -> int:
         raise UsageError("--hashers must be at least 1")
     layout = Layout.open(cfg.cache, create=False)
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
-        engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
+        engine = cfg.engine(layout, transport)
         refetch = RegistryRefetch(engine, RegistryV2Source(transport)) if args.repair else None
         report = await verify(layout, concurrency=args.hashers, refetch=refetch)
     for digest in report.corrupt:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
+from mirror.auth import RetryPolicy, backoff_delay
 from mirror.digest import Digest
 from mirror.engine.plan import plan_blobs
-from mirror.errors import IntegrityError, ManifestError, MirrorError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, StreamError, TransportError
+from mirror.limiter import AdaptiveLimiter, HostLimits
 from mirror.manifest import (
     Descriptor,
     ImageManifest,
@@ -25,9 +29,11 @@ from mirror.manifest import (
 )
 from mirror.reference import Reference
 from mirror.sources.base import ManifestSource
+from mirror.store.blobs import BlobWriter
 from mirror.store.layout import Layout
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -96,6 +102,8 @@ class Engine:
         concurrency: int = 8,
         per_host: int = 4,
         progress: Progress | None = None,
+        limits: HostLimits | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.layout = layout
         self.store = layout.blobs
@@ -103,7 +111,9 @@ class Engine:
         self.progress: Progress = progress or NoProgress()
         self.stats = Stats()
         self._global = asyncio.Semaphore(concurrency)
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        # Pass the transport's `limits` so 429/503 answers shrink the per-host limit (AIMD).
+        self.limits = limits or HostLimits(per_host)
+        self.retry = retry or RetryPolicy()
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
 
@@ -125,12 +135,9 @@ class Engine:
             task.add_done_callback(lambda _t: self._once.pop(key, None))
         return cast(T, await asyncio.shield(task))
 
-    def host_slot(self, host: str) -> asyncio.Semaphore:
-        """Return the semaphore bounding concurrent requests to `host`."""
-        sem = self._hosts.get(host)
-        if sem is None:
-            sem = self._hosts[host] = asyncio.Semaphore(self.per_host)
-        return sem
+    def host_slot(self, host: str) -> AdaptiveLimiter:
+        """Return the adaptive limiter (use as `async with`) bounding concurrent requests to `host`."""
+        return self.limits.get(host)
 
     async def fetch_blob(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         """Make sure blob `desc` is in the store; return the bytes fetched for it by this call's download.
@@ -172,53 +179,100 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _forget(self, task: asyncio.Task[int]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
         for digest, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[digest]
 
     async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
+        """Download `desc` into the store, resuming from the kept partial file after each break.
+
+        A body that breaks off (reset, truncation, idle timeout) is retried with
+        `Range: bytes=N-` from the bytes already kept, the hash fed from the partial file
+        first (BlobStore.writer(resume=True)); a 200 instead of 206 restarts the file.
+        A digest mismatch after a resume is retried once from byte 0.
+        """
         host = source.host(ref)
-        async with self.slot(host):
-            writer = await self.store.writer(desc.digest, desc.size)
-            fetched = 0
-            self.progress.blob_started(desc.digest, desc.size)
-            ok = False
-            try:
-                if writer.offset and writer.offset == desc.size:
-                    # A kept partial file already holds every byte: verify it, or start over.
-                    try:
-                        await writer.commit()
-                        ok = True
-                        return 0
-                    except IntegrityError:
-                        await writer.abort(keep=False)
-                        writer = await self.store.writer(desc.digest, desc.size, resume=False)
-                async with source.open_blob(ref, desc, writer.offset) as body:
-                    if body.offset != writer.offset:
-                        await writer.reset()
-                    if writer.offset:
-                        self.progress.blob_advanced(desc.digest, writer.offset)
-                    async for chunk in body.chunks:
-                        await writer.write(chunk)
-                        fetched += len(chunk)
-                        self.progress.blob_advanced(desc.digest, len(chunk))
-                await writer.commit()
-                ok = True
-                self.stats.blobs_fetched += 1
-                return fetched
-            except IntegrityError as exc:
-                await writer.abort(keep=False)
-                raise IntegrityError(f"{ref.name}: {exc}") from None
-            except BaseException:
-                await writer.abort(keep=True)
-                raise
-            finally:
-                self.stats.bytes_fetched += fetched
-                self.progress.blob_finished(desc.digest, ok)
+        fetched = 0
+        self.progress.blob_started(desc.digest, desc.size)
+        ok = False
+        attempt = 0
+        clean_retry = True
+        try:
+            while True:
+                writer = await self.store.writer(desc.digest, desc.size)
+                resumed_from = writer.offset
+                try:
+                    async with self.slot(host):
+                        fetched += await self._stream(source, ref, desc, writer, show_kept=attempt == 0)
+                    await writer.commit()
+                    ok = True
+                    self.stats.blobs_fetched += 1
+                    return fetched
+                except IntegrityError as exc:
+                    await writer.abort(keep=False)
+                    if resumed_from and clean_retry:
+                        # The kept prefix may have been the bad part: once more from byte 0.
+                        clean_retry = False
+                        log.info("%s: %s after resuming at %d; starting over", ref.name, exc, resumed_from)
+                        continue
+                    raise IntegrityError(f"{ref.name}: {exc}") from None
+                except StreamError as exc:
+                    fetched += max(0, writer.offset - resumed_from)  # what arrived before the break
+                    await writer.abort(keep=True)
+                    if attempt + 1 >= self.retry.attempts:
+                        raise StreamError(f"{exc} (gave up after {attempt + 1} attempts)", status=exc.status) from None
+                    delay = backoff_delay(self.retry, attempt, random.random())
+                    log.info("%s: %s; resuming in %.2f s", desc.digest, exc, delay)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                except BaseException:
+                    await writer.abort(keep=True)
+                    raise
+        finally:
+            self.stats.bytes_fetched += fetched
+            self.progress.blob_finished(desc.digest, ok)
+
+    async def _stream(
+        self, source: ManifestSource, ref: Reference, desc: Descriptor, writer: BlobWriter, *, show_kept: bool
+    ) -> int:
+        """Stream the rest of `desc` into `writer` from its offset; return the bytes received.
+
+        `show_kept` reports the bytes already kept to the progress display (first attempt only).
+        """
+        if writer.offset and writer.offset == desc.size:
+            return 0  # a kept partial file already holds every byte: commit verifies it
+        received = 0
+        async with source.open_blob(ref, desc, writer.offset) as body:
+            if body.offset not in (0, writer.offset):
+                raise TransportError(f"blob {desc.digest}: asked for bytes from {writer.offset}, got {body.offset}")
+            if body.offset != writer.offset:
+                # Range ignored (200 instead of 206): start the file over.
+                await writer.reset()
+            if writer.offset and show_kept:
+                self.progress.blob_advanced(desc.digest, writer.offset)
+            async for chunk in body.chunks:
+                await writer.write(chunk)
+                received += len(chunk)
+                self.progress.blob_advanced(desc.digest, len(chunk))
+        if desc.size >= 0 and writer.offset < desc.size:
+            # A body that ended cleanly but short (truncated): keep it and resume.
+            raise StreamError(f"blob {desc.digest}: body ended after {writer.offset} of {desc.size} bytes")
+        return received
 
     async def _manifest(self, source: ManifestSource, ref: Reference) -> Manifest:
-        async with self.host_slot(source.host(ref)):
-            return await source.fetch_manifest(ref)
+        """Fetch a manifest; a body that breaks off is fetched again (retry policy, backoff with jitter)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.host_slot(source.host(ref)):
+                    return await source.fetch_manifest(ref)
+            except StreamError:
+                if attempt + 1 >= self.retry.attempts:
+                    raise
+                await asyncio.sleep(backoff_delay(self.retry, attempt, random.random()))
+                attempt += 1
 
     async def pull(self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...] = ()) -> ImageResult:
         """Copy one image (every wanted platform of an index) into the cache and name it."""
@@ -266,6 +320,10 @@ class Engine:
                 children[desc.digest] = child
         return top, children
 
+    async def _put(self, data: bytes, digest: Digest) -> Digest:
+        """Store a manifest once among concurrent images that share it (one temp file per digest)."""
+        return await self.once(("put", digest), lambda: self.store.put(data, digest))
+
     async def _store_manifests(
         self, top: Manifest, children: dict[Digest, Manifest]
     ) -> tuple[Descriptor, tuple[str, ...]]:
@@ -273,7 +331,7 @@ class Engine:
         plats: list[str] = []
         config_platform: Platform | None = None
         for child in children.values():
-            await self.store.put(child.raw, child.digest)
+            await self._put(child.raw, child.digest)
         if isinstance(top, IndexManifest):
             plats = [str(d.platform) for d in top.manifests if d.digest in children and d.platform]
         elif isinstance(top, ImageManifest):
@@ -281,11 +339,11 @@ class Engine:
             if top.config is not None:
                 config_platform = platform_of_config(self.store.read(top.config.digest)) or top.platform
             plats = [str(config_platform)] if config_platform else []
-        await self.store.put(top.raw, top.digest)
+        await self._put(top.raw, top.digest)
         wrapper = oci_entry(top, children, config_platform)
         if wrapper is None:
             return descriptor_of(top), tuple(plats)
-        digest = await self.store.put(wrapper)
+        digest = await self._put(wrapper, Digest.of(wrapper))
         return Descriptor("application/vnd.oci.image.index.v1+json", digest, len(wrapper)), tuple(plats)
 
     async def pull_many(

@@ -63,8 +63,13 @@ class RegistryV2Source:
             length = resp.content_length
             if length is not None and length > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"{ref}: manifest of {length} bytes is over the {MAX_MANIFEST_BYTES} byte limit")
-            raw = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-            if len(raw) > MAX_MANIFEST_BYTES or not resp.content.at_eof():
+            raw = b""
+            # StreamReader.read(n) returns what has arrived so far: read until EOF or over the limit.
+            while len(raw) <= MAX_MANIFEST_BYTES and (
+                chunk := await resp.content.read(MAX_MANIFEST_BYTES + 1 - len(raw))
+            ):
+                raw += chunk
+            if len(raw) > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"{ref}: manifest is over the {MAX_MANIFEST_BYTES} byte limit")
             media_type = resp.headers.get("Content-Type", "")
             header = resp.headers.get("Docker-Content-Digest")

@@ -78,7 +78,9 @@ class BlobStore:
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
-        w = await self.writer(digest, len(data), resume=False)
+        # A temp file of its own: many images storing one manifest at once must not share one.
+        w = BlobWriter(self, digest, len(data), unique=True)
+        await asyncio.to_thread(w.open_sync, False)
         try:
             await w.write(data)
             await w.commit()
@@ -110,14 +112,16 @@ class BlobStore:
 class BlobWriter:
     """One blob being written: hashes each batch in a worker thread while the next arrives."""
 
-    def __init__(self, store: BlobStore, digest: Digest | None, size: int) -> None:
+    def __init__(self, store: BlobStore, digest: Digest | None, size: int, *, unique: bool = False) -> None:
         self.store = store
         self.expected: Digest | None = digest
         self.digest: Digest = digest or Digest("sha256", "")
         self.expected_size = size
         self.offset = 0
         self._partial = (
-            store.partial_path(digest) if digest else store.ingest / f"new-{os.getpid()}-{next(_serial)}.partial"
+            store.partial_path(digest)
+            if digest and not unique
+            else store.ingest / f"new-{os.getpid()}-{next(_serial)}.partial"
         )
         self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None

@@ -136,7 +136,8 @@ def table(results: dict[str, list[Sample]], *, payload: int = 0) -> str:
             return med(samples, key)
 
         secs = m(lambda s: s.seconds)
-        rate = f"{payload / 1e6 / secs:.0f}" if payload else "-"
+        moved = m(lambda s: s.traffic.bytes_read) > 0
+        rate = f"{payload / 1e6 / secs:.0f}" if payload and moved else "-"
         rows.append(
             f"| {tool} | {secs:.2f} | {m(lambda s: s.cpu):.2f} | {rate} | {m(lambda s: s.maxrss_kib) / 1024:.1f} "
             f"| {mib(m(lambda s: s.traffic.bytes_read))} | {m(lambda s: s.traffic.requests):.0f} "
@@ -299,7 +300,7 @@ def case2(ctx: Context) -> str:
             "mirror": lambda: run("mirror", ctx.mirror([ref], cache), ctx.log, cache, errlog=ctx.errlog),
             "curl": run_curl,
             "skopeo": lambda: run("skopeo", skopeo, ctx.log, out, errlog=ctx.errlog),
-            "startup": lambda: run_in_place("startup", startup, ctx.log, file, errlog=ctx.errlog),
+            "startup": lambda: run("startup", startup, ctx.log, ctx.work / "c2-startup", errlog=ctx.errlog),
         },
     )
     ctx.raw["case2"] = raw(res)

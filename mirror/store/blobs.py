@@ -227,7 +227,8 @@ class BlobWriter:
             # dirty pages without waiting), so the final fsync does not wait for it all.
             self._file.flush()
             end = self._file.tell()
-            os.posix_fadvise(self._file.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
+                os.posix_fadvise(self._file.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = end
 
     async def _drain(self) -> None:

@@ -17,13 +17,13 @@ test-quick:         ## the fast subset while working
 	$(PYTEST) -q -p no:cacheprovider -m "not slow"
 
 lint:
-	ruff check mirror tests tools
-	ruff format --check mirror tests tools
+	ruff check mirror tests tools bench
+	ruff format --check mirror tests tools bench
 	mypy --strict mirror
 
 format:
-	ruff check --fix mirror tests tools
-	ruff format mirror tests tools
+	ruff check --fix mirror tests tools bench
+	ruff format mirror tests tools bench
 
 bench:              ## benchmarks against skopeo; writes docs/BENCHMARKS.md
 	$(PY) -m bench

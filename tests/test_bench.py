@@ -1,0 +1,67 @@
+"""The benchmark harness builds what it claims: valid layers, case 1's sharing, the registry's byte count."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from bench.cases import Sizes, c1_images
+from bench.images import LayerSpec, OciDir, content
+from bench.measure import RegistryLog
+
+
+def test_layer_is_a_gzip_tar_with_the_digests_it_names(tmp_path: Path) -> None:
+    oci = OciDir(tmp_path)
+    layer = oci.layer(LayerSpec(5, 300_000))
+    blob = (oci.blobs / layer.digest.split(":")[1]).read_bytes()
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer.digest
+    assert len(blob) == layer.size
+    tar = gzip.decompress(blob)
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == layer.diff_id
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        (member,) = tf.getmembers()
+        data = tf.extractfile(member).read()  # type: ignore[union-attr]
+    assert data == b"".join(content(5, 300_000)) and len(data) == 300_000
+
+
+def test_content_differs_by_seed_and_by_mebibyte() -> None:
+    a, b = content(1, 3 << 20), content(2, 3 << 20)
+    assert a != b and len({*a}) == 3 and sum(map(len, a)) == 3 << 20
+
+
+def test_case1_shares_the_base_everywhere_and_repo_layers_within_a_repo(tmp_path: Path) -> None:
+    sizes = Sizes(c1_repos=3, c1_tags=2, c1_base=40_000, c1_unique=10_000)
+    oci = OciDir(tmp_path)
+    for name, layers in c1_images(sizes).items():
+        oci.image(name, layers)
+    layers = {name: [d["digest"] for d in oci.manifest(name)["layers"]] for name in oci.names}  # type: ignore[attr-defined]
+    assert len(layers) == 6
+    assert len({ls[0] for ls in layers.values()}) == 1  # one base in every image
+    assert layers["repo00:t0"][1] == layers["repo00:t1"][1] != layers["repo01:t0"][1]
+    assert len({ls[2] for ls in layers.values()}) == 6  # a layer of its own per tag
+    assert len({d for ls in layers.values() for d in ls}) == 1 + 3 + 6
+
+
+def test_registry_log_counts_bytes_requests_and_connections(tmp_path: Path) -> None:
+    log = tmp_path / "registry.log"
+    log.write_text('old line msg="response completed" http.request.method=GET http.response.written=999\n')
+    rl = RegistryLog(log)
+    rl.mark()
+    lines = [
+        ("GET", "/v2/a/manifests/1", "127.0.0.1:1000", 421),
+        ("GET", '"/v2/a/blobs/sha256:ab"', "127.0.0.1:1000", 100232),
+        ("HEAD", "/v2/a/manifests/2", "127.0.0.1:1001", 0),
+    ]
+    with log.open("a") as f:
+        for method, uri, peer, n in lines:
+            f.write(
+                f'time="x" level=info msg="response completed" http.request.method={method} '
+                f'http.request.remoteaddr="{peer}" http.request.uri={uri} http.response.written={n}\n'
+            )
+        f.write(json.dumps({"unrelated": 1}) + "\n")
+    t = rl.traffic()
+    assert (t.requests, t.bytes_read, t.blob_gets, t.manifest_gets, t.heads, t.connections) == (3, 100653, 1, 1, 1, 2)

@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, IntegrityError, ManifestError, MirrorError, ReferenceError_, UsageError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, ReferenceError_, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     OCI_INDEX,
     REF_NAME,
-    SOURCE_DIGEST,
-    SOURCE_MEDIA_TYPE,
     Descriptor,
     ImageManifest,
     IndexManifest,
@@ -41,6 +39,7 @@ from mirror.manifest import (
     oci_entry,
     parse_manifest,
     platform_of_config,
+    wrapped_source,
 )
 from mirror.reference import DOCKER_HUB, Reference
 from mirror.store.layout import Entry, Layout
@@ -138,15 +137,10 @@ def _read(layout: Layout, entry: Entry) -> _Cached:
     desc = entry.descriptor
     top = parse_manifest(blobs.read(desc.digest), desc.media_type, desc.digest)
     wrapper: bytes | None = None
-    if isinstance(top, IndexManifest):
-        ann = json.loads(top.raw).get("annotations") or {}
-        if SOURCE_DIGEST in ann:
-            wrapper = top.raw
-            try:
-                source = Digest.parse(str(ann[SOURCE_DIGEST]))
-            except DigestError as exc:
-                raise ManifestError(f"{entry.name}: bad wrapper annotation: {exc}") from None
-            top = parse_manifest(blobs.read(source), str(ann.get(SOURCE_MEDIA_TYPE, "")), source)
+    source = wrapped_source(top)
+    if source is not None:
+        wrapper = top.raw
+        top = parse_manifest(blobs.read(source[0]), source[1], source[0])
     images: list[tuple[ImageManifest, Platform | None]] = []
     if isinstance(top, IndexManifest):
         for child in top.manifests:

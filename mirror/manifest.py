@@ -310,3 +310,23 @@ def choose_child(children: tuple[Descriptor, ...], cached: Container[Digest], pl
     if len(kids) == 1:
         return kids[0]
     return next((d for d in kids if d.platform is not None and platform.matches(d.platform)), None)
+
+
+def wrapped_source(top: Manifest) -> tuple[Digest, str] | None:
+    """Return (digest, media type) of the original document a wrapper index of the project's own names.
+
+    None when `top` is not such a wrapper (see `oci_entry`); ManifestError when it is one
+    whose source digest is malformed.
+    """
+    if not isinstance(top, IndexManifest):
+        return None
+    try:
+        ann = json.loads(top.raw).get("annotations") or {}
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(ann, dict) or ann.get(WRAPPER) != "true" or SOURCE_DIGEST not in ann:
+        return None
+    try:
+        return Digest.parse(str(ann[SOURCE_DIGEST])), str(ann.get(SOURCE_MEDIA_TYPE, ""))
+    except DigestError:
+        raise ManifestError(f"wrapper {top.digest} names a malformed source digest {ann[SOURCE_DIGEST]!r}") from None

@@ -17,7 +17,6 @@ import binascii
 import bisect
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -36,8 +35,6 @@ from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
     INDEX_TYPES,
-    SOURCE_DIGEST,
-    SOURCE_MEDIA_TYPE,
     Descriptor,
     ImageManifest,
     IndexManifest,
@@ -45,6 +42,7 @@ from mirror.manifest import (
     Platform,
     choose_child,
     parse_manifest,
+    wrapped_source,
 )
 from mirror.reference import Reference
 from mirror.store.layout import Entry, Layout
@@ -105,15 +103,6 @@ def served_names(ref: Reference) -> tuple[str, str | None]:
     return ref.repository, (f"{host}/{ref.repository}" if _COMPONENT.fullmatch(host) else None)
 
 
-def wrapped_source(raw: bytes) -> tuple[Digest, str] | None:
-    """Return the original document a wrapper index of the project's own names, or None."""
-    try:
-        ann = json.loads(raw).get("annotations") or {}
-        return Digest.parse(str(ann[SOURCE_DIGEST])), str(ann[SOURCE_MEDIA_TYPE])
-    except (ValueError, KeyError, TypeError, AttributeError, DigestError):
-        return None
-
-
 class _Reader:
     """Parses stored manifests, remembering each by digest (content-addressed, so never stale)."""
 
@@ -147,7 +136,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
         try:
             ref = Reference.parse(entry.name)
             top = reader.manifest(entry.descriptor.digest, entry.descriptor.media_type)
-            source = wrapped_source(top.raw) if isinstance(top, IndexManifest) else None
+            source = wrapped_source(top)
             if source is not None:
                 top = reader.manifest(*source)
             images: list[ImageManifest] = []

@@ -15,11 +15,11 @@ from mirror.digest import Digest
 from mirror.engine.copy import Engine
 from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, UsageError
-from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest
+from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
 from mirror.reference import Reference
 from mirror.sinks import BlobSink, MountingSink
 from mirror.store.layout import Layout
-from mirror.store.tree import load_manifest, wrapped_source
+from mirror.store.tree import load_manifest
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from mirror.digest import Digest
 from mirror.errors import MirrorError
 from mirror.manifest import (
-    SOURCE_DIGEST,
-    SOURCE_MEDIA_TYPE,
     ImageManifest,
     IndexManifest,
     Manifest,
     parse_manifest,
     platform_of_config,
+    wrapped_source,
 )
 from mirror.store.layout import Layout
 
@@ -39,11 +37,10 @@ def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> Cach
     """Return what the cache holds under `name` (pointing at manifest `digest`)."""
     try:
         top = _load(layout, digest, media_type)
-        raw_doc = json.loads(top.raw)
-        source = (raw_doc.get("annotations") or {}).get(SOURCE_DIGEST) if isinstance(top, IndexManifest) else None
+        source = wrapped_source(top)
         if source:
             # A wrapper of the project's own: report the original document.
-            top = _load(layout, Digest.parse(source), raw_doc["annotations"][SOURCE_MEDIA_TYPE])
+            top = _load(layout, *source)
         size = len(top.raw)
         platforms: list[str] = []
         images: list[ImageManifest] = []

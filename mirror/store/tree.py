@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import aiofiles
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, ManifestError, StoreError
-from mirror.manifest import MAX_MANIFEST_BYTES, SOURCE_DIGEST, SOURCE_MEDIA_TYPE, WRAPPER, Manifest, parse_manifest
+from mirror.errors import ManifestError, StoreError
+from mirror.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from mirror.store.blobs import BlobStore
 
 
@@ -27,17 +25,3 @@ async def read_blob(store: BlobStore, digest: Digest, limit: int = MAX_MANIFEST_
 async def load_manifest(store: BlobStore, digest: Digest, media_type: str) -> Manifest:
     """Return the stored manifest `digest`, parsed and checked against its digest."""
     return parse_manifest(await read_blob(store, digest), media_type, digest)
-
-
-def wrapped_source(top: Manifest) -> tuple[Digest, str] | None:
-    """Return (digest, media type) of the original document a wrapper index of the project's own names."""
-    try:
-        ann = json.loads(top.raw).get("annotations") or {}
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(ann, dict) or ann.get(WRAPPER) != "true" or SOURCE_DIGEST not in ann:
-        return None
-    try:
-        return Digest.parse(str(ann[SOURCE_DIGEST])), str(ann.get(SOURCE_MEDIA_TYPE, ""))
-    except DigestError:
-        raise ManifestError(f"wrapper {top.digest} names a malformed source digest {ann[SOURCE_DIGEST]!r}") from None

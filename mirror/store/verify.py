@@ -18,11 +18,11 @@ from typing import Protocol
 
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError
-from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest
+from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
 from mirror.store.blobs import FLUSH_BYTES, BlobStore
 from mirror.store.gc import stored_blobs
 from mirror.store.layout import Entry, Layout
-from mirror.store.tree import load_manifest, wrapped_source
+from mirror.store.tree import load_manifest
 
 
 class Refetch(Protocol):

@@ -184,17 +184,23 @@ def schema1_payload(raw: bytes) -> bytes:
     return raw[:length] + tail
 
 
-def detect_media_type(raw: bytes, declared: str) -> str:
-    """Return the manifest's real media type from `declared` or, when generic, from its content."""
-    declared = declared.split(";")[0].strip()
-    if declared in MANIFEST_TYPES:
-        return declared
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """Return the JSON object `raw` holds, or raise ManifestError."""
     try:
         doc = json.loads(raw)
     except ValueError as exc:
         raise ManifestError(f"manifest is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")
+    return doc
+
+
+def detect_media_type(raw: bytes, declared: str) -> str:
+    """Return the manifest's real media type from `declared` or, when generic, from its content."""
+    declared = declared.split(";")[0].strip()
+    if declared in MANIFEST_TYPES:
+        return declared
+    doc = _json_object(raw)
     mt = doc.get("mediaType")
     if isinstance(mt, str) and mt in MANIFEST_TYPES:
         return mt
@@ -222,12 +228,7 @@ def parse_manifest(raw: bytes, media_type: str, expected: Digest | None = None) 
     digest = Digest.of(raw) if expected is None or expected.algorithm == "sha256" else _digest_with(raw, expected)
     if expected is not None and digest != expected:
         raise IntegrityError(f"manifest digest mismatch: expected {expected}, got {digest}")
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(f"manifest is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ManifestError("manifest is not a JSON object")
+    doc = _json_object(raw)
     try:
         if mt in INDEX_TYPES:
             return IndexManifest(mt, raw, digest, tuple(Descriptor.from_json(d) for d in doc.get("manifests") or ()))

@@ -6,14 +6,19 @@ PYTEST ?= $(PY) -m pytest
 install:            ## apt peers (docker-registry, skopeo, podman) and the package with its dev tools
 	./scripts/install-peers.sh
 	$(PY) -m pip install -q -e '.[dev]'
+	@touch .installed
 
-demo: install       ## start a local registry with sample images and mirror them into ./demo/cache
+# Installed once, again when the dependencies change: `make test` works on a fresh machine.
+.installed: pyproject.toml scripts/install-peers.sh
+	$(MAKE) install
+
+demo: .installed    ## start a local registry with sample images and mirror them into ./demo/cache
 	$(PY) -m tools.demo
 
-test:               ## every test, against the real peers
+test: .installed    ## every test, against the real peers
 	$(PYTEST) -q -p no:cacheprovider
 
-test-quick:         ## the fast subset while working
+test-quick: .installed  ## the fast subset while working
 	$(PYTEST) -q -p no:cacheprovider -m "not slow"
 
 lint:

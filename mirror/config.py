@@ -290,6 +290,7 @@ class DaemonConfig:
 
     listen: str = DEFAULT_LISTEN
     grace: float = DEFAULT_GRACE
+    serve: bool = False  # also serve the cache read-only under /v2/ on `listen`
 
 
 def _table(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -455,7 +456,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
 def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:
     raw = _table(doc, "daemon", where)
     w = f"{where}: daemon"
-    _known(raw, {"listen", "grace"}, w)
+    _known(raw, {"listen", "grace", "serve"}, w)
     listen = _get(raw, "listen", str, w, DEFAULT_LISTEN)
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -463,4 +464,4 @@ def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:
     grace = float(_get(raw, "grace", (int, float), w, DEFAULT_GRACE))
     if grace < 0:
         raise ConfigError(f"{w}.grace: must not be negative, got {grace}")
-    return DaemonConfig(listen, grace)
+    return DaemonConfig(listen, grace, _get(raw, "serve", bool, w, False))

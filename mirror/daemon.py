@@ -156,6 +156,7 @@ class Daemon:
         listen: str | None = None,
         grace: float | None = None,
         app_hooks: Sequence[Callable[[web.Application], None]] = (),
+        serve: bool = False,
     ) -> None:
         self.path = path
         # Each hook may add routes or sub-apps to the HTTP app (e.g. serving the cache on this port).
@@ -163,6 +164,7 @@ class Daemon:
         self.cfg = cfg
         self.log = log
         self.listen = listen or cfg.daemon.listen
+        self.serve = serve or cfg.daemon.serve
         self.grace = cfg.daemon.grace if grace is None else grace
         self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
@@ -184,6 +186,11 @@ class Daemon:
             self._state = await StateDB.open(self.cfg.cache)
             self._new_runtime(self.cfg)
             app = make_app(self)
+            if self.serve:
+                # Issue 7: the offline side pulls from the same port /metrics answers on.
+                from mirror.server import install
+
+                install(app, self._layout)
             for hook in self.app_hooks:
                 hook(app)
             runner = web.AppRunner(app, access_log=None)
@@ -399,10 +406,12 @@ def make_app(daemon: Daemon) -> web.Application:
     return app
 
 
-async def run_daemon(path: Path, *, listen: str | None, grace: float | None, wait: float, log: JsonLog) -> int:
+async def run_daemon(
+    path: Path, *, listen: str | None, grace: float | None, wait: float, log: JsonLog, serve: bool = False
+) -> int:
     """Load the config at `path` and run the daemon until stopped; return the exit code."""
     cfg = config.load(path)
     if not any(j.schedule is not None for j in cfg.jobs):
         raise UsageError(f'{path}: no job has a schedule (add schedule = {{interval = "6h"}} to a [[jobs]] table)')
-    daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace)
+    daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace, serve=serve)
     return await daemon.run(wait=wait)

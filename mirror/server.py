@@ -552,7 +552,21 @@ def make_app(
     Other routes (the daemon's `/metrics`) can be added to it; auth and the read-only
     rule apply to `/v2/` only.
     """
-    app = web.Application(middlewares=[_middleware(auth, realm)])
+    app = web.Application()
+    install(app, layout, auth=auth, realm=realm, default_platform=default_platform)
+    return app
+
+
+def install(
+    app: web.Application,
+    layout: Layout,
+    *,
+    auth: Authenticator | None = None,
+    realm: str = "mirror",
+    default_platform: Platform = DEFAULT_PLATFORM,
+) -> None:
+    """Add the read-only registry under `/v2/` to `app` (the daemon's own, on its port)."""
+    app.middlewares.append(_middleware(auth, realm))
     app[APP_KEY] = CacheView(layout)
     app[PLATFORM_KEY] = default_platform
     app.on_response_prepare.append(_blob_etag)
@@ -562,7 +576,6 @@ def make_app(
     app.router.add_get(r"/v2/{name:.+}/tags/list", _tags)
     app.router.add_get(r"/v2/{name:.+}/manifests/{reference}", _manifest)
     app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", _blob)
-    return app
 
 
 def parse_listen(text: str) -> tuple[str, int]:

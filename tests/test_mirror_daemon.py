@@ -297,3 +297,31 @@ def test_sync_stops_on_sigterm_and_reports(slow: Slow, tmp_path: Path) -> None:
     assert cache_is_consistent(cache) == []
     assert not slow.blob(cache).exists()
     assert slow.partial(cache).stat().st_size < len(slow.big.blob)
+
+
+def test_daemon_serves_the_cache_on_its_port(dreg: SyncRegistry, tmp_path: Path) -> None:
+    """`[daemon] serve = true`: what a job cached is pullable from the port /metrics answers on."""
+    h, port, cache = dreg.host, free_port(), tmp_path / "cache"
+    cfg = tmp_path / "mirror.toml"
+    head = f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\nserve = true\n'
+    cfg.write_text(head + job("a", h, ["d/one"], '"1h"'))
+    d = DaemonProc(cfg, port, tmp_path)
+    try:
+        d.wait_for(lambda s: all(j["runs"] >= 1 and not j["running"] for j in s["jobs"]))
+        tag = next(iter(REPOS["d/one"]))
+        served = subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://127.0.0.1:{port}/d/one:{tag}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        upstream = subprocess.run(
+            ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{h}/d/one:{tag}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert served == upstream
+        assert b"mirror_blobs_fetched_total" in d.get("/metrics")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()

@@ -19,6 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("--grace", type=float, metavar="SECONDS", help="time in-flight downloads get after SIGTERM")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
     p.add_argument("-q", "--quiet", action="store_true", help="log only failures and life-cycle events")
+    p.add_argument("--serve", action="store_true", help="also serve the cache read-only under /v2/ on --listen")
     p.set_defaults(run=run)
 
 
@@ -34,4 +35,6 @@ async def run(args: argparse.Namespace) -> int:
     from mirror.daemon import run_daemon
 
     log = JsonLog(sys.stderr, quiet=args.quiet)
-    return await run_daemon(args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log)
+    return await run_daemon(
+        args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log, serve=args.serve
+    )

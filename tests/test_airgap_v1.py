@@ -1,16 +1,16 @@
 """The air-gapped flow for a v1 image: v1 registry -> cache -> `mirror serve` / `mirror export` -> podman."""
+# ruff: noqa: F811 - pytest fixtures imported from test_v1 are named as test arguments
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.served_cache import Server, run_mirror
-from tests.test_v1 import Seed, build_seed
+from tests.test_v1 import seed, v1reg  # noqa: F401 - the v1 seed and its test server, as fixtures
 from tests.v1server import V1Registry
 
 
@@ -18,18 +18,6 @@ def podman(*args: str) -> str:
     res = subprocess.run(["podman", *args], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return res.stdout
-
-
-@pytest.fixture(scope="module")
-def seed() -> Seed:
-    return build_seed()
-
-
-@pytest.fixture
-def v1reg(seed: Seed) -> Iterator[V1Registry]:
-    reg = V1Registry(seed.store).start()
-    yield reg
-    reg.stop()
 
 
 def cached_diff_ids(cache: Path, name: str) -> list[str]:

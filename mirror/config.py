@@ -14,6 +14,7 @@ from typing import Any
 from mirror.auth import RetryPolicy
 from mirror.credentials import CredentialStore
 from mirror.engine.copy import Engine, Progress
+from mirror.engine.publish import RegistryTarget
 from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
 from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
@@ -254,7 +255,7 @@ def parse(doc: dict[str, Any], where: str) -> Config:
 # Source types a job may name, and what builds each from the run's Transport. A new
 # source (v1 registry, Docker daemon) adds its parser and builder here.
 SOURCE_TYPES = ("registry",)
-DESTINATION_TYPES = ("cache",)
+DESTINATION_TYPES = ("cache", "registry")
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRACE = 30.0
 
@@ -431,13 +432,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
         if any(j.name == name for j in out):
             raise ConfigError(f"{w}.name: job name {name!r} is used twice")
         source = _source(job, w)
-        dest = _table(job, "destination", w)
-        dest_type = _get(dest, "type", str, f"{w}.destination", "cache")
-        if dest_type not in DESTINATION_TYPES:
-            raise ConfigError(
-                f"{w}.destination.type: unknown destination {dest_type!r} (known: cache; pushing to a registry"
-                " is not available yet)"
-            )
+        dest_type, target = _destination(job, w)
         platforms = tuple(_checked(w, "platforms", Platform.parse, p) for p in _strings(job, "platforms", w))
         spec = SyncJob(
             name=name,
@@ -447,9 +442,33 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             platforms=platforms,
             immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),
             prune=_get(job, "prune", bool, w, False),
+            destination=target,
         )
         out.append(JobConfig(name, source, spec, dest_type, _schedule(job, w)))
     return tuple(out)
+
+
+def _destination(job: dict[str, Any], w: str) -> tuple[str, RegistryTarget | None]:
+    """Return a job's destination type and, for `registry`, where its images are pushed."""
+    dest = _table(job, "destination", w)
+    wd = f"{w}.destination"
+    dest_type = _get(dest, "type", str, wd, "cache")
+    if dest_type not in DESTINATION_TYPES:
+        raise ConfigError(f"{wd}.type: unknown destination {dest_type!r} (known: {', '.join(DESTINATION_TYPES)})")
+    if dest_type == "cache":
+        _known(dest, {"type"}, wd)
+        return dest_type, None
+    _known(dest, {"type", "host", "prefix"}, wd)
+    host = _get(dest, "host", str, wd, "")
+    if not host:
+        raise ConfigError(f'{wd}.host: missing; the registry to push to, e.g. "registry.internal:5000"')
+    parsed = _checked(wd, "host", Reference.parse, f"{host}/x")
+    if parsed.repository not in ("x", "library/x"):
+        raise ConfigError(f"{wd}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
+    prefix = _get(dest, "prefix", str, wd, "").strip("/")
+    if prefix:
+        _checked(wd, "prefix", Reference.parse, f"{host}/{prefix}/x")
+    return dest_type, RegistryTarget(parsed.registry, prefix)
 
 
 def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:

@@ -22,6 +22,7 @@ from aiohttp import web
 from mirror import config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import Engine, Stats
+from mirror.engine.publish import publisher_for
 from mirror.engine.sync import CANCELLED, FAILED, SyncResult, summarize, sync
 from mirror.errors import MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, Metrics
@@ -324,7 +325,12 @@ class Daemon:
         try:
             source = job.build_source(rt.transport)
             _, results = await sync(
-                rt.engine, self._state, [(job.spec, source)], stopping=self.stopping, observer=_LogView(self)
+                rt.engine,
+                self._state,
+                [(job.spec, source)],
+                stopping=self.stopping,
+                observer=_LogView(self),
+                publisher=publisher_for(rt.engine, rt.transport),
             )
             outcome, counts = outcome_of(results), summarize(results)
         except asyncio.CancelledError:

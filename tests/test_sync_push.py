@@ -18,7 +18,7 @@ from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Transport
-from tests.conftest import Seeded, inspect_digest
+from tests.conftest import ROOT, Seeded, inspect_digest
 from tests.syncfixtures import SyncRegistry, delta, manifest_requests, seed_registry
 from tests.test_sync import cached_names, mirror, write_config
 from tools.registry import Registry, free_port
@@ -112,6 +112,8 @@ def test_registry_destination_in_config(tmp_path: Path) -> None:
     assert str(job.spec.destination.reference(ref)) == "registry.internal:5000/mirror/apps/alpha:1.0"
     hub = RegistryTarget("registry.internal:5000").reference(Reference.parse("busybox:1"))
     assert str(hub) == "registry.internal:5000/library/busybox:1"
+    example = {j.name: j.spec.destination for j in config.load(ROOT / "config.example.toml").jobs}
+    assert example == {"hub": None, "internal": RegistryTarget("registry.offsite:5000", "internal")}
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,7 @@ def test_platform_filtered_index_cannot_be_pushed(seeded: Seeded, target: Regist
     index = images[f"{seeded.registry.host}/t/index:1"]
     assert index["status"] == "failed" and index["push"] == "failed"
     assert "cannot be pushed with its digest" in str(index["error"])
-    assert "platforms" in str(index["error"])
+    assert "platforms filter" in str(index["error"])
     single = images[f"{seeded.registry.host}/t/schema2:1"]
     assert (single["status"], single["push"]) == ("ok", "pushed")
     assert inspect_digest(f"docker://{target.host}/t/schema2:1") == seeded.digests["t/schema2:1"]

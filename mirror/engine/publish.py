@@ -80,7 +80,7 @@ class Publisher:
                     known.setdefault(blob.digest, dest.repository)
                 return PushOutcome(PRESENT, str(dest))
         except StoreError as exc:
-            hint = " (the job's `platforms` filter: push needs every platform of an index)" if filtered else ""
+            hint = " (the job's platforms filter: pushing needs every platform of an index)" if filtered else ""
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {exc}{hint}")
         except MirrorError as exc:
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {exc}")

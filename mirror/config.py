@@ -433,6 +433,10 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             raise ConfigError(f"{w}.name: job name {name!r} is used twice")
         source = _source(job, w)
         dest_type, target = _destination(job, w)
+        if target is not None and target.host == source.host and not target.prefix:
+            raise ConfigError(
+                f"{w}.destination: would push into the source's own repositories; give another host or a prefix"
+            )
         platforms = tuple(_checked(w, "platforms", Platform.parse, p) for p in _strings(job, "platforms", w))
         spec = SyncJob(
             name=name,

@@ -20,6 +20,7 @@ from mirror.store.layout import Layout
 from mirror.transport import Transport
 from tests.conftest import ROOT, Seeded, inspect_digest
 from tests.syncfixtures import SyncRegistry, delta, manifest_requests, seed_registry
+from tests.test_mirror_daemon import DaemonProc, jobs_by_name
 from tests.test_sync import cached_names, mirror, write_config
 from tools.registry import Registry, free_port
 
@@ -126,6 +127,7 @@ def test_registry_destination_in_config(tmp_path: Path) -> None:
         ('{type = "registry", host = "h.example", prefix = 1}', "jobs[0].destination.prefix: expected str"),
         ('{type = "cache", host = "h.example"}', "jobs[0].destination: unknown key 'host'"),
         ('{type = "s3"}', "jobs[0].destination.type: unknown destination 's3' (known: cache, registry)"),
+        ('{type = "registry", host = "s.example"}', "jobs[0].destination: would push into the source's own"),
     ],
 )
 def test_bad_destination_is_named(tmp_path: Path, destination: str, message: str) -> None:
@@ -284,3 +286,24 @@ async def test_an_image_found_present_lets_others_mount_its_blobs(
     assert source.base.digest not in blob_puts(done)
     assert len(blob_puts(done)) == 2
     assert publisher.pusher.stats.blobs_mounted == 1
+
+
+@pytest.mark.slow
+def test_daemon_job_pushes_to_its_registry(source: SyncRegistry, target: Registry, tmp_path: Path) -> None:
+    port = free_port()
+    text = (
+        f'[cache]\npath = "{tmp_path / "cache"}"\n[daemon]\nlisten = "127.0.0.1:{port}"\n[[jobs]]\nname = "offsite"\n'
+        f'source = {{type = "registry", host = "{source.host}"}}\nrepositories = ["team/one"]\ntags = ["stable"]\n'
+        f'destination = {{type = "registry", host = "{target.host}", prefix = "d"}}\nschedule = {{interval = "1h"}}\n'
+    )
+    d = DaemonProc(write_config(tmp_path, text), port, tmp_path)
+    try:
+        st = d.wait_for(lambda s: all(j["runs"] >= 1 and not j["running"] for j in s["jobs"]))
+        assert jobs_by_name(st)["offsite"]["last"]["outcome"] == "ok"
+        (image,) = [e for e in d.events() if e.get("event") == "image"]
+        assert (image["push"], image["destination"]) == ("pushed", f"{target.host}/d/team/one:stable")
+    finally:
+        d.stop()
+    digest = inspect_digest(f"docker://{source.host}/team/one:stable")
+    assert image["digest"] == digest
+    assert inspect_digest(f"docker://{target.host}/d/team/one:stable") == digest

@@ -65,8 +65,11 @@ class Publisher:
         `filtered`: the job keeps only some platforms, so an index may be cached incomplete;
         such an index cannot be pushed under its digest and fails with a message saying so.
         """
-        dest = target.reference(ref)
         sink = self.pusher.sink
+        try:
+            dest = target.reference(ref)
+        except MirrorError as exc:
+            return PushOutcome(PUSH_FAILED, "", f"push to {target}: {exc}")
         try:
             plan = await plan_push(self.pusher.engine.layout, str(ref))
             async with self.pusher.engine.host_slot(sink.host(dest)):

@@ -302,10 +302,10 @@ class Syncer:
         if self.publisher is None:
             err = f"job {job.name}: a registry destination needs a publisher (internal error)"
             return replace(result, status=FAILED, error=err)
+        t0 = time.monotonic()
         got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=bool(job.platforms))
-        if got.status == PUSH_FAILED:
-            return replace(result, status=FAILED, error=got.error, pushed=got.status, target=got.target)
-        return replace(result, pushed=got.status, target=got.target)
+        result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
+        return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
 
     async def _done(self, result: SyncResult) -> SyncResult:
         if result.status == FAILED and not self.dry_run:

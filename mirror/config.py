@@ -14,7 +14,8 @@ from typing import Any
 from mirror.auth import RetryPolicy
 from mirror.credentials import CredentialStore
 from mirror.engine.copy import Engine, Progress
-from mirror.engine.publish import RegistryTarget
+from mirror.engine.publish import Publisher, RegistryTarget
+from mirror.engine.push import Pusher
 from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
 from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
@@ -22,6 +23,7 @@ from mirror.limiter import HostLimits
 from mirror.manifest import Platform
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
+from mirror.sinks.registry_v2 import RegistryV2Sink
 from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -113,6 +115,10 @@ class Config:
             limits=transport.limits,
             retry=self.retry,
         )
+
+    def publisher(self, engine: Engine, transport: Transport) -> Publisher:
+        """Return the Publisher a run's registry destinations share: one v2 sink, mounts across jobs."""
+        return Publisher(Pusher(engine, RegistryV2Sink(transport)))
 
     def transport(self) -> Transport:
         """Return a Transport set up for every configured registry (pass its `limits` to the Engine)."""

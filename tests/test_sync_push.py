@@ -13,14 +13,14 @@ import pytest
 
 from mirror import config
 from mirror.engine.copy import Engine
-from mirror.engine.publish import PRESENT, PUSHED, RegistryTarget, publisher_for
+from mirror.engine.publish import PRESENT, PUSHED, RegistryTarget
 from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Transport
 from tests.conftest import ROOT, Seeded, inspect_digest
 from tests.syncfixtures import SyncRegistry, delta, manifest_requests, seed_registry
-from tests.test_mirror_daemon import DaemonProc, jobs_by_name
+from tests.test_mirror_daemon import DaemonProc, jobs_by_name, metric_samples
 from tests.test_sync import cached_names, mirror, write_config
 from tools.registry import Registry, free_port
 
@@ -271,13 +271,14 @@ async def test_an_image_found_present_lets_others_mount_its_blobs(
 ) -> None:
     refs = [Reference.parse(f"{source.host}/apps/alpha:1.0"), Reference.parse(f"{source.host}/team/one:stable")]
     dest = RegistryTarget(target.host, "m")
+    cfg = config.Config()
     async with Transport() as transport:
         engine = Engine(Layout.open(tmp_path / "cache"))
         results = await engine.pull_many([(RegistryV2Source(transport), r) for r in refs])
         assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
-        assert (await publisher_for(engine, transport).publish(dest, refs[0])).status == PUSHED
+        assert (await cfg.publisher(engine, transport).publish(dest, refs[0])).status == PUSHED
         before = target.requests()
-        publisher = publisher_for(engine, transport)  # a new run: it knows of no blob at the target yet
+        publisher = cfg.publisher(engine, transport)  # a new run: it knows of no blob at the target yet
         assert (await publisher.publish(dest, refs[0])).status == PRESENT
         assert (await publisher.publish(dest, refs[1])).status == PUSHED
     done = delta(target.requests(), before)
@@ -302,6 +303,9 @@ def test_daemon_job_pushes_to_its_registry(source: SyncRegistry, target: Registr
         assert jobs_by_name(st)["offsite"]["last"]["outcome"] == "ok"
         (image,) = [e for e in d.events() if e.get("event") == "image"]
         assert (image["push"], image["destination"]) == ("pushed", f"{target.host}/d/team/one:stable")
+        m = metric_samples(d.get("/metrics").decode())
+        assert m[("mirror_pushes_total", (("job", "offsite"), ("push", "pushed")))] == 1
+        assert not [k for k in m if k[0] == "mirror_pushes_total" and dict(k[1])["push"] != "pushed"]
     finally:
         d.stop()
     digest = inspect_digest(f"docker://{source.host}/team/one:stable")

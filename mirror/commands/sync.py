@@ -18,7 +18,6 @@ from rich.console import Console
 from mirror.commands.common import EXIT_OK, add_common, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import Progress
-from mirror.engine.publish import publisher_for
 from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError
 from mirror.progress import (
@@ -134,7 +133,7 @@ async def run(args: argparse.Namespace) -> int:
         pairs = [(j.spec, j.build_source(transport)) for j in jobs]
         collected = _Collect(observer)
         stopping = asyncio.Event()
-        publisher = publisher_for(engine, transport)  # jobs with a registry destination push through it
+        publisher = cfg.publisher(engine, transport)  # jobs with a registry destination push through it
         task = asyncio.ensure_future(
             sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected, publisher=publisher)
         )

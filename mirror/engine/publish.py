@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mirror.engine.copy import Engine
 from mirror.engine.push import Pusher, plan_push
 from mirror.errors import MirrorError, StoreError
 from mirror.reference import Reference
-from mirror.sinks.registry_v2 import RegistryV2Sink
-from mirror.transport import Transport
 
 # PushOutcome statuses.
 PUSHED = "pushed"  # sent to the target (some or all blobs may have been there already)
@@ -93,8 +90,3 @@ class Publisher:
         if result.status != "ok":
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {result.error}")
         return PushOutcome(PUSHED, str(dest))
-
-
-def publisher_for(engine: Engine, transport: Transport) -> Publisher:
-    """Return the Publisher a run's registry destinations share (v2 push through `transport`)."""
-    return Publisher(Pusher(engine, RegistryV2Sink(transport)))

@@ -342,7 +342,7 @@ async def sync(
     """Run `jobs` as one recorded run; return the run id and every result.
 
     The one entry point `mirror sync`, the daemon and the tests share. Jobs with a registry
-    destination push through `publisher` (see `mirror.engine.publish.publisher_for`).
+    destination push through `publisher` (`Config.publisher` builds one).
     """
     run = 0 if dry_run else await state.start_run(j.name for j, _ in jobs)
     try:

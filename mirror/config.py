@@ -14,6 +14,8 @@ from typing import Any
 from mirror.auth import RetryPolicy
 from mirror.credentials import CredentialStore
 from mirror.engine.copy import Engine, Progress
+from mirror.engine.publish import Publisher, RegistryTarget
+from mirror.engine.push import Pusher
 from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
 from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
@@ -21,6 +23,7 @@ from mirror.limiter import HostLimits
 from mirror.manifest import Platform
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
+from mirror.sinks.registry_v2 import RegistryV2Sink
 from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -112,6 +115,10 @@ class Config:
             limits=transport.limits,
             retry=self.retry,
         )
+
+    def publisher(self, engine: Engine, transport: Transport) -> Publisher:
+        """Return the Publisher a run's registry destinations share: one v2 sink, mounts across jobs."""
+        return Publisher(Pusher(engine, RegistryV2Sink(transport)))
 
     def transport(self) -> Transport:
         """Return a Transport set up for every configured registry (pass its `limits` to the Engine)."""
@@ -254,7 +261,7 @@ def parse(doc: dict[str, Any], where: str) -> Config:
 # Source types a job may name, and what builds each from the run's Transport. A new
 # source (v1 registry, Docker daemon) adds its parser and builder here.
 SOURCE_TYPES = ("registry",)
-DESTINATION_TYPES = ("cache",)
+DESTINATION_TYPES = ("cache", "registry")
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRACE = 30.0
 
@@ -432,12 +439,10 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
         if any(j.name == name for j in out):
             raise ConfigError(f"{w}.name: job name {name!r} is used twice")
         source = _source(job, w)
-        dest = _table(job, "destination", w)
-        dest_type = _get(dest, "type", str, f"{w}.destination", "cache")
-        if dest_type not in DESTINATION_TYPES:
+        dest_type, target = _destination(job, w)
+        if target is not None and target.host == source.host and not target.prefix:
             raise ConfigError(
-                f"{w}.destination.type: unknown destination {dest_type!r} (known: cache; pushing to a registry"
-                " is not available yet)"
+                f"{w}.destination: would push into the source's own repositories; give another host or a prefix"
             )
         platforms = tuple(_checked(w, "platforms", Platform.parse, p) for p in _strings(job, "platforms", w))
         spec = SyncJob(
@@ -448,9 +453,33 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             platforms=platforms,
             immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),
             prune=_get(job, "prune", bool, w, False),
+            destination=target,
         )
         out.append(JobConfig(name, source, spec, dest_type, _schedule(job, w)))
     return tuple(out)
+
+
+def _destination(job: dict[str, Any], w: str) -> tuple[str, RegistryTarget | None]:
+    """Return a job's destination type and, for `registry`, where its images are pushed."""
+    dest = _table(job, "destination", w)
+    wd = f"{w}.destination"
+    dest_type = _get(dest, "type", str, wd, "cache")
+    if dest_type not in DESTINATION_TYPES:
+        raise ConfigError(f"{wd}.type: unknown destination {dest_type!r} (known: {', '.join(DESTINATION_TYPES)})")
+    if dest_type == "cache":
+        _known(dest, {"type"}, wd)
+        return dest_type, None
+    _known(dest, {"type", "host", "prefix"}, wd)
+    host = _get(dest, "host", str, wd, "")
+    if not host:
+        raise ConfigError(f'{wd}.host: missing; the registry to push to, e.g. "registry.internal:5000"')
+    parsed = _checked(wd, "host", Reference.parse, f"{host}/x")
+    if parsed.repository not in ("x", "library/x"):
+        raise ConfigError(f"{wd}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
+    prefix = _get(dest, "prefix", str, wd, "").strip("/")
+    if prefix:
+        _checked(wd, "prefix", Reference.parse, f"{host}/{prefix}/x")
+    return dest_type, RegistryTarget(parsed.registry, prefix)
 
 
 def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:

@@ -22,6 +22,7 @@ from aiohttp import web
 from mirror import config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import Engine, Stats
+from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, FAILED, SyncResult, summarize, sync
 from mirror.errors import MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, Metrics
@@ -140,7 +141,9 @@ class _LogView:
     def result(self, result: SyncResult) -> None:
         """Count the result; log it when it failed or fetched something."""
         self.daemon.metrics.images.labels(result.job, result.status).inc()
-        if result.status in (FAILED, "ok", "pruned", "deleted"):
+        if result.pushed:
+            self.daemon.metrics.pushes.labels(result.job, result.pushed).inc()
+        if result.status in (FAILED, "ok", "pruned", "deleted") or result.pushed == PUSHED:
             self.daemon.log.event("image", **result.to_json())
 
 
@@ -331,7 +334,12 @@ class Daemon:
         try:
             source = job.build_source(rt.transport)
             _, results = await sync(
-                rt.engine, self._state, [(job.spec, source)], stopping=self.stopping, observer=_LogView(self)
+                rt.engine,
+                self._state,
+                [(job.spec, source)],
+                stopping=self.stopping,
+                observer=_LogView(self),
+                publisher=rt.cfg.publisher(rt.engine, rt.transport),
             )
             outcome, counts = outcome_of(results), summarize(results)
         except asyncio.CancelledError:

@@ -73,6 +73,9 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("mirror_images", "References synced, by job and status.", ["job", "status"], registry=r)
+        self.pushes = Counter(
+            "mirror_pushes", "Images of registry-destination jobs, by job and push status.", ["job", "push"], registry=r
+        )
         r.register(_EngineCollector(stats))
 
     def response(self, host: str, method: str, status: str) -> None:

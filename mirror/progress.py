@@ -188,7 +188,8 @@ def sync_line(r: SyncResult) -> str:
         return f"FAILED {r.reference} ({r.job}): {r.error}"
     plats = f" [{','.join(r.platforms)}]" if r.platforms else ""
     size = f" {r.bytes} bytes in {r.seconds:.2f}s" if r.status == "ok" else ""
-    return f"{r.status:9} {r.reference} {r.digest}{plats}{size}"
+    push = f" -> {r.target} ({r.pushed})" if r.pushed else ""
+    return f"{r.status:9} {r.reference} {r.digest}{plats}{size}{push}"
 
 
 class PlainSyncView:

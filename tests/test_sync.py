@@ -145,7 +145,7 @@ def test_example_config_documents_jobs_and_daemon() -> None:
         ('source = {type = "registry"}\nrepositories = ["a"]', "jobs[0].source.host: missing"),
         (
             'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\ndestination = {type = "registry"}',
-            "jobs[0].destination.type: unknown destination 'registry'",
+            "jobs[0].destination.host: missing",
         ),
         (
             'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\ntags = {semver = ">=x"}',

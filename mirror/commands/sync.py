@@ -133,8 +133,9 @@ async def run(args: argparse.Namespace) -> int:
         pairs = [(j.spec, j.build_source(transport)) for j in jobs]
         collected = _Collect(observer)
         stopping = asyncio.Event()
+        publisher = cfg.publisher(engine, transport)  # jobs with a registry destination push through it
         task = asyncio.ensure_future(
-            sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected)
+            sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected, publisher=publisher)
         )
         grace = cfg.daemon.grace if args.grace is None else args.grace
         signalled = _stop_on_signals(task, stopping, grace)
@@ -159,6 +160,8 @@ async def run(args: argparse.Namespace) -> int:
     counts = summarize(results)
     s = engine.stats
     mb = s.bytes_fetched / 1e6
+    ps = publisher.pusher.stats
+    pushes = sum(1 for r in results if r.pushed)
     if log is not None:
         log.event(
             "summary",
@@ -168,6 +171,16 @@ async def run(args: argparse.Namespace) -> int:
             blobs_fetched=s.blobs_fetched,
             blobs_present=s.blobs_present,
             bytes_fetched=s.bytes_fetched,
+            **(
+                {
+                    "blobs_pushed": ps.blobs_uploaded,
+                    "blobs_mounted": ps.blobs_mounted,
+                    "bytes_pushed": ps.bytes_uploaded,
+                    "manifests_pushed": ps.manifests_put,
+                }
+                if pushes
+                else {}
+            ),
             seconds=round(secs, 3),
             exit_code=code,
             interrupted=interrupted,
@@ -177,6 +190,12 @@ async def run(args: argparse.Namespace) -> int:
     print(
         f"{len(results)} references in {len(jobs)} jobs: {parts}; blobs fetched {s.blobs_fetched}, "
         f"already present {s.blobs_present}; {mb:.1f} MB in {secs:.2f}s"
+        + (
+            f"; pushed {ps.blobs_uploaded} blobs ({ps.bytes_uploaded / 1e6:.1f} MB), mounted {ps.blobs_mounted}, "
+            f"{ps.manifests_put} manifests"
+            if pushes
+            else ""
+        )
         + (f"; stopped by {interrupted}" if interrupted else ""),
         file=sys.stderr,
     )

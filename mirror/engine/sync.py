@@ -14,11 +14,12 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import Engine
+from mirror.engine.publish import PUSH_FAILED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
 from mirror.manifest import Platform
@@ -70,6 +71,7 @@ class SyncJob:
     platforms: tuple[Platform, ...] = ()
     immutable: tuple[re.Pattern[str], ...] = ()
     prune: bool = False
+    destination: RegistryTarget | None = None  # None: the cache only; else pushed on from the cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class SyncResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    pushed: str = ""  # with a registry destination: a publish status (pushed, present, would push, failed)
+    target: str = ""  # the destination reference it was pushed to
 
     def to_json(self) -> dict[str, Any]:
         """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
@@ -96,6 +100,8 @@ class SyncResult:
             "bytes": self.bytes,
             "seconds": round(self.seconds, 3),
             "error": self.error or None,
+            "push": self.pushed or None,
+            "destination": self.target or None,
         }
 
 
@@ -136,8 +142,10 @@ class Syncer:
         dry_run: bool = False,
         stopping: asyncio.Event | None = None,
         observer: SyncObserver | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.engine = engine
+        self.publisher = publisher
         self.state = state
         self.run_id = run
         self.dry_run = dry_run
@@ -243,7 +251,7 @@ class Syncer:
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
         if cached and st is not None and ref.tag and matches_any(ref.tag, job.immutable):
-            return await self._done(SyncResult(job.name, key, IMMUTABLE, st.digest))
+            return await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
         if self.stopping.is_set():
             return await self._done(SyncResult(job.name, key, CANCELLED))
         try:
@@ -256,9 +264,11 @@ class Syncer:
             if cached and st is not None and upstream is not None and str(upstream) == st.digest:
                 if not self.dry_run:
                     await self.state.touch_tag(key, now)
-                return await self._done(SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0))
+                unchanged = SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0)
+                return await self._done(await self._publish(job, ref, unchanged))
             if self.dry_run:
-                return await self._done(SyncResult(job.name, key, PLANNED, str(upstream or "")))
+                planned = SyncResult(job.name, key, PLANNED, str(upstream or ""))
+                return await self._done(await self._publish(job, ref, planned))
             if self.stopping.is_set():
                 return await self._done(SyncResult(job.name, key, CANCELLED, str(upstream or "")))
         except NotFoundError as exc:
@@ -274,9 +284,28 @@ class Syncer:
         await self.state.record_tag(
             TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )
-        return await self._done(
-            SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
-        )
+        fetched = SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
+        return await self._done(await self._publish(job, ref, fetched))
+
+    async def _publish(self, job: SyncJob, ref: Reference, result: SyncResult) -> SyncResult:
+        """Push a cached (or, in a dry run, planned) image on to the job's registry destination.
+
+        A push failure fails this image only; the cache keeps it, and the next run tries again.
+        """
+        target = job.destination
+        if target is None:
+            return result
+        if result.status == PLANNED:  # dry run, not cached yet: it would be fetched, then pushed
+            return replace(result, pushed=WOULD_PUSH, target=str(target.reference(ref)))
+        if self.stopping.is_set():
+            return replace(result, pushed=CANCELLED, target=str(target.reference(ref)))
+        if self.publisher is None:
+            err = f"job {job.name}: a registry destination needs a publisher (internal error)"
+            return replace(result, status=FAILED, error=err)
+        t0 = time.monotonic()
+        got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=bool(job.platforms))
+        result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
+        return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
 
     async def _done(self, result: SyncResult) -> SyncResult:
         if result.status == FAILED and not self.dry_run:
@@ -308,14 +337,18 @@ async def sync(
     dry_run: bool = False,
     stopping: asyncio.Event | None = None,
     observer: SyncObserver | None = None,
+    publisher: Publisher | None = None,
 ) -> tuple[int, list[SyncResult]]:
     """Run `jobs` as one recorded run; return the run id and every result.
 
-    The one entry point `mirror sync`, the daemon and the tests share.
+    The one entry point `mirror sync`, the daemon and the tests share. Jobs with a registry
+    destination push through `publisher` (`Config.publisher` builds one).
     """
     run = 0 if dry_run else await state.start_run(j.name for j, _ in jobs)
     try:
-        results = await Syncer(engine, state, run=run, dry_run=dry_run, stopping=stopping, observer=observer).run(jobs)
+        results = await Syncer(
+            engine, state, run=run, dry_run=dry_run, stopping=stopping, observer=observer, publisher=publisher
+        ).run(jobs)
     except asyncio.CancelledError:
         if not dry_run:
             await state.finish_run(run, "cancelled", 0, 0, 0)

@@ -79,6 +79,7 @@ class ImageResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    entry: Descriptor | None = None  # what index.json now names the ref with
 
 
 @dataclass(slots=True)
@@ -293,6 +294,7 @@ class Engine:
                 plats,
                 fetched,
                 time.monotonic() - t0,
+                entry=entry,
             )
         except* MirrorError as group:
             first = group.exceptions[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -154,7 +155,7 @@ class Engine:
         if task is None:
             task = asyncio.create_task(self._download(source, ref, desc), name=f"blob {desc.digest}")
             self._inflight[desc.digest] = task
-            task.add_done_callback(self._forget)
+            task.add_done_callback(functools.partial(self._forget, desc.digest))
             return await asyncio.shield(task)
         try:
             await asyncio.shield(task)
@@ -179,12 +180,11 @@ class Engine:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _forget(self, task: asyncio.Task[int]) -> None:
+    def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
-        for digest, t in list(self._inflight.items()):
-            if t is task:
-                del self._inflight[digest]
+        if self._inflight.get(digest) is task:
+            del self._inflight[digest]
 
     async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         """Download `desc` into the store, resuming from the kept partial file after each break.

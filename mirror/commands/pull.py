@@ -36,8 +36,8 @@ def register(sub: Any) -> None:
         "refs", nargs="+", metavar="REF", help="image references, HOST/NAME[:TAG][@DIGEST], or daemon://NAME[:TAG]"
     )
     p.add_argument("--platform", action="append", default=[], help="OS/ARCH[/VARIANT] to keep from an index")
-    p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 8)")
-    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
+    p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 16)")
+    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 16)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
     p.add_argument(
         "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"

@@ -75,12 +75,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, two repetitions (a few minutes)")
     p.add_argument("--case", type=int, action="append", choices=sorted(CASES), help="run only this case (repeatable)")
     p.add_argument("--large", action="store_true", help="add the 1 GiB blob to case 4")
-    p.add_argument("--reps", type=int, help="repetitions per tool (default 3, 2 for case 5, 1 for case 3; quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions per tool (default 3, 2 for case 5; quick 2)")
     p.add_argument("--out", type=Path, help="report file (default docs/BENCHMARKS.md; bench/out/ when --quick)")
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.reps:
-        sizes = dataclasses.replace(sizes, reps=args.reps, slow_reps=args.reps, c3_reps=args.reps)
+        sizes = dataclasses.replace(sizes, reps=args.reps, slow_reps=args.reps)
     for tool in ("skopeo", "docker-registry", "curl", "openssl"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (make install)", file=sys.stderr)

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
 from mirror import __version__
-from mirror.commands import daemon, export, gc, ls, pull, push, serve, sync, verify
 from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import MirrorError, UnreachableError, UsageError
 
-# Each module adds its subcommand; add new commands here.
-COMMANDS = [pull, ls, sync, daemon, push, serve, export, verify, gc]
+# Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
+COMMANDS = ["pull", "ls", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
 
 
-def parser() -> argparse.ArgumentParser:
-    """Return the argument parser of every command."""
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of every command, or of command `only` alone.
+
+    Only the modules registered are imported: a run imports its own command's
+    dependencies, not every command's (start-up time).
+    """
     p = argparse.ArgumentParser(prog="mirror", description="Copy container images into an offline OCI cache.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in COMMANDS:
-        module.register(sub)
+    for name in COMMANDS:
+        if only is None or name == only:
+            importlib.import_module(f"mirror.commands.{name}").register(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The command is the first argument (mirror has no options before it but --version and --help).
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = parser(only).parse_args(argv)
     try:
         return int(uvloop.run(args.run(args)))
     except UsageError as exc:

@@ -37,8 +37,8 @@ from mirror.transport import (
     Transport,
 )
 
-DEFAULT_CONCURRENCY = 8
-DEFAULT_PER_HOST = 4
+DEFAULT_CONCURRENCY = 16
+DEFAULT_PER_HOST = 16
 
 
 class ConfigError(UsageError):

@@ -52,7 +52,7 @@ USER_AGENT = f"mirror/{__version__}"
 MAX_REDIRECTS = 5
 ERROR_BODY_LIMIT = 64 * 1024
 DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
-DEFAULT_PER_HOST = 4
+DEFAULT_PER_HOST = 16
 DEFAULT_RATE_LIMIT_FLOOR = 5
 DEFAULT_RETRY = RetryPolicy()
 

@@ -65,3 +65,22 @@ def test_registry_log_counts_bytes_requests_and_connections(tmp_path: Path) -> N
         f.write(json.dumps({"unrelated": 1}) + "\n")
     t = rl.traffic()
     assert (t.requests, t.bytes_read, t.blob_gets, t.manifest_gets, t.heads, t.connections) == (3, 100653, 1, 1, 1, 2)
+
+
+def test_sync_config_is_read_by_mirror_as_jobs_of_listed_tags(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bench.cases import Context, sync_config
+    from mirror.config import load
+
+    fake_registry = SimpleNamespace(host="127.0.0.1:5999")
+    ctx = Context(fake_registry, RegistryLog(tmp_path / "log"), tmp_path, Sizes(), False, tmp_path / "err")  # type: ignore[arg-type]
+    repos = {"c3/repo00": ["t000", "t001"], "c3/repo01": ["t000", "t001"], "c1/other": ["t0"]}
+    cfg = load(sync_config(ctx, "c3", tmp_path / "cache", repos))
+    assert cfg.cache == tmp_path / "cache"
+    jobs = {j.name: j for j in cfg.jobs}
+    assert sorted(jobs) == ["c3-0", "c3-1"]
+    assert {j.source.host for j in cfg.jobs} == {"127.0.0.1:5999"}
+    assert jobs["c3-0"].spec.repositories.names == ("c3/repo00", "c3/repo01")
+    assert jobs["c3-0"].spec.tags.names == ("t000", "t001") and not jobs["c3-0"].spec.tags.needs_listing
+    assert jobs["c3-1"].spec.repositories.names == ("c1/other",)

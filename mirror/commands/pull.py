@@ -6,10 +6,8 @@ import argparse
 import asyncio
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
-
-from rich.console import Console
 
 from mirror.commands.common import add_common, exit_code, load_config
 from mirror.commands.daemon_source import (
@@ -21,7 +19,7 @@ from mirror.commands.daemon_source import (
 )
 from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
-from mirror.progress import PlainProgress, RichProgress
+from mirror.progress import PlainProgress
 from mirror.reference import Reference
 from mirror.sources.detect import API_CHOICES, ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source
@@ -38,8 +36,8 @@ def register(sub: Any) -> None:
         "refs", nargs="+", metavar="REF", help="image references, HOST/NAME[:TAG][@DIGEST], or daemon://NAME[:TAG]"
     )
     p.add_argument("--platform", action="append", default=[], help="OS/ARCH[/VARIANT] to keep from an index")
-    p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 8)")
-    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 4)")
+    p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 16)")
+    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 16)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
     p.add_argument(
         "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
@@ -60,14 +58,19 @@ async def run(args: argparse.Namespace) -> int:
     platforms = tuple(Platform.parse(p) for p in args.platform)
     layout = Layout.open(cfg.cache)
     tty = sys.stderr.isatty() and not args.quiet
-    progress = RichProgress(Console(stderr=True)) if tty else PlainProgress(sys.stderr, quiet=args.quiet)
+    progress: PlainProgress = PlainProgress(sys.stderr, quiet=args.quiet)
+    bars: AbstractContextManager[Any] = nullcontext()
+    if tty:
+        from mirror.progress_rich import RichProgress  # rich only on a terminal: it costs start-up time
+
+        progress = bars = RichProgress.on_stderr()
     t0 = time.monotonic()
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
         engine = cfg.engine(layout, transport, progress)
         source = RegistryV2Source(transport)
         v1 = RegistryV1Source(transport)
         detector = ApiDetector(transport, {r.host: r.api for r in cfg.registries}, args.api)
-        with progress if isinstance(progress, RichProgress) else nullcontext():
+        with bars:
             results = list(
                 await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
             )

@@ -10,28 +10,22 @@ import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiofiles
-from rich.console import Console
 
 from mirror.commands.common import EXIT_OK, add_common, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import Progress
 from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError
-from mirror.progress import (
-    BlobsOnly,
-    JsonLog,
-    JsonProgress,
-    JsonSyncView,
-    PlainSyncView,
-    RichProgress,
-    RichSyncView,
-)
+from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
+
+if TYPE_CHECKING:
+    from mirror.progress_rich import RichProgress
 
 
 def register(sub: Any) -> None:
@@ -102,11 +96,14 @@ async def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)  # a bad config stops here, before anything is written
     jobs = chosen_jobs(cfg, args.job)
     tty = sys.stderr.isatty() and not args.quiet and not args.json
-    rich: RichProgress | None = RichProgress(Console(stderr=True)) if tty else None
+    rich: RichProgress | None = None
     observer: SyncObserver
     progress: Progress
     log: JsonLog | None = None
-    if rich is not None:
+    if tty:
+        from mirror.progress_rich import RichProgress, RichSyncView  # rich only on a terminal (start-up time)
+
+        rich = RichProgress.on_stderr()
         progress, observer = BlobsOnly(rich), RichSyncView(rich)
     elif args.json or not sys.stderr.isatty():
         log = JsonLog(sys.stderr, quiet=args.quiet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -79,6 +80,7 @@ class ImageResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    entry: Descriptor | None = None  # what index.json now names the ref with
 
 
 @dataclass(slots=True)
@@ -99,8 +101,8 @@ class Engine:
         self,
         layout: Layout,
         *,
-        concurrency: int = 8,
-        per_host: int = 4,
+        concurrency: int = 16,
+        per_host: int = 16,
         progress: Progress | None = None,
         limits: HostLimits | None = None,
         retry: RetryPolicy | None = None,
@@ -153,7 +155,7 @@ class Engine:
         if task is None:
             task = asyncio.create_task(self._download(source, ref, desc), name=f"blob {desc.digest}")
             self._inflight[desc.digest] = task
-            task.add_done_callback(self._forget)
+            task.add_done_callback(functools.partial(self._forget, desc.digest))
             return await asyncio.shield(task)
         try:
             await asyncio.shield(task)
@@ -178,12 +180,11 @@ class Engine:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _forget(self, task: asyncio.Task[int]) -> None:
+    def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
-        for digest, t in list(self._inflight.items()):
-            if t is task:
-                del self._inflight[digest]
+        if self._inflight.get(digest) is task:
+            del self._inflight[digest]
 
     async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         """Download `desc` into the store, resuming from the kept partial file after each break.
@@ -293,6 +294,7 @@ class Engine:
                 plats,
                 fetched,
                 time.monotonic() - t0,
+                entry=entry,
             )
         except* MirrorError as group:
             first = group.exceptions[0]

@@ -280,7 +280,7 @@ class Syncer:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=res.error or "failed")
             )
-        desc = await self.engine.layout.find(key)
+        desc = res.entry or await self.engine.layout.find(key)
         await self.state.record_tag(
             TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )

@@ -1,8 +1,8 @@
 """The cache's state file `.mirror/state.db` (sqlite): runs, each tag's last digest and check time, errors.
 
 Every call runs on one worker thread that owns the connection, so the event loop never
-waits on the disk; each write is one transaction. WAL mode lets a dry run read while a
-sync writes.
+waits on the disk; each write is one transaction, except that the per-tag writes of
+concurrent tags share one (group commit). WAL mode lets a dry run read while a sync writes.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ class StateDB:
         self.readonly = readonly
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-state")
         self._conn: sqlite3.Connection | None = None
+        # Group commit of per-tag writes: statements waiting for the next transaction, the
+        # task that will commit them (None: none open), and the last such task started.
+        self._rows: list[tuple[str, tuple[object, ...]]] = []
+        self._group: asyncio.Task[None] | None = None
+        self._last_group: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, cache: Path, *, readonly: bool = False) -> StateDB:
@@ -115,6 +120,32 @@ class StateDB:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: state database: {exc}") from None
 
+    async def _grouped(self, sql: str, row: tuple[object, ...]) -> None:
+        """Run one write in the next group transaction; return once it is committed.
+
+        Writes that arrive while a group commits wait together for the next one, so
+        a thousand tags cost a few transactions instead of a thousand.
+        """
+        self._rows.append((sql, row))
+        if self._group is None:
+            self._group = asyncio.ensure_future(self._commit_group(self._last_group))
+            self._group.add_done_callback(_retrieve)
+            self._last_group = self._group
+        await asyncio.shield(self._group)
+
+    async def _commit_group(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # one group at a time; this one gathers rows meanwhile
+        rows, self._rows = self._rows, []
+        self._group = None
+
+        def w() -> None:
+            with self._db() as c:
+                for sql, row in rows:
+                    c.execute(sql, row)
+
+        await self._call(w)
+
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreError(f"{self.path}: state database is closed")
@@ -122,6 +153,8 @@ class StateDB:
 
     async def close(self) -> None:
         """Close the connection and the worker thread."""
+        if self._last_group is not None:
+            await asyncio.wait([self._last_group])
         if self._conn is not None:
             await self._call(self._db().close)
             self._conn = None
@@ -171,34 +204,18 @@ class StateDB:
         await self._call(w)
 
     async def record_tag(self, state: TagState) -> None:
-        """Store what the cache now holds for a reference (one transaction)."""
+        """Store what the cache now holds for a reference (in a transaction shared with concurrent writes)."""
 
-        def w() -> None:
-            with self._db() as c:
-                c.execute(
-                    "INSERT OR REPLACE INTO tags (ref, job, digest, entry_digest, platforms, checked, synced)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        state.ref,
-                        state.job,
-                        state.digest,
-                        state.entry_digest,
-                        state.platforms,
-                        state.checked,
-                        state.synced,
-                    ),
-                )
-
-        await self._call(w)
+        await self._grouped(
+            "INSERT OR REPLACE INTO tags (ref, job, digest, entry_digest, platforms, checked, synced)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (state.ref, state.job, state.digest, state.entry_digest, state.platforms, state.checked, state.synced),
+        )
 
     async def touch_tag(self, ref: str, when: float) -> None:
         """Record that `ref` was checked at `when` and found unchanged."""
 
-        def w() -> None:
-            with self._db() as c:
-                c.execute("UPDATE tags SET checked = ? WHERE ref = ?", (when, ref))
-
-        await self._call(w)
+        await self._grouped("UPDATE tags SET checked = ? WHERE ref = ?", (when, ref))
 
     async def forget_tags(self, refs: Iterable[str]) -> None:
         """Drop the state of references removed from the cache."""
@@ -247,3 +264,9 @@ class StateDB:
             return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
 
         return await self._call(q)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a group's failure as seen: its callers get it, and one whose callers all left must not warn."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,59 @@
+"""The state's per-tag writes share transactions: every caller's row is committed when it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from mirror.errors import StoreError
+from mirror.store.state import StateDB, TagState
+
+
+def tag(i: int, checked: float = 1.0) -> TagState:
+    return TagState(f"reg.example/r:{i}", "job", f"sha256:{i:064x}", f"sha256:{i + 1:064x}", "", checked, 1.0)
+
+
+def committed(cache: Path) -> dict[str, float]:
+    """Read the state file with a connection of its own: only committed rows are seen."""
+    with sqlite3.connect(cache / ".mirror" / "state.db") as c:
+        return {ref: checked for ref, checked in c.execute("SELECT ref, checked FROM tags")}
+
+
+async def test_concurrent_writes_are_committed_when_each_returns(tmp_path: Path) -> None:
+    async with await StateDB.open(tmp_path) as db:
+        seen: dict[str, float] = {}
+
+        async def one(i: int) -> None:
+            await db.record_tag(tag(i))
+            await db.touch_tag(tag(i).ref, 100.0 + i)
+            seen[tag(i).ref] = committed(tmp_path).get(tag(i).ref, -1.0)
+
+        await asyncio.gather(*(one(i) for i in range(300)))
+        want = {tag(i).ref: 100.0 + i for i in range(300)}
+        assert seen == want
+        assert committed(tmp_path) == want
+        assert (await db.tags())[tag(7).ref].digest == tag(7).digest
+
+
+async def test_a_failed_group_fails_its_callers_and_the_next_group_works(tmp_path: Path) -> None:
+    async with await StateDB.open(tmp_path) as db:
+        await db.record_tag(tag(1))
+        with sqlite3.connect(tmp_path / ".mirror" / "state.db") as c:
+            c.execute("CREATE TRIGGER no_touch BEFORE UPDATE ON tags BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        results = await asyncio.gather(db.touch_tag(tag(1).ref, 5.0), db.record_tag(tag(2)), return_exceptions=True)
+        assert all(isinstance(r, StoreError) and "refused" in str(r) for r in results)
+        assert committed(tmp_path) == {tag(1).ref: 1.0}  # the failed group left nothing half-done
+        with sqlite3.connect(tmp_path / ".mirror" / "state.db") as c:
+            c.execute("DROP TRIGGER no_touch")
+        await db.record_tag(tag(3))
+        assert committed(tmp_path) == {tag(1).ref: 1.0, tag(3).ref: 1.0}
+
+
+async def test_close_waits_for_a_group_in_flight(tmp_path: Path) -> None:
+    db = await StateDB.open(tmp_path)
+    writes = [asyncio.ensure_future(db.record_tag(tag(i))) for i in range(20)]
+    await asyncio.sleep(0)
+    await db.close()
+    await asyncio.gather(*writes)
+    assert len(committed(tmp_path)) == 20

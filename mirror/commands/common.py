@@ -20,6 +20,20 @@ def add_common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--cache", type=Path, help="cache directory (an OCI layout); default ./cache or $MIRROR_CACHE")
 
 
+def add_wait(sp: argparse.ArgumentParser) -> None:
+    """Add `--wait SECONDS`: how long a command waits for another process's cache lock."""
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+
+
+def add_network(sp: argparse.ArgumentParser, blobs: str) -> None:
+    """Add `--concurrency`, `--per-host` and `--insecure`; `blobs` says what the blobs are for."""
+    sp.add_argument("--concurrency", type=int, help=f"blobs {blobs} at once (default {config.DEFAULT_CONCURRENCY})")
+    sp.add_argument(
+        "--per-host", type=int, help=f"requests to one registry at once (default {config.DEFAULT_PER_HOST})"
+    )
+    sp.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
+
+
 def load_config(args: argparse.Namespace) -> config.Config:
     """Return the config file's settings with the command line's overrides applied."""
     cfg = config.load(args.config) if getattr(args, "config", None) else config.Config()

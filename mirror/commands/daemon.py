@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mirror.commands.common import add_wait
 from mirror.errors import UsageError
 from mirror.progress import JsonLog
 
@@ -17,7 +18,7 @@ def register(sub: Any) -> None:
     p.add_argument("-c", "--config", type=Path, required=True, help="TOML config with [[jobs]] that have a schedule")
     p.add_argument("--listen", metavar="HOST:PORT", help="where /healthz, /metrics, /status answer")
     p.add_argument("--grace", type=float, metavar="SECONDS", help="time in-flight downloads get after SIGTERM")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_wait(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log only failures and life-cycle events")
     p.add_argument("--serve", action="store_true", help="also serve the cache read-only under /v2/ on --listen")
     p.set_defaults(run=run)

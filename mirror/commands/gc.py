@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from mirror.commands.common import EXIT_OK, add_common, human, load_config
+from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_config
 from mirror.errors import UsageError
 from mirror.store.gc import PARTIAL_AGE, collect
 from mirror.store.layout import Layout
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help=f"remove partial downloads older than this (default {PARTIAL_AGE:.0f})",
     )
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_wait(p)
     p.set_defaults(run=run)
 
 

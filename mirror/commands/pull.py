@@ -9,7 +9,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from mirror.commands.common import add_common, exit_code, load_config
+from mirror.commands.common import add_common, add_network, add_wait, exit_code, load_config
 from mirror.commands.daemon_source import (
     COMPRESSIONS,
     add_daemon_option,
@@ -36,14 +36,12 @@ def register(sub: Any) -> None:
         "refs", nargs="+", metavar="REF", help="image references, HOST/NAME[:TAG][@DIGEST], or daemon://NAME[:TAG]"
     )
     p.add_argument("--platform", action="append", default=[], help="OS/ARCH[/VARIANT] to keep from an index")
-    p.add_argument("--concurrency", type=int, help="blobs downloaded at once (default 16)")
-    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 16)")
-    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
+    add_network(p, "downloaded")
     p.add_argument(
         "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_wait(p)
     add_daemon_option(p, "Docker daemon of daemon:// images (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
     p.add_argument("--compress", choices=COMPRESSIONS, help="compress daemon layers on the way in (default none)")
     p.set_defaults(run=run)

@@ -7,7 +7,16 @@ import sys
 import time
 from typing import Any
 
-from mirror.commands.common import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_common, human, load_config
+from mirror.commands.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    add_common,
+    add_network,
+    add_wait,
+    human,
+    load_config,
+)
 from mirror.engine.push import Pusher
 from mirror.errors import UsageError
 from mirror.reference import Reference
@@ -31,10 +40,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--chunk-threshold", type=int, default=CHUNK_THRESHOLD, metavar="BYTES", help="chunked upload above")
     p.add_argument("--chunk-size", type=int, default=CHUNK_BYTES, metavar="BYTES", help="bytes per PATCH chunk")
-    p.add_argument("--concurrency", type=int, help="blobs uploaded at once (default 16)")
-    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 16)")
-    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_network(p, "uploaded")
+    add_wait(p)
     p.set_defaults(run=run)
 
 

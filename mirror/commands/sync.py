@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_OK, add_common, exit_code, load_config
+from mirror.commands.common import EXIT_OK, add_common, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import Progress
 from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_wait(p)
     p.add_argument(
         "--grace", type=float, metavar="SECONDS", help="after SIGTERM/SIGINT, time downloads in flight get to finish"
     )

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_network, add_wait, human, load_config
 from mirror.engine.repair import RegistryRefetch
 from mirror.errors import UsageError
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -22,10 +22,8 @@ def register(sub: Any) -> None:
     add_common(p)
     p.add_argument("--repair", action="store_true", help="re-fetch missing and corrupt content from its registry")
     p.add_argument("--hashers", type=int, default=os.cpu_count() or 2, metavar="N", help="blobs hashed at once")
-    p.add_argument("--concurrency", type=int, help="blobs re-fetched at once (default 16)")
-    p.add_argument("--per-host", type=int, help="requests to one registry at once (default 16)")
-    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a busy cache")
+    add_network(p, "re-fetched")
+    add_wait(p)
     p.set_defaults(run=run)
 
 

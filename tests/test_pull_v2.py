@@ -168,3 +168,33 @@ async def test_unreachable_registry_is_one_clear_error(tmp_path: Path) -> None:
     _, results = await pull(tmp_path / "cache", [f"127.0.0.1:{free_port()}/nothing/here:1"])
     assert results[0].status == "failed"
     assert results[0].error.startswith("cannot reach 127.0.0.1:")
+
+
+@pytest.mark.slow
+async def test_shared_download_failing_in_one_repository_is_retried_only_through_another(tmp_path: Path) -> None:
+    """A blob unknown to repository `a` (its link removed) but held by `b`: `b` still gets it; `a` asks once."""
+    reg = Registry(tmp_path / "reg").start()
+    try:
+        src = SrcLayout(tmp_path / "src")
+        base = random_layer(40_000, 21)
+        src.tag("one", src.image([base, random_layer(5_000, 22)]))
+        src.tag("two", src.image([base, random_layer(5_000, 23)]))
+        for name, tag in (("x/a:1", "one"), ("x/a:2", "two"), ("x/b:1", "one")):
+            skopeo_copy(f"oci:{src.root}:{tag}", f"docker://{reg.host}/{name}")
+        hexd = Digest.parse(base.digest).hex
+        link = reg.data / "docker/registry/v2/repositories/x/a/_layers/sha256" / hexd / "link"
+        link.unlink()
+        uri_a = f"/v2/x/a/blobs/{base.digest}"
+        # Two tags of `a` share the broken blob: one GET, both fail, no retry through the same repository.
+        before = reg.requests()
+        _, results = await pull(tmp_path / "c1", [f"{reg.host}/x/a:1", f"{reg.host}/x/a:2"])
+        assert [r.status for r in results] == ["failed", "failed"]
+        assert all("not found" in r.error for r in results), [r.error for r in results]
+        assert blob_gets(reg, dict(before)).get(uri_a) == 1
+        # Beside `b`, which holds it: `b` is cached whichever of the two started the download.
+        _, results = await pull(tmp_path / "c2", [f"{reg.host}/x/a:1", f"{reg.host}/x/b:1"])
+        by_ref = {str(r.ref): r for r in results}
+        assert by_ref[f"{reg.host}/x/b:1"].status == "ok", by_ref[f"{reg.host}/x/b:1"].error
+        assert (tmp_path / "c2" / "blobs" / "sha256" / hexd).exists()
+    finally:
+        reg.stop()

@@ -117,6 +117,7 @@ class Engine:
         self.limits = limits or HostLimits(per_host)
         self.retry = retry or RetryPolicy()
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
+        self._via: dict[Digest, str] = {}  # the repository each in-flight download goes through
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
 
     @asynccontextmanager
@@ -154,15 +155,20 @@ class Engine:
         task = self._inflight.get(desc.digest)
         if task is None:
             task = asyncio.create_task(self._download(source, ref, desc), name=f"blob {desc.digest}")
+            self._via[desc.digest] = ref.name
             self._inflight[desc.digest] = task
             task.add_done_callback(functools.partial(self._forget, desc.digest))
             return await asyncio.shield(task)
+        shared_from = self._via.get(desc.digest)
         try:
             await asyncio.shield(task)
         except IntegrityError:
             raise
         except MirrorError:
-            # The shared download failed through another repository: try through ours.
+            if shared_from == ref.name:
+                raise
+            # The shared download failed through another repository (not found or denied
+            # there, say): try once through ours; a failure of our own is not retried here.
             return await self.fetch_blob(source, ref, desc)
         self.stats.blobs_present += 1
         self.stats.bytes_present += max(desc.size, 0)
@@ -185,6 +191,7 @@ class Engine:
             task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
         if self._inflight.get(digest) is task:
             del self._inflight[digest]
+            self._via.pop(digest, None)
 
     async def _download(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         """Download `desc` into the store, resuming from the kept partial file after each break.

@@ -70,3 +70,17 @@ def test_pull_then_ls(seeded: Seeded, tmp_path: Path) -> None:
     assert index_line[2] == "linux/amd64,linux/arm64"
     schema2_line = next(line for line in lines if "t/schema2:1" in line).split("\t")
     assert schema2_line[:3] == [seeded.ref("t/schema2:1"), seeded.digests["t/schema2:1"], "linux/amd64"]
+
+
+def test_insecure_flag_keeps_the_configured_credentials(tmp_path: Path) -> None:
+    import argparse
+
+    from mirror.commands.common import load_config
+
+    cfg_file = tmp_path / "m.toml"
+    cfg_file.write_text('[[registries]]\nhost = "reg.example:5000"\nusername = "u"\npassword = "p"\napi = "v1"\n')
+    args = argparse.Namespace(config=cfg_file, cache=None, insecure=["reg.example:5000", "other.example"])
+    regs = {r.host: r for r in load_config(args).registries}
+    assert regs["reg.example:5000"].insecure and regs["reg.example:5000"].username == "u"
+    assert regs["reg.example:5000"].password == "p" and regs["reg.example:5000"].api == "v1"
+    assert regs["other.example"].insecure and regs["other.example"].username is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,13 @@ def load_config(args: argparse.Namespace) -> config.Config:
     if getattr(args, "per_host", None):
         overrides["per_host"] = args.per_host
     for host in getattr(args, "insecure", None) or []:
-        overrides.setdefault("registries", list(cfg.registries)).append(config.RegistryConfig(host, insecure=True))
+        # Plain HTTP for a host the config already knows keeps its other settings (credentials, api).
+        regs: list[config.RegistryConfig] = overrides.setdefault("registries", list(cfg.registries))
+        known = [i for i, r in enumerate(regs) if r.host == host]
+        for i in known:
+            regs[i] = dataclasses.replace(regs[i], insecure=True)
+        if not known:
+            regs.append(config.RegistryConfig(host, insecure=True))
     if "registries" in overrides:
         overrides["registries"] = tuple(overrides["registries"])
     if overrides.get("concurrency", 1) < 1 or overrides.get("per_host", 1) < 1:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from mirror.digest import Digest
-from mirror.engine import copy
 from mirror.engine.copy import ImageResult
 from mirror.engine.sync import FAILED, SyncResult
 
@@ -42,6 +42,10 @@ class PlainProgress:
         if not self.quiet or result.status == "failed":
             print(result_line(result), file=self.out, flush=True)
 
+    def note(self, message: str) -> None:
+        """Print a line about the run itself (a registry slowing us down), even when quiet."""
+        print(message, file=self.out, flush=True)
+
 
 class JsonLog:
     """Writes one JSON object per line, `{"time": ..., "event": ..., ...}`: the daemon's and non-TTY log."""
@@ -54,6 +58,10 @@ class JsonLog:
         """Write one log line."""
         line = {"time": round(time.time(), 3), "event": event, **fields}
         print(json.dumps(line, default=str), file=self.out, flush=True)
+
+    def note(self, message: str) -> None:
+        """Log a line about the run itself as a `note` event."""
+        self.event("note", message=message)
 
 
 class JsonProgress(JsonLog):
@@ -87,7 +95,7 @@ class JsonProgress(JsonLog):
 class BlobsOnly:
     """A Progress that passes blob events to `inner` and drops image lines (sync prints its own)."""
 
-    def __init__(self, inner: copy.Progress) -> None:
+    def __init__(self, inner: PlainProgress | JsonProgress) -> None:
         self.inner = inner
 
     def blob_started(self, digest: Digest, total: int) -> None:
@@ -104,6 +112,36 @@ class BlobsOnly:
 
     def image_finished(self, result: ImageResult) -> None:
         """Drop."""
+
+    def note(self, message: str) -> None:
+        """Pass on."""
+        self.inner.note(message)
+
+
+class RateLimitNotes:
+    """TransportEvents that tell the user when a registry makes us wait (429 Retry-After, the rate-limit floor).
+
+    One note per host every NOTE_EVERY seconds at most: pacing waits come once per request.
+    """
+
+    NOTE_EVERY = 10.0
+
+    def __init__(self, note: Callable[[str], None]) -> None:
+        self.note = note
+        self._last: dict[str, float] = {}
+
+    def response(self, host: str, method: str, status: str) -> None:
+        """Ignore."""
+
+    def retry(self, host: str) -> None:
+        """Ignore."""
+
+    def rate_limit_wait(self, host: str, seconds: float) -> None:
+        """Say that `host` is slowing us down, and for how long this wait lasts."""
+        now = time.monotonic()
+        if now - self._last.get(host, -self.NOTE_EVERY) >= self.NOTE_EVERY:
+            self._last[host] = now
+            self.note(f"rate limit: {host} asks us to slow down; pausing its requests {seconds:.1f}s")
 
 
 def sync_line(r: SyncResult) -> str:

@@ -88,6 +88,10 @@ class RichProgress(PlainProgress):
         """Print the image's line above the bars."""
         self.console.print(result_line(result), highlight=False, markup=False)
 
+    def note(self, message: str) -> None:
+        """Print a line about the run above the bars."""
+        self.console.print(message, highlight=False, markup=False)
+
 
 class RichSyncView:
     """A SyncObserver drawing a bar per job (references done of those wanted) above the blob bars."""

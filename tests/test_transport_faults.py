@@ -265,3 +265,16 @@ async def test_manifest_body_cut_short_is_fetched_again(seeded: Seeded, proxy: F
     assert result.status == "ok", result.error
     assert str(result.digest) == seeded.digests["t/schema2:1"]
     assert sum(1 for m, p, _ in proxy.log if m == "GET" and "/manifests/" in p) == 3
+
+
+@pytest.mark.slow
+async def test_cli_says_when_a_registry_slows_it_down(seeded: Seeded, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A 429 with Retry-After is waited out, and `mirror pull` tells the user (even with -q)."""
+    proxy.add(Fault("status", match="/manifests/", status=429, headers={"Retry-After": "1"}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DOCKER_CONFIG": str(tmp_path)}
+    cmd = [sys.executable, "-m", "mirror", "pull", "-q", "--cache", str(tmp_path / "c"), ref(proxy)]
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert f"rate limit: {proxy.host} asks us to slow down; pausing its requests 1.0s" in err.decode()
+    assert proxy.statuses(429) == 1

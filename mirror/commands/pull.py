@@ -19,7 +19,7 @@ from mirror.commands.daemon_source import (
 )
 from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
-from mirror.progress import PlainProgress
+from mirror.progress import PlainProgress, RateLimitNotes
 from mirror.reference import Reference
 from mirror.sources.detect import API_CHOICES, ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source
@@ -64,6 +64,7 @@ async def run(args: argparse.Namespace) -> int:
         progress = bars = RichProgress.on_stderr()
     t0 = time.monotonic()
     async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
+        transport.events = RateLimitNotes(progress.note)
         engine = cfg.engine(layout, transport, progress)
         source = RegistryV2Source(transport)
         v1 = RegistryV1Source(transport)

@@ -19,7 +19,7 @@ from mirror.config import Config, JobConfig
 from mirror.engine.copy import Progress
 from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError
-from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView
+from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -122,6 +122,7 @@ async def run(args: argparse.Namespace) -> int:
             state = await StateDB.open(cfg.cache)
         stack.push_async_callback(state.close)
         transport = await stack.enter_async_context(cfg.transport())
+        transport.events = RateLimitNotes(progress.note)
         engine = cfg.engine(layout, transport, progress)
         if rich is not None:
             stack.enter_context(rich)

@@ -281,8 +281,12 @@ class JobConfig:
     name: str
     source: SourceConfig
     spec: SyncJob
-    destination: str = "cache"
     schedule: Schedule | None = None
+
+    @property
+    def destination(self) -> str:
+        """Return the destination type: `cache`, or `registry` when images are pushed on."""
+        return "cache" if self.spec.destination is None else "registry"
 
     def build_source(self, transport: Transport) -> ManifestSource:
         """Return the source this job reads from, sharing `transport`."""
@@ -439,7 +443,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
         if any(j.name == name for j in out):
             raise ConfigError(f"{w}.name: job name {name!r} is used twice")
         source = _source(job, w)
-        dest_type, target = _destination(job, w)
+        target = _destination(job, w)
         if target is not None and target.host == source.host and not target.prefix:
             raise ConfigError(
                 f"{w}.destination: would push into the source's own repositories; give another host or a prefix"
@@ -455,12 +459,12 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             prune=_get(job, "prune", bool, w, False),
             destination=target,
         )
-        out.append(JobConfig(name, source, spec, dest_type, _schedule(job, w)))
+        out.append(JobConfig(name, source, spec, _schedule(job, w)))
     return tuple(out)
 
 
-def _destination(job: dict[str, Any], w: str) -> tuple[str, RegistryTarget | None]:
-    """Return a job's destination type and, for `registry`, where its images are pushed."""
+def _destination(job: dict[str, Any], w: str) -> RegistryTarget | None:
+    """Return where a job's images are pushed on from the cache (None: the cache only)."""
     dest = _table(job, "destination", w)
     wd = f"{w}.destination"
     dest_type = _get(dest, "type", str, wd, "cache")
@@ -468,7 +472,7 @@ def _destination(job: dict[str, Any], w: str) -> tuple[str, RegistryTarget | Non
         raise ConfigError(f"{wd}.type: unknown destination {dest_type!r} (known: {', '.join(DESTINATION_TYPES)})")
     if dest_type == "cache":
         _known(dest, {"type"}, wd)
-        return dest_type, None
+        return None
     _known(dest, {"type", "host", "prefix"}, wd)
     host = _get(dest, "host", str, wd, "")
     if not host:
@@ -479,7 +483,7 @@ def _destination(job: dict[str, Any], w: str) -> tuple[str, RegistryTarget | Non
     prefix = _get(dest, "prefix", str, wd, "").strip("/")
     if prefix:
         _checked(wd, "prefix", Reference.parse, f"{host}/{prefix}/x")
-    return dest_type, RegistryTarget(parsed.registry, prefix)
+    return RegistryTarget(parsed.registry, prefix)
 
 
 def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:

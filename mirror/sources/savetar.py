@@ -180,13 +180,8 @@ class TarReader:
         return block
 
     async def _skip(self) -> None:
-        while self._left:
-            part = await self.reader.read_some(min(self._left, FLUSH_BYTES))
-            if not part:
-                raise SaveFormatError(
-                    f"export tar ended after {self.reader.consumed} bytes, inside entry {self._current_name()}"
-                )
-            self._left -= len(part)
+        async for _ in self.body():  # the unread rest of the current entry
+            pass
         if self._pad and await self.reader.read_exact(self._pad) is None:
             raise SaveFormatError(f"export tar ended after {self.reader.consumed} bytes, in padding")
         self._pad = 0

@@ -9,12 +9,13 @@ from mirror.errors import MirrorError
 from mirror.manifest import (
     ImageManifest,
     IndexManifest,
-    Manifest,
-    parse_manifest,
     platform_of_config,
     wrapped_source,
 )
 from mirror.store.layout import Layout
+from mirror.store.tree import load_manifest, read_blob
+
+CONFIG_LIMIT = 16 << 20  # an image config is read whole to learn its platform
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,25 +30,21 @@ class CachedImage:
     problem: str = ""
 
 
-def _load(layout: Layout, digest: Digest, media_type: str) -> Manifest:
-    return parse_manifest(layout.blobs.read(digest), media_type, digest)
-
-
-def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> CachedImage:
+async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> CachedImage:
     """Return what the cache holds under `name` (pointing at manifest `digest`)."""
     try:
-        top = _load(layout, digest, media_type)
+        top = await load_manifest(layout.blobs, digest, media_type)
         source = wrapped_source(top)
         if source:
             # A wrapper of the project's own: report the original document.
-            top = _load(layout, *source)
+            top = await load_manifest(layout.blobs, *source)
         size = len(top.raw)
         platforms: list[str] = []
         images: list[ImageManifest] = []
         if isinstance(top, IndexManifest):
             for d in top.manifests:
                 if layout.blobs.has(d.digest):
-                    child = _load(layout, d.digest, d.media_type)
+                    child = await load_manifest(layout.blobs, d.digest, d.media_type)
                     if isinstance(child, ImageManifest):
                         images.append(child)
                         size += len(child.raw)
@@ -56,7 +53,7 @@ def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> Cach
         else:
             images.append(top)
             if top.config is not None:
-                plat = platform_of_config(layout.blobs.read(top.config.digest))
+                plat = platform_of_config(await read_blob(layout.blobs, top.config.digest, CONFIG_LIMIT))
                 platforms.append(str(plat) if plat else "?")
             elif top.platform:
                 platforms.append(str(top.platform))
@@ -73,5 +70,5 @@ def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> Cach
 
 async def inventory(layout: Layout) -> list[CachedImage]:
     """Return every cached reference, sorted by name."""
-    out = [describe(layout, e.name, e.descriptor.digest, e.descriptor.media_type) for e in await layout.entries()]
+    out = [await describe(layout, e.name, e.descriptor.digest, e.descriptor.media_type) for e in await layout.entries()]
     return sorted(out, key=lambda c: c.name)

@@ -191,6 +191,21 @@ async def test_shared_download_failing_in_one_repository_is_retried_only_through
         assert [r.status for r in results] == ["failed", "failed"]
         assert all("not found" in r.error for r in results), [r.error for r in results]
         assert blob_gets(reg, dict(before)).get(uri_a) == 1
+        # One after the other in one run: the second image is told the first one's error.
+        before = reg.requests()
+        async with Transport() as transport:
+            engine = Engine(Layout.open(tmp_path / "c3"))
+            source = RegistryV2Source(transport)
+            first = await engine.pull(source, Reference.parse(f"{reg.host}/x/a:1"))
+            second = await engine.pull(source, Reference.parse(f"{reg.host}/x/a:2"))
+            assert (first.status, second.status) == ("failed", "failed")
+            assert second.error == first.error
+            assert blob_gets(reg, dict(before)).get(uri_a) == 1
+            # A new run (after drain) asks the registry again.
+            await engine.drain()
+            again = await engine.pull(source, Reference.parse(f"{reg.host}/x/a:2"))
+            assert again.status == "failed"
+            assert blob_gets(reg, dict(before)).get(uri_a) == 2
         # Beside `b`, which holds it: `b` is cached whichever of the two started the download.
         _, results = await pull(tmp_path / "c2", [f"{reg.host}/x/a:1", f"{reg.host}/x/b:1"])
         by_ref = {str(r.ref): r for r in results}

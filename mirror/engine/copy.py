@@ -118,6 +118,10 @@ class Engine:
         self.retry = retry or RetryPolicy()
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._via: dict[Digest, str] = {}  # the repository each in-flight download goes through
+        # Downloads that failed, by digest and repository, until the next drain(): a later
+        # image wanting the same blob through the same repository gets the same error
+        # instead of asking again, whether or not the first download was still in flight.
+        self._failed: dict[tuple[Digest, str], MirrorError] = {}
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
 
     @asynccontextmanager
@@ -152,6 +156,9 @@ class Engine:
             self.stats.blobs_present += 1
             self.stats.bytes_present += max(desc.size, 0)
             return 0
+        failed = self._failed.get((desc.digest, ref.name))
+        if failed is not None:
+            raise failed
         task = self._inflight.get(desc.digest)
         if task is None:
             task = asyncio.create_task(self._download(source, ref, desc), name=f"blob {desc.digest}")
@@ -178,6 +185,7 @@ class Engine:
         """Wait for every download still in flight: a shared one outlives an image that failed."""
         while self._inflight or self._once:
             await asyncio.gather(*self._inflight.values(), *self._once.values(), return_exceptions=True)
+        self._failed.clear()  # the next run asks again
 
     async def abort(self) -> None:
         """Cancel every download in flight and wait for each to put its partial file aside."""
@@ -188,7 +196,11 @@ class Engine:
 
     def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if not task.cancelled():
-            task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
+            # Retrieved: a download whose waiters were all cancelled may fail unseen.
+            exc = task.exception()
+            via = self._via.get(digest) if self._inflight.get(digest) is task else None
+            if isinstance(exc, MirrorError) and via is not None:
+                self._failed[(digest, via)] = exc
         if self._inflight.get(digest) is task:
             del self._inflight[digest]
             self._via.pop(digest, None)

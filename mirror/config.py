@@ -9,21 +9,16 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.auth import RetryPolicy
 from mirror.credentials import CredentialStore
 from mirror.engine.copy import Engine, Progress
-from mirror.engine.publish import Publisher, RegistryTarget
-from mirror.engine.push import Pusher
-from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
-from mirror.engine.sync import SyncJob
 from mirror.errors import UsageError
 from mirror.limiter import HostLimits
 from mirror.manifest import Platform
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
-from mirror.sinks.registry_v2 import RegistryV2Sink
 from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -36,6 +31,11 @@ from mirror.transport import (
     Timeouts,
     Transport,
 )
+
+if TYPE_CHECKING:  # sync jobs, filters and push load only when a config has jobs or destinations
+    from mirror.engine.publish import Publisher, RegistryTarget
+    from mirror.engine.select import RepoFilter, TagFilter
+    from mirror.engine.sync import SyncJob
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PER_HOST = 16
@@ -118,6 +118,10 @@ class Config:
 
     def publisher(self, engine: Engine, transport: Transport) -> Publisher:
         """Return the Publisher a run's registry destinations share: one v2 sink, mounts across jobs."""
+        from mirror.engine.publish import Publisher
+        from mirror.engine.push import Pusher
+        from mirror.sinks.registry_v2 import RegistryV2Sink
+
         return Publisher(Pusher(engine, RegistryV2Sink(transport)))
 
     def transport(self) -> Transport:
@@ -355,6 +359,8 @@ def _source(job: dict[str, Any], w: str) -> SourceConfig:
 
 
 def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
+    from mirror.engine.select import RepoFilter, compile_patterns
+
     raw = job.get("repositories", [])
     wr = f"{w}.repositories"
     if isinstance(raw, list):
@@ -376,6 +382,8 @@ def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
 
 
 def _tags(job: dict[str, Any], w: str) -> TagFilter:
+    from mirror.engine.select import SemverRange, TagFilter, compile_patterns
+
     raw = job.get("tags", {})
     wt = f"{w}.tags"
     if isinstance(raw, list):
@@ -428,6 +436,9 @@ JOB_KEYS = {
 
 
 def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
+    from mirror.engine.select import compile_patterns
+    from mirror.engine.sync import SyncJob
+
     raw = doc.get("jobs", [])
     if not isinstance(raw, list):
         raise ConfigError(f"{where}: jobs must be an array of tables ([[jobs]])")
@@ -465,6 +476,8 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
 
 def _destination(job: dict[str, Any], w: str) -> RegistryTarget | None:
     """Return where a job's images are pushed on from the cache (None: the cache only)."""
+    from mirror.engine.publish import RegistryTarget
+
     dest = _table(job, "destination", w)
     wd = f"{w}.destination"
     dest_type = _get(dest, "type", str, wd, "cache")

@@ -21,9 +21,9 @@ from aiohttp import web
 
 from mirror import config
 from mirror.config import Config, JobConfig
-from mirror.engine.copy import Engine, Stats
+from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
-from mirror.engine.sync import CANCELLED, FAILED, SyncResult, summarize, sync
+from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, Metrics
 from mirror.progress import JsonLog, JsonProgress

@@ -6,11 +6,13 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mirror.digest import Digest
-from mirror.engine.copy import ImageResult
-from mirror.engine.sync import FAILED, SyncResult
+from mirror.engine.copy import FAILED, ImageResult
+
+if TYPE_CHECKING:  # sync (sqlite, filters, push) loads only for `mirror sync` and the daemon
+    from mirror.engine.sync import SyncResult
 
 
 def result_line(r: ImageResult) -> str:

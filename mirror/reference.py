@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, ReferenceError_
+from mirror.errors import DigestError, ReferenceError_, UsageError
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -132,3 +132,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
+
+
+DAEMON_SCHEME = "daemon://"
+
+
+def daemon_reference(text: str) -> tuple[str, Reference]:
+    """Return (name to ask the daemon for, normalised reference) of `daemon://NAME[:TAG]`."""
+    name = text.removeprefix(DAEMON_SCHEME)
+    if not name:
+        raise UsageError(f"invalid daemon source {text!r}: expected daemon://NAME[:TAG]")
+    ref = Reference.parse(name)
+    if ref.digest is not None:
+        raise UsageError(f"invalid daemon source {text!r}: name an image by NAME[:TAG], not by digest")
+    return name, ref

@@ -27,10 +27,10 @@ from cryptography.x509.oid import NameOID
 
 from mirror import config
 from mirror.engine.copy import Engine, ImageResult
-from mirror.engine.daemon import daemon_reference, pull_from_daemon
+from mirror.engine.daemon import pull_from_daemon
 from mirror.errors import UnreachableError, UsageError
 from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
-from mirror.reference import Reference
+from mirror.reference import Reference, daemon_reference
 from mirror.sources.daemon import DaemonClient, DaemonEndpoint
 from mirror.store.layout import Layout
 from tests.conftest import ROOT, Seeded

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from mirror.engine.copy import Engine, ImageResult
-from mirror.engine.daemon import DAEMON_SCHEME, daemon_reference, pull_from_daemon
+from mirror.engine.copy import ImageResult
 from mirror.errors import MirrorError, UsageError
-from mirror.sources.daemon import DaemonClient, DaemonEndpoint, DaemonImage
+from mirror.reference import DAEMON_SCHEME, daemon_reference
+
+if TYPE_CHECKING:  # the daemon client and the save-tar reader load only when a daemon is asked for
+    from mirror.engine.copy import Engine
+    from mirror.sources.daemon import DaemonImage
 
 COMPRESSIONS = ("none", "gzip")
 
@@ -78,6 +82,8 @@ def image_rows(images: Sequence[DaemonImage], now: float) -> list[tuple[str, str
 
 async def list_daemon_images(url: str | None) -> int:
     """Print the daemon's images like `docker images`; return the exit code."""
+    from mirror.sources.daemon import DaemonClient, DaemonEndpoint
+
     endpoint = DaemonEndpoint.resolve(url or None)
     async with DaemonClient(endpoint) as client:
         images = await client.images()
@@ -98,6 +104,9 @@ async def pull_daemon_sources(
     engine: Engine, url: str | None, texts: Sequence[str], compress: str
 ) -> list[ImageResult]:
     """Cache the `daemon://` images from one export of the daemon at `url`; a daemon out of reach fails each."""
+    from mirror.engine.daemon import pull_from_daemon
+    from mirror.sources.daemon import DaemonClient, DaemonEndpoint
+
     endpoint = DaemonEndpoint.resolve(url or None)
     try:
         async with DaemonClient(endpoint) as client:

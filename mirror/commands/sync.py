@@ -16,8 +16,8 @@ import aiofiles
 
 from mirror.commands.common import EXIT_OK, add_common, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
-from mirror.engine.copy import Progress
-from mirror.engine.sync import FAILED, SyncObserver, SyncResult, summarize, sync
+from mirror.engine.copy import FAILED, Progress
+from mirror.engine.sync import SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError
 from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
 from mirror.store.layout import Layout

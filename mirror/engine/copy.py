@@ -37,6 +37,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+FAILED = "failed"  # the status of an image (and of a synced tag) that could not be copied
+
+
 class Progress(Protocol):
     """What the engine reports while it works (the CLI draws it)."""
 
@@ -319,7 +322,7 @@ class Engine:
             first = group.exceptions[0]
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            result = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=str(first))
+            result = ImageResult(ref, FAILED, seconds=time.monotonic() - t0, error=str(first))
         self.progress.image_finished(result)
         return result
 

@@ -16,22 +16,9 @@ from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult
 from mirror.errors import IntegrityError, MirrorError, UsageError
 from mirror.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, platform_of_config
-from mirror.reference import Reference
+from mirror.reference import Reference, daemon_reference
 from mirror.sources.daemon import DaemonClient, ImageInspect
 from mirror.sources.savetar import SaveContents, SavedImage, SaveFormatError, read_save
-
-DAEMON_SCHEME = "daemon://"
-
-
-def daemon_reference(text: str) -> tuple[str, Reference]:
-    """Return (name to ask the daemon for, normalised reference) of `daemon://NAME[:TAG]`."""
-    name = text.removeprefix(DAEMON_SCHEME)
-    if not name:
-        raise UsageError(f"invalid daemon source {text!r}: expected daemon://NAME[:TAG]")
-    ref = Reference.parse(name)
-    if ref.digest is not None:
-        raise UsageError(f"invalid daemon source {text!r}: name an image by NAME[:TAG], not by digest")
-    return name, ref
 
 
 def oci_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:

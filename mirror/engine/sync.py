@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
-from mirror.engine.copy import Engine
+from mirror.engine.copy import FAILED, Engine
 from mirror.engine.publish import PUSH_FAILED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
@@ -35,7 +35,6 @@ PLANNED = "planned"  # dry run: would be fetched
 DELETED = "deleted"  # cached, no longer listed upstream, kept
 PRUNED = "pruned"  # no longer listed upstream, removed from the cache's index
 CANCELLED = "cancelled"  # not started: the process is stopping
-FAILED = "failed"
 
 
 @runtime_checkable

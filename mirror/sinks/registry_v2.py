@@ -19,7 +19,6 @@ from mirror.digest import Digest
 from mirror.errors import DigestError, IntegrityError, TransportError
 from mirror.manifest import ACCEPT, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, Descriptor
 from mirror.reference import Reference
-from mirror.sinks.schema1 import sign_schema1
 from mirror.transport import Transport
 
 READ_BYTES = 1 << 20
@@ -166,6 +165,8 @@ class RegistryV2Sink:
     async def put_manifest(self, ref: Reference, raw: bytes, media_type: str) -> Digest:
         """PUT the manifest bytes under `ref`'s tag or digest; an unsigned schema1 payload is signed first."""
         if media_type == DOCKER_SCHEMA1:
+            from mirror.sinks.schema1 import sign_schema1  # cryptography loads only to sign
+
             raw, media_type = sign_schema1(raw), DOCKER_SCHEMA1_SIGNED
         path = f"/v2/{ref.repository}/manifests/{quote(ref.selector, safe=':')}"
         headers = {"Content-Type": media_type, "Content-Length": str(len(raw))}

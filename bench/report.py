@@ -28,7 +28,7 @@ def split_cases(body: str) -> tuple[str, dict[int, str]]:
 def note_run(section: str, note: str) -> str:
     """Return `section` with `note` as a paragraph right under its heading."""
     heading, _, rest = section.partition("\n")
-    return f"{heading}\n\n{note}\n{rest}"
+    return f"{heading}\n\n{note.strip()}\n\n{rest.lstrip(chr(10))}"
 
 
 def merge(old_body: str, new_sections: list[str]) -> str:

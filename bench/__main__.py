@@ -15,8 +15,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import bench.cases_more  # noqa: F401 - registers cases 6-8 in CASES
 from bench.cases import CASES, FULL, QUICK, Context
 from bench.measure import ROOT, RegistryLog
+from bench.report import merge, note_run
 from tools.registry import Registry
 
 OUT = ROOT / "bench" / "out"
@@ -115,8 +117,23 @@ def main() -> int:
         f"- load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: other work on the "
         f"machine slows wall times, so CPU s (user + system of the whole process tree) is shown beside them\n"
     )
-    write_report(out, head + "\n## Results\n\n" + "\n".join(sections))
-    (OUT / "results.json").write_text(json.dumps(ctx.raw, indent=1))
+    old = out.read_text() if out.exists() else ""
+    if args.case and BEGIN in old and END in old:
+        # Some cases only: keep the others' sections (and the run that measured them).
+        note = (
+            f"_Measured apart from the other cases (`--case {' --case '.join(map(str, args.case))}`): {mode}, "
+            f"{sizes.reps} repetitions per tool, load average {load0:.1f} → {os.getloadavg()[0]:.1f}, "
+            f"{took / 60:.1f} min._\n"
+        )
+        body = merge(
+            old[old.index(BEGIN) + len(BEGIN) : old.index(END)].strip("\n"), [note_run(s, note) for s in sections]
+        )
+    else:
+        body = head + "\n## Results\n\n" + "\n".join(sections)
+    write_report(out, body)
+    results = OUT / "results.json"
+    raw = json.loads(results.read_text()) if args.case and results.exists() else {}
+    results.write_text(json.dumps({**raw, **ctx.raw}, indent=1))
     print(f"report: {out}", flush=True)
     return 0
 

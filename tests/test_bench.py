@@ -84,3 +84,73 @@ def test_sync_config_is_read_by_mirror_as_jobs_of_listed_tags(tmp_path: Path) ->
     assert jobs["c3-0"].spec.repositories.names == ("c3/repo00", "c3/repo01")
     assert jobs["c3-0"].spec.tags.names == ("t000", "t001") and not jobs["c3-0"].spec.tags.needs_listing
     assert jobs["c3-1"].spec.repositories.names == ("c1/other",)
+
+
+def test_v1_store_shares_the_base_image_and_the_server_counts_what_it_sent() -> None:
+    import urllib.request
+
+    from bench.v1 import CountingV1Registry, V1Log, v1_store
+
+    base, a, b = b"base" * 1000, b"a" * 300, b"b" * 200
+    store = v1_store({"bench/x:1": [base, a], "bench/y:1": [base, b]})
+    assert len(store.images) == 3  # one base image, the parent of both tops
+    top_x, top_y = store.repos["bench/x"]["1"], store.repos["bench/y"]["1"]
+    assert store.ancestry(top_x)[1] == store.ancestry(top_y)[1]
+    server = CountingV1Registry(store).start()
+    try:
+        log = V1Log(server)
+        urllib.request.urlopen(f"http://{server.host}/v1/_ping").close()
+        log.mark()
+        for image in store.ancestry(top_x):
+            with urllib.request.urlopen(f"http://{server.host}/v1/images/{image}/layer") as resp:
+                resp.read()
+        t = log.traffic()
+    finally:
+        server.stop()
+    assert (t.requests, t.bytes_read, t.blob_gets) == (2, len(base) + len(a), 2)
+
+
+def test_upload_counts_come_from_the_destination_log(tmp_path: Path) -> None:
+    from bench.cases_more import uploads
+
+    log = tmp_path / "registry.log"
+    line = 'level=info msg="response completed" http.request.method={} http.request.uri="{}" http.response.status={}\n'
+    d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    log.write_text(
+        line.format("HEAD", f"/v2/a/blobs/{d1}", 404)
+        + line.format("POST", "/v2/a/blobs/uploads/", 202)
+        + line.format("PATCH", "/v2/a/blobs/uploads/u1?_state=x", 202)
+        + line.format("PUT", f"/v2/a/blobs/uploads/u1?_state=x&digest={d1.replace(':', '%3A')}", 201)
+        + line.format("PUT", f"/v2/a/blobs/uploads/u2?digest={d2}", 201)
+        + line.format("POST", f"/v2/b/blobs/uploads/?mount={d1}&from=a", 201)
+        + line.format("PUT", f"/v2/c/blobs/uploads/u3?digest={d1}", 201)
+        + line.format("PUT", "/v2/a/manifests/1", 201)
+    )
+    u = uploads(log, {d1: 100, d2: 7}.__getitem__)
+    assert (u.heads, u.posts, u.mounts, u.patches, u.manifest_puts) == (1, 2, 1, 1, 1)
+    assert (u.uploads, u.distinct, u.max_per_blob, u.bytes_uploaded) == (3, 2, 2, 207)
+
+
+def test_case6_and_case8_images_share_a_base() -> None:
+    from bench.cases import FULL, QUICK
+    from bench.cases_more import c6_images, c7_layers, c8_images
+
+    for sizes in (FULL, QUICK):
+        six = c6_images(sizes)
+        assert len({layers[0] for layers in six.values()}) == 1
+        assert len({spec for layers in six.values() for spec in layers}) == 1 + 2 * len(six)
+        eight = c8_images(sizes)
+        assert set(eight) <= set(c1_images(sizes)) and len({n.split(":")[0] for n in eight}) >= 2
+    assert len(c6_images(FULL)) == 10 and len(c8_images(FULL)) == 10
+    assert sum(s.size for s in c7_layers(FULL)) == 64 << 20 and sum(s.size for s in c7_layers(QUICK)) == 16 << 20
+
+
+def test_a_run_of_some_cases_keeps_the_other_sections() -> None:
+    from bench.report import merge, note_run
+
+    old = "## Run\n\n- full\n\n## Results\n\n### Case 1: a\n\nold one\n\n### Case 6: v1\n\nold six\n"
+    new = merge(old, [note_run("### Case 6: v1\n\nnew six\n", "_apart_"), "### Case 8: push\n\neight\n"])
+    assert new == (
+        "## Run\n\n- full\n\n## Results\n\n### Case 1: a\n\nold one\n\n"
+        "### Case 6: v1\n\n_apart_\n\nnew six\n\n### Case 8: push\n\neight\n"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -171,6 +172,26 @@ async def test_blob_in_another_repository_is_mounted(seeded: Seeded, cache: Path
     deletes = sum(n for (method, uri), n in target.requests().items() if method == "DELETE" and "/c/app2/" in uri)
     assert deletes == 3
     assert inspect_digest(f"docker://{target.host}/c/app2:1") == seeded.digests["shared/app2:1"]
+
+
+@pytest.mark.slow
+async def test_a_blob_pushed_to_two_repositories_at_once_is_uploaded_once(
+    seeded: Seeded, cache: Path, target: Registry
+) -> None:
+    # Two images sharing the base, pushed concurrently into two repositories (what a sync job
+    # with a registry destination does): the second waits for the first's upload, then mounts.
+    async with Transport() as transport:
+        pusher = Pusher(Engine(Layout.open(cache)), RegistryV2Sink(transport))
+        results = await asyncio.gather(
+            *(pusher.push(seeded.ref(f"shared/app{i}:1"), Reference.parse(f"{target.host}/p{i}/app:1")) for i in (0, 1))
+        )
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    base = largest(cache, pusher)
+    puts = [uri for (method, uri), n in target.requests().items() for _ in range(n) if method == "PUT"]
+    assert len([uri for uri in puts if "/blobs/uploads/" in uri and base.hex in uri]) == 1
+    assert pusher.stats.blobs_mounted == 1 and pusher.stats.blobs_uploaded == 5  # two configs, two own layers, base
+    for i in (0, 1):
+        assert inspect_digest(f"docker://{target.host}/p{i}/app:1") == seeded.digests[f"shared/app{i}:1"]
 
 
 @pytest.mark.slow

@@ -109,6 +109,9 @@ class Pusher:
         self.stats = PushStats()
         # host -> digest -> a repository there known to hold it (seen, mounted or uploaded this run).
         self.known: dict[str, dict[Digest, str]] = {}
+        # (host, digest) -> done when the mount or upload into one repository of that host ends:
+        # pushes of the same blob to other repositories wait for it, then mount from there.
+        self._placing: dict[tuple[str, Digest], asyncio.Future[None]] = {}
 
     def _remember(self, host: str, digest: Digest, repository: str) -> None:
         self.known.setdefault(host, {})[digest] = repository
@@ -149,6 +152,25 @@ class Pusher:
                 self.stats.blobs_present += 1
                 self._remember(host, desc.digest, dest.repository)
                 return
+        if not isinstance(self.sink, MountingSink):
+            await self._place_blob(dest, desc, host)
+            return
+        # The same blob going into another repository of this host right now (a base shared by
+        # images pushed concurrently): wait for it, outside any slot, then mount from there.
+        key = (host, desc.digest)
+        while (pending := self._placing.get(key)) is not None:
+            await asyncio.wait([pending])
+        done = asyncio.get_running_loop().create_future()
+        self._placing[key] = done
+        try:
+            await self._place_blob(dest, desc, host)
+        finally:
+            del self._placing[key]
+            done.set_result(None)
+
+    async def _place_blob(self, dest: Reference, desc: Descriptor, host: str) -> None:
+        """Mount blob `desc` into `dest`'s repository from one known to hold it, else upload it."""
+        async with self.engine.slot(host):
             if isinstance(self.sink, MountingSink):
                 seen = self.known.get(host, {}).get(desc.digest)
                 for repo in dict.fromkeys([*([seen] if seen else []), *self.mount_from]):

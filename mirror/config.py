@@ -490,13 +490,10 @@ def _destination(job: dict[str, Any], w: str) -> RegistryTarget | None:
     host = _get(dest, "host", str, wd, "")
     if not host:
         raise ConfigError(f'{wd}.host: missing; the registry to push to, e.g. "registry.internal:5000"')
-    parsed = _checked(wd, "host", Reference.parse, f"{host}/x")
-    if parsed.repository not in ("x", "library/x"):
-        raise ConfigError(f"{wd}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
-    prefix = _get(dest, "prefix", str, wd, "").strip("/")
-    if prefix:
-        _checked(wd, "prefix", Reference.parse, f"{host}/{prefix}/x")
-    return RegistryTarget(parsed.registry, prefix)
+    prefix = _get(dest, "prefix", str, wd, "")
+    _checked(wd, "host", RegistryTarget.of, host)
+    target: RegistryTarget = _checked(wd, "prefix", RegistryTarget.of, host, prefix)
+    return target
 
 
 def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:

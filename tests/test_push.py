@@ -231,3 +231,69 @@ def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:
     res = mirror("push", "--cache", str(tmp_path / "c"), "127.0.0.1:1/no/such:1", "127.0.0.1:2/x:1")
     assert res.returncode == 1
     assert f"127.0.0.1:1/no/such:1 is not in the cache {tmp_path / 'c'}" in res.stderr
+
+
+@pytest.mark.slow
+def test_bulk_push_of_the_whole_cache_keeps_paths_and_uploads_shared_blobs_once(
+    seeded: Seeded, cache: Path, target: Registry
+) -> None:
+    """`mirror push --to HOST/PREFIX --all`: the offline side's "load everything into our registry"."""
+    cached = [seeded.ref(n) for n in NAMES]
+    # A dry run against the empty target: every image would be pushed, nothing is written.
+    res = mirror("push", "--cache", str(cache), "--to", f"{target.host}/mirrored", "--all", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert sorted(line.split("\t")[0] for line in res.stdout.splitlines()) == ["would push"] * len(NAMES)
+    assert writes(target) == Counter()
+    res = mirror("push", "--cache", str(cache), "--to", f"{target.host}/mirrored", "--all")
+    assert res.returncode == 0, res.stderr
+    lines = sorted(res.stdout.splitlines())
+    expected = sorted(f"pushed\t{ref} -> {target.host}/mirrored/{n}" for ref, n in zip(cached, NAMES, strict=True))
+    assert lines == expected
+    for n in NAMES:
+        assert registry_digest(target.host, f"mirrored/{n}") == seeded.digests[n], n
+    assert inspect_digest(f"docker://{target.host}/mirrored/t/index:1") == seeded.digests["t/index:1"]
+    # The base layer the shared/app images hold (with others) is uploaded once, then mounted
+    # into every other repository that needs it.
+    base = Digest.parse(
+        max(
+            (layer["digest"] for n in NAMES[-3:] for layer in json.loads(registry_manifest(target, n))["layers"]),
+            key=lambda d: (cache / "blobs" / "sha256" / d.split(":")[1]).stat().st_size,
+        )
+    )
+    new = writes(target)
+    assert sum(n for (method, uri), n in new.items() if method == "PUT" and f"digest={base}" in uri) == 1
+    holders = list((target.data / "docker/registry/v2/repositories").glob(f"**/_layers/sha256/{base.hex}/link"))
+    assert len(holders) >= 3
+    assert sum(n for (method, uri), n in new.items() if method == "POST" and f"mount={base}" in uri) == len(holders) - 1
+    # Again: one HEAD per image finds it there; nothing is written.
+    before = target.requests()
+    res = mirror("push", "--cache", str(cache), "--to", f"{target.host}/mirrored", *cached[:3])
+    assert res.returncode == 0, res.stderr
+    assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["present"] * 3
+    assert writes(target, before) == Counter()
+
+
+def registry_manifest(target: Registry, name: str) -> str:
+    """Return the manifest the target registry serves for `mirrored/NAME:TAG` (schema2 or OCI)."""
+    repo, tag = name.split(":")
+    return subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{target.host}/mirrored/{repo}:{tag}"],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+
+
+def test_bulk_push_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    Layout.open(tmp_path / "c")
+    cases = [
+        (["--to", "Not_A_Host/x", "--all"], "mirror: --to Not_A_Host/x: "),
+        (["--to", "127.0.0.1:2"], "mirror: --to needs the cached references to push, or --all"),
+        (["--to", "127.0.0.1:2", "127.0.0.1:1/no/such:1"], "mirror: not in the cache "),
+        (["--all", "a", "b"], "mirror: --all and --dry-run go with --to HOST[/PREFIX]"),
+        (["only-one"], "mirror: push takes SRC_REF DEST_REF"),
+    ]
+    for args, message in cases:
+        res = mirror("push", "--cache", str(tmp_path / "c"), *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.startswith(message) and res.stderr.count("\n") == 1, (args, res.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mirror.engine.push import Pusher, plan_push
-from mirror.errors import MirrorError, StoreError
+from mirror.errors import MirrorError, StoreError, UsageError
 from mirror.reference import Reference
 
 # PushOutcome statuses.
@@ -29,6 +29,17 @@ class RegistryTarget:
 
     host: str
     prefix: str = ""
+
+    @classmethod
+    def of(cls, host: str, prefix: str = "") -> RegistryTarget:
+        """Return the target `host` (`HOST[:PORT]`) with repository `prefix`; UsageError names what is wrong."""
+        parsed = Reference.parse(f"{host}/x")
+        if not host or parsed.repository not in ("x", "library/x"):
+            raise UsageError(f"{host!r} is not a registry host (write it with a '.' or ':PORT')")
+        prefix = prefix.strip("/")
+        if prefix:
+            Reference.parse(f"{host}/{prefix}/x")
+        return cls(parsed.registry, prefix)
 
     def reference(self, ref: Reference) -> Reference:
         """Return where the cached `ref` goes: `HOST/PREFIX/REPOSITORY:TAG` (the source host dropped)."""

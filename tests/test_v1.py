@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from mirror.auth import RetryPolicy
-from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON
-from mirror.digest import EMPTY_LAYER
+from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON, V1Image
+from mirror.digest import EMPTY_LAYER, Digest
 from mirror.engine.copy import Engine, ImageResult
 from mirror.engine.v1 import pull_detected, pull_v1
-from mirror.errors import AuthError
+from mirror.errors import AuthError, ManifestError
 from mirror.reference import Reference
 from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source
@@ -29,7 +29,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.gc import collect
 from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
-from mirror.store.v1records import host_folder
+from mirror.store.v1records import host_folder, read_record, record_path, write_record
 from mirror.transport import HostConfig, Transport
 from tests.conftest import ROOT
 from tests.test_cli import mirror
@@ -312,7 +312,7 @@ async def test_gc_prunes_v1_records_and_a_stale_record_is_ignored(tmp_path: Path
         # No image names the finished layers: gc takes them, and the records that name them.
         layout = Layout.open(cache)
         dry = await collect(layout, dry_run=True)
-        assert len(dry.records) == 3 and all(p.exists() for p in dry.records)
+        assert len(dry.records) == 3 and all(p.exists() for p in dry.records)  # 2 records, 1 dead temp file
         done = await collect(layout)
         assert sorted(p.name for p in done.records) == sorted(p.name for p in dry.records)
         assert sorted(p.name for p in records.iterdir()) == ["README"]
@@ -532,3 +532,25 @@ async def test_missing_tag_repository_and_digest_are_one_line_failures(v1reg: V1
     assert errors[1] == f"v1 tag {host}/nope/x:1: not found (Tag not found)"
     assert "v1 registries have no content digests" in errors[2]
     assert all("\n" not in e for e in errors)
+
+
+def test_record_paths_are_built_from_checked_names(tmp_path: Path) -> None:
+    top = tmp_path / ".mirror" / "v1"
+    assert host_folder(tmp_path, "127.0.0.1:5000") == top / "127.0.0.1:5000"
+    assert host_folder(tmp_path, "[::1]:5000") == top / "[::1]:5000"
+    # A host that is not a safe file name gets a folder named by its hash, never a path of its making.
+    for host in ("../x", "a/b", "..", ".", "", "x" * 300):
+        folder = host_folder(tmp_path, host)
+        assert folder.parent == top and folder.name.startswith("_") and len(folder.name) == 33
+    assert record_path(tmp_path, "h", "a" * 64) == top / "h" / f"{'a' * 64}.json"
+    for bad in ("../" + "a" * 61, "A" * 64, "a" * 63, "a" * 64 + "/x"):
+        with pytest.raises(ManifestError):
+            record_path(tmp_path, "h", bad)
+    # A record naming another image than its file name is as if absent.
+    store, ids, _ = chain(2, 300)
+    img = store.images[ids[0]]
+    v1 = V1Image(img.id, img.raw_json, Digest.of(img.raw_json), None, EMPTY_TAR_DIFF_ID, True)
+    path = write_record(tmp_path, "h", v1)
+    assert read_record(tmp_path, "h", ids[0]) is not None
+    path.rename(record_path(tmp_path, "h", ids[1]))
+    assert read_record(tmp_path, "h", ids[1]) is None and read_record(tmp_path, "h", ids[0]) is None

@@ -16,17 +16,20 @@ from typing import Any
 
 import pytest
 
-from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON
-from mirror.digest import EMPTY_LAYER
+from mirror.auth import RetryPolicy
+from mirror.convert_v1 import EMPTY_LAYER_GZIP, EMPTY_TAR_DIFF_ID, V1_ID, V1_IMAGES, V1_JSON, V1Image
+from mirror.digest import EMPTY_LAYER, Digest
 from mirror.engine.copy import Engine, ImageResult
-from mirror.engine.v1 import LAYER_ATTEMPTS, pull_detected, pull_v1
-from mirror.errors import AuthError
+from mirror.engine.v1 import pull_detected, pull_v1
+from mirror.errors import AuthError, ManifestError
 from mirror.reference import Reference
 from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.gc import collect
 from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
+from mirror.store.v1records import host_folder, read_record, record_path, write_record
 from mirror.transport import HostConfig, Transport
 from tests.conftest import ROOT
 from tests.test_cli import mirror
@@ -36,6 +39,8 @@ from tools.imagebuild import Layout as SrcLayout
 from tools.registry import Registry, free_port, skopeo_copy
 
 PODMAN_PREFIX = "mirrortest-v1-"
+LAYER_ATTEMPTS = 4  # the tests' retry policy: one download and up to three Range resumes
+FAST = RetryPolicy(attempts=LAYER_ATTEMPTS, base=0.01)  # backoff kept short: tests assert behaviour, not timing
 
 
 @dataclass
@@ -85,10 +90,12 @@ def v1reg(seed: Seed) -> Iterator[V1Registry]:
     reg.stop()
 
 
-async def pull(cache: Path, refs: list[str], hosts: dict[str, HostConfig] | None = None) -> tuple[Engine, list[Any]]:
+async def pull(
+    cache: Path, refs: list[str], hosts: dict[str, HostConfig] | None = None, retry: RetryPolicy = FAST
+) -> tuple[Engine, list[Any]]:
     layout = Layout.open(cache)
     async with Transport(hosts) as transport:
-        engine = Engine(layout)
+        engine = Engine(layout, retry=retry)
         source = RegistryV1Source(transport)
         results = list(await asyncio.gather(*(pull_v1(engine, source, Reference.parse(x)) for x in refs)))
     return engine, results
@@ -235,14 +242,112 @@ async def test_layer_cut_in_one_run_resumes_in_the_next(seed: Seed, tmp_path: Pa
         engine, results = await pull(cache, [f"{reg.host}/ubuntu:15.10"])
         assert results[0].status == "ok", results[0].error
         assert [r for i, r in reg.ranges if i == base] == [""] + [f"bytes={n * step}-" for n in range(1, 5)]
-        # The kept bytes are not fetched again (the image's other layers are: run 1 named no image).
-        every = sum(len(seed.store.images[i].layer) for i in seed.store.ancestry(seed.ids["top"]))
-        assert engine.stats.bytes_fetched == every - LAYER_ATTEMPTS * step
+        # The kept bytes are not fetched again, nor the image's other layers: run 1 finished and recorded them.
+        assert engine.stats.bytes_fetched == len(layer) - LAYER_ATTEMPTS * step
+        assert all(n == 1 for i, n in layer_gets(reg).items() if i != base)
         digest = seed.layers[base].digest
         assert hashlib.sha256(blob(cache, digest)).hexdigest() == digest.split(":")[1]
         _, config = manifest_of(cache, results[0])
         assert config["rootfs"]["diff_ids"][0] == seed.layers[base].diff_id
         assert list((cache / ".mirror" / "ingest").iterdir()) == []
+    finally:
+        reg.stop()
+
+
+def chain(n: int, salt: int) -> tuple[Store, list[str], list[Layer]]:
+    """Return a v1 store whose `chain/img:1` is `n` images, each with a gzip'd layer of its own; ids base first."""
+    store = Store()
+    layers = [random_layer(8_000, salt + k) for k in range(n)]
+    ids: list[str] = []
+    for k, layer in enumerate(layers):
+        ids.append(store.add(layer.blob, ids[-1] if ids else None, f"add layer {k}", seed=str(salt)))
+    store.tag("chain/img", "1", ids[-1])
+    return store, ids, layers
+
+
+def json_gets(reg: V1Registry, ids: list[str]) -> list[int]:
+    return [reg.count(f"/v1/images/{i}/json") for i in ids]
+
+
+async def test_layers_finished_in_a_failed_pull_are_not_fetched_again(tmp_path: Path) -> None:
+    store, ids, layers = chain(5, 100)
+    reg = V1Registry(store).start()
+    try:
+        reg.fail[ids[-1]] = 404  # the top layer is missing for now: the pull fails on it, the rest finish
+        cache = tmp_path / "cache"
+        _, results = await pull(cache, [f"{reg.host}/chain/img:1"])
+        assert results[0].status == "failed" and f"{ids[-1]}/layer: not found" in results[0].error
+        assert layer_gets(reg) == {i: 1 for i in ids}
+        # Each finished image is recorded under the host, by image id, as soon as its layer is committed.
+        records = host_folder(cache, reg.host)
+        assert records == cache / ".mirror" / "v1" / reg.host
+        assert sorted(p.name for p in records.iterdir()) == sorted(f"{i}.json" for i in ids[:-1])
+        assert (await inventory(Layout.open(cache))) == []
+        # The server is fixed; the next run, a new process, fetches only what is missing.
+        reg.fail.clear()
+        res = mirror("pull", "--api", "v1", "--cache", str(cache), f"{reg.host}/chain/img:1")
+        assert res.returncode == 0, res.stderr
+        assert layer_gets(reg) == {**{i: 1 for i in ids[:-1]}, ids[-1]: 2}
+        assert json_gets(reg, ids) == [1, 1, 1, 1, 2]  # the top json came before its layer failed; not recorded
+        index = json.loads((cache / "index.json").read_text())
+        manifest = json.loads(blob(cache, index["manifests"][0]["digest"]))
+        config = json.loads(blob(cache, manifest["config"]["digest"]))
+        assert config["rootfs"]["diff_ids"] == [layer.diff_id for layer in layers]
+        assert [d["digest"] for d in manifest["layers"]] == [layer.digest for layer in layers]
+    finally:
+        reg.stop()
+
+
+async def test_gc_prunes_v1_records_and_a_stale_record_is_ignored(tmp_path: Path) -> None:
+    store, ids, layers = chain(3, 200)
+    reg = V1Registry(store).start()
+    try:
+        reg.fail[ids[-1]] = 404
+        cache = tmp_path / "cache"
+        _, results = await pull(cache, [f"{reg.host}/chain/img:1"])
+        assert results[0].status == "failed"
+        records = host_folder(cache, reg.host)
+        (records / f"{ids[0]}.json.123-abcd.tmp").write_bytes(b"{")  # a writer that died
+        (records / "README").write_text("not ours")
+        # No image names the finished layers: gc takes them, and the records that name them.
+        layout = Layout.open(cache)
+        dry = await collect(layout, dry_run=True)
+        assert len(dry.records) == 3 and all(p.exists() for p in dry.records)  # 2 records, 1 dead temp file
+        done = await collect(layout)
+        assert sorted(p.name for p in done.records) == sorted(p.name for p in dry.records)
+        assert sorted(p.name for p in records.iterdir()) == ["README"]
+        # So the next run fetches them again, and succeeds.
+        reg.fail.clear()
+        _, results = await pull(cache, [f"{reg.host}/chain/img:1"])
+        assert results[0].status == "ok", results[0].error
+        assert layer_gets(reg) == {i: 2 for i in ids}
+        # A record whose layer blob went (by hand here) is ignored: that layer alone is fetched again.
+        (cache / "blobs" / "sha256" / layers[0].digest.split(":")[1]).unlink()
+        _, results = await pull(cache, [f"{reg.host}/chain/img:1"])
+        assert results[0].status == "ok", results[0].error
+        assert layer_gets(reg) == {ids[0]: 3, ids[1]: 2, ids[2]: 2}
+        # Records of blobs the cache keeps stay.
+        assert (await collect(layout)).records == ()
+        assert len(list(records.glob("*.json"))) == 3
+    finally:
+        reg.stop()
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3])
+async def test_layer_attempts_follow_the_retry_policy(
+    seed: Seed, tmp_path: Path, attempts: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = V1Registry(seed.store).start()
+    try:
+        base = seed.ids["base"]
+        reg.cut[base] = [1000] * 10  # more cuts than any policy here allows
+        caplog.set_level("INFO", logger="mirror.engine.v1")
+        _, results = await pull(tmp_path / "cache", [f"{reg.host}/ubuntu:15.10"], retry=RetryPolicy(attempts, 0.01))
+        assert results[0].status == "failed"
+        assert "download cut" in results[0].error and f"(gave up after {attempts} attempts)" in results[0].error
+        assert layer_gets(reg)[base] == attempts
+        # Each resume waits for the policy's backoff first (its delay is logged).
+        assert sum("resuming in" in r.getMessage() for r in caplog.records) == attempts - 1
     finally:
         reg.stop()
 
@@ -427,3 +532,25 @@ async def test_missing_tag_repository_and_digest_are_one_line_failures(v1reg: V1
     assert errors[1] == f"v1 tag {host}/nope/x:1: not found (Tag not found)"
     assert "v1 registries have no content digests" in errors[2]
     assert all("\n" not in e for e in errors)
+
+
+def test_record_paths_are_built_from_checked_names(tmp_path: Path) -> None:
+    top = tmp_path / ".mirror" / "v1"
+    assert host_folder(tmp_path, "127.0.0.1:5000") == top / "127.0.0.1:5000"
+    assert host_folder(tmp_path, "[::1]:5000") == top / "[::1]:5000"
+    # A host that is not a safe file name gets a folder named by its hash, never a path of its making.
+    for host in ("../x", "a/b", "..", ".", "", "x" * 300):
+        folder = host_folder(tmp_path, host)
+        assert folder.parent == top and folder.name.startswith("_") and len(folder.name) == 33
+    assert record_path(tmp_path, "h", "a" * 64) == top / "h" / f"{'a' * 64}.json"
+    for bad in ("../" + "a" * 61, "A" * 64, "a" * 63, "a" * 64 + "/x"):
+        with pytest.raises(ManifestError):
+            record_path(tmp_path, "h", bad)
+    # A record naming another image than its file name is as if absent.
+    store, ids, _ = chain(2, 300)
+    img = store.images[ids[0]]
+    v1 = V1Image(img.id, img.raw_json, Digest.of(img.raw_json), None, EMPTY_TAR_DIFF_ID, True)
+    path = write_record(tmp_path, "h", v1)
+    assert read_record(tmp_path, "h", ids[0]) is not None
+    path.rename(record_path(tmp_path, "h", ids[1]))
+    assert read_record(tmp_path, "h", ids[1]) is None and read_record(tmp_path, "h", ids[0]) is None

@@ -2,7 +2,7 @@
 
 No maintained v1 server is installable, so the tests run this one. It serves images the
 tests build, counts requests per (method, path), records the Range headers it sees, can
-cut a layer download half way, and runs standalone or behind an index that issues
+cut a layer download half way or fail it with a status, and runs standalone or behind an index that issues
 `X-Docker-Token`s valid for one repository only. Each server runs its own event loop in a
 thread, so both async tests and `mirror` subprocesses can talk to it.
 """
@@ -160,6 +160,7 @@ class V1Registry(_Threaded):
         self.standalone = standalone
         self.tokens: dict[str, str] = {}  # signature -> repository, shared with the index
         self.cut: dict[str, list[int]] = {}  # image id -> cut the next layer downloads after these many bytes
+        self.fail: dict[str, int] = {}  # image id -> HTTP status every request for its layer is answered with
         self.ranges: list[tuple[str, str]] = []  # (image id, Range header) seen on layer requests
         self.refused: Counter[str] = Counter()  # path -> 401s answered
         self.honour_range = True  # False: answer every layer request with the whole layer (200)
@@ -269,6 +270,8 @@ class V1Registry(_Threaded):
         image = self._image(request)
         if isinstance(image, web.Response):
             return image
+        if image.id in self.fail:
+            return _error(self.fail[image.id], "layer unavailable (test fault)")
         if self.storage:
             # docker-registry's `storage_redirect`: the bytes come from the storage backend (S3 and the like).
             raise web.HTTPFound(f"http://{self.storage}/layers/{image.id}")

@@ -5,7 +5,10 @@ Layers stream concurrently under the engine's slots into `store.new_blob()` writ
 their diff_id is computed from the uncompressed bytes. Each image id is fetched once per
 host per run, however many tags and repositories share it, and not at all when an earlier
 run left it in the cache. A download cut mid-way resumes with `Range` from the bytes
-already written.
+already written, after the engine's retry policy's backoff, up to its `attempts`.
+
+Each image is recorded in the cache (`mirror.store.v1records`) as soon as its layer is
+committed, so a pull that fails on one layer leaves the others to the next run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
+import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 
 import aiofiles
 
+from mirror.auth import backoff_delay
 from mirror.convert_v1 import (
     EMPTY_LAYER_GZIP,
     V1_ANCESTRY,
@@ -39,6 +45,9 @@ from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.blobs import BlobWriter
+from mirror.store.v1records import read_record, write_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -59,7 +68,6 @@ def _known_to(engine: Engine) -> _Known:
     return known
 
 
-LAYER_ATTEMPTS = 4  # one download and up to three Range resumes
 _HASH_BATCH = 1 << 20  # bytes gathered before they go to the diff-id hasher
 
 
@@ -79,7 +87,7 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
         fetched = [0]
 
         def fetch(image_id: str) -> Callable[[], Awaitable[V1Image]]:
-            return lambda: _fetch_image(engine, source, name, image_id, fetched)
+            return lambda: _kept_or_fetch(engine, source, name, image_id, fetched)
 
         # Single flight per image id, and a memo for the rest of the run (seeded from what earlier
         # runs cached from this host): tags and repositories sharing a layer fetch it once.
@@ -107,10 +115,35 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
     return result
 
 
+async def _kept_or_fetch(
+    engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str, fetched: list[int]
+) -> V1Image:
+    """Return the image as an earlier run recorded it, when its blobs are still stored; else fetch it."""
+    host = source.host(ref)
+    kept = await asyncio.to_thread(_recorded_image, engine, host, image_id)
+    if kept is not None:
+        _known_to(engine).images[(host, image_id)] = kept
+        return kept
+    return await _fetch_image(engine, source, ref, image_id, fetched)
+
+
+def _recorded_image(engine: Engine, host: str, image_id: str) -> V1Image | None:
+    """Return the image recorded for (host, image_id) when every blob it names is stored (runs in a thread)."""
+    item = read_record(engine.layout.root, host, image_id)
+    if item is None:
+        return None
+    if item.layer is not None and not engine.store.has(item.layer.digest, item.layer.size):
+        return None  # gone since (gc, verify --repair): fetch it again
+    try:
+        return item.image(engine.store.read(item.json_digest))
+    except MirrorError:
+        return None
+
+
 async def _fetch_image(
     engine: Engine, source: RegistryV1Source, ref: Reference, image_id: str, fetched: list[int]
 ) -> V1Image:
-    """Fetch one image's json (kept as a blob) and layer (a blob named by its sha256)."""
+    """Fetch one image's json (kept as a blob) and layer (a blob named by its sha256), and record it."""
     host = source.host(ref)
     async with engine.host_slot(host):
         json_raw = await source.image_json(ref, image_id)
@@ -119,6 +152,11 @@ async def _fetch_image(
     fetched[0] += n
     image = V1Image(image_id, json_raw, json_digest, layer, diff_id, empty)
     _known_to(engine).images[(host, image_id)] = image
+    try:
+        # Now, not when the whole image is converted: a later layer may fail, and this one is done.
+        await asyncio.to_thread(write_record, engine.layout.root, host, image)
+    except OSError as exc:
+        log.warning("v1 image %s from %s: not recorded for later runs: %s", image_id[:12], host, exc)
     return image
 
 
@@ -226,83 +264,106 @@ async def _fetch_layer(
 ) -> tuple[Descriptor | None, Digest, bool, int]:
     """Stream the layer into the store, resuming with Range; return (descriptor, diff_id, empty, bytes).
 
-    The partial file is kept when a download fails on the way (cut, timeout, interrupt),
-    and continued by a later attempt or run; it is dropped when its content is bad.
+    A download that breaks off is tried again from the bytes kept, after the engine's
+    retry backoff (no slot held while waiting), until `engine.retry.attempts` tries are
+    spent. The partial file is kept when a download fails on the way (cut, timeout,
+    interrupt), and continued by a later attempt or run; it is dropped when its content is bad.
     """
     progress_key = Digest("v1", image_id)  # the blob's digest is known only at the end
     host = source.host(ref)
-    async with engine.slot(host):
-        writer = await engine.store.new_blob(_partial_key(host, image_id))
-        feed = _DiffIdFeed()
-        engine.progress.blob_started(progress_key, -1)
-        ok = False
-        downloaded = 0
+    writer = await engine.store.new_blob(_partial_key(host, image_id))
+    feed = _DiffIdFeed()
+    engine.progress.blob_started(progress_key, -1)
+    ok = False
+    downloaded = [0]
+    try:
+        if writer.offset:
+            await _refeed(feed, writer)
+        attempt = 0
+        while True:
+            try:
+                async with engine.slot(host):
+                    has_layer = await _stream_layer(engine, source, ref, image_id, writer, feed, downloaded)
+                if not has_layer:
+                    # No bytes stored for this image (416): it has no layer at all.
+                    await writer.abort(keep=False)
+                    ok = True
+                    return None, DiffIdHasher().finish()[0], True, 0
+                break
+            except TransportError as exc:
+                if exc.status == 416 and writer.offset:
+                    # Range refused: the kept bytes are not a prefix of this layer after all.
+                    await writer.reset()
+                    await feed.reset()
+                elif exc.status is not None:
+                    raise
+                # Cut mid-body: what was written stays in the partial file; ask for the rest.
+                if attempt + 1 >= engine.retry.attempts:
+                    raise TransportError(f"{exc} (gave up after {attempt + 1} attempts)", status=exc.status) from None
+                delay = backoff_delay(engine.retry, attempt, random.random())
+                log.info("v1 layer %s: %s; resuming in %.2f s", image_id[:12], exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        diff_id, empty = await feed.finish()
+        size = writer.offset
+        await writer.commit()
+        ok = True
+        engine.stats.blobs_fetched += 1
+        return Descriptor(layer_media_type(feed.hasher.gzip), writer.digest, size), diff_id, empty, downloaded[0]
+    except (IntegrityError, ManifestError):
+        await feed.close()
+        await writer.abort(keep=False)  # bad content: nothing worth resuming
+        raise
+    except BaseException:
+        await feed.close()
+        if not ok:
+            await writer.abort(keep=True)  # cut, refused, interrupted: a later attempt or run continues it
+        raise
+    finally:
+        engine.stats.bytes_fetched += downloaded[0]
+        engine.progress.blob_finished(progress_key, ok)
+
+
+async def _stream_layer(
+    engine: Engine,
+    source: RegistryV1Source,
+    ref: Reference,
+    image_id: str,
+    writer: BlobWriter,
+    feed: _DiffIdFeed,
+    downloaded: list[int],
+) -> bool:
+    """Stream the rest of the layer from `writer.offset` into `writer` and `feed`; False: the image has no layer."""
+    progress_key = Digest("v1", image_id)
+    async with source.open_layer(ref, image_id, writer.offset) as body:
+        if body.total == 0:
+            return False
+        if body.offset != writer.offset:
+            if body.offset:
+                raise IntegrityError(
+                    f"v1 layer {image_id[:12]}: asked for bytes from {writer.offset}, got them from {body.offset}"
+                )
+            # The server ignored Range and sends everything again: start over.
+            await writer.reset()
+            await feed.reset()
+        batch: list[bytes] = []
+        batched = 0
         try:
-            if writer.offset:
-                await _refeed(feed, writer)
-            for attempt in range(LAYER_ATTEMPTS):
-                try:
-                    async with source.open_layer(ref, image_id, writer.offset) as body:
-                        if body.total == 0:
-                            # No bytes stored for this image (416): it has no layer at all.
-                            await writer.abort(keep=False)
-                            ok = True
-                            return None, DiffIdHasher().finish()[0], True, 0
-                        if body.offset != writer.offset:
-                            if body.offset:
-                                raise IntegrityError(
-                                    f"v1 layer {image_id[:12]}: asked for bytes from {writer.offset},"
-                                    f" got them from {body.offset}"
-                                )
-                            # The server ignored Range and sends everything again: start over.
-                            await writer.reset()
-                            await feed.reset()
-                        batch: list[bytes] = []
-                        batched = 0
-                        try:
-                            async for chunk in body.chunks:
-                                await writer.write(chunk)
-                                downloaded += len(chunk)
-                                batch.append(chunk)
-                                batched += len(chunk)
-                                engine.progress.blob_advanced(progress_key, len(chunk))
-                                if batched >= _HASH_BATCH:
-                                    await feed.feed(batch)
-                                    batched = 0
-                        finally:
-                            # Bytes written are hashed too, even when the body was cut: a resume continues after them.
-                            await feed.feed(batch)
-                    if 0 <= body.total != writer.offset:
-                        raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {body.total} bytes")
-                    break
-                except TransportError as exc:
-                    if attempt == LAYER_ATTEMPTS - 1:
-                        raise
-                    if exc.status == 416 and writer.offset:
-                        # Range refused: the kept bytes are not a prefix of this layer after all.
-                        await writer.reset()
-                        await feed.reset()
-                    elif exc.status is not None:
-                        raise
-                    # Cut mid-body: what was written stays in the partial file; ask for the rest.
-            diff_id, empty = await feed.finish()
-            size = writer.offset
-            await writer.commit()
-            ok = True
-            engine.stats.blobs_fetched += 1
-            return Descriptor(layer_media_type(feed.hasher.gzip), writer.digest, size), diff_id, empty, downloaded
-        except (IntegrityError, ManifestError):
-            await feed.close()
-            await writer.abort(keep=False)  # bad content: nothing worth resuming
-            raise
-        except BaseException:
-            await feed.close()
-            if not ok:
-                await writer.abort(keep=True)  # cut, refused, interrupted: a later attempt continues it
-            raise
+            async for chunk in body.chunks:
+                await writer.write(chunk)
+                downloaded[0] += len(chunk)
+                batch.append(chunk)
+                batched += len(chunk)
+                engine.progress.blob_advanced(progress_key, len(chunk))
+                if batched >= _HASH_BATCH:
+                    await feed.feed(batch)
+                    batched = 0
         finally:
-            engine.stats.bytes_fetched += downloaded
-            engine.progress.blob_finished(progress_key, ok)
+            # Bytes written are hashed too, even when the body was cut: a resume continues after them.
+            await feed.feed(batch)
+    if 0 <= body.total != writer.offset:
+        raise IntegrityError(f"v1 layer {image_id[:12]}: got {writer.offset} of {body.total} bytes")
+    return True
 
 
 async def pull_detected(

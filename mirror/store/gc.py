@@ -5,6 +5,8 @@ document they name, indexes to their (cached) children, image manifests to confi
 layers, `subject` links, and any annotation value that is the digest of a stored blob
 (kept v1 json documents and the like). A reachable manifest that is missing or does not
 parse makes the result "broken": what it references is unknown, so nothing is swept.
+Records of fetched v1 images (`.mirror/v1/`) are hints, not roots: their blobs go like
+any other unreached blob, and then the records naming them go too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mirror.manifest import (
 from mirror.store.blobs import BlobStore
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
+from mirror.store.v1records import prune_records
 
 PARTIAL_AGE = 24 * 3600.0
 
@@ -123,6 +126,7 @@ class Garbage:
     blobs: tuple[tuple[Digest, int], ...]
     partials: tuple[tuple[Path, int], ...]
     kept: int
+    records: tuple[Path, ...] = ()  # v1 records naming a blob that is gone (see mirror.store.v1records)
 
     @property
     def bytes(self) -> int:
@@ -209,4 +213,10 @@ async def collect(
         partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
         if not dry_run:
             await asyncio.to_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
-        return Garbage(blobs, partials, len(stored) - len(blobs))
+        swept = {d for d, _ in blobs}
+
+        def present(digest: Digest, size: int) -> bool:
+            return digest in stored and digest not in swept and size in (-1, stored[digest])
+
+        records = await asyncio.to_thread(prune_records, layout.root, present, dry_run=dry_run)
+        return Garbage(blobs, partials, len(stored) - len(blobs), tuple(records))

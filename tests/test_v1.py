@@ -313,6 +313,12 @@ async def test_gc_prunes_v1_records_and_a_stale_record_is_ignored(tmp_path: Path
         layout = Layout.open(cache)
         dry = await collect(layout, dry_run=True)
         assert len(dry.records) == 3 and all(p.exists() for p in dry.records)  # 2 records, 1 dead temp file
+        res = mirror("gc", "--dry-run", "--cache", str(cache))
+        assert res.returncode == 0, res.stderr
+        assert sorted(line for line in res.stdout.splitlines() if "/.mirror/v1/" in line) == sorted(
+            f"would remove\t{p}" for p in dry.records
+        )
+        assert ", 3 v1 layer records (" in res.stderr
         done = await collect(layout)
         assert sorted(p.name for p in done.records) == sorted(p.name for p in dry.records)
         assert sorted(p.name for p in records.iterdir()) == ["README"]

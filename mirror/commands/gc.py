@@ -40,9 +40,12 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{verb}\t{digest}\t{human(size)}")
     for path, size in garbage.partials:
         print(f"{verb}\t{path}\t{human(size)}")
+    for path in garbage.records:
+        print(f"{verb}\t{path}")
+    records = f", {len(garbage.records)} v1 layer records" if garbage.records else ""
     print(
-        f"{verb} {len(garbage.blobs)} blobs and {len(garbage.partials)} partial files ({human(garbage.bytes)}); "
-        f"kept {garbage.kept} blobs",
+        f"{verb} {len(garbage.blobs)} blobs and {len(garbage.partials)} partial files{records} "
+        f"({human(garbage.bytes)}); kept {garbage.kept} blobs",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -1,7 +1,7 @@
 PY ?= python3
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: install demo test test-quick lint format bench clean
+.PHONY: install demo test test-quick lint format bench soak clean
 
 install:            ## apt peers (docker-registry, skopeo, podman) and the package with its dev tools
 	./scripts/install-peers.sh
@@ -32,6 +32,9 @@ format:
 
 bench:              ## benchmarks against skopeo; writes docs/BENCHMARKS.md
 	$(PY) -m bench
+
+soak:               ## mirror daemon for 10 minutes of short schedules: memory, fds, threads over time
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf demo build *.egg-info .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mirror import config
-from mirror.engine.copy import Engine, ImageResult
+from mirror.digest import Digest
+from mirror.engine.copy import Engine, ImageResult, NoProgress
 from mirror.engine.daemon import pull_from_daemon
 from mirror.errors import UnreachableError, UsageError
 from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
@@ -114,8 +116,28 @@ def mirror(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, env=env)
 
 
-async def pull(cache: Path, url: str, keys: list[str], names: dict[str, str], compress: bool) -> list[ImageResult]:
-    engine = Engine(Layout.open(cache))
+class Recorder(NoProgress):
+    """A Progress that keeps what the engine told it."""
+
+    def __init__(self) -> None:
+        self.started: dict[Digest, int] = {}
+        self.advanced: Counter[Digest] = Counter()
+        self.finished: dict[Digest, bool] = {}
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        self.started[digest] = total
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        self.advanced[digest] += n
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        self.finished[digest] = ok
+
+
+async def pull(
+    cache: Path, url: str, keys: list[str], names: dict[str, str], compress: bool, progress: Recorder | None = None
+) -> list[ImageResult]:
+    engine = Engine(Layout.open(cache), progress=progress)
     async with DaemonClient(DaemonEndpoint.resolve(url, env={})) as client:
         return await pull_from_daemon(engine, client, [f"daemon://{names[k]}" for k in keys], compress=compress)
 
@@ -152,9 +174,15 @@ def test_listing_matches_podman_images(podman: Podman) -> None:
 @pytest.mark.parametrize("compress", [False, True], ids=["tar", "gzip"])
 async def test_export_of_images_sharing_a_base(podman: Podman, tmp_path: Path, compress: bool) -> None:
     cache = tmp_path / "cache"
-    results = await pull(cache, podman.url, ["a", "b", "c"], podman.names, compress)
+    progress = Recorder()
+    results = await pull(cache, podman.url, ["a", "b", "c"], podman.names, compress, progress)
     assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
     blobs = assert_blobs_sound(cache)
+    # The export is shown as one stream of unknown size, from its first byte to its end.
+    (export,) = progress.started
+    assert export.algorithm == "export" and progress.started[export] == -1
+    assert progress.finished == {export: True}
+    assert progress.advanced[export] > max(r.bytes for r in results)  # every image's layers came through it
     # 3 configs + 3 manifests + 1 shared base + 4 top layers: every layer once.
     assert len(blobs) == 3 + 3 + 1 + 4
     layout = Layout.open(cache)
@@ -211,12 +239,15 @@ def test_pull_cli_mixes_daemon_and_registry_images(podman: Podman, seeded: Seede
 @pytest.mark.slow
 async def test_export_cut_off_mid_stream(podman: Podman, tmp_path: Path) -> None:
     proxy = await DaemonProxy(podman.socket, cut_after=200_000).start_unix(str(tmp_path / "cut.sock"))
+    progress = Recorder()
     try:
         cache = tmp_path / "cache"
-        results = await pull(cache, f"unix://{tmp_path / 'cut.sock'}", ["a", "b"], podman.names, False)
+        results = await pull(cache, f"unix://{tmp_path / 'cut.sock'}", ["a", "b"], podman.names, False, progress)
     finally:
         await proxy.stop()
     assert proxy.cuts == 1
+    (export,) = progress.started
+    assert progress.finished == {export: False} and 0 < progress.advanced[export] <= 200_000
     for r in results:
         assert r.status == "failed"
         assert r.error.startswith(f"export from the Docker daemon at unix://{tmp_path / 'cut.sock'} was cut off after ")

@@ -8,12 +8,13 @@ normalised reference (`daemon://ubuntu:15.10` is cached as `docker.io/library/ub
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from mirror.digest import Digest
-from mirror.engine.copy import Engine, ImageResult
+from mirror.engine.copy import Engine, ImageResult, Progress
 from mirror.errors import IntegrityError, MirrorError, UsageError
 from mirror.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, platform_of_config
 from mirror.reference import Reference, daemon_reference
@@ -89,6 +90,30 @@ async def cache_saved_image(
     return entry, sum(contents.layers[contents.resolve(n)].blob.size for n in image.layers)
 
 
+async def _reported(chunks: AsyncIterator[bytes], progress: Progress, key: Digest) -> AsyncIterator[bytes]:
+    """Pass the export's chunks on, telling `progress` how far the stream has got."""
+    async for chunk in chunks:
+        progress.blob_advanced(key, len(chunk))
+        yield chunk
+
+
+async def _read_export(engine: Engine, client: DaemonClient, names: list[str], compress: bool) -> SaveContents:
+    """Read one export of `names` into the store, shown as one item of unknown size while it streams.
+
+    The item is named `export:` + the sha256 of the names, as a v1 layer is shown as `v1:ID`.
+    """
+    key = Digest("export", hashlib.sha256("\n".join(names).encode()).hexdigest())
+    engine.progress.blob_started(key, -1)
+    ok = False
+    try:
+        async with engine.slot(client.endpoint.url), client.export(names) as body:
+            contents = await read_save(_reported(body, engine.progress, key), engine.store, compress=compress)
+        ok = True
+        return contents
+    finally:
+        engine.progress.blob_finished(key, ok)
+
+
 async def pull_from_daemon(
     engine: Engine, client: DaemonClient, sources: Sequence[str], *, compress: bool = False
 ) -> list[ImageResult]:
@@ -105,8 +130,7 @@ async def pull_from_daemon(
             results[i] = ImageResult(ref, "failed", seconds=time.monotonic() - t0, error=f"{name}: {exc}")
     if found:
         try:
-            async with engine.slot(client.endpoint.url), client.export(list({n: None for _, n, _, _ in found})) as body:
-                contents = await read_save(body, engine.store, compress=compress)
+            contents = await _read_export(engine, client, list({n: None for _, n, _, _ in found}), compress)
             contents.images()  # fails here, for every image, when the export has no readable manifest
         except MirrorError as exc:
             for i, _, ref, _ in found:

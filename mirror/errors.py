@@ -54,3 +54,9 @@ class UnreachableError(TransportError):
 
 class StreamError(TransportError):
     """A response body broke off mid-stream (reset, truncated, idle timeout): the download may resume."""
+
+
+def os_reason(exc: OSError) -> str:
+    """Return an OSError as a short reason: `No space left on device`, with the file when known."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {exc.filename}" if exc.filename else reason

@@ -68,7 +68,16 @@ class Registry:
             self._log.close()
 
     def requests(self) -> Counter[tuple[str, str]]:
-        """Count (method, uri) of every completed request in the log so far."""
+        """Count (method, uri) of every completed request in the log so far.
+
+        The registry writes a request's line just after the client has its answer: the log
+        is read once it has stopped growing for 50 ms, so a request a test has just made is
+        counted now, not in the next count (where it would look like a second request).
+        """
+        size, deadline = -1, time.monotonic() + 2
+        while (now := self.log_path.stat().st_size) != size and time.monotonic() < deadline:
+            size = now
+            time.sleep(0.05)
         out: Counter[tuple[str, str]] = Counter()
         for line in self.log_path.read_text(errors="replace").splitlines():
             if "response completed" not in line:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from mirror.digest import Digest
-from mirror.errors import IntegrityError, StoreError
+from mirror.errors import IntegrityError, StoreError, os_reason
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
 IO_THREADS = 16  # fsync waits on the disk, not the CPU: enough threads that commits overlap
@@ -94,7 +94,7 @@ class BlobStore:
         """Return an open writer for `digest`, continuing a kept partial file when `resume`."""
         w = BlobWriter(self, digest, size)
         if resume and w.partial.exists():
-            await _in_thread(w.open_sync, True)
+            await w.io(w.open_sync, True)
         # Otherwise the file is created by the first batch's thread: one trip to a thread fewer.
         return w
 
@@ -113,13 +113,15 @@ class BlobStore:
     async def _run_dir_sync(self, path: Path) -> None:
         running = self._dir_running.get(path)
         if running is not None:
-            with contextlib.suppress(OSError):  # its callers see its error; this fsync is tried afresh
+            with contextlib.suppress(StoreError):  # its callers see its error; this fsync is tried afresh
                 await asyncio.shield(running)
         # From here on this fsync may miss a new rename: later callers start another.
         me = self._dir_next.pop(path)
         self._dir_running[path] = me
         try:
             await _in_thread(_fsync_dir, path)
+        except OSError as exc:
+            raise StoreError(f"cache {self.root}: {os_reason(exc)} (making renames in {path.name}/ durable)") from None
         finally:
             if self._dir_running.get(path) is me:
                 del self._dir_running[path]
@@ -135,7 +137,7 @@ class BlobStore:
             raise StoreError(f"blob writer key {key!r}: use letters, digits, '.', '_', '-'")
         w = BlobWriter(self, None, -1, key=key)
         if key is not None and w.partial.exists():
-            await _in_thread(w.open_sync, True)
+            await w.io(w.open_sync, True)
         return w
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
@@ -196,6 +198,14 @@ class BlobWriter:
         self._pending: asyncio.Future[None] | None = None
         self._flushed = 0  # bytes handed to the kernel and asked to be written back
 
+    async def io(self, func: Callable[..., T], *args: object) -> T:
+        """Run file work for this blob in the store's threads; an OSError (a full disk, say) becomes a StoreError."""
+        try:
+            return await _in_thread(func, *args)
+        except OSError as exc:
+            what = f"blob {self.expected}" if self.expected else "a new blob"
+            raise StoreError(f"cache {self.store.root}: {os_reason(exc)} (writing {what})") from None
+
     @property
     def partial(self) -> Path:
         """Return the temp file the bytes are written to until `commit()`."""
@@ -228,7 +238,7 @@ class BlobWriter:
         await self._drain()
         self._buf.clear()
         self._buffered = 0
-        await _in_thread(self._reset_sync)
+        await self.io(self._reset_sync)
 
     def _absorb(self, chunks: list[bytes], writeback: bool = False) -> None:
         if self._file is None:
@@ -255,7 +265,7 @@ class BlobWriter:
         await self._drain()
         if self._buf:
             chunks, self._buf, self._buffered = self._buf, [], 0
-            self._pending = asyncio.ensure_future(_in_thread(self._absorb, chunks, True))
+            self._pending = asyncio.ensure_future(self.io(self._absorb, chunks, True))
 
     async def write(self, chunk: bytes) -> None:
         """Append `chunk`; full batches go to a worker thread while the caller reads on."""
@@ -293,7 +303,7 @@ class BlobWriter:
             )
         # One trip to a thread for the last batch, the check, the fsync and the rename.
         chunks, self._buf, self._buffered = self._buf, [], 0
-        directory = await _in_thread(self._commit_sync, chunks)
+        directory = await self.io(self._commit_sync, chunks)
         await self.store.sync_dir(directory)
         return self.offset
 

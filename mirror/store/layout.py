@@ -17,7 +17,7 @@ from typing import Any
 
 import aiofiles
 
-from mirror.errors import ManifestError, StoreError
+from mirror.errors import ManifestError, StoreError, os_reason
 from mirror.manifest import OCI_INDEX, REF_NAME, Descriptor
 from mirror.store.blobs import BlobStore
 
@@ -59,11 +59,15 @@ class Layout:
             raise StoreError(f"{root} is not a cache: no oci-layout file")
         elif root.exists() and any(p.name not in (".mirror",) for p in root.iterdir()):
             raise StoreError(f"{root} exists, is not empty and is not an OCI layout: refusing to use it as a cache")
-        else:
-            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            _atomic_write(root / "index.json", _dump({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}))
-            _atomic_write(marker, _dump(LAYOUT_VERSION))
-        (root / ".mirror").mkdir(exist_ok=True)
+        try:
+            if not marker.exists():
+                (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+                empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+                _atomic_write(root / "index.json", _dump(empty))
+                _atomic_write(marker, _dump(LAYOUT_VERSION))
+            (root / ".mirror").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cache {root}: cannot create it: {os_reason(exc)}") from None
         return cls(root)
 
     async def _read_index(self) -> dict[str, Any]:
@@ -149,7 +153,10 @@ class Layout:
         try:
             doc = await self._read_index()
             doc["manifests"] = change(doc.get("manifests", []))
-            await asyncio.to_thread(_atomic_write, self.root / "index.json", _dump(doc))
+            try:
+                await asyncio.to_thread(_atomic_write, self.root / "index.json", _dump(doc))
+            except OSError as exc:
+                raise StoreError(f"cache {self.root}: cannot write index.json: {os_reason(exc)}") from None
         finally:
             lockfile.close()
 
@@ -194,8 +201,12 @@ def _dump(doc: Any) -> bytes:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file, fsync and rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise

@@ -57,3 +57,18 @@ async def test_close_waits_for_a_group_in_flight(tmp_path: Path) -> None:
     await db.close()
     await asyncio.gather(*writes)
     assert len(committed(tmp_path)) == 20
+
+
+async def test_only_the_last_runs_and_their_errors_are_kept(tmp_path: Path) -> None:
+    """A daemon runs for months: the state keeps the last `keep_runs` runs, not every one."""
+    async with await StateDB.open(tmp_path, keep_runs=5) as db:
+        for n in range(12):
+            run = await db.start_run(["job"])
+            await db.record_error(run, "job", f"reg.example/r:{n}", f"failure {n}")
+            await db.finish_run(run, "failed", 1, 1, 0)
+        runs = await db.runs(limit=100)
+        assert [r.id for r in runs] == list(range(12, 7, -1))
+    with sqlite3.connect(tmp_path / ".mirror" / "state.db") as c:
+        assert [m for (m,) in c.execute("SELECT message FROM errors ORDER BY run")] == [
+            f"failure {n}" for n in range(7, 12)
+        ]

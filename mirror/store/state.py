@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS errors (
     time REAL NOT NULL,
     message TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS errors_run ON errors (run);
 """
+KEEP_RUNS = 1000  # runs (and their errors) kept in the state; older ones are dropped as new ones finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +83,10 @@ class RunRecord:
 class StateDB:
     """The sqlite state of one cache, used from async code through a single worker thread."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, keep_runs: int = KEEP_RUNS) -> None:
         self.path = path
         self.readonly = readonly
+        self.keep_runs = keep_runs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-state")
         self._conn: sqlite3.Connection | None = None
         # Group commit of per-tag writes: statements waiting for the next transaction, the
@@ -93,9 +96,9 @@ class StateDB:
         self._last_group: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, cache: Path, *, readonly: bool = False) -> StateDB:
+    async def open(cls, cache: Path, *, readonly: bool = False, keep_runs: int = KEEP_RUNS) -> StateDB:
         """Return the state of the cache at `cache`, creating the file unless `readonly`."""
-        db = cls(cache / ".mirror" / "state.db", readonly=readonly)
+        db = cls(cache / ".mirror" / "state.db", readonly=readonly, keep_runs=keep_runs)
         await db._call(db._open_sync)
         return db
 
@@ -192,7 +195,11 @@ class StateDB:
         return await self._call(w)
 
     async def finish_run(self, run: int, outcome: str, images: int, failed: int, nbytes: int) -> None:
-        """Record how run `run` ended."""
+        """Record how run `run` ended; drop the runs (and their errors) older than the last `keep_runs`.
+
+        A daemon runs its jobs for months: without the cut, a registry failing every tag of
+        every run would grow the errors table by the run.
+        """
 
         def w() -> None:
             with self._db() as c:
@@ -200,6 +207,10 @@ class StateDB:
                     "UPDATE runs SET finished = ?, outcome = ?, images = ?, failed = ?, bytes = ? WHERE id = ?",
                     (time.time(), outcome, images, failed, nbytes, run),
                 )
+                oldest = run - self.keep_runs
+                if oldest > 0:
+                    c.execute("DELETE FROM errors WHERE run <= ?", (oldest,))
+                    c.execute("DELETE FROM runs WHERE id <= ?", (oldest,))
 
         await self._call(w)
 

@@ -14,7 +14,7 @@ from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import MirrorError, UnreachableError, UsageError, os_reason
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
-COMMANDS = ["pull", "ls", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
+COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
 
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:

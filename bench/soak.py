@@ -123,11 +123,15 @@ def report(samples: list[Sample], minutes: float, exit_code: int) -> str:
             next_minute = (int(s.t // 60) + 1) * 60.0
     warm = next((s for s in samples if s.t >= 60), samples[0])
     last = samples[-1]
-    runs = max(1, last.runs - warm.runs)
-    growth = (last.rss_kib - warm.rss_kib) / runs
+    half = next(s for s in samples if s.t >= last.t / 2)
+
+    def per_run(a: Sample) -> float:
+        return (last.rss_kib - a.rss_kib) / max(1, last.runs - a.runs)
+
     return (
         "\n".join(rows) + f"\n\n- {last.runs} job runs in {minutes:.0f} min; after the first minute RSS went "
-        f"{warm.rss_kib / KIB:.1f} → {last.rss_kib / KIB:.1f} MiB ({growth:+.2f} KiB per run), "
+        f"{warm.rss_kib / KIB:.1f} → {last.rss_kib / KIB:.1f} MiB ({per_run(warm):+.2f} KiB per run), over the "
+        f"second half {half.rss_kib / KIB:.1f} → {last.rss_kib / KIB:.1f} MiB ({per_run(half):+.2f} KiB per run); "
         f"open fds {warm.fds} → {last.fds}, threads {warm.threads} → {last.threads}.\n"
         f"- SIGTERM at the end: exit status {exit_code}.\n"
     )

@@ -256,6 +256,43 @@ async def test_export_cut_off_mid_stream(podman: Podman, tmp_path: Path) -> None
     assert await Layout.open(cache).entries() == []
 
 
+DROP_AND_LIST = """
+import asyncio, os, sys
+from mirror.errors import MirrorError
+from mirror.sources.daemon import DaemonClient, DaemonEndpoint
+endpoint = DaemonEndpoint.resolve(sys.argv[1], env={})
+async def main():
+    async with DaemonClient(endpoint) as client:
+        await client.images()
+if os.geteuid() == 0:  # everything is imported: now become a user the socket does not let in
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+try:
+    asyncio.run(main())
+except MirrorError as exc:
+    print(exc)
+"""
+
+
+def test_a_socket_we_may_not_open_is_one_clear_line(tmp_path: Path) -> None:
+    """As `docker` answers a user outside the docker group: permission denied, and what to do."""
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        os.chmod(path, 0o600 if os.geteuid() == 0 else 0)
+        res = subprocess.run(
+            [sys.executable, "-c", DROP_AND_LIST, f"unix://{path}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (
+        f"cannot reach the Docker daemon at unix://{path}: permission denied on {path}"
+        " (run as root or as a member of its group)\n"
+    )
+
+
 @pytest.mark.slow
 def test_no_socket_is_one_clear_line(tmp_path: Path) -> None:
     res = mirror("ls", "--daemon", f"unix://{tmp_path}/none.sock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def test_pull_then_ls(seeded: Seeded, tmp_path: Path) -> None:
     assert index_line[2] == "linux/amd64,linux/arm64"
     schema2_line = next(line for line in lines if "t/schema2:1" in line).split("\t")
     assert schema2_line[:3] == [seeded.ref("t/schema2:1"), seeded.digests["t/schema2:1"], "linux/amd64"]
+    # The same, for scripts.
+    res = mirror("ls", "--json", "--cache", str(cache))
+    assert res.returncode == 0, res.stderr
+    listed = {img["name"]: img for img in json.loads(res.stdout)}
+    assert listed[seeded.ref("t/index:1")]["digest"] == seeded.digests["t/index:1"]
+    assert listed[seeded.ref("t/index:1")]["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert listed[seeded.ref("t/schema2:1")]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert all(img["size"] > 0 and img["problem"] is None for img in listed.values())
 
 
 def test_insecure_flag_keeps_the_configured_credentials(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
@@ -16,6 +17,9 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("ls", help="list what the cache holds")
     add_common(p)
     add_daemon_option(p, "list a Docker daemon's images instead (unix:///PATH, tcp://HOST:PORT; default $DOCKER_HOST)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON array (name, digest, mediaType, platforms, size, problem)"
+    )
     p.set_defaults(run=run)
 
 
@@ -26,6 +30,20 @@ async def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     rows = await inventory(layout)
+    if args.json:
+        doc = [
+            {
+                "name": img.name,
+                "digest": str(img.digest),
+                "mediaType": img.media_type,
+                "platforms": list(img.platforms),
+                "size": img.size,
+                "problem": img.problem or None,
+            }
+            for img in rows
+        ]
+        print(json.dumps(doc, indent=1))
+        return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK
     for img in rows:
         plats = ",".join(img.platforms) or "-"
         extra = f"  PROBLEM: {img.problem}" if img.problem else ""

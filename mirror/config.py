@@ -17,6 +17,7 @@ from mirror.engine.copy import Engine, Progress
 from mirror.errors import UsageError
 from mirror.limiter import HostLimits
 from mirror.manifest import Platform
+from mirror.proxy import Proxy, ProxyError, parse_proxy
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
@@ -59,6 +60,8 @@ class RegistryConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     concurrency: int | None = None
+    proxy: Proxy | None = None  # `proxy = "http://..."`: this host through that proxy, whatever the environment says
+    direct: bool = False  # `proxy = "none"`: this host never through a proxy
 
     def host_config(self) -> HostConfig:
         """Return the transport's view of this registry."""
@@ -70,6 +73,8 @@ class RegistryConfig:
             self.ca_file,
             self.cert_file,
             self.key_file,
+            self.proxy,
+            self.direct,
         )
 
 
@@ -164,6 +169,37 @@ def _secret(r: dict[str, Any], key: str, where: str) -> str | None:
     return value  # type: ignore[no-any-return]
 
 
+def _proxy(r: dict[str, Any], where: str) -> tuple[Proxy | None, bool]:
+    """Return a registry's (proxy, direct) from `proxy = "http://[user:pass@]host:port"` or `"none"`.
+
+    `proxy_password_env` names an environment variable holding the proxy's password, so
+    the URL in the file can be `http://user@host:port`.
+    """
+    text = _get(r, "proxy", str, where, None)
+    env = _get(r, "proxy_password_env", str, where, None)
+    if text is None:
+        if env is not None:
+            raise ConfigError(f"{where}.proxy_password_env: set without a proxy URL")
+        return None, False
+    if text.strip().lower() == "none":
+        if env is not None:
+            raise ConfigError(f'{where}.proxy_password_env: set with proxy = "none"')
+        return None, True
+    if "://" not in text:
+        raise ConfigError(f'{where}.proxy: expected "none" or http://[USER:PASS@]HOST:PORT, got {text!r}')
+    try:
+        proxy = parse_proxy(text)
+    except ProxyError as exc:
+        raise ConfigError(f"{where}.proxy: {exc}") from None
+    if env is not None:
+        if env not in os.environ:
+            raise ConfigError(f"{where}.proxy_password_env: environment variable {env} is not set")
+        if proxy.username is None:
+            raise ConfigError(f"{where}.proxy_password_env: the proxy URL names no user (http://USER@HOST:PORT)")
+        proxy = Proxy(proxy.scheme, proxy.host, proxy.port, proxy.username, os.environ[env])
+    return proxy, False
+
+
 def _path(r: dict[str, Any], key: str, where: str) -> Path | None:
     value = _get(r, key, str, where, None)
     if value is None:
@@ -206,6 +242,7 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         conc_r = _get(r, "concurrency", int, w, None)
         if conc_r is not None and conc_r < 1:
             raise ConfigError(f"{w}.concurrency: must be at least 1")
+        proxy, direct = _proxy(r, w)
         regs.append(
             RegistryConfig(
                 host=_get(r, "host", str, w, ""),
@@ -217,6 +254,8 @@ def parse(doc: dict[str, Any], where: str) -> Config:
                 cert_file=_path(r, "cert_file", w),
                 key_file=_path(r, "key_file", w),
                 concurrency=conc_r,
+                proxy=proxy,
+                direct=direct,
                 api=check_api(_get(r, "api", str, w, "auto"), f"{w}.api"),
             )
         )

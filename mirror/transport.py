@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -44,6 +45,7 @@ from mirror.credentials import Credential, CredentialStore, registry_key
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
+from mirror.proxy import Proxy, ProxyConfig, ProxyError
 from mirror.reference import is_loopback
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class HostConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    proxy: Proxy | None = None  # this host's requests go through this proxy, whatever the environment says
+    direct: bool = False  # this host's requests never go through a proxy (`proxy = "none"`)
 
     def credential(self) -> Credential | None:
         """Return the credentials configured for this host, if any."""
@@ -148,8 +152,12 @@ class Transport:
         rate_limit_floor: int = DEFAULT_RATE_LIMIT_FLOOR,
         certs_dirs: Sequence[Path] = DEFAULT_CERTS_DIRS,
         clock: Callable[[], float] = time.monotonic,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
+        # The environment's proxies (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), read once. Not
+        # aiohttp's trust_env: that would also send ~/.netrc credentials to registries.
+        self.proxies = ProxyConfig.from_env(os.environ if env is None else env)
         self.timeouts = timeouts
         self.retry = retry
         configured = {h: c for h, hc in self.hosts.items() if (c := hc.credential()) is not None}
@@ -251,6 +259,52 @@ class Transport:
             raise UnreachableError(f"TLS settings for {host} unusable: {exc}") from None
         self._ssl[host] = c
         return c
+
+    def proxy_for(self, url: str) -> Proxy | None:
+        """Return the proxy a request to `url` goes through (None: direct), decided by that URL's own host.
+
+        The `proxy` setting of the URL's host wins (`"none"`: never a proxy); else the
+        environment decides (HTTP(S)_PROXY, NO_PROXY; loopback never). A redirect to
+        another host (blob storage) is decided by that host, not by the registry's setting.
+        """
+        cfg = self.config(urlsplit(url).netloc)
+        if cfg.direct:
+            return None
+        if cfg.proxy is not None:
+            return cfg.proxy
+        return self.proxies.proxy_for(url)
+
+    async def _open(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> aiohttp.ClientResponse:
+        """Send one request (no redirects followed) through the proxy `url` needs; proxy failures name the proxy."""
+        try:
+            proxy = self.proxy_for(url)
+        except ProxyError as exc:
+            raise UnreachableError(f"{urlsplit(url).netloc}: {exc}") from None
+        target = urlsplit(url).netloc
+        if proxy is not None:
+            kw["proxy"] = proxy.url
+            if proxy.username is not None:
+                value = aiohttp.encode_basic_auth(proxy.username, proxy.password or "")
+                if url.startswith("https:"):
+                    # Sent with CONNECT only: inside the tunnel it would reach the registry.
+                    kw["proxy_headers"] = {"Proxy-Authorization": value}
+                else:
+                    headers = {**headers, "Proxy-Authorization": value}
+        self.requests += 1
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte):
+                resp = await self.session.request(method, url, headers=headers, allow_redirects=False, **kw)
+        except aiohttp.ClientProxyConnectionError as exc:
+            assert proxy is not None
+            reason = exc.os_error.strerror or str(exc.os_error) or "connection failed"
+            raise _ProxyFailure(f"cannot reach proxy {proxy} for {target}: {reason}") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            assert proxy is not None
+            raise _proxy_refusal(proxy, target, exc.status, exc.message) from None
+        if resp.status == 407 and proxy is not None:
+            resp.release()
+            raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")
+        return resp
 
     @asynccontextmanager
     async def request(
@@ -422,12 +476,8 @@ class Transport:
                 hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
             elif auth:
                 hdrs["Authorization"] = auth
-            self.requests += 1
             tls = self.ssl_context(host) if netloc == origin else True
-            async with asyncio.timeout(self.timeouts.first_byte):
-                resp = await self.session.request(
-                    method, url, headers=hdrs, data=make(), allow_redirects=False, ssl=tls
-                )
+            resp = await self._open(method, url, hdrs, data=make(), ssl=tls)
             self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
@@ -499,19 +549,25 @@ class Transport:
                 hdrs["Authorization"] = _basic(cred.username, cred.password)
         for attempt in range(self.retry.attempts):
             try:
-                self.requests += 1
                 self.token_requests += 1
-                async with asyncio.timeout(self.timeouts.first_byte):
-                    # With credentials, no redirect is followed: they stay with the realm the registry named.
-                    r = await self.session.request(
-                        method, url, headers=hdrs, data=form or None, allow_redirects=cred is None
-                    )
+                # With credentials, no redirect is followed: they stay with the realm the registry named.
+                r = await self._open(method, url, hdrs, data=form or None)
+                hops = 0
+                while cred is None and r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
+                    r.release()
+                    hops += 1
+                    if hops > MAX_REDIRECTS:
+                        raise AuthError(f"token service of {host}: more than {MAX_REDIRECTS} redirects")
+                    url = urljoin(url, r.headers["Location"])
+                    r = await self._open("GET", url, {})
                 async with r:
                     body = await r.content.read(ERROR_BODY_LIMIT)
                     status = r.status
                     retry_after = parse_retry_after(r.headers.get("Retry-After"), time.time())
             except (aiohttp.ClientError, TimeoutError) as exc:
                 delay = self._delay(host, attempt, None, None) if _retryable(exc) else None
+                if delay is None and isinstance(exc, _ProxyFailure):
+                    raise _connection_error(exc, method, host, attempt + 1) from None
                 if delay is None:
                     raise UnreachableError(f"cannot reach the token service of {host}: {_describe(exc)}") from None
                 await asyncio.sleep(delay)
@@ -569,8 +625,31 @@ def _tls_failure(exc: BaseException) -> str | None:
     return None
 
 
+class _ProxyFailure(aiohttp.ClientConnectionError):
+    """A proxy could not be reached, or answered CONNECT (or a plain request) with an error: names the proxy."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retryable = retryable
+
+
+def _proxy_refusal(proxy: Proxy, target: str, status: int, reason: str) -> _ProxyFailure:
+    """Return the failure of a proxy that answered `status` instead of passing a request to `target` on."""
+    if status == 407:
+        what = "refused the credentials" if proxy.username is not None else "asks for credentials (none in its URL)"
+        return _ProxyFailure(f"proxy {proxy} {what} for {target} (407 {reason})", status=407, retryable=False)
+    retry = status in (502, 503, 504)
+    return _ProxyFailure(
+        f"proxy {proxy} refused to connect to {target} ({status} {reason})", status=status, retryable=retry
+    )
+
+
 def _retryable(exc: BaseException) -> bool:
     """Return whether a connection-level failure may pass on retry (not DNS, not TLS, not a bad URL)."""
+    if isinstance(exc, _ProxyFailure):
+        return exc.retryable
     if isinstance(exc, aiohttp.ClientConnectorDNSError | aiohttp.InvalidURL):
         return False
     return _tls_failure(exc) is None
@@ -585,6 +664,12 @@ def _describe(exc: BaseException) -> str:
 
 def _connection_error(exc: BaseException, method: str, host: str, attempts: int) -> TransportError:
     tries = f" after {attempts} attempts" if attempts > 1 else ""
+    if isinstance(exc, _ProxyFailure):
+        if exc.status in (401, 403, 407):
+            return AuthError(exc.message, status=exc.status)
+        if exc.status is not None:
+            return TransportError(f"{exc.message}{tries}", status=exc.status)
+        return UnreachableError(f"{exc.message}{tries}")
     tls = _tls_failure(exc)
     if tls is not None:
         return UnreachableError(f"cannot reach {host}: TLS: {tls}")

@@ -274,8 +274,14 @@ class Transport:
             return cfg.proxy
         return self.proxies.proxy_for(url)
 
-    async def _open(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> aiohttp.ClientResponse:
-        """Send one request (no redirects followed) through the proxy `url` needs; proxy failures name the proxy."""
+    async def _open(
+        self, method: str, url: str, headers: dict[str, str], *, registry: bool = False, **kw: Any
+    ) -> aiohttp.ClientResponse:
+        """Send one request (no redirects followed) through the proxy `url` needs; proxy failures name the proxy.
+
+        `registry`: the URL is a registry API endpoint, whose answers carry
+        `Docker-Distribution-API-Version` (distribution's API spec), 401s included.
+        """
         try:
             proxy = self.proxy_for(url)
         except ProxyError as exc:
@@ -296,12 +302,25 @@ class Transport:
                 resp = await self.session.request(method, url, headers=headers, allow_redirects=False, **kw)
         except aiohttp.ClientProxyConnectionError as exc:
             assert proxy is not None
-            reason = exc.os_error.strerror or str(exc.os_error) or "connection failed"
+            err = exc.os_error
+            reason = os.strerror(err.errno) if err.errno else err.strerror or str(err) or "connection failed"
             raise _ProxyFailure(f"cannot reach proxy {proxy} for {target}: {reason}") from None
         except aiohttp.ClientHttpProxyError as exc:
             assert proxy is not None
             raise _proxy_refusal(proxy, target, exc.status, exc.message) from None
         if resp.status == 407 and proxy is not None:
+            resp.release()
+            raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")
+        if (
+            resp.status == 401
+            and registry
+            and proxy is not None
+            and proxy.username is not None
+            and not url.startswith("https:")
+            and "Docker-Distribution-API-Version" not in resp.headers
+        ):
+            # tinyproxy (1.11) answers wrong proxy credentials with 401 and WWW-Authenticate, not
+            # 407: a 401 without the registry's API header came from the proxy, not the registry.
             resp.release()
             raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")
         return resp
@@ -477,7 +496,7 @@ class Transport:
             elif auth:
                 hdrs["Authorization"] = auth
             tls = self.ssl_context(host) if netloc == origin else True
-            resp = await self._open(method, url, hdrs, data=make(), ssl=tls)
+            resp = await self._open(method, url, hdrs, data=make(), ssl=tls, registry=netloc == origin)
             self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
@@ -637,9 +656,9 @@ class _ProxyFailure(aiohttp.ClientConnectionError):
 
 def _proxy_refusal(proxy: Proxy, target: str, status: int, reason: str) -> _ProxyFailure:
     """Return the failure of a proxy that answered `status` instead of passing a request to `target` on."""
-    if status == 407:
+    if status in (401, 407):  # on CONNECT any answer is the proxy's; tinyproxy says 401 to wrong credentials
         what = "refused the credentials" if proxy.username is not None else "asks for credentials (none in its URL)"
-        return _ProxyFailure(f"proxy {proxy} {what} for {target} (407 {reason})", status=407, retryable=False)
+        return _ProxyFailure(f"proxy {proxy} {what} for {target} ({status} {reason})", status=status, retryable=False)
     retry = status in (502, 503, 504)
     return _ProxyFailure(
         f"proxy {proxy} refused to connect to {target} ({status} {reason})", status=status, retryable=retry

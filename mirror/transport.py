@@ -312,15 +312,15 @@ class Transport:
             resp.release()
             raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")
         if (
-            resp.status == 401
-            and registry
+            registry
             and proxy is not None
-            and proxy.username is not None
             and not url.startswith("https:")
             and "Docker-Distribution-API-Version" not in resp.headers
+            and (resp.status >= 500 or (resp.status == 401 and proxy.username is not None))
         ):
-            # tinyproxy (1.11) answers wrong proxy credentials with 401 and WWW-Authenticate, not
-            # 407: a 401 without the registry's API header came from the proxy, not the registry.
+            # An error without the registry's API header is the proxy's own: it could not reach
+            # the registry (tinyproxy: 500 Unable to connect), or refused its credentials
+            # (tinyproxy 1.11 answers wrong ones with 401 and WWW-Authenticate, not 407).
             resp.release()
             raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")
         return resp
@@ -659,9 +659,10 @@ def _proxy_refusal(proxy: Proxy, target: str, status: int, reason: str) -> _Prox
     if status in (401, 407):  # on CONNECT any answer is the proxy's; tinyproxy says 401 to wrong credentials
         what = "refused the credentials" if proxy.username is not None else "asks for credentials (none in its URL)"
         return _ProxyFailure(f"proxy {proxy} {what} for {target} ({status} {reason})", status=status, retryable=False)
-    retry = status in (502, 503, 504)
+    if status >= 500:  # the registry down or unreachable from the proxy: retried as a connection error is
+        return _ProxyFailure(f"proxy {proxy} could not connect to {target} ({status} {reason})", status=status)
     return _ProxyFailure(
-        f"proxy {proxy} refused to connect to {target} ({status} {reason})", status=status, retryable=retry
+        f"proxy {proxy} refused to connect to {target} ({status} {reason})", status=status, retryable=False
     )
 
 
@@ -686,9 +687,9 @@ def _connection_error(exc: BaseException, method: str, host: str, attempts: int)
     if isinstance(exc, _ProxyFailure):
         if exc.status in (401, 403, 407):
             return AuthError(exc.message, status=exc.status)
-        if exc.status is not None:
+        if exc.status is not None and exc.status < 500:
             return TransportError(f"{exc.message}{tries}", status=exc.status)
-        return UnreachableError(f"{exc.message}{tries}")
+        return UnreachableError(f"{exc.message}{tries}", status=exc.status)
     tls = _tls_failure(exc)
     if tls is not None:
         return UnreachableError(f"cannot reach {host}: TLS: {tls}")

@@ -19,6 +19,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import HostConfig, Transport
 from tests.conftest import ROOT, Seeded
+from tests.test_auth_bearer import PASSWORD, USER, TokenRegistry, bearer  # noqa: F401 - the Bearer registry fixture
 from tests.test_transport_tls import TlsRegistry, tls_registry  # noqa: F401 - the TLS registry fixture
 from tests.tinyproxy import TinyProxy
 from tools.registry import free_port
@@ -370,3 +371,35 @@ async def test_proxy_down_is_one_line_naming_the_proxy(seeded: Seeded, tmp_path:
     assert result.status == "failed"
     assert transport.retries == 1  # retried as any connection error is
     assert result.error == f"cannot reach proxy http://127.0.0.1:{port} for {host}: Connection refused after 2 attempts"
+
+
+@pytest.mark.slow
+async def test_registry_down_behind_the_proxy(tinyproxy: TinyProxy, tmp_path: Path) -> None:
+    host = f"127.0.0.1:{free_port()}"
+    for extra, cache in (({}, "plain"), ({"ca_file": "/etc/ssl/certs/ca-certificates.crt"}, "connect")):
+        transport = through(host, tinyproxy.url, **extra)
+        result = await pull(transport, tmp_path / cache, f"{host}/a/b:1")
+        # tinyproxy's own error page, plain or to CONNECT: named as the proxy's, retried like a connection error.
+        expected = f"proxy {tinyproxy.url} could not connect to {host} (500 Unable to connect) after 2 attempts"
+        assert result.error == expected, cache
+
+
+@pytest.mark.slow
+async def test_token_realm_goes_by_its_own_host(
+    bearer: TokenRegistry,  # noqa: F811 - the fixture imported above
+    tinyproxy: TinyProxy,
+    tmp_path: Path,
+) -> None:
+    reg, issuer = bearer.registry.host, bearer.issuer.host
+    doc = {
+        "registries": [
+            {"host": reg, "username": USER, "password": PASSWORD},
+            {"host": issuer, "proxy": tinyproxy.url},  # the realm's host has a proxy, the registry none
+        ],
+        "auth": {"use_docker_config": False},
+    }
+    tinyproxy.clear()
+    result = await pull(config.parse(doc, "t.toml").transport(), tmp_path / "c", bearer.ref("team/app:1"))
+    assert result.status == "ok", result.error
+    uris = [uri for _, uri in tinyproxy.requests()]
+    assert uris and all(u.startswith(f"http://{issuer}/token?") for u in uris)

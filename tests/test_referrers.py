@@ -1,0 +1,237 @@
+"""Referrers (signatures, SBOMs): discovered, cached, synced and served, against the real docker-registry.
+
+The referrers are made by hand over HTTP, as cosign and notation make them: an OCI artifact
+manifest with a `subject`, the referrers tag schema's index under `sha256-<hex>`, and a
+cosign `.sig` tag. docker-registry 2.8 has no referrers API (404), so the fallback is used.
+"""
+
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.digest import Digest
+from mirror.manifest import ACCEPT, OCI_INDEX, OCI_MANIFEST
+from mirror.referrers import cosign_tags, fallback_tag, referrer_info, referrers_index
+from tests.served_cache import run_mirror
+from tests.syncfixtures import blob_gets, delta, manifest_requests
+from tools.imagebuild import Layout as SrcLayout
+from tools.imagebuild import random_layer
+from tools.registry import Registry, skopeo_copy
+
+EMPTY = "application/vnd.oci.empty.v1+json"
+SIG_TYPE = "application/vnd.example.signature.v1"
+SBOM_TYPE = "application/spdx+json"
+COSIGN_LAYER = "application/vnd.dev.cosign.simplesigning.v1+json"
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _send(url: str, method: str, data: bytes = b"", headers: dict[str, str] | None = None) -> Any:
+    req = urllib.request.Request(url, data=data if method in ("PUT", "POST") else None, method=method)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    return urllib.request.urlopen(req)
+
+
+def upload_blob(host: str, repo: str, data: bytes) -> dict[str, Any]:
+    """Monolithic upload (`POST .../blobs/uploads/`, then `PUT ?digest=`); return the blob's descriptor."""
+    with _send(f"http://{host}/v2/{repo}/blobs/uploads/", "POST") as resp:
+        location = resp.headers["Location"]
+    url = location if location.startswith("http") else f"http://{host}{location}"
+    sep = "&" if "?" in url else "?"
+    digest = _sha(data)
+    _send(f"{url}{sep}digest={digest}", "PUT", data, {"Content-Type": "application/octet-stream"}).close()
+    return {"digest": digest, "size": len(data)}
+
+
+def put_manifest(host: str, repo: str, ref: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """PUT `doc` as tag or digest `ref`; return its descriptor (mediaType, digest, size)."""
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    digest = _sha(raw)
+    mt = str(doc["mediaType"])
+    _send(f"http://{host}/v2/{repo}/manifests/{ref or digest}", "PUT", raw, {"Content-Type": mt}).close()
+    return {"mediaType": mt, "digest": digest, "size": len(raw)}
+
+
+def artifact(host: str, repo: str, subject: dict[str, Any], artifact_type: str, payload: bytes) -> dict[str, Any]:
+    """Push an OCI 1.1 artifact manifest (empty config, one layer) referring to `subject`; return its descriptor."""
+    config = {"mediaType": EMPTY, **upload_blob(host, repo, b"{}")}
+    layer = {"mediaType": "application/octet-stream", **upload_blob(host, repo, payload)}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": config,
+        "layers": [layer],
+        "subject": subject,
+        "annotations": {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"},
+    }
+    desc = put_manifest(host, repo, "", doc)
+    return {**desc, "artifactType": artifact_type, "annotations": doc["annotations"]}
+
+
+def cosign_sig(host: str, repo: str, subject_digest: str, payload: bytes) -> dict[str, Any]:
+    """Push a cosign-style signature manifest under `sha256-<hex>.sig`; return its descriptor."""
+    cfg = json.dumps({"architecture": "", "os": "", "rootfs": {"type": "layers", "diff_ids": [_sha(payload)]}})
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", **upload_blob(host, repo, cfg.encode())}
+    layer = {
+        "mediaType": COSIGN_LAYER,
+        **upload_blob(host, repo, payload),
+        "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ-fake"},
+    }
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}
+    tag = cosign_tags(Digest.parse(subject_digest))[0]
+    return put_manifest(host, repo, tag, doc)
+
+
+@dataclass
+class Signed:
+    """The registry, the signed image and its referrers."""
+
+    registry: Registry
+    image: dict[str, Any]  # the image's descriptor
+    sig: dict[str, Any]  # an OCI artifact referring to the image
+    fallback: dict[str, Any]  # the referrers tag schema's index listing `sig`
+    cosign: dict[str, Any]  # the `.sig` tag's manifest
+    sig_of_sig: dict[str, Any]  # a cosign `.sig` of the artifact (one level deeper)
+    blobs: list[str]  # every blob the referrers reference
+
+    @property
+    def host(self) -> str:
+        return self.registry.host
+
+    def name(self, tag: str) -> str:
+        return f"{self.host}/signed/app:{tag}"
+
+
+def _blobs_of(host: str, repo: str, digest: str) -> list[str]:
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{digest}", headers={"Accept": ACCEPT})
+    with urllib.request.urlopen(req) as resp:
+        doc = json.loads(resp.read())
+    return [doc["config"]["digest"]] + [x["digest"] for x in doc["layers"]]
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
+    root = tmp_path_factory.mktemp("referrers")
+    reg = Registry(root / "registry").start()
+    try:
+        src = SrcLayout(root / "src")
+        src.tag("app", src.image([random_layer(50_000, 7001)]))
+        host, repo = reg.host, "signed/app"
+        skopeo_copy(f"oci:{src.root}:app", f"docker://{host}/{repo}:1")
+        with _send(f"http://{host}/v2/{repo}/manifests/1", "GET", headers={"Accept": ACCEPT}) as resp:
+            raw = resp.read()
+            image = {"mediaType": resp.headers["Content-Type"], "digest": _sha(raw), "size": len(raw)}
+        sig = artifact(host, repo, image, SIG_TYPE, b"signature of the image")
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [sig]}
+        fallback = put_manifest(host, repo, fallback_tag(Digest.parse(image["digest"])), index)
+        cosign = cosign_sig(host, repo, image["digest"], b'{"critical":{"image":"app"}}')
+        sig_of_sig = cosign_sig(host, repo, sig["digest"], b'{"critical":{"image":"the signature"}}')
+        blobs = sorted({b for d in (sig, cosign, sig_of_sig) for b in _blobs_of(host, repo, d["digest"])})
+        yield Signed(reg, image, sig, fallback, cosign, sig_of_sig, blobs)
+    finally:
+        reg.stop()
+
+
+def cached(cache: Path) -> dict[str, str]:
+    doc = json.loads((cache / "index.json").read_text())
+    return {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"] for m in doc["manifests"]}
+
+
+def ls_names(cache: Path) -> set[str]:
+    res = run_mirror("ls", "--cache", str(cache), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    return {x["name"] for x in json.loads(res.stdout)}
+
+
+def expected_names(s: Signed) -> set[str]:
+    hexd = s.image["digest"].split(":")[1]
+    sig_hex = s.sig["digest"].split(":")[1]
+    return {
+        s.name("1"),
+        s.name(f"sha256-{hexd}"),
+        s.name(f"sha256-{hexd}.sig"),
+        s.name(f"sha256-{sig_hex}.sig"),
+    }
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def test_tags_and_referrer_info() -> None:
+    d = Digest.parse("sha256:" + "ab" * 32)
+    assert fallback_tag(d) == "sha256-" + "ab" * 32
+    assert cosign_tags(d) == tuple(f"sha256-{'ab' * 32}{s}" for s in (".sig", ".att", ".sbom"))
+    subject = {"mediaType": OCI_MANIFEST, "digest": str(d), "size": 10}
+    raw = json.dumps(
+        {"mediaType": OCI_MANIFEST, "config": {"mediaType": "application/x-cfg"}, "subject": subject}
+    ).encode()
+    info = referrer_info(raw, OCI_MANIFEST, Digest.of(raw))
+    assert info is not None and info.subject == d and info.artifact_type == "application/x-cfg"
+    raw2 = json.dumps({"artifactType": SBOM_TYPE, "subject": subject, "annotations": {"a": "b"}}).encode()
+    info2 = referrer_info(raw2, OCI_MANIFEST, Digest.of(raw2))
+    assert info2 is not None and info2.artifact_type == SBOM_TYPE
+    assert referrer_info(b'{"config": {}}', OCI_MANIFEST, Digest.of(b"x")) is None
+    doc = json.loads(referrers_index([info, info2], SBOM_TYPE))
+    assert doc["mediaType"] == OCI_INDEX
+    assert doc["manifests"] == [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": str(info2.digest),
+            "size": len(raw2),
+            "artifactType": SBOM_TYPE,
+            "annotations": {"a": "b"},
+        }
+    ]
+
+
+# --- pull -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pull_with_referrers_caches_them_and_a_second_pull_fetches_nothing(signed: Signed, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    res = run_mirror("pull", "-q", "--cache", str(plain), signed.name("1"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert ls_names(plain) == {signed.name("1")}
+
+    cache = tmp_path / "cache"
+    before = signed.registry.requests()
+    res = run_mirror("pull", "--referrers", "--cache", str(cache), signed.name("1"))
+    assert res.returncode == 0, res.stderr.decode()
+    made = delta(signed.registry.requests(), before)
+    assert ls_names(cache) == expected_names(signed)
+    names = cached(cache)
+    hexd = signed.image["digest"].split(":")[1]
+    assert names[signed.name(f"sha256-{hexd}")] == signed.fallback["digest"]
+    assert names[signed.name(f"sha256-{hexd}.sig")] == signed.cosign["digest"]
+    # Every referrer manifest and blob is stored under its digest, and verifies.
+    for digest in [signed.sig["digest"], signed.sig_of_sig["digest"], *signed.blobs]:
+        data = (cache / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+        assert _sha(data) == digest
+    assert run_mirror("verify", "--cache", str(cache)).returncode == 0
+    # docker-registry 2.8 has no referrers API (its router's 404 is not logged): the fallback tag was read.
+    assert manifest_requests(made, "GET")[f"signed/app:sha256-{hexd}"] == 1
+    assert all(n == 1 for n in blob_gets(made).values())
+
+    before = signed.registry.requests()
+    res = run_mirror("pull", "--referrers", "--cache", str(cache), signed.name("1"))
+    assert res.returncode == 0, res.stderr.decode()
+    made = delta(signed.registry.requests(), before)
+    assert blob_gets(made) == {}
+    # Only the image tag is fetched again (pull always asks); referrers cost HEADs and the API probe.
+    assert manifest_requests(made, "GET") == {"signed/app:1": 1}

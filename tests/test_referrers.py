@@ -5,8 +5,6 @@ manifest with a `subject`, the referrers tag schema's index under `sha256-<hex>`
 cosign `.sig` tag. docker-registry 2.8 has no referrers API (404), so the fallback is used.
 """
 
-
-
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mirror import config
 from mirror.digest import Digest
 from mirror.manifest import ACCEPT, OCI_INDEX, OCI_MANIFEST
 from mirror.referrers import cosign_tags, fallback_tag, referrer_info, referrers_index
@@ -235,3 +234,89 @@ def test_pull_with_referrers_caches_them_and_a_second_pull_fetches_nothing(signe
     assert blob_gets(made) == {}
     # Only the image tag is fetched again (pull always asks); referrers cost HEADs and the API probe.
     assert manifest_requests(made, "GET") == {"signed/app:1": 1}
+
+
+# --- sync -----------------------------------------------------------------------------------
+
+JOB = """
+[cache]
+path = "{cache}"
+
+[[jobs]]
+name = "signed"
+source = {{type = "registry", host = "{host}"}}
+repositories = ["signed/app"]
+tags = ["1"]
+referrers = {referrers}
+"""
+
+
+def test_referrers_key_defaults_to_false(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(JOB.format(cache=tmp_path / "c", host="h:1", referrers="true"))
+    assert config.load(path).jobs[0].spec.referrers
+    path.write_text(JOB.format(cache=tmp_path / "c", host="h:1", referrers="false").replace("referrers = false", ""))
+    assert not config.load(path).jobs[0].spec.referrers
+    path.write_text(JOB.format(cache=tmp_path / "c", host="h:1", referrers='"yes"'))
+    with pytest.raises(config.ConfigError, match="referrers"):
+        config.load(path)
+
+
+@pytest.mark.slow
+def test_sync_with_referrers_then_a_no_op_resync(signed: Signed, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = tmp_path / "mirror.toml"
+    path.write_text(JOB.format(cache=cache, host=signed.host, referrers="true"))
+    report = tmp_path / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 0, res.stderr.decode()
+    assert ls_names(cache) == expected_names(signed)
+    images = json.loads(report.read_text())["images"]
+    by_name = {i["reference"]: i for i in images}
+    assert set(by_name) == expected_names(signed)
+    assert {i["status"] for i in images} == {"ok"}
+    hexd = signed.image["digest"].split(":")[1]
+    sig_entry = by_name[signed.name(f"sha256-{hexd}.sig")]
+    assert sig_entry["referrer_of"] == f"{signed.host}/signed/app@{signed.image['digest']}"
+    assert sig_entry["digest"] == signed.cosign["digest"]
+    assert "referrer_of" not in by_name[signed.name("1")]
+
+    # Nothing changed: one HEAD of the tag and one of its cosign `.sig` tag, nothing fetched.
+    before = signed.registry.requests()
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 0, res.stderr.decode()
+    made = delta(signed.registry.requests(), before)
+    assert manifest_requests(made, "GET") == {}
+    assert blob_gets(made) == {}
+    assert manifest_requests(made, "HEAD") == {"signed/app:1": 1, f"signed/app:sha256-{hexd}.sig": 1}
+    assert [(i["reference"], i["status"]) for i in json.loads(report.read_text())["images"]] == [
+        (signed.name("1"), "unchanged")
+    ]
+
+    # Without the key, a no-op run is one HEAD per tag, as before.
+    path.write_text(JOB.format(cache=cache, host=signed.host, referrers="false"))
+    before = signed.registry.requests()
+    assert run_mirror("sync", "-c", str(path)).returncode == 0
+    assert manifest_requests(delta(signed.registry.requests(), before), "HEAD") == {"signed/app:1": 1}
+
+
+@pytest.mark.slow
+def test_a_signature_made_after_the_image_was_synced_is_picked_up(signed: Signed, tmp_path: Path) -> None:
+    host, repo = signed.host, "signed/late"
+    src = SrcLayout(tmp_path / "src")
+    src.tag("late", src.image([random_layer(20_000, 7002)]))
+    skopeo_copy(f"oci:{src.root}:late", f"docker://{host}/{repo}:1")
+    cache = tmp_path / "cache"
+    path = tmp_path / "mirror.toml"
+    path.write_text(JOB.format(cache=cache, host=host, referrers="true").replace("signed/app", repo))
+    assert run_mirror("sync", "-c", str(path)).returncode == 0
+    assert ls_names(cache) == {f"{host}/{repo}:1"}
+    digest = json.loads(run_mirror("ls", "--cache", str(cache), "--json").stdout)[0]["digest"]
+    sig = cosign_sig(host, repo, digest, b'{"critical":{"image":"late"}}')
+    report = tmp_path / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 0, res.stderr.decode()
+    tag = cosign_tags(Digest.parse(digest))[0]
+    assert cached(cache)[f"{host}/{repo}:{tag}"] == sig["digest"]
+    statuses = {i["reference"]: i["status"] for i in json.loads(report.read_text())["images"]}
+    assert statuses == {f"{host}/{repo}:1": "unchanged", f"{host}/{repo}:{tag}": "ok"}

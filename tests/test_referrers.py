@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from mirror import config
 from mirror.digest import Digest
 from mirror.manifest import ACCEPT, OCI_INDEX, OCI_MANIFEST
 from mirror.referrers import cosign_tags, fallback_tag, referrer_info, referrers_index
-from tests.served_cache import run_mirror
+from tests.served_cache import Server, run_mirror
 from tests.syncfixtures import blob_gets, delta, manifest_requests
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
@@ -320,3 +321,55 @@ def test_a_signature_made_after_the_image_was_synced_is_picked_up(signed: Signed
     assert cached(cache)[f"{host}/{repo}:{tag}"] == sig["digest"]
     statuses = {i["reference"]: i["status"] for i in json.loads(report.read_text())["images"]}
     assert statuses == {f"{host}/{repo}:1": "unchanged", f"{host}/{repo}:{tag}": "ok"}
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, Any, bytes]:
+    try:
+        with urllib.request.urlopen(url) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+@pytest.mark.slow
+def test_serve_answers_the_referrers_api_and_cosign_tags(signed: Signed, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    res = run_mirror("pull", "-q", "--referrers", "--cache", str(cache), signed.name("1"))
+    assert res.returncode == 0, res.stderr.decode()
+    srv = Server(cache)
+    try:
+        image = signed.image["digest"]
+        for repo in ("signed/app", f"{signed.host.replace(':', '_')}/signed/app"):
+            status, headers, body = _get(f"{srv.base}/v2/{repo}/referrers/{image}")
+            assert status == 200
+            assert headers["Content-Type"] == OCI_INDEX
+            doc = json.loads(body)
+            assert doc["mediaType"] == OCI_INDEX and doc["schemaVersion"] == 2
+            assert doc["manifests"] == [signed.sig]  # descriptor, artifactType and annotations as pushed
+        status, headers, body = _get(f"{srv.base}/v2/signed/app/referrers/{image}?artifactType={SBOM_TYPE}")
+        assert (status, json.loads(body)["manifests"]) == (200, [])
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+        status, _, body = _get(f"{srv.base}/v2/signed/app/referrers/{image}?artifactType={SIG_TYPE}")
+        assert json.loads(body)["manifests"] == [signed.sig]
+        # Nothing refers to it: an empty index, never 404; a malformed digest is 400.
+        status, _, body = _get(f"{srv.base}/v2/signed/app/referrers/sha256:{'0' * 64}")
+        assert (status, json.loads(body)["manifests"]) == (200, [])
+        assert _get(f"{srv.base}/v2/signed/app/referrers/sha256:nothex")[0] == 400
+        assert _get(f"{srv.base}/v2/no/such/referrers/{image}")[0] == 404
+        # The cosign tag and the fallback tag are ordinary tags, with the source's digests.
+        hexd = image.split(":")[1]
+        for tag, want in ((f"sha256-{hexd}.sig", signed.cosign), (f"sha256-{hexd}", signed.fallback)):
+            out = subprocess.run(
+                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{srv.host}/signed/app:{tag}"],
+                capture_output=True,
+            )
+            assert out.returncode == 0, out.stderr.decode()
+            assert _sha(out.stdout) == want["digest"]
+        out_dir = tmp_path / "sig"
+        skopeo_copy(f"docker://{srv.host}/signed/app:sha256-{hexd}.sig", f"dir:{out_dir}")
+        assert _sha((out_dir / "manifest.json").read_bytes()) == signed.cosign["digest"]
+    finally:
+        srv.stop()

@@ -9,15 +9,24 @@ classic scheme tags them `sha256-HEX.sig`, `.att` and `.sbom`. No I/O here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.digest import Digest
-from mirror.manifest import OCI_INDEX, OCI_MANIFEST
+from mirror.manifest import OCI_INDEX
 
 # cosign's tag suffixes: signatures, attestations (in-toto), attached SBOMs.
 COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+_REFERRER_TAG = re.compile(r"sha256-[0-9a-f]{64}(?:\.sig|\.att|\.sbom)?")
+
+
+def is_referrer_tag(tag: str) -> bool:
+    """Return whether `tag` is a fallback index's or a cosign tag (`sha256-<hex>[.sig|.att|.sbom]`)."""
+    return _REFERRER_TAG.fullmatch(tag) is not None
 
 
 def fallback_tag(subject: Digest) -> str:
@@ -80,8 +89,3 @@ def referrers_index(referrers: Iterable[ReferrerInfo], artifact_type: str | None
     kept = [r.to_json() for r in referrers if artifact_type is None or r.artifact_type == artifact_type]
     doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}
     return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def is_manifest_type(media_type: str) -> bool:
-    """Return whether a referrer descriptor names something fetched as a manifest (OCI manifest or index)."""
-    return media_type in (OCI_MANIFEST, OCI_INDEX) or media_type.startswith("application/vnd.docker.distribution")

@@ -22,7 +22,7 @@ import pytest
 from mirror import config
 from mirror.digest import Digest
 from mirror.manifest import ACCEPT, OCI_INDEX, OCI_MANIFEST
-from mirror.referrers import cosign_tags, fallback_tag, referrer_info, referrers_index
+from mirror.referrers import cosign_tags, fallback_tag, is_referrer_tag, referrer_info, referrers_index
 from tests.served_cache import Server, run_mirror
 from tests.syncfixtures import blob_gets, delta, manifest_requests
 from tools.imagebuild import Layout as SrcLayout
@@ -373,3 +373,22 @@ def test_serve_answers_the_referrers_api_and_cosign_tags(signed: Signed, tmp_pat
         assert _sha((out_dir / "manifest.json").read_bytes()) == signed.cosign["digest"]
     finally:
         srv.stop()
+
+
+def test_referrer_tags_are_recognised() -> None:
+    hexd = "ab" * 32
+    assert all(is_referrer_tag(f"sha256-{hexd}{s}") for s in ("", ".sig", ".att", ".sbom"))
+    assert not any(is_referrer_tag(t) for t in ("latest", f"sha256-{hexd}.other", "sha256-abc.sig"))
+
+
+@pytest.mark.slow
+def test_sync_of_every_listed_tag_takes_signature_tags_as_referrers(signed: Signed, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = tmp_path / "mirror.toml"
+    path.write_text(JOB.format(cache=cache, host=signed.host, referrers="true").replace('tags = ["1"]\n', ""))
+    report = tmp_path / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 0, res.stderr.decode()
+    names = [i["reference"] for i in json.loads(report.read_text())["images"]]
+    assert sorted(names) == sorted(expected_names(signed))  # each once: the image, then its referrers
+    assert ls_names(cache) == expected_names(signed)

@@ -27,7 +27,7 @@ from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
 from mirror.manifest import Platform
 from mirror.reference import Reference
-from mirror.referrers import cosign_tags
+from mirror.referrers import cosign_tags, is_referrer_tag
 from mirror.sources.base import ManifestSource
 from mirror.store.state import StateDB, TagState
 
@@ -216,6 +216,9 @@ class Syncer:
                 async with self.engine.host_slot(source.host(base)):
                     listed = await source.tags(base)
             wanted = job.tags.select(listed or [])
+            if job.referrers and listed is not None:
+                # Signature and fallback-index tags come with the image they refer to, as its referrers.
+                wanted = [t for t in wanted if not is_referrer_tag(t)]
             refs = [base.with_tag(t) for t in wanted]
             gone: list[str] = []
             if listed is not None:

@@ -68,7 +68,7 @@ def _bare(ref: Reference) -> Reference:
     return Reference(ref.registry, ref.repository)
 
 
-async def cached_digest(engine: Engine, entries: Mapping[str, Descriptor], name: str) -> Digest | None:
+def cached_digest(engine: Engine, entries: Mapping[str, Descriptor], name: str) -> Digest | None:
     """Return the source digest the cache names `name` with (through the project's own wrapper index)."""
     desc = entries.get(name)
     if desc is None:
@@ -152,7 +152,7 @@ class _Lookup:
         """Cache one tag (the fallback index or a cosign tag) unless the cache has its digest already."""
         ref = self.base.with_tag(tag)
         kind = COSIGN if tag.endswith((".sig", ".att", ".sbom")) else FALLBACK
-        if await cached_digest(self.engine, self.entries, str(ref)) == head:
+        if cached_digest(self.engine, self.entries, str(ref)) == head:
             result = ReferrerResult(subject, str(ref), kind, UNCHANGED, str(head))
         else:
             result = await self._pull(subject, ref, kind)

@@ -327,6 +327,7 @@ class Syncer:
             if r.name in self._reported:
                 continue
             self._reported.add(r.name)
+            self.observer.job_grew(job.name, 1)  # one more line than the job's tags
             status = {FETCHED_REFERRER: FETCHED, UNCHANGED_REFERRER: UNCHANGED}.get(r.status, FAILED)
             result = SyncResult(
                 job.name, r.name, status, r.digest, (), r.bytes, r.seconds, r.error, referrer_of=r.subject

@@ -371,6 +371,20 @@ def test_serve_answers_the_referrers_api_and_cosign_tags(signed: Signed, tmp_pat
         out_dir = tmp_path / "sig"
         skopeo_copy(f"docker://{srv.host}/signed/app:sha256-{hexd}.sig", f"dir:{out_dir}")
         assert _sha((out_dir / "manifest.json").read_bytes()) == signed.cosign["digest"]
+
+        # mirror serve has the referrers API: pulled from it, the artifact comes by the API and
+        # is named by digest, and the fallback tag is not asked for.
+        again = tmp_path / "again"
+        res = run_mirror("pull", "-q", "--referrers", "--cache", str(again), f"{srv.host}/signed/app:1")
+        assert res.returncode == 0, res.stderr.decode()
+        base = f"{srv.host}/signed/app"
+        sig_hex = signed.sig["digest"].split(":")[1]
+        assert cached(again) == {
+            f"{base}:1": image,
+            f"{base}@{signed.sig['digest']}": signed.sig["digest"],
+            f"{base}:sha256-{hexd}.sig": signed.cosign["digest"],
+            f"{base}:sha256-{sig_hex}.sig": signed.sig_of_sig["digest"],
+        }
     finally:
         srv.stop()
 

@@ -470,6 +470,7 @@ JOB_KEYS = {
     "platforms",
     "immutable",
     "prune",
+    "referrers",
     "schedule",
 }
 
@@ -507,6 +508,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             platforms=platforms,
             immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),
             prune=_get(job, "prune", bool, w, False),
+            referrers=_get(job, "referrers", bool, w, False),
             destination=target,
         )
         out.append(JobConfig(name, source, spec, _schedule(job, w)))

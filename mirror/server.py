@@ -35,6 +35,7 @@ from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
     INDEX_TYPES,
+    OCI_INDEX,
     Descriptor,
     ImageManifest,
     IndexManifest,
@@ -45,6 +46,7 @@ from mirror.manifest import (
     wrapped_source,
 )
 from mirror.reference import Reference
+from mirror.referrers import ReferrerInfo, referrer_info, referrers_index
 from mirror.store.layout import Entry, Layout
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class Repository:
     tags: Mapping[str, Digest]
     manifests: frozenset[Digest]
     blobs: frozenset[Digest]
+    # subject digest -> the cached manifests of this repository that refer to it (signatures, SBOMs)
+    referrers: Mapping[Digest, tuple[ReferrerInfo, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
     blobs_of: dict[str, set[Digest]] = {}
     hosts_of_short: dict[str, set[str]] = {}
     stored: dict[Digest, StoredManifest] = {}
+    referrers_of: dict[str, dict[Digest, dict[Digest, ReferrerInfo]]] = {}
     for entry in entries:
         try:
             ref = Reference.parse(entry.name)
@@ -141,6 +146,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
                 top = reader.manifest(*source)
             images: list[ImageManifest] = []
             reached = {top.digest}
+            refer = [referrer_info(top.raw, top.media_type, top.digest)]
             if isinstance(top, IndexManifest):
                 stored[top.digest] = StoredManifest(top.digest, top.media_type, len(top.raw), top.manifests)
                 for child in top.manifests:
@@ -153,6 +159,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
             for image in images:
                 stored[image.digest] = StoredManifest(image.digest, image.media_type, len(image.raw))
                 reached.add(image.digest)
+                refer.append(referrer_info(image.raw, image.media_type, image.digest))
         except (MirrorError, OSError) as exc:
             log.warning("not serving %s: %s", entry.name, exc)
             continue
@@ -164,10 +171,19 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
             if ref.tag:
                 tags.setdefault(name, {})[ref.tag] = top.digest
             manifests_of.setdefault(name, set()).update(reached)
+            for info in refer:
+                if info is not None:
+                    referrers_of.setdefault(name, {}).setdefault(info.subject, {})[info.digest] = info
             # A manifest is a blob too (distribution serves both through /blobs/).
             blobs_of.setdefault(name, set()).update(reached, (b.digest for m in images for b in m.blobs))
     repos = {
-        name: Repository(name, dict(tags.get(name, {})), frozenset(manifests_of[name]), frozenset(blobs_of[name]))
+        name: Repository(
+            name,
+            dict(tags.get(name, {})),
+            frozenset(manifests_of[name]),
+            frozenset(blobs_of[name]),
+            {subject: tuple(found.values()) for subject, found in referrers_of.get(name, {}).items()},
+        )
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
     }
@@ -473,6 +489,28 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _referrers(request: web.Request) -> web.Response:
+    """`GET /v2/NAME/referrers/DIGEST[?artifactType=T]`: an OCI index of the cached manifests whose subject is DIGEST.
+
+    OCI distribution spec v1.1, "Listing Referrers": never 404 for a known repository (an
+    empty index when nothing refers to DIGEST), 400 for a malformed digest, and the header
+    `OCI-Filters-Applied: artifactType` when the filter was applied.
+    """
+    repo = await _repository(request)
+    if isinstance(repo, web.Response):
+        return repo
+    try:
+        digest = Digest.parse(request.match_info["digest"])
+    except DigestError as exc:
+        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    artifact_type = request.query.get("artifactType")
+    body = referrers_index(repo.referrers.get(digest, ()), artifact_type)
+    headers: dict[str, str] = {hdrs.CONTENT_TYPE: OCI_INDEX}
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=body, headers=headers)
+
+
 async def _blob(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/blobs/DIGEST`: the file with sendfile, `Range` answered with 206."""
     repo = await _repository(request)
@@ -576,6 +614,7 @@ def install(
     app.router.add_get(r"/v2/{name:.+}/tags/list", _tags)
     app.router.add_get(r"/v2/{name:.+}/manifests/{reference}", _manifest)
     app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", _blob)
+    app.router.add_get(r"/v2/{name:.+}/referrers/{digest}", _referrers)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

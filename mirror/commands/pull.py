@@ -17,6 +17,8 @@ from mirror.commands.daemon_source import (
     is_daemon_source,
     pull_daemon_sources,
 )
+from mirror.engine.copy import FAILED, Engine, ImageResult
+from mirror.engine.referrers import UNCHANGED, cache_referrers
 from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
 from mirror.progress import PlainProgress, RateLimitNotes
@@ -26,6 +28,30 @@ from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
+
+
+async def _referrers(
+    engine: Engine, detector: ApiDetector, source: RegistryV2Source, refs: list[Reference], results: list[ImageResult]
+) -> list[ImageResult]:
+    """Cache the referrers of every v2 image pulled; return a result per referrer that was fetched or failed.
+
+    Referrers already cached are not reported (engine.pull reports each fetched one as it lands).
+    """
+    wanted = [
+        (ref, res.digest)
+        for ref, res in zip(refs, results, strict=True)
+        if res.status == "ok" and res.digest is not None and await detector.api(ref.api_host) == "v2"
+    ]
+    found = await asyncio.gather(*(cache_referrers(engine, source, ref, digest) for ref, digest in wanted))
+    out: list[ImageResult] = []
+    for r in (r for part in found for r in part):
+        if r.status == FAILED and r.name == r.subject:  # the lookup itself failed, not one referrer's pull
+            failed = ImageResult(Reference.parse(r.name), FAILED, error=r.error)
+            engine.progress.image_finished(failed)
+            out.append(failed)
+        elif r.status != UNCHANGED:
+            out.append(ImageResult(Reference.parse(r.name), r.status, error=r.error))
+    return out
 
 
 def register(sub: Any) -> None:
@@ -39,6 +65,11 @@ def register(sub: Any) -> None:
     add_network(p, "downloaded")
     p.add_argument(
         "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
+    )
+    p.add_argument(
+        "--referrers",
+        action="store_true",
+        help="also cache each image's signatures, SBOMs and attestations (referrers API, sha256-HEX tags, cosign tags)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     add_wait(p)
@@ -73,6 +104,8 @@ async def run(args: argparse.Namespace) -> int:
             results = list(
                 await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
             )
+            if args.referrers:
+                results += await _referrers(engine, detector, source, refs, results)
             if from_daemon:
                 url = args.daemon or cfg.docker.url
                 compress = args.compress or cfg.docker.compress

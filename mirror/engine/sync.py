@@ -20,10 +20,14 @@ from typing import Any, Protocol, runtime_checkable
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine
 from mirror.engine.publish import PUSH_FAILED, WOULD_PUSH, Publisher, RegistryTarget
+from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
+from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
+from mirror.engine.referrers import cache_referrers
 from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
 from mirror.manifest import Platform
 from mirror.reference import Reference
+from mirror.referrers import cosign_tags, is_referrer_tag
 from mirror.sources.base import ManifestSource
 from mirror.store.state import StateDB, TagState
 
@@ -71,6 +75,7 @@ class SyncJob:
     immutable: tuple[re.Pattern[str], ...] = ()
     prune: bool = False
     destination: RegistryTarget | None = None  # None: the cache only; else pushed on from the cache
+    referrers: bool = False  # also cache each image's signatures, SBOMs, attestations (engine.referrers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +92,11 @@ class SyncResult:
     error: str = ""
     pushed: str = ""  # with a registry destination: a publish status (pushed, present, would push, failed)
     target: str = ""  # the destination reference it was pushed to
+    referrer_of: str = ""  # for a referrer (signature, SBOM): the `HOST/R@DIGEST` it refers to
 
     def to_json(self) -> dict[str, Any]:
         """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
+        extra = {"referrer_of": self.referrer_of} if self.referrer_of else {}
         return {
             "job": self.job,
             "reference": self.reference,
@@ -101,6 +108,7 @@ class SyncResult:
             "error": self.error or None,
             "push": self.pushed or None,
             "destination": self.target or None,
+            **extra,
         }
 
 
@@ -153,6 +161,8 @@ class Syncer:
         self._states: dict[str, TagState] = {}
         self._entries: dict[str, str] = {}
         self._by_repo: dict[str, list[Reference]] = {}
+        self._referrers: list[SyncResult] = []  # a result per referrer looked up, reported as it lands
+        self._reported: set[str] = set()  # referrer names already reported (two tags of one image)
 
     async def run(self, jobs: Sequence[tuple[SyncJob, ManifestSource]]) -> list[SyncResult]:
         """Run every job at once; return one result per reference (and per listing failure)."""
@@ -166,7 +176,7 @@ class Syncer:
                 self._by_repo.setdefault(ref.name, []).append(ref)
         parts = await asyncio.gather(*(self._job(job, source) for job, source in jobs))
         await self.engine.drain()
-        return [r for part in parts for r in part]
+        return [r for part in parts for r in part] + self._referrers
 
     async def _guard(
         self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[SyncResult]]]
@@ -206,6 +216,9 @@ class Syncer:
                 async with self.engine.host_slot(source.host(base)):
                     listed = await source.tags(base)
             wanted = job.tags.select(listed or [])
+            if job.referrers and listed is not None:
+                # Signature and fallback-index tags come with the image they refer to, as its referrers.
+                wanted = [t for t in wanted if not is_referrer_tag(t)]
             refs = [base.with_tag(t) for t in wanted]
             gone: list[str] = []
             if listed is not None:
@@ -263,6 +276,8 @@ class Syncer:
             if cached and st is not None and upstream is not None and str(upstream) == st.digest:
                 if not self.dry_run:
                     await self.state.touch_tag(key, now)
+                    if job.referrers:
+                        await self._signature_check(job, source, ref, Digest.parse(st.digest))
                 unchanged = SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0)
                 return await self._done(await self._publish(job, ref, unchanged))
             if self.dry_run:
@@ -284,7 +299,40 @@ class Syncer:
             TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )
         fetched = SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
+        if job.referrers:
+            await self._cache_referrers(job, source, ref, res.digest)
         return await self._done(await self._publish(job, ref, fetched))
+
+    async def _signature_check(self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest) -> None:
+        """For an unchanged tag: one HEAD of its cosign `.sig` tag; a new or changed one looks referrers up again.
+
+        The full lookup (referrers API or fallback tag, and every cosign tag) runs when a tag is
+        fetched; this keeps a no-op run at two HEADs per tag while still catching the common
+        case of an image signed after it was first mirrored.
+        """
+        if not isinstance(source, ManifestHeader):
+            return
+        sig = ref.with_tag(cosign_tags(digest)[0])
+        try:
+            async with self.engine.host_slot(source.host(ref)):
+                upstream = await source.head_manifest(sig)
+        except NotFoundError:
+            return
+        if upstream is not None and self._entries.get(str(sig)) != str(upstream):
+            await self._cache_referrers(job, source, ref, digest)
+
+    async def _cache_referrers(self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest) -> None:
+        """Cache the referrers of `ref`'s manifest `digest`; report each as a result of its own."""
+        for r in await cache_referrers(self.engine, source, ref, digest):
+            if r.name in self._reported:
+                continue
+            self._reported.add(r.name)
+            self.observer.job_grew(job.name, 1)  # one more line than the job's tags
+            status = {FETCHED_REFERRER: FETCHED, UNCHANGED_REFERRER: UNCHANGED}.get(r.status, FAILED)
+            result = SyncResult(
+                job.name, r.name, status, r.digest, (), r.bytes, r.seconds, r.error, referrer_of=r.subject
+            )
+            self._referrers.append(await self._done(result))
 
     async def _publish(self, job: SyncJob, ref: Reference, result: SyncResult) -> SyncResult:
         """Push a cached (or, in a dry run, planned) image on to the job's registry destination.

@@ -10,7 +10,15 @@ from urllib.parse import quote, urlsplit
 from mirror.auth import pull_scope
 from mirror.digest import Digest
 from mirror.errors import DigestError, IntegrityError, ManifestError, TransportError
-from mirror.manifest import ACCEPT, MAX_MANIFEST_BYTES, Descriptor, Manifest, parse_manifest
+from mirror.manifest import (
+    ACCEPT,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    Descriptor,
+    IndexManifest,
+    Manifest,
+    parse_manifest,
+)
 from mirror.reference import Reference
 from mirror.sources.base import BlobBody
 from mirror.transport import Transport
@@ -108,6 +116,35 @@ class RegistryV2Source:
             elif resp.content_length is not None:
                 total = resp.content_length
             yield BlobBody(resp.content.iter_any(), start, total)
+
+    async def referrers(self, ref: Reference, digest: Digest) -> list[Descriptor] | None:
+        """Return the manifests referring to `digest` (OCI distribution v1.1 "Listing Referrers").
+
+        None when the registry has no referrers API (404): the caller falls back to the
+        referrers tag schema. Pages named by `Link` headers are followed.
+        """
+        out: list[Descriptor] = []
+        path: str | None = f"/v2/{ref.repository}/referrers/{digest}"
+        while path:
+            async with self.transport.request(
+                "GET",
+                ref.api_host,
+                path,
+                headers={"Accept": OCI_INDEX},
+                scopes=(pull_scope(ref.repository),),
+                expect=(200, 404),
+            ) as resp:
+                if resp.status == 404:
+                    return None
+                if (resp.content_length or 0) > MAX_MANIFEST_BYTES:
+                    raise ManifestError(f"{ref.name}: referrers of {digest}: answer over {MAX_MANIFEST_BYTES} bytes")
+                raw = await resp.read()
+                path = next_link(resp.headers.get("Link"))
+            index = parse_manifest(raw, OCI_INDEX)
+            if not isinstance(index, IndexManifest):
+                raise ManifestError(f"{ref.name}: referrers of {digest}: the answer is not an OCI index")
+            out.extend(index.manifests)
+        return out
 
     async def tags(self, ref: Reference) -> list[str]:
         """Return every tag of `ref`'s repository, following `Link` pages."""

@@ -1,0 +1,91 @@
+"""Referrers (signatures, SBOMs, attestations): the pure part of the OCI distribution spec v1.1.
+
+A referrer is a manifest whose `subject` names another manifest. A registry lists them at
+`GET /v2/NAME/referrers/DIGEST` ("Listing Referrers"); one without that API keeps an OCI
+index under the tag `ALG-HEX` of the subject instead ("Referrers Tag Schema"); cosign's
+classic scheme tags them `sha256-HEX.sig`, `.att` and `.sbom`. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirror.digest import Digest
+from mirror.manifest import OCI_INDEX
+
+# cosign's tag suffixes: signatures, attestations (in-toto), attached SBOMs.
+COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+_REFERRER_TAG = re.compile(r"sha256-[0-9a-f]{64}(?:\.sig|\.att|\.sbom)?")
+
+
+def is_referrer_tag(tag: str) -> bool:
+    """Return whether `tag` is a fallback index's or a cosign tag (`sha256-<hex>[.sig|.att|.sbom]`)."""
+    return _REFERRER_TAG.fullmatch(tag) is not None
+
+
+def fallback_tag(subject: Digest) -> str:
+    """Return the referrers tag schema's tag of `subject`: `sha256-<hex>` (spec: `<alg>-<ref>`, truncated to 128)."""
+    return f"{subject.algorithm}-{subject.hex}"[:128]
+
+
+def cosign_tags(subject: Digest) -> tuple[str, ...]:
+    """Return cosign's tags of `subject`'s signature, attestation and SBOM (`sha256-<hex>.sig`, ...)."""
+    return tuple(fallback_tag(subject) + s for s in COSIGN_SUFFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrerInfo:
+    """What the referrers API says about one manifest that refers to another."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    artifact_type: str
+    subject: Digest
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the descriptor the referrers index lists (with `artifactType` and annotations)."""
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest), "size": self.size}
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+def referrer_info(raw: bytes, media_type: str, digest: Digest) -> ReferrerInfo | None:
+    """Return how manifest `raw` is listed as a referrer, or None when it has no valid `subject`.
+
+    `artifactType` is the manifest's own, else (an image manifest) its config's media type,
+    as the spec asks the referrers API to report.
+    """
+    if b'"subject"' not in raw:  # most manifests: no JSON parse needed
+        return None
+    try:
+        doc = json.loads(raw)
+        subject = Digest.parse(str(doc["subject"]["digest"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    artifact = doc.get("artifactType")
+    if not isinstance(artifact, str) or not artifact:
+        config = doc.get("config")
+        artifact = str(config.get("mediaType", "")) if isinstance(config, dict) else ""
+    ann = doc.get("annotations")
+    annotations = {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
+    return ReferrerInfo(media_type, digest, len(raw), artifact, subject, annotations)
+
+
+def referrers_index(referrers: Iterable[ReferrerInfo], artifact_type: str | None = None) -> bytes:
+    """Return the OCI index the referrers API answers, filtered by `artifact_type` when given."""
+    kept = [r.to_json() for r in referrers if artifact_type is None or r.artifact_type == artifact_type]
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}
+    return json.dumps(doc, separators=(",", ":")).encode()

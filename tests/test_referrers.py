@@ -406,3 +406,38 @@ def test_sync_of_every_listed_tag_takes_signature_tags_as_referrers(signed: Sign
     names = [i["reference"] for i in json.loads(report.read_text())["images"]]
     assert sorted(names) == sorted(expected_names(signed))  # each once: the image, then its referrers
     assert ls_names(cache) == expected_names(signed)
+
+
+# --- push -----------------------------------------------------------------------------------
+
+
+def test_signatures_travel_with_the_image_through_a_bulk_push(signed: Signed, tmp_path: Path) -> None:
+    """The air gap: pull with --referrers, push the whole cache on; the site's registry has the signatures."""
+    cache = tmp_path / "cache"
+    assert run_mirror("pull", "-q", "--referrers", "--cache", str(cache), signed.name("1")).returncode == 0
+    target = Registry(tmp_path / "target").start()
+    try:
+        res = run_mirror("push", "--cache", str(cache), "--to", f"{target.host}/site", "--all")
+        assert res.returncode == 0, res.stderr.decode()
+        hexd = signed.image["digest"].split(":")[1]
+        repo = f"http://{target.host}/v2/site/signed/app/manifests"
+        # The image, the cosign tag and the fallback tag: the same digests as at the source.
+        for ref, digest in [
+            ("1", signed.image["digest"]),
+            (f"sha256-{hexd}.sig", signed.cosign["digest"]),
+            (f"sha256-{hexd}", signed.fallback["digest"]),
+        ]:
+            status, headers, _ = _get_with_accept(f"{repo}/{ref}")
+            assert status == 200 and headers["Docker-Content-Digest"] == digest, ref
+        # The artifact pushed by digest still names the image as its subject.
+        status, _, body = _get_with_accept(f"{repo}/{signed.sig['digest']}")
+        assert status == 200
+        assert json.loads(body)["subject"]["digest"] == signed.image["digest"]
+    finally:
+        target.stop()
+
+
+def _get_with_accept(url: str) -> tuple[int, Any, bytes]:
+    req = urllib.request.Request(url, headers={"Accept": ACCEPT})
+    with urllib.request.urlopen(req) as resp:
+        return resp.status, resp.headers, resp.read()

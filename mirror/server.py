@@ -489,6 +489,17 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _repository_and_digest(request: web.Request) -> tuple[Repository, Digest] | web.Response:
+    """Return the served repository and the `{digest}` of the URL, or the error response for either."""
+    repo = await _repository(request)
+    if isinstance(repo, web.Response):
+        return repo
+    try:
+        return repo, Digest.parse(request.match_info["digest"])
+    except DigestError as exc:
+        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+
+
 async def _referrers(request: web.Request) -> web.Response:
     """`GET /v2/NAME/referrers/DIGEST[?artifactType=T]`: an OCI index of the cached manifests whose subject is DIGEST.
 
@@ -496,13 +507,10 @@ async def _referrers(request: web.Request) -> web.Response:
     empty index when nothing refers to DIGEST), 400 for a malformed digest, and the header
     `OCI-Filters-Applied: artifactType` when the filter was applied.
     """
-    repo = await _repository(request)
-    if isinstance(repo, web.Response):
-        return repo
-    try:
-        digest = Digest.parse(request.match_info["digest"])
-    except DigestError as exc:
-        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    found = await _repository_and_digest(request)
+    if isinstance(found, web.Response):
+        return found
+    repo, digest = found
     artifact_type = request.query.get("artifactType")
     body = referrers_index(repo.referrers.get(digest, ()), artifact_type)
     headers: dict[str, str] = {hdrs.CONTENT_TYPE: OCI_INDEX}
@@ -513,13 +521,10 @@ async def _referrers(request: web.Request) -> web.Response:
 
 async def _blob(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/blobs/DIGEST`: the file with sendfile, `Range` answered with 206."""
-    repo = await _repository(request)
-    if isinstance(repo, web.Response):
-        return repo
-    try:
-        digest = Digest.parse(request.match_info["digest"])
-    except DigestError as exc:
-        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    found = await _repository_and_digest(request)
+    if isinstance(found, web.Response):
+        return found
+    repo, digest = found
     unknown = error(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": str(digest)})
     if digest not in repo.blobs:
         return unknown

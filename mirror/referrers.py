@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.digest import Digest
 from mirror.manifest import OCI_INDEX
+from mirror.reference import Reference
 
 # cosign's tag suffixes: signatures, attestations (in-toto), attached SBOMs.
 COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
@@ -89,3 +90,45 @@ def referrers_index(referrers: Iterable[ReferrerInfo], artifact_type: str | None
     kept = [r.to_json() for r in referrers if artifact_type is None or r.artifact_type == artifact_type]
     doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def orphaned_referrers(
+    names: dict[str, Digest],
+    removed: set[str],
+    subject_of: Callable[[str], Digest | None],
+    listed_in: Callable[[str], Iterable[Digest]] = lambda _name: (),
+) -> list[str]:
+    """Return the cached names that only refer to images being removed (signatures of a dropped image).
+
+    `names` maps every cached name to the digest of the image it names (the source's);
+    `subject_of(name)` returns a digest-named referrer's `subject` (None: not a referrer).
+    A referrer goes when nothing left names its subject: cosign and fallback tags by the
+    digest in their tag (`R:sha256-<hex>[.sig|.att|.sbom]`), digest-named referrers by
+    their `subject`; referrers of those referrers follow, as far as they go. `listed_in(name)`
+    returns the manifests a name's index lists (a fallback tag's referrers, cached with it but
+    not named): a signature of one of those goes with the index.
+    """
+    gone = set(removed)
+
+    def held(name: str) -> set[Digest]:
+        return {names[name], *listed_in(name)}
+
+    while True:
+        kept = {d for n in names if n not in gone for d in held(n)}
+        dropped = {d for n in names if n in gone for d in held(n)} - kept
+        more = []
+        for name in names:
+            if name in gone:
+                continue
+            ref = Reference.parse(name)
+            if ref.digest is None and ref.tag is not None and is_referrer_tag(ref.tag):
+                target: Digest | None = Digest("sha256", ref.tag.removeprefix("sha256-").split(".", 1)[0])
+            elif ref.digest is not None:
+                target = subject_of(name)
+            else:
+                continue
+            if target is not None and target in dropped:
+                more.append(name)
+        if not more:
+            return sorted(gone - removed)
+        gone.update(more)

@@ -28,7 +28,7 @@ from tests.served_cache import Server, run_mirror
 from tests.syncfixtures import blob_gets, delta, manifest_requests
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
-from tools.registry import Registry, skopeo_copy
+from tools.registry import Registry, free_port, skopeo_copy
 
 EMPTY = "application/vnd.oci.empty.v1+json"
 SIG_TYPE = "application/vnd.example.signature.v1"
@@ -532,3 +532,77 @@ def test_sync_pushes_referrers_on_to_a_registry_destination(signed: Signed, tmp_
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.slow
+def test_a_late_signature_is_pushed_while_its_image_stays_present(signed: Signed, tmp_path: Path) -> None:
+    host, repo = signed.host, "signed/later"
+    src = SrcLayout(tmp_path / "src")
+    src.tag("later", src.image([random_layer(20_000, 7003)]))
+    skopeo_copy(f"oci:{src.root}:later", f"docker://{host}/{repo}:1")
+    target = Registry(tmp_path / "target").start()
+    try:
+        path = tmp_path / "mirror.toml"
+        text = JOB.format(cache=tmp_path / "cache", host=host, referrers="true").replace("signed/app", repo)
+        path.write_text(text + f'destination = {{type = "registry", host = "{target.host}", prefix = "m"}}\n')
+        images = _sync_report(path)
+        ((ref, entry),) = images.items()
+        assert (entry["status"], entry["push"]) == ("ok", "pushed")
+        sig = cosign_sig(host, repo, entry["digest"], b'{"critical":{"image":"later"}}')
+        tag = cosign_tags(Digest.parse(entry["digest"]))[0]
+
+        before = target.requests()
+        images = _sync_report(path)
+        assert {r: (i["status"], i["push"]) for r, i in images.items()} == {
+            ref: ("unchanged", "present"),
+            f"{host}/{repo}:{tag}": ("ok", "pushed"),
+        }
+        done = delta(target.requests(), before)
+        assert manifest_requests(done, "PUT") == {f"m/{repo}:{tag}": 1}
+        status, headers, _ = _get_with_accept(f"http://{target.host}/v2/m/{repo}/manifests/{tag}")
+        assert status == 200 and headers["Docker-Content-Digest"] == sig["digest"]
+    finally:
+        target.stop()
+
+
+@pytest.mark.slow
+def test_referrers_found_by_the_api_are_pushed_by_digest(signed: Signed, tmp_path: Path) -> None:
+    """`mirror serve` has the referrers API: the artifact is named by digest, and pushed by digest."""
+    served = tmp_path / "served"
+    assert run_mirror("pull", "-q", "--referrers", "--cache", str(served), signed.name("1")).returncode == 0
+    srv = Server(served)
+    target = Registry(tmp_path / "target").start()
+    try:
+        path = tmp_path / "mirror.toml"
+        text = JOB.format(cache=tmp_path / "cache", host=srv.host, referrers="true")
+        path.write_text(text + f'destination = {{type = "registry", host = "{target.host}", prefix = "m"}}\n')
+        images = _sync_report(path)
+        artifact_name = f"{srv.host}/signed/app@{signed.sig['digest']}"
+        entry = images[artifact_name]
+        assert (entry["status"], entry["push"]) == ("ok", "pushed")
+        assert entry["destination"] == f"{target.host}/m/signed/app@{signed.sig['digest']}"
+        assert {(i["status"], i["push"]) for i in images.values()} == {("ok", "pushed")}
+        status, _, body = _get_with_accept(f"http://{target.host}/v2/m/signed/app/manifests/{signed.sig['digest']}")
+        assert status == 200 and _sha(body) == signed.sig["digest"]
+        assert json.loads(body)["subject"]["digest"] == signed.image["digest"]
+    finally:
+        target.stop()
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_referrers_of_an_image_whose_push_failed_wait_for_the_next_run(signed: Signed, tmp_path: Path) -> None:
+    path = tmp_path / "mirror.toml"
+    dead = f"127.0.0.1:{free_port()}"
+    text = JOB.format(cache=tmp_path / "cache", host=signed.host, referrers="true") + "[retry]\nattempts = 1\n"
+    path.write_text(
+        text.replace("referrers = true\n", f'referrers = true\ndestination = {{type = "registry", host = "{dead}"}}\n')
+    )
+    report = tmp_path / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 1
+    images = {i["reference"]: i for i in json.loads(report.read_text())["images"]}
+    assert set(images) == expected_names(signed)
+    assert (images[signed.name("1")]["status"], images[signed.name("1")]["push"]) == ("failed", "failed")
+    # Cached, not pushed: the image's push failed, so its referrers are not tried (one error line, not four).
+    assert {(i["status"], i["push"]) for r, i in images.items() if r != signed.name("1")} == {("ok", None)}

@@ -12,6 +12,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from tests.served_cache import Server, run_mirror
 from tests.syncfixtures import blob_gets, delta, manifest_requests
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
-from tools.registry import Registry, skopeo_copy
+from tools.registry import Registry, free_port, skopeo_copy
 
 EMPTY = "application/vnd.oci.empty.v1+json"
 SIG_TYPE = "application/vnd.example.signature.v1"
@@ -441,3 +442,167 @@ def _get_with_accept(url: str) -> tuple[int, Any, bytes]:
     req = urllib.request.Request(url, headers={"Accept": ACCEPT})
     with urllib.request.urlopen(req) as resp:
         return resp.status, resp.headers, resp.read()
+
+
+# --- sync with a registry destination ---------------------------------------------------------
+
+WRITES = ("POST", "PUT", "PATCH")
+
+
+def _writes(requests: Counter[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [k for k in requests if k[0] in WRITES]
+
+
+def _sync_report(path: Path, *extra: str) -> dict[str, dict[str, Any]]:
+    report = path.parent / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report), *extra)
+    assert res.returncode == 0, res.stderr.decode()
+    return {i["reference"]: i for i in json.loads(report.read_text())["images"]}
+
+
+def _assert_signed_at(target: Registry, s: Signed) -> None:
+    """The target has the image, its cosign tags and fallback tag, and the artifact by digest, as at the source."""
+    hexd = s.image["digest"].split(":")[1]
+    sig_hex = s.sig["digest"].split(":")[1]
+    repo = f"http://{target.host}/v2/m/signed/app/manifests"
+    for ref, digest in [
+        ("1", s.image["digest"]),
+        (f"sha256-{hexd}.sig", s.cosign["digest"]),
+        (f"sha256-{hexd}", s.fallback["digest"]),
+        (f"sha256-{sig_hex}.sig", s.sig_of_sig["digest"]),
+    ]:
+        status, headers, _ = _get_with_accept(f"{repo}/{ref}")
+        assert status == 200 and headers["Docker-Content-Digest"] == digest, ref
+    status, _, body = _get_with_accept(f"{repo}/{s.sig['digest']}")
+    assert status == 200 and _sha(body) == s.sig["digest"]
+    assert json.loads(body)["subject"]["digest"] == s.image["digest"]
+
+
+@pytest.mark.slow
+def test_sync_pushes_referrers_on_to_a_registry_destination(signed: Signed, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = tmp_path / "mirror.toml"
+    first, second = Registry(tmp_path / "t1").start(), Registry(tmp_path / "t2").start()
+    try:
+
+        def point_at(target: Registry) -> None:
+            dest = f'destination = {{type = "registry", host = "{target.host}", prefix = "m"}}\n'
+            path.write_text(JOB.format(cache=cache, host=signed.host, referrers="true") + dest)
+
+        point_at(first)
+        hexd = signed.image["digest"].split(":")[1]
+        image = signed.name("1")
+        images = _sync_report(path)
+        assert set(images) == expected_names(signed)
+        for ref, entry in images.items():
+            assert (entry["status"], entry["push"]) == ("ok", "pushed"), ref
+            assert entry["destination"] == f"{first.host}/m/{ref.removeprefix(signed.host + '/')}"
+        _assert_signed_at(first, signed)
+
+        # Nothing changed: the image's one HEAD at the target, no referrer line, no write.
+        before = first.requests()
+        images = _sync_report(path)
+        assert {r: (i["status"], i["push"]) for r, i in images.items()} == {image: ("unchanged", "present")}
+        done = delta(first.requests(), before)
+        assert not _writes(done)
+        assert manifest_requests(done, "HEAD") == {"m/signed/app:1": 1}
+        assert sum(done.values()) == 1
+
+        # A target that lacks the image (here a new one): a dry run says so and writes nothing;
+        # it does not look referrers up.
+        point_at(second)
+        images = _sync_report(path, "--dry-run")
+        assert {r: (i["status"], i["push"]) for r, i in images.items()} == {image: ("unchanged", "would push")}
+        assert not _writes(second.requests())
+
+        # The real run pushes the unchanged image, then its referrers, found unchanged in the cache.
+        before = signed.registry.requests()
+        images = _sync_report(path)
+        assert set(images) == expected_names(signed)
+        assert {(i["status"], i["push"]) for i in images.values()} == {("unchanged", "pushed")}
+        _assert_signed_at(second, signed)
+        made = delta(signed.registry.requests(), before)
+        assert manifest_requests(made, "GET") == {} and blob_gets(made) == {}  # nothing fetched at the source
+
+        before = second.requests()
+        images = _sync_report(path)
+        assert list(images) == [image]
+        assert not _writes(delta(second.requests(), before))
+        assert f"signed/app:sha256-{hexd}.sig" not in str(delta(second.requests(), before))
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.slow
+def test_a_late_signature_is_pushed_while_its_image_stays_present(signed: Signed, tmp_path: Path) -> None:
+    host, repo = signed.host, "signed/later"
+    src = SrcLayout(tmp_path / "src")
+    src.tag("later", src.image([random_layer(20_000, 7003)]))
+    skopeo_copy(f"oci:{src.root}:later", f"docker://{host}/{repo}:1")
+    target = Registry(tmp_path / "target").start()
+    try:
+        path = tmp_path / "mirror.toml"
+        text = JOB.format(cache=tmp_path / "cache", host=host, referrers="true").replace("signed/app", repo)
+        path.write_text(text + f'destination = {{type = "registry", host = "{target.host}", prefix = "m"}}\n')
+        images = _sync_report(path)
+        ((ref, entry),) = images.items()
+        assert (entry["status"], entry["push"]) == ("ok", "pushed")
+        sig = cosign_sig(host, repo, entry["digest"], b'{"critical":{"image":"later"}}')
+        tag = cosign_tags(Digest.parse(entry["digest"]))[0]
+
+        before = target.requests()
+        images = _sync_report(path)
+        assert {r: (i["status"], i["push"]) for r, i in images.items()} == {
+            ref: ("unchanged", "present"),
+            f"{host}/{repo}:{tag}": ("ok", "pushed"),
+        }
+        done = delta(target.requests(), before)
+        assert manifest_requests(done, "PUT") == {f"m/{repo}:{tag}": 1}
+        status, headers, _ = _get_with_accept(f"http://{target.host}/v2/m/{repo}/manifests/{tag}")
+        assert status == 200 and headers["Docker-Content-Digest"] == sig["digest"]
+    finally:
+        target.stop()
+
+
+@pytest.mark.slow
+def test_referrers_found_by_the_api_are_pushed_by_digest(signed: Signed, tmp_path: Path) -> None:
+    """`mirror serve` has the referrers API: the artifact is named by digest, and pushed by digest."""
+    served = tmp_path / "served"
+    assert run_mirror("pull", "-q", "--referrers", "--cache", str(served), signed.name("1")).returncode == 0
+    srv = Server(served)
+    target = Registry(tmp_path / "target").start()
+    try:
+        path = tmp_path / "mirror.toml"
+        text = JOB.format(cache=tmp_path / "cache", host=srv.host, referrers="true")
+        path.write_text(text + f'destination = {{type = "registry", host = "{target.host}", prefix = "m"}}\n')
+        images = _sync_report(path)
+        artifact_name = f"{srv.host}/signed/app@{signed.sig['digest']}"
+        entry = images[artifact_name]
+        assert (entry["status"], entry["push"]) == ("ok", "pushed")
+        assert entry["destination"] == f"{target.host}/m/signed/app@{signed.sig['digest']}"
+        assert {(i["status"], i["push"]) for i in images.values()} == {("ok", "pushed")}
+        status, _, body = _get_with_accept(f"http://{target.host}/v2/m/signed/app/manifests/{signed.sig['digest']}")
+        assert status == 200 and _sha(body) == signed.sig["digest"]
+        assert json.loads(body)["subject"]["digest"] == signed.image["digest"]
+    finally:
+        target.stop()
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_referrers_of_an_image_whose_push_failed_wait_for_the_next_run(signed: Signed, tmp_path: Path) -> None:
+    path = tmp_path / "mirror.toml"
+    dead = f"127.0.0.1:{free_port()}"
+    text = JOB.format(cache=tmp_path / "cache", host=signed.host, referrers="true") + "[retry]\nattempts = 1\n"
+    path.write_text(
+        text.replace("referrers = true\n", f'referrers = true\ndestination = {{type = "registry", host = "{dead}"}}\n')
+    )
+    report = tmp_path / "run.json"
+    res = run_mirror("sync", "-c", str(path), "--report", str(report))
+    assert res.returncode == 1
+    images = {i["reference"]: i for i in json.loads(report.read_text())["images"]}
+    assert set(images) == expected_names(signed)
+    assert (images[signed.name("1")]["status"], images[signed.name("1")]["push"]) == ("failed", "failed")
+    # Cached, not pushed: the image's push failed, so its referrers are not tried (one error line, not four).
+    assert {(i["status"], i["push"]) for r, i in images.items() if r != signed.name("1")} == {("ok", None)}

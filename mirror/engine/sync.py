@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine
-from mirror.engine.publish import PUSH_FAILED, WOULD_PUSH, Publisher, RegistryTarget
+from mirror.engine.publish import PUSH_FAILED, PUSHED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
 from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
 from mirror.engine.referrers import cache_referrers
@@ -263,7 +263,9 @@ class Syncer:
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
         if cached and st is not None and ref.tag and matches_any(ref.tag, job.immutable):
-            return await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
+            image = await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
+            await self._referrers_after(job, source, ref, image, None)
+            return image
         if self.stopping.is_set():
             return await self._done(SyncResult(job.name, key, CANCELLED))
         try:
@@ -274,12 +276,15 @@ class Syncer:
                     upstream = await source.head_manifest(ref)
             now = time.time()
             if cached and st is not None and upstream is not None and str(upstream) == st.digest:
+                found: list[SyncResult] | None = None
                 if not self.dry_run:
                     await self.state.touch_tag(key, now)
                     if job.referrers:
-                        await self._signature_check(job, source, ref, Digest.parse(st.digest))
+                        found = await self._signature_check(job, source, ref, Digest.parse(st.digest))
                 unchanged = SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0)
-                return await self._done(await self._publish(job, ref, unchanged))
+                image = await self._done(await self._publish(job, ref, unchanged))
+                await self._referrers_after(job, source, ref, image, found)
+                return image
             if self.dry_run:
                 planned = SyncResult(job.name, key, PLANNED, str(upstream or ""))
                 return await self._done(await self._publish(job, ref, planned))
@@ -299,42 +304,77 @@ class Syncer:
             TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )
         fetched = SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
-        if job.referrers:
-            await self._cache_referrers(job, source, ref, res.digest)
-        return await self._done(await self._publish(job, ref, fetched))
+        found = await self._cache_referrers(job, source, ref, res.digest) if job.referrers else None
+        image = await self._done(await self._publish(job, ref, fetched))
+        await self._referrers_after(job, source, ref, image, found)
+        return image
 
-    async def _signature_check(self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest) -> None:
+    async def _signature_check(
+        self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest
+    ) -> list[SyncResult] | None:
         """For an unchanged tag: one HEAD of its cosign `.sig` tag; a new or changed one looks referrers up again.
 
         The full lookup (referrers API or fallback tag, and every cosign tag) runs when a tag is
         fetched; this keeps a no-op run at two HEADs per tag while still catching the common
-        case of an image signed after it was first mirrored.
+        case of an image signed after it was first mirrored. Returns the referrers the lookup
+        found (see `_cache_referrers`), None when it did not run.
         """
         if not isinstance(source, ManifestHeader):
-            return
+            return None
         sig = ref.with_tag(cosign_tags(digest)[0])
         try:
             async with self.engine.host_slot(source.host(ref)):
                 upstream = await source.head_manifest(sig)
         except NotFoundError:
-            return
+            return None
         if upstream is not None and self._entries.get(str(sig)) != str(upstream):
-            await self._cache_referrers(job, source, ref, digest)
+            return await self._cache_referrers(job, source, ref, digest)
+        return None
 
-    async def _cache_referrers(self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest) -> None:
-        """Cache the referrers of `ref`'s manifest `digest`; report each as a result of its own."""
+    async def _cache_referrers(
+        self, job: SyncJob, source: ManifestSource, ref: Reference, digest: Digest
+    ) -> list[SyncResult]:
+        """Cache the referrers of `ref`'s manifest `digest`; return a result for each not yet reported this run.
+
+        The results are not reported yet: `_referrers_after` does, once the image is published.
+        """
+        out = []
         for r in await cache_referrers(self.engine, source, ref, digest):
             if r.name in self._reported:
                 continue
             self._reported.add(r.name)
             self.observer.job_grew(job.name, 1)  # one more line than the job's tags
             status = {FETCHED_REFERRER: FETCHED, UNCHANGED_REFERRER: UNCHANGED}.get(r.status, FAILED)
-            result = SyncResult(
-                job.name, r.name, status, r.digest, (), r.bytes, r.seconds, r.error, referrer_of=r.subject
+            out.append(
+                SyncResult(job.name, r.name, status, r.digest, (), r.bytes, r.seconds, r.error, referrer_of=r.subject)
             )
-            self._referrers.append(await self._done(result))
+        return out
 
-    async def _publish(self, job: SyncJob, ref: Reference, result: SyncResult) -> SyncResult:
+    async def _referrers_after(
+        self, job: SyncJob, source: ManifestSource, ref: Reference, image: SyncResult, found: list[SyncResult] | None
+    ) -> None:
+        """Report the referrers `found` for `image` (None: not looked up), publishing them after it.
+
+        With a registry destination a referrer is published (one HEAD at the target, pushed
+        when it lacks it) when it was fetched now, or when its image was fetched or pushed
+        (the target lacked the image, so it lacks its referrers too: an image found unchanged
+        upstream has its referrers looked up for that). A referrer unchanged beside an image
+        unchanged and `present` at the target went there with it: it costs nothing. After a
+        failed image push its referrers are not pushed either; the next run pushes them with it.
+        """
+        pushed = image.pushed == PUSHED  # the target lacked the image (never so in a dry run)
+        if found is None and job.referrers and pushed and image.digest and not self.stopping.is_set():
+            found = await self._cache_referrers(job, source, ref, Digest.parse(image.digest))
+        publish = image.status == FETCHED or pushed
+        go_on = job.destination is not None and image.pushed not in (PUSH_FAILED, CANCELLED)
+        for r in found or ():
+            if go_on and r.status != FAILED and (publish or r.status == FETCHED):
+                r = await self._publish(job, Reference.parse(r.reference), r, filtered=False)
+            self._referrers.append(await self._done(r))
+
+    async def _publish(
+        self, job: SyncJob, ref: Reference, result: SyncResult, *, filtered: bool | None = None
+    ) -> SyncResult:
         """Push a cached (or, in a dry run, planned) image on to the job's registry destination.
 
         A push failure fails this image only; the cache keeps it, and the next run tries again.
@@ -350,7 +390,8 @@ class Syncer:
             err = f"job {job.name}: a registry destination needs a publisher (internal error)"
             return replace(result, status=FAILED, error=err)
         t0 = time.monotonic()
-        got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=bool(job.platforms))
+        cut = bool(job.platforms) if filtered is None else filtered  # referrers are cached whole
+        got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=cut)
         result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
         return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
 

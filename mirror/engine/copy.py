@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar, cast
 from mirror.auth import RetryPolicy, backoff_delay
 from mirror.digest import Digest
 from mirror.engine.plan import plan_blobs
-from mirror.errors import IntegrityError, ManifestError, MirrorError, StreamError, TransportError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
 from mirror.manifest import (
     Descriptor,
@@ -250,6 +250,10 @@ class Engine:
                     log.info("%s: %s; resuming in %.2f s", desc.digest, exc, delay)
                     attempt += 1
                     await asyncio.sleep(delay)
+                except StoreError:
+                    # The cache's disk failed (full, read-only): free what the partial file holds.
+                    await writer.abort(keep=False)
+                    raise
                 except BaseException:
                     await writer.abort(keep=True)
                     raise

@@ -38,7 +38,7 @@ from mirror.convert_v1 import (
 )
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult
-from mirror.errors import IntegrityError, ManifestError, MirrorError, TransportError, UsageError
+from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, TransportError, UsageError
 from mirror.manifest import OCI_MANIFEST, Descriptor, Platform, platform_of_config
 from mirror.reference import Reference
 from mirror.sources.detect import ApiDetector
@@ -310,9 +310,9 @@ async def _fetch_layer(
         ok = True
         engine.stats.blobs_fetched += 1
         return Descriptor(layer_media_type(feed.hasher.gzip), writer.digest, size), diff_id, empty, downloaded[0]
-    except (IntegrityError, ManifestError):
+    except (IntegrityError, ManifestError, StoreError):
         await feed.close()
-        await writer.abort(keep=False)  # bad content: nothing worth resuming
+        await writer.abort(keep=False)  # bad content, or a full disk: nothing worth keeping
         raise
     except BaseException:
         await feed.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -294,7 +294,7 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         connect_timeout=float(_get(engine, "connect_timeout", (int, float), f"{where}: engine", 30.0)),
         read_timeout=float(_get(engine, "read_timeout", (int, float), f"{where}: engine", 120.0)),
         registries=tuple(regs),
-        jobs=_jobs(doc, where),
+        jobs=_v1_jobs(_jobs(doc, where), {r.host for r in regs if r.api == "v1"}, where),
         daemon=_daemon(doc, where),
     )
 
@@ -315,6 +315,7 @@ class SourceConfig:
 
     type: str
     host: str
+    v1: bool = False  # the host's `[[registries]]` table says `api = "v1"`: tags and images read through v1
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +334,11 @@ class JobConfig:
 
     def build_source(self, transport: Transport) -> ManifestSource:
         """Return the source this job reads from, sharing `transport`."""
+        if self.source.type == "registry" and self.source.v1:
+            from mirror.engine.v1 import V1JobSource
+            from mirror.sources.registry_v1 import RegistryV1Source
+
+            return V1JobSource(RegistryV1Source(transport))
         if self.source.type == "registry":
             return RegistryV2Source(transport)
         raise ConfigError(f"job {self.name}: unknown source type {self.source.type!r}")
@@ -376,6 +382,31 @@ def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
     unknown = sorted(set(table) - keys)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+
+
+def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], where: str) -> tuple[JobConfig, ...]:
+    """Mark the jobs whose registry is v1 (`api = "v1"`); their repositories get v1's `library/` rule.
+
+    A v1 registry has no catalog and no referrers: a job asking for either is refused.
+    """
+    from mirror.sources.registry_v1 import v1_repository
+
+    out = []
+    for job in jobs:
+        if job.source.type != "registry" or job.source.host not in v1_hosts:
+            out.append(job)
+            continue
+        w = f"{where}: job {job.name}"
+        if job.spec.repositories.catalog:
+            raise ConfigError(
+                f'{w}: {job.source.host} is a v1 registry (api = "v1"), which has no catalog; list the repositories'
+            )
+        if job.spec.referrers:
+            raise ConfigError(f"{w}: referrers = true: a v1 registry has no signatures or other referrers")
+        repos = replace(job.spec.repositories, names=tuple(v1_repository(n) for n in job.spec.repositories.names))
+        spec = replace(job.spec, repositories=repos)
+        out.append(replace(job, source=replace(job.source, v1=True), spec=spec))
+    return tuple(out)
 
 
 def _source(job: dict[str, Any], w: str) -> SourceConfig:

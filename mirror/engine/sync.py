@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
-from mirror.engine.copy import FAILED, Engine
+from mirror.engine.copy import FAILED, Engine, ImageResult
 from mirror.engine.publish import PUSH_FAILED, PUSHED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
 from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
@@ -60,6 +60,19 @@ class ManifestHeader(Protocol):
 
     async def head_manifest(self, ref: Reference) -> Digest | None:
         """Return the digest the source reports for `ref`, None when it does not say."""
+        ...
+
+
+@runtime_checkable
+class WholeImagePuller(Protocol):
+    """A source whose images are copied whole by an engine of their own (v1), not manifest by manifest.
+
+    `pull` returns the result and the token the state records for the tag: what
+    `head_manifest` answers for it on the next run when nothing changed.
+    """
+
+    async def pull(self, engine: Engine, ref: Reference, platforms: tuple[Platform, ...]) -> tuple[ImageResult, str]:
+        """Copy `ref` into the cache; return the result and the state token."""
         ...
 
 
@@ -294,14 +307,18 @@ class Syncer:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=f"{key}: not found ({exc})")
             )
-        res = await self.engine.pull(source, ref, job.platforms)
+        token = ""
+        if isinstance(source, WholeImagePuller):
+            res, token = await source.pull(self.engine, ref, job.platforms)
+        else:
+            res = await self.engine.pull(source, ref, job.platforms)
         if res.status != "ok" or res.digest is None:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=res.error or "failed")
             )
         desc = res.entry or await self.engine.layout.find(key)
         await self.state.record_tag(
-            TagState(key, job.name, str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
+            TagState(key, job.name, token or str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )
         fetched = SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
         found = await self._cache_referrers(job, source, ref, res.digest) if job.referrers else None

@@ -22,6 +22,7 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import aiofiles
@@ -39,8 +40,9 @@ from mirror.convert_v1 import (
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, TransportError, UsageError
-from mirror.manifest import OCI_MANIFEST, Descriptor, Platform, platform_of_config
+from mirror.manifest import OCI_MANIFEST, Descriptor, Manifest, Platform, platform_of_config
 from mirror.reference import Reference
+from mirror.sources.base import BlobBody
 from mirror.sources.detect import ApiDetector
 from mirror.sources.registry_v1 import RegistryV1Source, v1_reference
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -384,3 +386,46 @@ async def pull_detected(
     if api == "v1":
         return await pull_v1(engine, v1, ref)
     return await engine.pull(v2, ref, platforms)
+
+
+class V1JobSource:
+    """A v1 registry as the source of a sync job (`[[registries]] api = "v1"` for its host).
+
+    The sync engine's incremental check asks `head_manifest`: v1 has no manifest digest, so
+    the tag's image id stands in for it (`v1:<id>`, the sha256 of the top image's json
+    that v1 names every image by). A tag whose id is the one the state recorded is
+    unchanged; otherwise `pull` converts it again through `pull_v1` (finished layers are
+    reused from the cache). v1 lists tags but has no catalog.
+    """
+
+    def __init__(self, v1: RegistryV1Source) -> None:
+        self.v1 = v1
+
+    def host(self, ref: Reference) -> str:
+        """Return the host whose per-host limit covers `ref`."""
+        return self.v1.host(v1_reference(ref))
+
+    async def tags(self, ref: Reference) -> list[str]:
+        """Return every tag of `ref`'s repository (`GET /v1/repositories/NAME/tags`)."""
+        return sorted(await self.v1.tags(ref))
+
+    async def catalog(self, host: str) -> list[str]:
+        """Refuse: a v1 registry lists no repositories (name them in the job)."""
+        raise MirrorError(f"{host}: a v1 registry has no catalog; list the job's repositories")
+
+    async def head_manifest(self, ref: Reference) -> Digest:
+        """Return `v1:<image id>` of the tag: what the sync state compares between runs."""
+        return Digest("v1", await self.v1.tag_id(ref))
+
+    async def pull(self, engine: Engine, ref: Reference, platforms: tuple[Platform, ...]) -> tuple[ImageResult, str]:
+        """Pull `ref` through the v1 engine; return the result and the state token (`v1:<image id>`)."""
+        image_id = await self.v1.tag_id(ref)
+        return await pull_v1(engine, self.v1, ref), f"v1:{image_id}"
+
+    async def fetch_manifest(self, ref: Reference) -> Manifest:
+        """Refuse: a v1 image has no manifest to fetch; the sync engine calls `pull` instead."""
+        raise ManifestError(f"{ref}: a v1 registry serves no manifests (pulled whole by the v1 engine)")
+
+    def open_blob(self, ref: Reference, desc: Descriptor, offset: int = 0) -> AbstractAsyncContextManager[BlobBody]:
+        """Refuse: v1 layers are read by the v1 engine, by image id."""
+        raise ManifestError(f"{ref}: a v1 registry serves no blobs by digest (pulled whole by the v1 engine)")

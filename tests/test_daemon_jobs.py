@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +102,14 @@ def write_config(tmp: Path, cache: Path, url: str, job: str) -> Path:
     return path
 
 
-async def run_sync(path: Path) -> list[SyncResult]:
+async def run_sync(path: Path, *, dry_run: bool = False) -> list[SyncResult]:
     cfg = config.load(path)
     layout = Layout.open(cfg.cache)
     async with CacheLock(cfg.cache), cfg.transport() as transport, await StateDB.open(cfg.cache) as state:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
         pairs = [(j.spec, j.build_source(transport)) for j in cfg.jobs]
         assert all(isinstance(s, DaemonJobSource) for _, s in pairs)
-        _, results = await sync(engine, state, pairs)
+        _, results = await sync(engine, state, pairs, dry_run=dry_run)
     return results
 
 
@@ -157,6 +159,9 @@ async def test_daemon_job_copies_changed_images_in_one_export(
 
     # app:1.0 now names app:2.0's image: only it is exported again.
     subprocess.run(["podman", "tag", podman.names["app2"], app1], check=True, capture_output=True)
+    results = await run_sync(path, dry_run=True)
+    assert statuses(results) == {app1: "planned", db1: "unchanged"}, results
+    assert counter.exports == 1
     results = await run_sync(path)
     assert statuses(results) == {app1: "ok", db1: "unchanged"}, results
     assert counter.exports == 2
@@ -164,9 +169,27 @@ async def test_daemon_job_copies_changed_images_in_one_export(
     assert skopeo_config_digest(cache, app1) == f"sha256:{new_id}"
     assert {r.reference: r.digest for r in results}[app1] == f"sha256:{new_id}"
 
-    # And that is recorded: the next run finds both unchanged.
-    results = await run_sync(path)
-    assert statuses(results) == {app1: "unchanged", db1: "unchanged"}, results
+    # And that is recorded: the next run, by `mirror sync`, finds both unchanged.
+    report = tmp_path / "run.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mirror",
+        "sync",
+        "-c",
+        str(path),
+        "-q",
+        "--report",
+        str(report),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    doc = json.loads(report.read_text())
+    assert {i["reference"]: i["status"] for i in doc["images"]} == {app1: "unchanged", db1: "unchanged"}
     assert counter.exports == 2
 
 
@@ -248,3 +271,13 @@ def test_daemon_job_names_normalise_and_bad_key_exits_2(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "jobs[0].referrers" in res.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_example_daemon_job_parses() -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    block = text.split("# (begin daemon job)\n")[1].split("# (end daemon job)")[0]
+    doc = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    (job,) = config.parse(doc, "example").jobs
+    assert job.source.type == "daemon" and job.source.url == "unix:///var/run/docker.sock"
+    assert job.spec.prune and job.schedule is not None
+    assert job.spec.tags.select(["1.2", "1.2.3-alpine", "latest"]) == ["1.2", "1.2.3-alpine"]

@@ -145,9 +145,13 @@ async def _export(
 ) -> list[SyncResult]:
     """Cache every image of `export` from one `/images/get` call; record and report each."""
     t0, now = time.monotonic(), time.time()
-    pulled = await pull_from_daemon(
-        syncer.engine, client, [f"daemon://{name}" for _, name, _ in export], compress=source.compress
-    )
+    try:
+        pulled = await pull_from_daemon(
+            syncer.engine, client, [f"daemon://{name}" for _, name, _ in export], compress=source.compress
+        )
+    except OSError as exc:  # the cache's disk (full, read-only): every image of the export fails
+        err = f"cache {syncer.engine.layout.root}: {exc}"
+        return [await syncer.report(SyncResult(job.name, str(ref), FAILED, error=err)) for ref, _, _ in export]
     out = []
     for (ref, _, image_id), res in zip(export, pulled, strict=True):
         key = str(ref)

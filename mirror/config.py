@@ -294,7 +294,11 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         connect_timeout=float(_get(engine, "connect_timeout", (int, float), f"{where}: engine", 30.0)),
         read_timeout=float(_get(engine, "read_timeout", (int, float), f"{where}: engine", 120.0)),
         registries=tuple(regs),
-        jobs=_v1_jobs(_jobs(doc, where), {r.host for r in regs if r.api == "v1"}, where),
+        jobs=_v1_jobs(
+            _jobs(doc, where, DockerConfig(_get(docker, "url", str, f"{where}: docker", None), compress)),
+            {r.host for r in regs if r.api == "v1"},
+            where,
+        ),
         daemon=_daemon(doc, where),
     )
 
@@ -302,8 +306,8 @@ def parse(doc: dict[str, Any], where: str) -> Config:
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
 
 # Source types a job may name, and what builds each from the run's Transport. A new
-# source (v1 registry, Docker daemon) adds its parser and builder here.
-SOURCE_TYPES = ("registry",)
+# source adds its parser and builder here.
+SOURCE_TYPES = ("registry", "daemon")
 DESTINATION_TYPES = ("cache", "registry")
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRACE = 30.0
@@ -311,10 +315,16 @@ DEFAULT_GRACE = 30.0
 
 @dataclass(frozen=True, slots=True)
 class SourceConfig:
-    """Where a job reads from: `type` picks the source; `host` is the registry host for `registry`."""
+    """Where a job reads from: `type` picks the source; `host` is the registry host for `registry`.
+
+    For `daemon`: `url` is the daemon's address (None: `$DOCKER_HOST` or the default
+    socket), `compress` whether layers are gzip-compressed on the way in (`[docker]`).
+    """
 
     type: str
     host: str
+    url: str | None = None
+    compress: bool = False
     v1: bool = False  # the host's `[[registries]]` table says `api = "v1"`: tags and images read through v1
 
 
@@ -341,6 +351,10 @@ class JobConfig:
             return V1JobSource(RegistryV1Source(transport))
         if self.source.type == "registry":
             return RegistryV2Source(transport)
+        if self.source.type == "daemon":
+            from mirror.engine.sync_daemon import DaemonJobSource
+
+            return DaemonJobSource(self.source.url, self.source.compress)
         raise ConfigError(f"job {self.name}: unknown source type {self.source.type!r}")
 
 
@@ -409,7 +423,7 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], where: str) -> tup
     return tuple(out)
 
 
-def _source(job: dict[str, Any], w: str) -> SourceConfig:
+def _source(job: dict[str, Any], w: str, docker: DockerConfig) -> SourceConfig:
     if "source" not in job:
         raise ConfigError(f'{w}.source: missing; e.g. source = {{type = "registry", host = "HOST[:PORT]"}}')
     src = _table(job, "source", w)
@@ -417,6 +431,14 @@ def _source(job: dict[str, Any], w: str) -> SourceConfig:
     kind = _get(src, "type", str, ws, "")
     if kind not in SOURCE_TYPES:
         raise ConfigError(f"{ws}.type: unknown source type {kind!r} (known: {', '.join(SOURCE_TYPES)})")
+    if kind == "daemon":
+        from mirror.sources.daemon import DaemonEndpoint
+
+        _known(src, {"type", "url"}, ws)
+        url = _get(src, "url", str, ws, None) or docker.url
+        if url is not None:
+            _checked(ws, "url", DaemonEndpoint.resolve, url)
+        return SourceConfig(kind, DAEMON_HOST, url, docker.compress == "gzip")
     _known(src, {"type", "host"}, ws)
     host = _get(src, "host", str, ws, "")
     if not host:
@@ -428,7 +450,7 @@ def _source(job: dict[str, Any], w: str) -> SourceConfig:
     return SourceConfig(kind, parsed.registry)
 
 
-def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
+def _repositories(job: dict[str, Any], w: str, host: str | None) -> RepoFilter:
     from mirror.engine.select import RepoFilter, compile_patterns
 
     raw = job.get("repositories", [])
@@ -447,7 +469,10 @@ def _repositories(job: dict[str, Any], w: str, host: str) -> RepoFilter:
     if not repos.names and not repos.catalog:
         raise ConfigError(f"{wr}: no repositories: give a list, or catalog = true")
     for name in repos.names:
-        _checked(wr, "list", Reference.parse, f"{host}/{name}")
+        # A daemon job names repositories as the daemon does, with their host (`redis` is docker.io/library/redis).
+        ref = _checked(wr, "list", Reference.parse, name if host is None else f"{host}/{name}")
+        if host is None and (ref.digest or ":" in name.rpartition("/")[2]):
+            raise ConfigError(f"{wr}.list: {name!r}: name a repository without a tag; tags go in `tags`")
     return repos
 
 
@@ -506,7 +531,15 @@ JOB_KEYS = {
 }
 
 
-def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
+# Job keys that cannot apply to a Docker daemon source, and why.
+DAEMON_REFUSED = {
+    "referrers": "a Docker daemon holds no signatures or other referrers",
+    "platforms": "a daemon image is one platform already",
+}
+DAEMON_HOST = "docker-daemon"  # a daemon job's `SyncJob.registry`: it names no registry
+
+
+def _jobs(doc: dict[str, Any], where: str, docker: DockerConfig = DockerConfig()) -> tuple[JobConfig, ...]:
     from mirror.engine.select import compile_patterns
     from mirror.engine.sync import SyncJob
 
@@ -524,9 +557,13 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
             raise ConfigError(f"{w}.name: missing; every job needs a unique name")
         if any(j.name == name for j in out):
             raise ConfigError(f"{w}.name: job name {name!r} is used twice")
-        source = _source(job, w)
+        source = _source(job, w, docker)
+        daemon = source.type == "daemon"
+        for key, why in DAEMON_REFUSED.items() if daemon else ():
+            if job.get(key):
+                raise ConfigError(f"{w}.{key}: does not apply to a daemon source ({why})")
         target = _destination(job, w)
-        if target is not None and target.host == source.host and not target.prefix:
+        if target is not None and not daemon and target.host == source.host and not target.prefix:
             raise ConfigError(
                 f"{w}.destination: would push into the source's own repositories; give another host or a prefix"
             )
@@ -534,7 +571,7 @@ def _jobs(doc: dict[str, Any], where: str) -> tuple[JobConfig, ...]:
         spec = SyncJob(
             name=name,
             registry=source.host,
-            repositories=_repositories(job, w, source.host),
+            repositories=_repositories(job, w, None if daemon else source.host),
             tags=_tags(job, w),
             platforms=platforms,
             immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),

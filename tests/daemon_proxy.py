@@ -20,6 +20,7 @@ class DaemonProxy:
         self.upstream = upstream
         self.cut_after = cut_after
         self.cuts = 0
+        self.exports = 0  # `/images/get` requests passed on
         self._server: asyncio.Server | None = None
 
     async def start_unix(self, path: str) -> DaemonProxy:
@@ -45,6 +46,7 @@ class DaemonProxy:
         async def requests() -> None:
             while data := await reader.read(65536):
                 if b"/images/get" in data:
+                    self.exports += data.count(b"/images/get")
                     exporting.set()
                 up_writer.write(data)
                 await up_writer.drain()

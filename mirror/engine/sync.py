@@ -202,6 +202,11 @@ class Syncer:
             return [await self._done(SyncResult(job.name, name, FAILED, seconds=time.monotonic() - t0, error=str(exc)))]
 
     async def _job(self, job: SyncJob, source: ManifestSource) -> list[SyncResult]:
+        from mirror.engine.sync_daemon import DaemonJobSource, sync_daemon_job
+
+        if isinstance(source, DaemonJobSource):  # a Docker daemon: listed once, exported in one call
+            return await sync_daemon_job(self, job, source)
+
         async def work() -> list[SyncResult]:
             catalog: list[str] | None = None
             if job.repositories.catalog:
@@ -411,6 +416,38 @@ class Syncer:
         got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=cut)
         result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
         return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
+
+    # --- what other job kinds (engine.sync_daemon) build on ---------------------------------
+
+    def cached_state(self, key: str, platforms: str) -> TagState | None:
+        """Return the state of `key` when the cache still holds what it recorded (same entry, same platforms)."""
+        st = self._states.get(key)
+        entry = self._entries.get(key)
+        return (
+            st
+            if st is not None and entry is not None and entry == st.entry_digest and st.platforms == platforms
+            else None
+        )
+
+    def gone_candidates(self, repository: str, job: str) -> list[Reference]:
+        """Return the cached tags of `repository` (a normalised name) that job `job` recorded."""
+        return [r for r in self._by_repo.get(repository, []) if (st := self._states.get(str(r))) and st.job == job]
+
+    async def guard(self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[SyncResult]]]) -> list[SyncResult]:
+        """Run `work`; a MirrorError becomes one failed result for `name`."""
+        return await self._guard(job, name, work)
+
+    async def report(self, result: SyncResult) -> SyncResult:
+        """Record a failure in the state, tell the observer; return `result`."""
+        return await self._done(result)
+
+    async def report_image(self, job: SyncJob, ref: Reference, result: SyncResult) -> SyncResult:
+        """Push a cached image on to the job's destination (if any), then report it."""
+        return await self._done(await self._publish(job, ref, result))
+
+    async def report_gone(self, job: SyncJob, names: list[str]) -> list[SyncResult]:
+        """Report tags no longer at the source; with `prune`, drop them from the cache's index and state."""
+        return await self._gone(job, names)
 
     async def _done(self, result: SyncResult) -> SyncResult:
         if result.status == FAILED and not self.dry_run:

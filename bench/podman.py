@@ -9,11 +9,10 @@ benchmark never touches the machine's shared podman images and removes all it ad
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
+from tools.podman import start_service, stop_service
 from tools.registry import skopeo_copy
 
 
@@ -43,34 +42,18 @@ class PodmanService:
 
     def start(self) -> PodmanService:
         """Start the service and wait until `/_ping` answers OK."""
-        if shutil.which("podman") is None:
-            raise RuntimeError("podman is not installed (apt-get install podman)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.root / "service.log", "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [*self.podman(), "system", "service", "--time=0", self.url]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.socket))
-                    s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-                    if b"OK" in s.recv(4096):
-                        return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    log = (self.root / "service.log").read_text(errors="replace")
-                    raise RuntimeError(f"podman service did not start: {log[-2000:]}") from None
-                time.sleep(0.1)
+        try:
+            self.proc = start_service(self.podman(), self.socket, self.root / "service.log")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """Stop the service; unmount and remove the storage."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
         if self.proc:
-            self._log.close()
+            stop_service(self.proc)
         # The overlay driver bind-mounts its own directory; nothing else is left mounted.
         subprocess.run(["umount", str(self.storage / "overlay")], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)

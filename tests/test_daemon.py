@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import tomllib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -39,6 +38,7 @@ from tests.conftest import ROOT, Seeded
 from tests.daemon_proxy import DaemonProxy
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
+from tools.podman import podman_service
 from tools.registry import skopeo_copy
 
 PREFIX = f"localhost/mirrortest-daemon-{os.getpid()}"
@@ -69,14 +69,7 @@ def diff_ids(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     """Start `podman system service` on a socket of our own and load three images sharing a base layer."""
-    if shutil.which("podman") is None:
-        pytest.fail("podman is not installed (apt-get install podman)")
     tmp = tmp_path_factory.mktemp("podman")
-    sock = str(tmp / "podman.sock")
-    log = open(tmp / "service.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        ["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=log, stderr=subprocess.STDOUT
-    )
     # Images built here (a 300 kB base shared by all, a large and a small top layer) go into
     # podman's storage from an OCI layout, through skopeo.
     src = SrcLayout(tmp / "src")
@@ -91,24 +84,10 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         names[key] = f"{PREFIX}-{key}:1"
         skopeo_copy(f"oci:{src.root}:{key}", f"containers-storage:{names[key]}")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
-                    s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-                    if b"OK" in s.recv(4096):
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"podman service did not start: {(tmp / 'service.log').read_text()}") from None
-                time.sleep(0.1)
-        yield Podman(sock, names)
+        with podman_service(tmp) as sock:
+            yield Podman(str(sock), names)
     finally:
         subprocess.run(["podman", "rmi", "-f", *names.values()], capture_output=True)
-        proc.terminate()
-        proc.wait(15)
-        log.close()
 
 
 def mirror(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,19 +22,13 @@ from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
 from tests.conftest import ROOT
 from tests.daemon_proxy import DaemonProxy
+from tests.test_daemon import Podman
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
+from tools.podman import podman_service
 from tools.registry import skopeo_copy
 
 PREFIX = f"localhost/mirrortest-djob-{os.getpid()}"
-
-
-@dataclass
-class Podman:
-    """The podman API service and the images this module loaded (key -> podman name)."""
-
-    socket: str
-    names: dict[str, str]
 
 
 def podman_id(name: str) -> str:
@@ -49,14 +39,7 @@ def podman_id(name: str) -> str:
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     """Start `podman system service` on a socket of our own; load app:1.0, app:2.0 and db:1.0."""
-    if shutil.which("podman") is None:
-        pytest.fail("podman is not installed (apt-get install podman)")
     tmp = tmp_path_factory.mktemp("podman")
-    sock = str(tmp / "podman.sock")
-    log = open(tmp / "service.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        ["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=log, stderr=subprocess.STDOUT
-    )
     src = SrcLayout(tmp / "src")
     base = random_layer(100_000, 6001)
     names = {}
@@ -65,24 +48,10 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         names[key] = f"{PREFIX}-{name}"
         skopeo_copy(f"oci:{src.root}:{key}", f"containers-storage:{names[key]}")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
-                    s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-                    if b"OK" in s.recv(4096):
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"podman service did not start: {(tmp / 'service.log').read_text()}") from None
-                time.sleep(0.1)
-        yield Podman(sock, names)
+        with podman_service(tmp) as sock:
+            yield Podman(str(sock), names)
     finally:
         subprocess.run(["podman", "rmi", "-f", *names.values()], capture_output=True)
-        proc.terminate()
-        proc.wait(15)
-        log.close()
 
 
 @pytest.fixture

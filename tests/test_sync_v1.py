@@ -62,6 +62,8 @@ def test_v1_job_fetches_once_then_one_tag_lookup_per_run(tmp_path: Path) -> None
         assert third[f"{reg.host}/chain/img:1"]["status"] == "unchanged"
         assert third[f"{reg.host}/chain/img:2"]["status"] == "ok"
         assert layer_gets(reg) == {new: 1}
+        # The moved tag is looked up by the check and once more by the pull, which pulls that very id.
+        assert reg.count("/v1/repositories/chain/img/tags/2") == 2
     finally:
         reg.stop()
 

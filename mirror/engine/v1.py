@@ -73,8 +73,11 @@ def _known_to(engine: Engine) -> _Known:
 _HASH_BATCH = 1 << 20  # bytes gathered before they go to the diff-id hasher
 
 
-async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> ImageResult:
-    """Copy one v1 image into the cache as an OCI image named with the v1 name (`library/` rule applied)."""
+async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference, top: str | None = None) -> ImageResult:
+    """Copy one v1 image into the cache as an OCI image named with the v1 name (`library/` rule applied).
+
+    `top`: the image id the tag points at, when the caller has asked already.
+    """
     t0 = time.monotonic()
     name = ref
     try:
@@ -82,8 +85,9 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference) -> I
         if ref.digest is not None:
             raise UsageError(f"{ref}: v1 registries have no content digests; name the image by tag")
         host = source.host(name)
-        async with engine.host_slot(host):
-            top = await source.tag_id(name)
+        if top is None:
+            async with engine.host_slot(host):
+                top = await source.tag_id(name)
         async with engine.host_slot(host):
             ancestry = await source.ancestry(name, top)
         fetched = [0]
@@ -419,8 +423,10 @@ class V1JobSource:
 
     async def pull(self, engine: Engine, ref: Reference, platforms: tuple[Platform, ...]) -> tuple[ImageResult, str]:
         """Pull `ref` through the v1 engine; return the result and the state token (`v1:<image id>`)."""
-        image_id = await self.v1.tag_id(ref)
-        return await pull_v1(engine, self.v1, ref), f"v1:{image_id}"
+        async with engine.host_slot(self.host(ref)):
+            image_id = await self.v1.tag_id(ref)
+        # The id asked once: the image pulled is the one the state token names, even if the tag moves meanwhile.
+        return await pull_v1(engine, self.v1, ref, image_id), f"v1:{image_id}"
 
     async def fetch_manifest(self, ref: Reference) -> Manifest:
         """Refuse: a v1 image has no manifest to fetch; the sync engine calls `pull` instead."""

@@ -206,6 +206,13 @@ def test_bad_range_in_config_names_the_key() -> None:
         config.parse(doc, "test")
 
 
+def test_ranges_compare_by_text() -> None:
+    # A reloaded config's jobs compare equal to the running ones when nothing changed.
+    assert SemverRange.parse("^1.4 || 2.x") == SemverRange.parse("^1.4 || 2.x")
+    assert len({SemverRange.parse("^1.4"), SemverRange.parse("^1.4")}) == 1
+    assert SemverRange.parse("^1.4") != SemverRange.parse("~1.4")
+
+
 def test_tags_that_are_versions() -> None:
     # Partial versions are versions with zeros filled in; a `-suffix` is a pre-release.
     assert str(parse_version("v1.5")) == "1.5.0"

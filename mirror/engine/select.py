@@ -5,13 +5,17 @@ No I/O: the sync engine lists the registry and hands the names in here.
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nodesemver
 
 from mirror.errors import UsageError
+
+# The port logs each parse step at DEBUG; keep it out of `-v` output, which is about requests.
+logging.getLogger("nodesemver").setLevel(logging.WARNING)
 
 # A tag that names a version: `1.2.3`, `v1.2`, `3`, `1.0.0-rc.1` (semver 2.0.0 numbers and
 # pre-release identifiers; a missing minor or patch is 0, as the tag `1.5` means 1.5.0).
@@ -66,7 +70,7 @@ class SemverRange:
     # where npm writes `<2.0.0-0`, which changes only self-contradicting sets such as
     # `>=1.3.0-alpha ~1.2` (npm: empty; here: 1.3.0-alpha..1.3.0-x).
     text: str
-    _range: Any  # nodesemver.Range; the package ships no type hints
+    _range: Any = field(compare=False, repr=False)  # nodesemver.Range (no type hints); equal texts, equal ranges
 
     @classmethod
     def parse(cls, text: str) -> SemverRange:

@@ -12,6 +12,7 @@ import uvloop
 from mirror import __version__
 from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import MirrorError, UnreachableError, UsageError, os_reason
+from mirror.text import printable
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
 COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
@@ -41,16 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(uvloop.run(args.run(args)))
     except UsageError as exc:
-        print(f"mirror: {exc}", file=sys.stderr)
+        print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except UnreachableError as exc:
-        print(f"mirror: {exc}", file=sys.stderr)
+        print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except MirrorError as exc:
-        print(f"mirror: {exc}", file=sys.stderr)
+        print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # the cache's disk full or read-only where no layer names it more closely
-        print(f"mirror: {os_reason(exc)}", file=sys.stderr)
+        print(f"mirror: {printable(os_reason(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("mirror: interrupted", file=sys.stderr)

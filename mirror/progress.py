@@ -10,17 +10,18 @@ from typing import IO, TYPE_CHECKING, Any
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, ImageResult
+from mirror.text import printable
 
 if TYPE_CHECKING:  # sync (sqlite, filters, push) loads only for `mirror sync` and the daemon
     from mirror.engine.sync import SyncResult
 
 
 def result_line(r: ImageResult) -> str:
-    """Return the one-line summary of an image result."""
+    """Return the one-line summary of an image result (names and errors with control characters escaped)."""
     if r.status == "failed":
-        return f"FAILED {r.ref}: {r.error}"
+        return printable(f"FAILED {r.ref}: {r.error}")
     plats = ",".join(r.platforms) or "-"
-    return f"{r.status:6} {r.ref} {r.digest} [{plats}] {r.bytes} bytes in {r.seconds:.2f}s"
+    return printable(f"{r.status:6} {r.ref} {r.digest} [{plats}] {r.bytes} bytes in {r.seconds:.2f}s")
 
 
 class PlainProgress:
@@ -46,7 +47,7 @@ class PlainProgress:
 
     def note(self, message: str) -> None:
         """Print a line about the run itself (a registry slowing us down), even when quiet."""
-        print(message, file=self.out, flush=True)
+        print(printable(message), file=self.out, flush=True)
 
 
 class JsonLog:
@@ -147,13 +148,13 @@ class RateLimitNotes:
 
 
 def sync_line(r: SyncResult) -> str:
-    """Return the one-line summary of a sync result."""
+    """Return the one-line summary of a sync result (names and errors with control characters escaped)."""
     if r.status == FAILED:
-        return f"FAILED {r.reference} ({r.job}): {r.error}"
+        return printable(f"FAILED {r.reference} ({r.job}): {r.error}")
     plats = f" [{','.join(r.platforms)}]" if r.platforms else ""
     size = f" {r.bytes} bytes in {r.seconds:.2f}s" if r.status == "ok" else ""
     push = f" -> {r.target} ({r.pushed})" if r.pushed else ""
-    return f"{r.status:9} {r.reference} {r.digest}{plats}{size}{push}"
+    return printable(f"{r.status:9} {r.reference} {r.digest}{plats}{size}{push}")
 
 
 class PlainSyncView:

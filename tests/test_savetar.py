@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from mirror.store.layout import Layout
 from tools.imagebuild import layer_tar
 from tools.registry import skopeo_copy
 
+ROOT = Path(__file__).resolve().parent.parent
 BIG = layer_tar("big.bin", 200_000, 1)  # over SMALL_ENTRY: streamed into the store as it passes
 SMALL = layer_tar("small.bin", 1_000, 2)  # kept in memory, written when the image is put together
 OTHER = layer_tar("other.bin", 90_000, 3)
@@ -235,11 +238,27 @@ async def test_dangling_layer_link_names_the_link(tmp_path: Path) -> None:
         await contents.layer(image.layers[0])
 
 
-async def test_oci_blob_with_wrong_content_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "gzip"])
+@pytest.mark.parametrize("layer", [BIG, SMALL], ids=["streamed", "kept"])
+async def test_oci_blob_with_wrong_content_is_refused(tmp_path: Path, compress: bool, layer: bytes) -> None:
     wrong = "0" * 64
-    entries: list[Entry] = [(f"blobs/sha256/{wrong}", BIG)]
-    with pytest.raises(IntegrityError, match=f"blobs/sha256/{wrong} holds content of digest sha256:{sha(BIG)}"):
-        await read_save(chunks_of(build_tar(entries, tarfile.PAX_FORMAT), 65536), Layout.open(tmp_path / "c").blobs)
+    cfg = config([layer], "x")
+    mj = [{"Config": "c.json", "RepoTags": ["x:1"], "Layers": [f"blobs/sha256/{wrong}"]}]
+    entries: list[Entry] = [
+        (f"blobs/sha256/{wrong}", layer),
+        ("c.json", cfg),
+        ("manifest.json", json.dumps(mj).encode()),
+    ]
+    layout = Layout.open(tmp_path / "c")
+    with pytest.raises(IntegrityError, match=f"blobs/sha256/{wrong} (holds|does not hold) content of digest sha256:"):
+        contents = await read_save(
+            chunks_of(build_tar(entries, tarfile.PAX_FORMAT), 65536), layout.blobs, compress=compress
+        )
+        (image,) = contents.images()
+        await contents.layer(image.layers[0])
+    # Refused before it is named by its digest: no blob, no partial file.
+    assert not list((tmp_path / "c" / "blobs" / "sha256").glob("*"))
+    assert not list((tmp_path / "c" / ".mirror" / "ingest").glob("*"))
 
 
 @pytest.mark.slow
@@ -260,3 +279,90 @@ async def test_saved_images_read_back_with_skopeo(tmp_path: Path, kind: str) -> 
         skopeo_copy(f"oci:{cache}:{ref}", f"dir:{tmp_path / sha(cfg)}")  # skopeo checks every blob's digest
         assert (tmp_path / sha(cfg) / sha(cfg)).read_bytes() == cfg
     assert {e.name for e in await engine.layout.entries()} == {str(Reference.parse(t)) for t in configs}
+
+
+# --- bounds: what an export may make the reader keep ---------------------------------------
+
+
+def stress(tmp_path: Path, kind: str) -> tuple[str, int]:
+    """Run tests/savetar_stress.py on `kind`: its one outcome line, and its peak RSS in MiB."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.savetar_stress", kind, str(cache)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+    )
+    outcome, hwm = res.stdout.splitlines()
+    assert res.stderr == ""
+    # Whatever happened, nothing is left in the store: no blob, no partial file.
+    assert not list((cache / "blobs" / "sha256").glob("*"))
+    assert not list((cache / ".mirror" / "ingest").glob("*"))
+    return outcome, int(hwm.split()[1]) // 1024
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("json", "over 64 MiB of small entries and names to keep in memory"),
+        ("small", "over 64 MiB of small entries and names to keep in memory"),
+    ],
+)
+def test_kept_entries_are_bounded_in_memory(tmp_path: Path, kind: str, message: str) -> None:
+    outcome, peak = stress(tmp_path, kind)
+    assert outcome.startswith("error: export tar: ") and message in outcome
+    assert peak < 180, f"peak RSS {peak} MiB"  # 240 MiB of members were sent; at most 64 MiB are kept
+
+
+def test_huge_json_member_is_not_held(tmp_path: Path) -> None:
+    # Over the manifest cap it cannot be a config or manifest: streamed to a partial file, then
+    # dropped, because no image names it.
+    outcome, peak = stress(tmp_path, "bigjson")
+    assert outcome == "ok"
+    assert peak < 90, f"peak RSS {peak} MiB"  # the member is 48 MiB
+
+
+@pytest.mark.slow
+def test_too_many_entries(tmp_path: Path) -> None:
+    outcome, peak = stress(tmp_path, "tiny")
+    assert outcome == "error: export tar: more than 100000 entries (not a docker save stream?)"
+    assert peak < 180, f"peak RSS {peak} MiB"
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "gzip"])
+async def test_junk_entries_leave_no_blob(tmp_path: Path, compress: bool) -> None:
+    # More layers than the reader keeps open at once (so some are closed and resumed), junk
+    # between them: large entries no image names, one under a correct OCI blob name.
+    layers = [layer_tar(f"l{i}.bin", 70_000 + i, 10 + i) for i in range(20)]
+    junk = [layer_tar("junk.bin", 300_000, 99), b"\x1f\x8b" + bytes(200_000), b"[" + b" " * 5_000_000]
+    cfg = config(layers, "many")
+    entries: list[Entry] = []
+    for i, layer in enumerate(layers):
+        entries.append((f"{sha(layer)}.tar", layer))
+        entries.append((f"d{i}/layer.tar", "symlink", f"../{sha(layer)}.tar"))
+        if i % 7 == 0:
+            entries.append((f"junk{i}/layer.tar", junk[i % 3]))
+    entries += [(f"blobs/sha256/{sha(junk[0])}", junk[0]), ("j.bin", junk[1]), (f"{sha(cfg)}.json", cfg)]
+    manifest = [{"Config": f"{sha(cfg)}.json", "RepoTags": ["m:1"], "Layers": [f"d{i}/layer.tar" for i in range(20)]}]
+    entries.append(("manifest.json", json.dumps(manifest).encode()))
+    contents = await read_and_check(
+        tmp_path, build_tar(entries, tarfile.PAX_FORMAT), {"m:1": cfg}, compress=compress, chunk=65536
+    )
+    stored = {p.name for p in (tmp_path / "cache" / "blobs" / "sha256").iterdir()}
+    assert stored == {s.blob.digest.hex for s in contents.layers.values()} and len(stored) == 20
+    with pytest.raises(SaveFormatError, match=r"j\.bin is not a JSON document"):
+        contents.read("j.bin")
+
+
+async def test_too_many_extended_headers(tmp_path: Path) -> None:
+    pax = tarfile.TarInfo("x")
+    pax.type = tarfile.XHDTYPE
+    record = b"20 comment=aaaaaaaa\n"
+    pax.size = len(record)
+    data = (pax.tobuf(tarfile.USTAR_FORMAT) + record + bytes(512 - len(record))) * 20 + bytes(1024)
+    with pytest.raises(SaveFormatError, match="more than 8 extended headers before one entry"):
+        await read_save(chunks_of(data, 4096), Layout.open(tmp_path / "c").blobs)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from mirror.engine.copy import ImageResult
 from mirror.errors import MirrorError, UsageError
 from mirror.reference import DAEMON_SCHEME, daemon_reference
+from mirror.text import printable
 
 if TYPE_CHECKING:  # the daemon client and the save-tar reader load only when a daemon is asked for
     from mirror.engine.copy import Engine
@@ -76,7 +77,7 @@ def image_rows(images: Sequence[DaemonImage], now: float) -> list[tuple[str, str
             repo, sep, name = tag.rpartition(":")
             if not sep or "/" in name:
                 repo, name = tag, "<none>"
-            rows.append((repo, name, short, when, size))
+            rows.append((printable(repo), printable(name), printable(short), when, size))
     return rows
 
 

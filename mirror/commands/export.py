@@ -14,6 +14,7 @@ from mirror.errors import UsageError
 from mirror.export import ExportPlan, plan_docker, plan_oci, write_dir, write_tar
 from mirror.manifest import Platform
 from mirror.store.layout import Layout
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -67,5 +68,5 @@ async def run(args: argparse.Namespace) -> int:
         size = await asyncio.to_thread(write_dir, layout, plan, Path(args.output))
     else:
         size = await asyncio.to_thread(_write_file, layout, plan, Path(args.output))
-    print(f"exported {len(plan.images)} image(s), {human(size)}: {', '.join(plan.images)}", file=sys.stderr)
+    print(f"exported {len(plan.images)} image(s), {human(size)}: {printable(', '.join(plan.images))}", file=sys.stderr)
     return EXIT_OK

@@ -10,6 +10,7 @@ from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_co
 from mirror.errors import UsageError
 from mirror.store.gc import PARTIAL_AGE, collect
 from mirror.store.layout import Layout
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -39,9 +40,9 @@ async def run(args: argparse.Namespace) -> int:
     for digest, size in garbage.blobs:
         print(f"{verb}\t{digest}\t{human(size)}")
     for path, size in garbage.partials:
-        print(f"{verb}\t{path}\t{human(size)}")
+        print(f"{verb}\t{printable(path)}\t{human(size)}")
     for path in garbage.records:
-        print(f"{verb}\t{path}")
+        print(f"{verb}\t{printable(path)}")
     records = f", {len(garbage.records)} v1 layer records" if garbage.records else ""
     print(
         f"{verb} {len(garbage.blobs)} blobs and {len(garbage.partials)} partial files{records} "

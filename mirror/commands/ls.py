@@ -10,6 +10,7 @@ from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load
 from mirror.commands.daemon_source import add_daemon_option, list_daemon_images
 from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -46,6 +47,6 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK
     for img in rows:
         plats = ",".join(img.platforms) or "-"
-        extra = f"  PROBLEM: {img.problem}" if img.problem else ""
-        print(f"{img.name}\t{img.digest}\t{plats}\t{human(img.size)}{extra}")
+        extra = f"  PROBLEM: {printable(img.problem)}" if img.problem else ""
+        print(f"{printable(img.name)}\t{img.digest}\t{printable(plats)}\t{human(img.size)}{extra}")
     return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK

@@ -32,6 +32,7 @@ from mirror.reference import Reference
 from mirror.sinks.registry_v2 import CHUNK_BYTES, CHUNK_THRESHOLD, RegistryV2Sink
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -109,9 +110,9 @@ async def run(args: argparse.Namespace) -> int:
         pusher = Pusher(engine, sink, mount_from=tuple(args.mount_from))
         result = await pusher.push(source, dest)
     if result.status == "ok":
-        print(f"{dest}\t{result.digest}")
+        print(f"{printable(dest)}\t{result.digest}")
     else:
-        print(f"FAILED {source} -> {dest}: {result.error}", file=sys.stderr)
+        print(printable(f"FAILED {source} -> {dest}: {result.error}"), file=sys.stderr)
     print(_stats_line(pusher, time.monotonic() - t0), file=sys.stderr)
     if result.status == "ok":
         return EXIT_OK
@@ -143,9 +144,9 @@ async def run_bulk(args: argparse.Namespace) -> int:
         )
     for name, out in zip(names, outcomes, strict=True):
         if out.status == PUSH_FAILED:
-            print(f"FAILED {name} -> {out.error}", file=sys.stderr)
+            print(printable(f"FAILED {name} -> {out.error}"), file=sys.stderr)
         else:
-            print(f"{out.status}\t{name} -> {out.target}")
+            print(f"{out.status}\t{printable(f'{name} -> {out.target}')}")
     failed = [o for o in outcomes if o.status == PUSH_FAILED]
     summary = f"{len(outcomes) - len(failed)}/{len(outcomes)} images "
     summary += "checked" if args.dry_run else "at the target"

@@ -16,6 +16,7 @@ from mirror.store.inventory import inventory
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -71,9 +72,9 @@ async def run(args: argparse.Namespace) -> int:
             async with await StateDB.open(cfg.cache) as state:
                 await state.forget_tags(names | set(referrers))
     for name in dict.fromkeys(args.refs):
-        print(f"removed\t{name}")
+        print(f"removed\t{printable(name)}")
     for name in referrers:
-        print(f"removed\t{name}\t(a referrer of a removed image)")
+        print(f"removed\t{printable(name)}\t(a referrer of a removed image)")
     total = len(names) + len(referrers)
     print(f"removed {total} references; `mirror gc` frees the blobs no other reference uses", file=sys.stderr)
     return EXIT_OK

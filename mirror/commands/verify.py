@@ -14,6 +14,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.verify import quarantine_path, verify
+from mirror.text import printable
 
 
 def register(sub: Any) -> None:
@@ -38,11 +39,11 @@ async def run(args: argparse.Namespace) -> int:
         refetch = RegistryRefetch(engine, RegistryV2Source(transport)) if args.repair else None
         report = await verify(layout, concurrency=args.hashers, refetch=refetch)
     for digest in report.corrupt:
-        print(f"corrupt\t{digest}\tmoved to {quarantine_path(layout.blobs, digest)}")
+        print(f"corrupt\t{digest}\tmoved to {printable(quarantine_path(layout.blobs, digest))}")
     for ref in report.refs:
         state = "bad" if ref.problems else "repaired" if ref.repaired else "ok"
-        details = "; ".join(ref.problems + ref.repaired)
-        print(f"{state}\t{ref.name}" + (f"\t{details}" if details else ""))
+        details = printable("; ".join(ref.problems + ref.repaired))
+        print(f"{state}\t{printable(ref.name)}" + (f"\t{details}" if details else ""))
     bad = sum(bool(r.problems) for r in report.refs)
     print(
         f"{report.blobs} blobs ({human(report.bytes)}) hashed, {len(report.corrupt)} corrupt; "

@@ -5,97 +5,90 @@ No I/O: the sync engine lists the registry and hands the names in here.
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import semver
+import nodesemver
 
 from mirror.errors import UsageError
 
-# Comparators of a range, as node-semver writes them: `>=1.2 <2`, `^1.4`, `~2.0.1`, `1.2.3`.
-_COMPARATOR = re.compile(r"^(>=|<=|>|<|==|=|!=|\^|~)?\s*v?(\d+(?:\.\d+){0,2}(?:-[0-9A-Za-z.-]+)?)$")
+# The port logs each parse step at DEBUG; keep it out of `-v` output, which is about requests.
+logging.getLogger("nodesemver").setLevel(logging.WARNING)
 
-
-def parse_version(tag: str) -> semver.Version | None:
-    """Return the semantic version a tag names (`1.2.3`, `v1.2`, `3`, `1.0.0-rc1`), or None."""
-    text = tag[1:] if tag[:1] in ("v", "V") else tag
-    if not text[:1].isdigit():
-        return None
-    try:
-        return semver.Version.parse(text, optional_minor_and_patch=True)
-    except ValueError:
-        return None
+# A tag that names a version: `1.2.3`, `v1.2`, `3`, `1.0.0-rc.1` (semver 2.0.0 numbers and
+# pre-release identifiers; a missing minor or patch is 0, as the tag `1.5` means 1.5.0).
+_NUM = r"0|[1-9]\d*"
+_PRE_ID = rf"(?:{_NUM}|\d*[A-Za-z-][0-9A-Za-z-]*)"
+_VERSION_TAG = re.compile(rf"[vV]?({_NUM})(?:\.({_NUM}))?(?:\.({_NUM}))?(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?")
+_RANGE_MAX = 1024  # characters of a range; a config line, not a document
 
 
 @dataclass(frozen=True, slots=True)
-class Comparator:
-    """One `OP VERSION` condition of a semver range."""
+class TagVersion:
+    """The semantic version a tag names: numbers and pre-release identifiers."""
 
-    op: str
-    version: semver.Version
+    major: int
+    minor: int
+    patch: int
+    prerelease: tuple[str, ...] = ()
 
-    def matches(self, v: semver.Version) -> bool:
-        """Return whether `v` satisfies this condition."""
-        c = v.compare(self.version)
-        return {
-            ">=": c >= 0,
-            "<=": c <= 0,
-            ">": c > 0,
-            "<": c < 0,
-            "==": c == 0,
-            "!=": c != 0,
-        }[self.op]
+    def __str__(self) -> str:
+        """Return the version as semver writes it (`1.5.0-rc.1`), without the tag's `v`."""
+        pre = "-" + ".".join(self.prerelease) if self.prerelease else ""
+        return f"{self.major}.{self.minor}.{self.patch}{pre}"
+
+    def sort_key(self) -> tuple[Any, ...]:
+        """Return a key that orders versions by semver precedence (a pre-release below its release)."""
+        # semver 2.0.0 section 11: numeric identifiers compare as numbers and below alphanumeric
+        # ones; a longer list of equal leading identifiers is higher.
+        pre = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in self.prerelease)
+        return (self.major, self.minor, self.patch, 0 if pre else 1, pre)
+
+
+def parse_version(tag: str) -> TagVersion | None:
+    """Return the semantic version a tag names (`1.2.3`, `v1.2`, `3`, `1.0.0-rc1`), or None."""
+    m = _VERSION_TAG.fullmatch(tag)
+    if m is None:
+        return None
+    major, minor, patch, pre = m.groups()
+    return TagVersion(int(major), int(minor or 0), int(patch or 0), tuple(pre.split(".")) if pre else ())
 
 
 @dataclass(frozen=True, slots=True)
 class SemverRange:
-    """A conjunction of comparators (`>=1.2.0 <2.0.0`); caret and tilde expand as in node-semver."""
+    """A range in npm's node-semver grammar (`>=1.2 <2`, `^1.4`, `~2.0.1`, `1.x`, `1 - 2`, `a || b`).
 
+    Matching is node-semver's own (the `node-semver` package, a port of npm's): caret, tilde,
+    x-ranges and hyphen ranges desugar as npm documents, and a pre-release version matches only
+    when a comparator of the same `||` alternative names a pre-release of the same
+    major.minor.patch (`>=1.2.3-rc.1` admits `1.2.3-rc.2`, never `1.3.0-beta`).
+    """
+
+    # The one known difference from npm 7+: the port ends desugared upper bounds at `<2.0.0`
+    # where npm writes `<2.0.0-0`, which changes only self-contradicting sets such as
+    # `>=1.3.0-alpha ~1.2` (npm: empty; here: 1.3.0-alpha..1.3.0-x).
     text: str
-    comparators: tuple[Comparator, ...]
+    _range: Any = field(compare=False, repr=False)  # nodesemver.Range (no type hints); equal texts, equal ranges
 
     @classmethod
     def parse(cls, text: str) -> SemverRange:
         """Return the range `text` writes, or raise UsageError saying which part is wrong."""
-        parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
-        # Glue a lone operator to the version after it (`>= 1.2`).
-        glued: list[str] = []
-        for p in parts:
-            if glued and glued[-1] in (">=", "<=", ">", "<", "==", "=", "!=", "^", "~"):
-                glued[-1] += p
-            else:
-                glued.append(p)
-        if not glued:
-            raise UsageError(f"empty semver range {text!r}")
-        out: list[Comparator] = []
-        for part in glued:
-            m = _COMPARATOR.match(part)
-            if not m:
-                raise UsageError(f"invalid semver range {text!r}: cannot read {part!r} (use e.g. '>=1.2 <2', '^1.4')")
-            op, ver = m.group(1) or "==", m.group(2)
-            v = semver.Version.parse(ver, optional_minor_and_patch=True)
-            given = len(ver.split("-")[0].split("."))
-            if op == "^":
-                # ^1.2.3 := >=1.2.3 <2.0.0; ^0.2.3 := <0.3.0; ^0.0.3 := <0.0.4 (node-semver caret).
-                if v.major or given == 1:
-                    upper = v.bump_major()
-                elif v.minor or given == 2:
-                    upper = v.bump_minor()
-                else:
-                    upper = v.bump_patch()
-                out += [Comparator(">=", v), Comparator("<", upper)]
-            elif op == "~":
-                # ~1.2.3 := >=1.2.3 <1.3.0; ~1 := >=1.0.0 <2.0.0 (node-semver tilde).
-                upper = v.bump_major() if given == 1 else v.bump_minor()
-                out += [Comparator(">=", v), Comparator("<", upper)]
-            else:
-                out.append(Comparator("==" if op == "=" else op, v))
-        return cls(text, tuple(out))
+        if len(text) > _RANGE_MAX:
+            raise UsageError(f"invalid semver range: longer than {_RANGE_MAX} characters")
+        try:
+            parsed = nodesemver.make_range(text, False)
+        except ValueError as exc:
+            part = str(exc).removeprefix("Invalid comparator: ")
+            hint = "npm range syntax, e.g. '>=1.2 <2', '^1.4', '1.x'"
+            raise UsageError(f"invalid semver range {text!r}: cannot read {part!r} ({hint})") from None
+        return cls(text, parsed)
 
     def matches(self, tag: str) -> bool:
         """Return whether `tag` is a version inside the range."""
         v = parse_version(tag)
-        return v is not None and all(c.matches(v) for c in self.comparators)
+        return v is not None and bool(self._range.test(str(v)))
 
 
 def compile_patterns(patterns: list[str] | tuple[str, ...], what: str) -> tuple[re.Pattern[str], ...]:
@@ -161,9 +154,9 @@ class TagFilter:
         if self.semver is not None:
             chosen = [t for t in chosen if self.semver.matches(t)]
         if self.newest is not None:
-            versions = [(v, t) for t in chosen if (v := parse_version(t)) is not None]
+            versions = [(v.sort_key(), t) for t in chosen if (v := parse_version(t)) is not None]
             # Highest version first; equal versions (`1.2` and `1.2.0`) ordered by tag text.
-            versions.sort(key=lambda vt: (vt[0], vt[1]), reverse=True)
+            versions.sort(reverse=True)
             chosen = sorted(t for _, t in versions[: self.newest])
         return list(self.names) + [t for t in chosen if t not in self.names]
 

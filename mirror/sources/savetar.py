@@ -3,19 +3,27 @@
 The tar arrives as an async stream of chunks (the Engine API's `/images/get` body). It is
 parsed here, 512-byte header by header (POSIX ustar, PAX extended headers, GNU long names),
 never held whole in memory and never extracted to disk: every large entry is hashed as it
-passes and written as a blob through `BlobStore.new_blob()`, so its digest is learnt at
-commit. Small entries (`manifest.json`, `repositories`, image configs, tiny layers) are
+passes and written through `BlobStore.new_blob()` to a partial file, so its digest is learnt
+at commit. Small entries (`manifest.json`, `repositories`, image configs, tiny layers) are
 kept in memory until the archive ends, because `manifest.json` may come last and tells
-which entry is what. Both save layouts are read: legacy (`ID.json`, `DIR/layer.tar`, the
-latter often a symlink, as podman writes it) and OCI (`index.json`, `blobs/sha256/HEX`,
-Docker >= 25).
+which entry is what. Only then are the large entries the save's images name committed as
+blobs; the others (junk a daemon should not send) are deleted as partial files, so nothing
+unreferenced is left in the store. Both save layouts are read: legacy (`ID.json`,
+`DIR/layer.tar`, the latter often a symlink, as podman writes it) and OCI (`index.json`,
+`blobs/sha256/HEX`, Docker >= 25).
+
+Everything kept is bounded, because the stream comes from outside: the number of entries,
+the bytes held in memory (small entries and names), each JSON entry (the manifest cap), each
+extended header. A stream over a bound fails with one line and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import os
 import posixpath
 import re
 import zlib
@@ -25,12 +33,18 @@ from typing import Any
 
 from mirror.digest import Digest
 from mirror.errors import DigestError, IntegrityError, MirrorError
-from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR, Descriptor
-from mirror.store.blobs import FLUSH_BYTES, BlobStore
+from mirror.manifest import MAX_MANIFEST_BYTES, OCI_LAYER_GZIP, OCI_LAYER_TAR, Descriptor
+from mirror.store.blobs import FLUSH_BYTES, BlobStore, BlobWriter
 
 BLOCK = 512
 SMALL_ENTRY = 64 * 1024  # entries up to this size are kept in memory whatever they are
-MAX_META = 64 * 1024 * 1024  # a JSON entry (config, manifest) up to this size is kept in memory
+MAX_JSON = MAX_MANIFEST_BYTES  # a JSON entry (config, OCI manifest) up to this size is kept in memory
+MAX_HELD = 64 * 1024 * 1024  # bytes of entries and names one export keeps in memory, all together
+HELD_OVERHEAD = 256  # what Python spends on each kept entry beyond its bytes, counted against MAX_HELD
+MAX_ENTRIES = 100_000  # entries of one export (files, links, directories)
+MAX_EXTENDED = 1024 * 1024  # a PAX extended header or GNU long name
+MAX_META_RUN = 8  # extended headers in a row before one entry
+MAX_OPEN_PENDING = 16  # large entries kept open (uncommitted) at once; older ones are closed and resumed
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINK_HOPS = 16
 _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"2": "symlink", b"1": "hardlink", b"5": "dir"}
@@ -172,6 +186,7 @@ class TarReader:
         self._left = 0  # content bytes of the current entry not yet read
         self._pad = 0  # padding after it, up to the next 512-byte block
         self.current: TarHeader | None = None
+        self.entries = 0
 
     async def _block(self, what: str) -> bytes:
         block = await self.reader.read_exact(BLOCK)
@@ -191,8 +206,8 @@ class TarReader:
 
     async def _data(self, size: int) -> bytes:
         """Return the content of a meta entry (PAX header, GNU long name) of `size` bytes."""
-        if size > MAX_META:
-            raise SaveFormatError(f"export tar: extended header of {size} bytes is too large")
+        if size > MAX_EXTENDED:
+            raise SaveFormatError(f"export tar: extended header of {size} bytes is over the {MAX_EXTENDED} byte limit")
         data = await self.reader.read_exact(size + (-size % BLOCK))
         if data is None:
             raise SaveFormatError(f"export tar ended after {self.reader.consumed} bytes, in an extended header")
@@ -203,7 +218,9 @@ class TarReader:
         await self._skip()
         pax: dict[str, str] = {}
         long_name = long_link = None
-        while True:
+        for meta in itertools.count():
+            if meta > MAX_META_RUN:
+                raise SaveFormatError(f"export tar: more than {MAX_META_RUN} extended headers before one entry")
             block = await self._block("before the end-of-archive marker (the export was cut short)")
             if block == bytes(BLOCK):
                 self.current = None
@@ -235,10 +252,14 @@ class TarReader:
             entry_kind = _KINDS.get(kind, "other")
             if entry_kind in ("symlink", "hardlink"):
                 size = 0  # links carry no content
+            self.entries += 1
+            if self.entries > MAX_ENTRIES:
+                raise SaveFormatError(f"export tar: more than {MAX_ENTRIES} entries (not a docker save stream?)")
             self.current = TarHeader(_norm(name), entry_kind, size, link)
             self._left = size
             self._pad = -size % BLOCK
             return self.current
+        raise AssertionError("unreachable")  # itertools.count() never ends
 
     async def peek(self, n: int) -> bytes:
         """Return up to `n` first bytes of the current entry's content without consuming them."""
@@ -291,6 +312,20 @@ class _Gzipper:
         return self._zip.flush()
 
 
+_serial = itertools.count()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A large entry written to a partial file, not yet a blob: committed once the save names it."""
+
+    writer: BlobWriter
+    key: str  # the partial file's key: `new_blob(key)` continues it once the writer is closed
+    kind: str  # "tar" (plain layer), "gzip-in" (the daemon sent it gzipped), "gzipped" (compressed here)
+    raw: Digest | None  # sha256 of the entry as it was in the tar, when it differs from the blob's
+    open: bool = True
+
+
 class SaveContents:
     """What an export held: small entries in memory, large ones as stored layers, and the links."""
 
@@ -301,6 +336,62 @@ class SaveContents:
         self.layers: dict[str, StoredLayer] = {}
         self.links: dict[str, str] = {}
         self.bytes_written = 0
+        self.held = 0  # bytes counted against MAX_HELD
+        self._pending: dict[str, _Pending] = {}
+        self.dropped: set[str] = set()  # large entries no image names as a layer: never stored
+
+    def hold(self, n: int, name: str) -> None:
+        """Count `n` more bytes kept in memory for entry `name`; raise past MAX_HELD."""
+        self.held += n + HELD_OVERHEAD
+        if self.held > MAX_HELD:
+            raise SaveFormatError(
+                f"export tar: over {MAX_HELD // (1024 * 1024)} MiB of small entries and names to keep in memory"
+                f" (at entry {name[:200]!r}); not a docker save stream?"
+            )
+
+    async def forget(self, name: str) -> None:
+        """Drop what an earlier entry of the same name left (a tar may repeat a name: the last one counts)."""
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            await _discard(pending)
+        data = self.files.pop(name, None)
+        if data is not None:
+            self.held -= len(data) + len(name) + HELD_OVERHEAD
+        self.layers.pop(name, None)
+        target = self.links.pop(name, None)
+        if target is not None:
+            self.held -= len(name) + len(target) + HELD_OVERHEAD
+
+    async def add_pending(self, name: str, pending: _Pending) -> None:
+        """Keep a large entry's partial file until the save says whether it is a layer."""
+        self._pending[name] = pending
+        still_open = [p for p in self._pending.values() if p.open]
+        if len(still_open) > MAX_OPEN_PENDING:  # bound the open files: close the oldest, resume it at commit
+            oldest = still_open[0]
+            await oldest.writer.abort(keep=True)
+            oldest.open = False
+
+    async def settle(self) -> None:
+        """Commit the large entries the save's images name as blobs; delete the others' partial files."""
+        try:
+            wanted = {self.resolve(n) for image in self.images() for n in image.layers}
+            while self._pending:
+                name = next(iter(self._pending))
+                pending = self._pending.pop(name)
+                if name not in wanted:
+                    self.dropped.add(name)
+                    await _discard(pending)
+                    continue
+                stored = await _commit(self.store, pending, name)
+                self.bytes_written += stored.blob.size
+                self.layers[name] = stored
+        finally:
+            await self.discard_pending()
+
+    async def discard_pending(self) -> None:
+        """Delete the partial files of every large entry not committed."""
+        while self._pending:
+            await _discard(self._pending.pop(next(iter(self._pending))))
 
     def resolve(self, name: str) -> str:
         """Return the regular entry `name` ends at after following symlinks and hard links."""
@@ -315,15 +406,15 @@ class SaveContents:
     def has(self, name: str) -> bool:
         """Return whether `name` (after links) is an entry of the export."""
         target = self.resolve(name)
-        return target in self.files or target in self.layers
+        return target in self.files or target in self.layers or target in self._pending
 
     def read(self, name: str) -> bytes:
         """Return a small entry's bytes (a config, `manifest.json`), following links."""
         target = self.resolve(name)
         if target in self.files:
             return self.files[target]
-        if target in self.layers:
-            raise SaveFormatError(f"export tar: {name} is not a JSON document")
+        if target in self.layers or target in self._pending or target in self.dropped:
+            raise SaveFormatError(f"export tar: {name} is not a JSON document of at most {MAX_JSON} bytes")
         raise SaveFormatError(f"export tar has no entry {name}")
 
     async def layer(self, name: str) -> StoredLayer:
@@ -337,6 +428,7 @@ class SaveContents:
             link = f" (which links to {target})" if target != _norm(name) else ""
             raise SaveFormatError(f"export tar: layer {name}{link} is not in the export")
         raw = Digest.of(data)
+        _check_oci_name(target, raw)  # before it is stored: a misnamed entry leaves no blob
         if data.startswith(GZIP_MAGIC):
             stored = StoredLayer(Descriptor(OCI_LAYER_GZIP, await self.store.put(data), len(data)), raw, None)
         elif self.compress:
@@ -346,7 +438,6 @@ class SaveContents:
         else:
             stored = StoredLayer(Descriptor(OCI_LAYER_TAR, await self.store.put(data), len(data)), raw, raw)
         self.bytes_written += stored.blob.size
-        _check_oci_name(target, stored)
         self.layers[target] = stored
         return stored
 
@@ -406,17 +497,23 @@ def _from_manifest_json(data: bytes) -> list[SavedImage]:
     return out
 
 
-def _check_oci_name(name: str, stored: StoredLayer) -> None:
-    """An OCI layout entry `blobs/ALG/HEX` must hold content of that digest."""
+def _oci_name(name: str) -> Digest | None:
+    """Return the sha256 digest an OCI layout entry `blobs/sha256/HEX` names, or None for other names."""
     m = _OCI_BLOB.match(name)
     if not m:
-        return
+        return None
     try:
         named = Digest.parse(f"{m.group(1)}:{m.group(2)}")
     except DigestError:
-        return
-    if named.algorithm == "sha256" and named != stored.raw:
-        raise IntegrityError(f"export tar: {name} holds content of digest {stored.raw}")
+        return None
+    return named if named.algorithm == "sha256" else None
+
+
+def _check_oci_name(name: str, raw: Digest) -> None:
+    """An OCI layout entry `blobs/sha256/HEX` must hold content of that digest."""
+    named = _oci_name(name)
+    if named is not None and named != raw:
+        raise IntegrityError(f"export tar: {name} holds content of digest {raw}")
 
 
 async def read_save(
@@ -425,46 +522,91 @@ async def read_save(
     *,
     compress: bool = False,
 ) -> SaveContents:
-    """Read a `docker save` stream to its end; large entries become blobs as they pass.
+    """Read a `docker save` stream to its end; large entries are written as they pass.
 
     With `compress`, layers are gzip-compressed on the way in (the diff id is still
-    the sha256 of the uncompressed tar). A stream that breaks off raises, and leaves
-    no partial blob behind: blobs already committed are complete and named by digest.
+    the sha256 of the uncompressed tar). At the end the large entries the save's images
+    name become blobs and the rest are dropped. A stream that breaks off, goes over a
+    bound or has no readable manifest raises, and leaves no partial file and no blob behind.
     """
     contents = SaveContents(store, compress)
     tar = TarReader(chunks)
-    while (header := await tar.next()) is not None:
-        if header.kind == "symlink":
-            # A symlink target is relative to the link's directory (podman: DIR/layer.tar -> ../HEX.tar).
-            contents.links[header.name] = _norm(posixpath.join(posixpath.dirname(header.name), header.linkname))
-        elif header.kind == "hardlink":
-            contents.links[header.name] = _norm(header.linkname)  # hard link targets are archive paths
-        elif header.kind == "file":
+    try:
+        while (header := await tar.next()) is not None:
+            if header.kind not in ("symlink", "hardlink", "file"):
+                continue
+            await contents.forget(header.name)
+            if header.kind != "file":
+                if header.kind == "symlink":
+                    # A symlink target is relative to the link's directory (podman: DIR/layer.tar -> ../HEX.tar).
+                    target = _norm(posixpath.join(posixpath.dirname(header.name), header.linkname))
+                else:
+                    target = _norm(header.linkname)  # hard link targets are archive paths
+                contents.hold(len(header.name) + len(target), header.name)
+                contents.links[header.name] = target
+                continue
             head = await tar.peek(2)
-            # Small entries and JSON documents (configs, OCI manifests) are kept; the rest are layers.
-            if header.size <= SMALL_ENTRY or (head[:1] in (b"{", b"[") and header.size <= MAX_META):
+            # Small entries and JSON documents (configs, OCI manifests) are kept; the rest may be layers.
+            if header.size <= SMALL_ENTRY or (head[:1] in (b"{", b"[") and header.size <= MAX_JSON):
+                contents.hold(len(header.name) + header.size, header.name)
                 contents.files[header.name] = await tar.read_all()
-                contents.layers.pop(header.name, None)
             else:
-                stored = await _stream_layer(tar, store, compress and not head.startswith(GZIP_MAGIC), head)
-                _check_oci_name(header.name, stored)
-                contents.layers[header.name] = stored
-                contents.files.pop(header.name, None)
-                contents.bytes_written += stored.blob.size
+                contents.hold(len(header.name), header.name)
+                gzip_in = head.startswith(GZIP_MAGIC)
+                pending = await _stream_layer(tar, store, compress and not gzip_in, gzip_in)
+                await contents.add_pending(header.name, pending)
+        await contents.settle()
+    except BaseException:
+        await contents.discard_pending()
+        raise
     return contents
 
 
-async def _stream_layer(tar: TarReader, store: BlobStore, compress: bool, head: bytes) -> StoredLayer:
-    """Write the current entry as a blob, gzip-compressed when `compress`; return what was stored."""
-    writer = await store.new_blob()
+async def _discard(pending: _Pending) -> None:
+    """Delete a large entry's partial file: it never becomes a blob."""
+    await pending.writer.abort(keep=False)  # on a closed writer this only deletes the file
+
+
+async def _commit(store: BlobStore, pending: _Pending, name: str) -> StoredLayer:
+    """Commit large entry `name` as a blob and return what was stored; on any error nothing is left."""
+    try:
+        if not pending.open:
+            # Reopen the kept partial file (hashing what it holds) under the same key.
+            pending.writer, pending.open = await store.new_blob(pending.key), True
+        writer = pending.writer
+        named = _oci_name(name)
+        if pending.raw is not None:
+            _check_oci_name(name, pending.raw)
+        elif named is not None:
+            # The entry is stored as it came, so its name is the blob's digest: the store refuses
+            # to commit other content under it, and no misnamed blob is left behind.
+            writer.expected = writer.digest = named
+        try:
+            size = await writer.commit()
+        except IntegrityError:
+            if named is None:
+                raise
+            raise IntegrityError(f"export tar: {name} does not hold content of digest {named}") from None
+    except BaseException:
+        await _discard(pending)
+        raise
+    if pending.kind == "gzipped":
+        assert pending.raw is not None
+        return StoredLayer(Descriptor(OCI_LAYER_GZIP, writer.digest, size), pending.raw, pending.raw)
+    if pending.kind == "gzip-in":  # the daemon sent it compressed: its diff id is in the config
+        return StoredLayer(Descriptor(OCI_LAYER_GZIP, writer.digest, size), writer.digest, None)
+    return StoredLayer(Descriptor(OCI_LAYER_TAR, writer.digest, size), writer.digest, writer.digest)
+
+
+async def _stream_layer(tar: TarReader, store: BlobStore, compress: bool, gzip_in: bool) -> _Pending:
+    """Write the current entry to a partial file, gzip-compressed when `compress`; it stays uncommitted."""
+    key = f"save-{os.getpid()}-{next(_serial)}"
+    writer = await store.new_blob(key)
     try:
         if not compress:
             async for chunk in tar.body():
                 await writer.write(chunk)
-            size = await writer.commit()
-            if head.startswith(GZIP_MAGIC):  # the daemon sent it compressed: its diff id is in the config
-                return StoredLayer(Descriptor(OCI_LAYER_GZIP, writer.digest, size), writer.digest, None)
-            return StoredLayer(Descriptor(OCI_LAYER_TAR, writer.digest, size), writer.digest, writer.digest)
+            return _Pending(writer, key, "gzip-in" if gzip_in else "tar", None)
         gz = _Gzipper()
         batch: list[bytes] = []
         batched = 0
@@ -482,9 +624,7 @@ async def _stream_layer(tar: TarReader, store: BlobStore, compress: bool, head: 
         if pending is not None:
             await writer.write(await pending)
         await writer.write(await asyncio.to_thread(lambda: gz.feed(batch) + gz.finish()))
-        size = await writer.commit()
-        raw = Digest("sha256", gz.hash.hexdigest())
-        return StoredLayer(Descriptor(OCI_LAYER_GZIP, writer.digest, size), raw, raw)
+        return _Pending(writer, key, "gzipped", Digest("sha256", gz.hash.hexdigest()))
     except BaseException:
         await writer.abort(keep=False)
         raise

@@ -25,7 +25,7 @@ from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import MirrorError, UsageError
-from mirror.metrics import CONTENT_TYPE, Metrics
+from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
 from mirror.progress import JsonLog, JsonProgress
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
@@ -172,7 +172,7 @@ class Daemon:
         self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
         self.runtimes: list[Runtime] = []
-        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes])
+        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes], self._job_gauges)
         self.started = time.time()
         self.reload_status: Reload | None = None
         self.stopping = asyncio.Event()
@@ -368,6 +368,19 @@ class Daemon:
             )
 
     # --- HTTP -----------------------------------------------------------------------------
+
+    def _job_gauges(self) -> list[JobGauge]:
+        """Return each scheduled job's period and last run, for /metrics."""
+        out = []
+        for name, st in self.jobs.items():
+            sched = st.config.schedule
+            if sched is None:
+                continue
+            # A cron schedule's period: the gap between its next two slots (exact for regular ones).
+            first = sched.next_slot(datetime.now(UTC))
+            period = (sched.next_slot(first) - first).total_seconds()
+            out.append(JobGauge(name, period, st.last.finished if st.last is not None else None))
+        return out
 
     def status(self) -> dict[str, Any]:
         """Return the `/status` document: jobs with next run and last outcome, reload state."""

@@ -139,10 +139,10 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
             seen[method] = seen.get(method, 0) + n
         assert counted == seen and seen["GET"] > 0
         for name in ("a", "b"):
-            assert m[("mirror_job_runs_total", (("job", name), ("outcome", "ok")))] == 1
-            assert m[("mirror_images_total", (("job", name), ("status", "ok")))] == 2
-            assert m[("mirror_job_duration_seconds_count", (("job", name),))] == 1
-            assert m[("mirror_job_last_success_timestamp_seconds", (("job", name),))] > 0
+            assert m[("mirror_job_runs_total", (("mirror_job", name), ("outcome", "ok")))] == 1
+            assert m[("mirror_images_total", (("mirror_job", name), ("status", "ok")))] == 2
+            assert m[("mirror_job_duration_seconds_count", (("mirror_job", name),))] == 1
+            assert m[("mirror_job_last_success_timestamp_seconds", (("mirror_job", name),))] > 0
         # The shared base layer is wanted by all four images and fetched once.
         assert m[("mirror_blobs_reused_total", ())] >= 3
 

@@ -1,0 +1,94 @@
+"""Operations: metric labels, the shipped alert rules and Grafana dashboard, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+
+from mirror.engine.copy import Stats
+from mirror.metrics import JobGauge, Metrics
+from tests.conftest import ROOT
+
+OPS = ROOT / "docs" / "ops"
+
+
+def exercised_metrics() -> Metrics:
+    """Return Metrics with a sample in every labelled series."""
+    m = Metrics(lambda: [Stats()], lambda: [JobGauge("app", 3600.0, 1_700_000_000.0)])
+    m.response("r.example", "GET", "200")
+    m.retry("r.example")
+    m.rate_limit_wait("r.example", 1.5)
+    m.job_runs.labels("app", "ok").inc()
+    m.job_skipped.labels("app").inc()
+    m.job_duration.labels("app").observe(2.0)
+    m.last_success.labels("app").set(1_700_000_000)
+    m.images.labels("app", "ok").inc()
+    m.pushes.labels("app", "pushed").inc()
+    return m
+
+
+def exported_names() -> set[str]:
+    """Return every series name the daemon's /metrics can show (with _total, _bucket, ... suffixes)."""
+    return {s.name for family in exercised_metrics().registry.collect() for s in family.samples}
+
+
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+
+
+def metric_names(expr: str) -> set[str]:
+    """Return the metric names a PromQL expression (or Grafana `label_values(...)` query) names."""
+    expr = re.sub(r"label_values\(([^,{)]+)[^)]*\)", r"\1", expr)  # label_values(METRIC{...}, LABEL)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^]]*\]", "", expr)  # range selectors
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = _GROUPING.sub("", expr)
+    return set(re.findall(r"\bmirror_[a-zA-Z0-9_:]*", expr))
+
+
+def test_job_label_is_mirror_job_not_prometheus_own_job() -> None:
+    text = exercised_metrics().text().decode()
+    assert 'mirror_job="app"' in text
+    assert not re.search(r'[{,]job="', text), text
+    assert 'mirror_job_period_seconds{mirror_job="app"} 3600.0' in text
+    assert 'mirror_job_last_run_timestamp_seconds{mirror_job="app"} 1.7e+09' in text
+
+
+def test_alert_rules_parse_and_name_only_exported_metrics() -> None:
+    doc = yaml.safe_load((OPS / "alerts.yml").read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert {"MirrorJobFailing", "MirrorJobNotRun", "MirrorRateLimited"} <= names
+    exported = exported_names()
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert isinstance(rule["expr"], str) and rule["expr"].strip()
+        used = metric_names(rule["expr"])
+        assert used, rule["expr"]
+        assert used <= exported, (rule["alert"], used - exported)
+        assert "job=" not in rule["expr"].replace("mirror_job=", "")
+
+
+def test_grafana_dashboard_parses_and_queries_only_exported_metrics() -> None:
+    doc = json.loads((OPS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
+    assert len(exprs) >= 10
+    exported = exported_names()
+    used: set[str] = set()
+    for expr in exprs:
+        names = metric_names(expr)
+        assert names, expr
+        assert names <= exported, (expr, names - exported)
+        used |= names
+    # The dashboard shows the job outcomes and the downloads at least.
+    assert {"mirror_job_runs_total", "mirror_bytes_fetched_total", "mirror_requests_total"} <= used
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+
+
+def test_metric_names_reads_promql() -> None:
+    expr = 'sum by (mirror_job) (increase(mirror_job_runs_total{mirror_job=~"a", outcome="x"}[1h])) > 0'
+    assert metric_names(expr) == {"mirror_job_runs_total"}
+    assert metric_names('label_values(mirror_images_total{instance="$i"}, mirror_job)') == {"mirror_images_total"}
+    assert "nope_total" not in exported_names() and "mirror_job_runs_total" in exported_names()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
+import pytest
 import yaml
 
+from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.engine.copy import Stats
+from mirror.errors import CacheBusyError, ExitStatus
 from mirror.metrics import JobGauge, Metrics
+from mirror.store.lock import CacheLock
 from tests.conftest import ROOT
 
 OPS = ROOT / "docs" / "ops"
@@ -92,3 +98,23 @@ def test_metric_names_reads_promql() -> None:
     assert metric_names(expr) == {"mirror_job_runs_total"}
     assert metric_names('label_values(mirror_images_total{instance="$i"}, mirror_job)') == {"mirror_images_total"}
     assert "nope_total" not in exported_names() and "mirror_job_runs_total" in exported_names()
+
+
+async def test_busy_cache_names_its_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with CacheLock(Path("cache")):
+        with pytest.raises(CacheBusyError) as info:
+            async with CacheLock(Path("cache")):
+                pass
+    msg = str(info.value)
+    assert msg.startswith(f"the cache {tmp_path / 'cache'} is busy: another mirror process (pid {os.getpid()})")
+    assert "cache cache" not in msg
+
+
+def test_exit_statuses_are_one_enum_and_the_readme_lists_them() -> None:
+    assert [int(s) for s in ExitStatus] == [0, 1, 2, 3, 4, 128]
+    assert tuple(ExitStatus)[:5] == (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY)
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| Exit status |") :]
+    for status in ExitStatus:
+        assert f"| {int(status)} " in table or (status == ExitStatus.SIGNAL and "| 128 + N " in table), status

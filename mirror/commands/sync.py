@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -14,17 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_OK, add_common, add_wait, exit_code, load_config
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
-from mirror.engine.copy import FAILED, Progress
+from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import SyncObserver, SyncResult, summarize, sync
-from mirror.errors import UsageError
+from mirror.errors import UsageError, os_reason
 from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
 
 if TYPE_CHECKING:
+    from mirror.engine.publish import Publisher
     from mirror.progress_rich import RichProgress
 
 
@@ -34,7 +36,9 @@ def register(sub: Any) -> None:
     add_common(p)
     p.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="show what would be fetched; write nothing")
-    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE")
+    p.add_argument(
+        "--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE (`-`: stdout)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
     add_wait(p)
@@ -95,6 +99,7 @@ async def run(args: argparse.Namespace) -> int:
         raise UsageError("sync needs a config file: mirror sync -c mirror.toml")
     cfg = load_config(args)  # a bad config stops here, before anything is written
     jobs = chosen_jobs(cfg, args.job)
+    report = _report_target(args.report)  # a report that cannot be written stops here too, not after the run
     tty = sys.stderr.isatty() and not args.quiet and not args.json
     rich: RichProgress | None = None
     observer: SyncObserver
@@ -151,10 +156,59 @@ async def run(args: argparse.Namespace) -> int:
     interrupted = signalled[0].name if signalled else None
     if signalled:
         code = 128 + signalled[0].value  # the shell's convention for "ended by a signal"
-    if args.report:
-        doc = report_doc(run_id, started, results, code, args.dry_run, interrupted)
-        async with aiofiles.open(args.report, "w") as f:
-            await f.write(json.dumps(doc, indent=1) + "\n")
+    doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
+    code = _summary(args, log, results, jobs, engine, publisher, secs, code, interrupted)
+    if report is not None and doc is not None:
+        code = await _write_report(report, doc, code)
+    return code
+
+
+def _report_target(path: Path | None) -> Path | None:
+    """Return where `--report` goes (`-`: stdout), its folder created; raise UsageError when it cannot be written.
+
+    Checked before the run, so that an hour of downloads does not end in a lost report.
+    """
+    if path is None or str(path) == "-":
+        return path
+    if path.is_dir():
+        raise UsageError(f"--report {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {path}: cannot create its folder: {os_reason(exc)}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--report {path}: not writable")
+    return path
+
+
+async def _write_report(path: Path, doc: dict[str, Any], code: int) -> int:
+    """Write the report to `path` (`-`: stdout); return `code`, or FAILED when a clean run's report is lost."""
+    text = json.dumps(doc, indent=1) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return code
+    try:
+        async with aiofiles.open(path, "w") as f:
+            await f.write(text)
+    except OSError as exc:
+        print(f"mirror: --report {path}: {os_reason(exc)}", file=sys.stderr)
+        return EXIT_FAILED if code == EXIT_OK else code
+    return code
+
+
+def _summary(
+    args: argparse.Namespace,
+    log: JsonLog | None,
+    results: list[SyncResult],
+    jobs: list[JobConfig],
+    engine: Engine,
+    publisher: Publisher,
+    secs: float,
+    code: int,
+    interrupted: str | None,
+) -> int:
+    """Print (or log) the run's summary on stderr; return `code`."""
     counts = summarize(results)
     s = engine.stats
     mb = s.bytes_fetched / 1e6

@@ -195,6 +195,8 @@ class Slow:
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
     s = seed_registry(tmp_path_factory.mktemp("slowreg"), {})
     big = s.push("big", "slow/big", "1", size=3_000_000)
+    s.push("small", "slow/small", "1")
+    s.push("small", "slow/small", "2")
     port = free_port()
     proxy = subprocess.Popen(
         [sys.executable, "-m", "tests.slowproxy", s.host, str(port), "600000"],
@@ -297,6 +299,45 @@ def test_sync_stops_on_sigterm_and_reports(slow: Slow, tmp_path: Path) -> None:
     assert cache_is_consistent(cache) == []
     assert not slow.blob(cache).exists()
     assert slow.partial(cache).stat().st_size < len(slow.big.blob)
+
+
+def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_path: Path) -> None:
+    """SIGINT mid-run: the report lists every planned image (unfinished ones `cancelled`), the run and counts."""
+    cache, report = tmp_path / "cache", tmp_path / "report.json"
+    cfg = tmp_path / "mirror.toml"
+    cfg.write_text(
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "slow"\nsource = {{type = "registry", host = "{slow.host}"}}\n'
+        'repositories = ["slow/big", "slow/small"]\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report), "--json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        deadline = time.monotonic() + 60
+        while not (slow.partial(cache).exists() and slow.partial(cache).stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT == 130, err
+    doc = json.loads(report.read_text())
+    assert doc["interrupted"] == "SIGINT" and doc["exit_code"] == 130
+    assert isinstance(doc["run"], int) and doc["run"] > 0
+    images = {i["reference"]: i["status"] for i in doc["images"]}
+    big = f"{slow.host}/slow/big:1"
+    assert set(images) == {big, f"{slow.host}/slow/small:1", f"{slow.host}/slow/small:2"}, doc
+    assert images[big] == "cancelled"  # still downloading when the signal came
+    assert set(images.values()) <= {"ok", "cancelled"}
+    counts: dict[str, int] = {}
+    for status in images.values():
+        counts[status] = counts.get(status, 0) + 1
+    assert doc["counts"] == counts
+    summary = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')][-1]
+    assert summary["event"] == "summary" and summary["counts"] == counts and summary["references"] == 3
+    assert cache_is_consistent(cache) == []
 
 
 def test_daemon_serves_the_cache_on_its_port(dreg: SyncRegistry, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ import aiofiles
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
-from mirror.engine.sync import SyncObserver, SyncResult, summarize, sync
+from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError, os_reason
 from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
 from mirror.store.layout import Layout
@@ -49,11 +50,42 @@ def register(sub: Any) -> None:
 
 
 class _Collect:
-    """A SyncObserver that keeps every result (for the report of an interrupted run) and passes it on."""
+    """A PlanObserver that keeps the run id, every planned reference and every result, and passes results on.
+
+    A run cancelled by a signal returns nothing: its report is built from what this kept.
+    """
 
     def __init__(self, inner: SyncObserver) -> None:
         self.inner = inner
         self.results: list[SyncResult] = []
+        self.run_id = 0
+        self._planned: list[tuple[str, str]] = []  # (job, reference), in the order they were planned
+
+    def run_started(self, run: int) -> None:
+        """Keep the run id."""
+        self.run_id = run
+
+    def planned(self, job: str, references: Sequence[str]) -> None:
+        """Keep the names."""
+        self._planned += [(job, r) for r in references]
+
+    def cancelled_run(self, jobs: list[JobConfig]) -> list[SyncResult]:
+        """Return every result so far, then `cancelled` for each planned reference without one.
+
+        A job stopped before it had listed anything gets one `cancelled` entry for its registry.
+        """
+        out = list(self.results)
+        seen = {(r.job, r.reference) for r in out}
+        for job, ref in self._planned:
+            if (job, ref) not in seen:
+                seen.add((job, ref))
+                out.append(SyncResult(job, ref, CANCELLED))
+        known = {job for job, _ in seen}
+        for j in jobs:
+            if j.name not in known:
+                why = "stopped before its images were listed"
+                out.append(SyncResult(j.name, j.spec.registry, CANCELLED, error=why))
+        return out
 
     def job_grew(self, job: str, images: int) -> None:
         """Pass on."""
@@ -147,7 +179,7 @@ async def run(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             if not signalled:
                 raise
-            run_id, results = 0, collected.results
+            run_id, results = collected.run_id, collected.cancelled_run(jobs)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)

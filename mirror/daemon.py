@@ -1,9 +1,10 @@
-"""The long-lived daemon: runs sync jobs on cron or interval schedules, serves /healthz, /metrics, /status.
+"""The long-lived daemon: runs sync jobs on cron or interval schedules, serves /healthz, /readyz, /metrics, /status.
 
 Signals: SIGTERM/SIGINT stop taking new work, give in-flight downloads `grace` seconds,
 then cancel them (a cancelled blob stays a partial file under `.mirror/ingest/`, never
 under a digest name) and exit 0. SIGHUP reloads the config file; a bad one is logged
-and the running config kept.
+and the running config kept; a changed `[daemon] listen` moves the endpoint (the new
+address answers before the old one closes; one that cannot be bound is logged, the old kept).
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ def outcome_of(results: list[SyncResult]) -> str:
     return "failed"
 
 
+def failure_reason(results: list[SyncResult]) -> str:
+    """Return why a run failed, for /status and the log: the first failure's error, and how many more; or ``."""
+    failed = [r for r in results if r.status == FAILED]
+    if not failed:
+        return ""
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more failed)" if len(failed) > 1 else ""
+    return f"{first.reference}: {first.error}{more}" if first.reference not in first.error else first.error + more
+
+
 class _LogView:
     """A SyncObserver that logs failed references and counts every reference in the metrics."""
 
@@ -179,49 +190,83 @@ class Daemon:
         self._stop = asyncio.Event()
         self._layout: Layout | None = None
         self._state: StateDB | None = None
+        self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
+        self._listen_from_config = listen is None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._rebinding: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
     async def run(self, *, wait: float = 0.0) -> int:
-        """Take the cache, serve HTTP, run jobs on their schedules until a stop signal; return 0."""
-        self._layout = Layout.open(self.cfg.cache)
-        async with CacheLock(self.cfg.cache, wait=wait):
-            self._state = await StateDB.open(self.cfg.cache)
-            self._new_runtime(self.cfg)
-            app = make_app(self)
-            if self.serve:
-                # Issue 7: the offline side pulls from the same port /metrics answers on.
-                from mirror.server import install
+        """Serve HTTP, take the cache, run jobs on their schedules until a stop signal; return 0.
 
-                install(app, self._layout)
-            for hook in self.app_hooks:
-                hook(app)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            host, _, port = self.listen.rpartition(":")
-            try:
-                await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise UsageError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop, sig.name)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-            self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
-            try:
-                self._apply_jobs(self.cfg)
-                await self._stop.wait()
-                await self._shutdown()
-            finally:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    loop.remove_signal_handler(sig)
-                await runner.cleanup()
-                for rt in self.runtimes:
-                    await rt.transport.close()
-                await self._state.close()
+        The port answers first (`/healthz` 200, `/readyz` 503), so that a daemon waiting
+        `wait` seconds for a busy cache is seen alive but not ready; `/readyz` turns 200 once
+        the cache and its state are open.
+        """
+        self._layout = Layout.open(self.cfg.cache)
+        app = make_app(self)
+        if self.serve:
+            # Issue 7: the offline side pulls from the same port /metrics answers on.
+            from mirror.server import install
+
+            install(app, self._layout)
+        for hook in self.app_hooks:
+            hook(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        try:
+            self._site = await self._bind(self.listen)
+            async with CacheLock(self.cfg.cache, wait=wait):
+                self._state = await StateDB.open(self.cfg.cache)
+                self._new_runtime(self.cfg)
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.stop, sig.name)
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+                self.ready = True
+                self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
+                try:
+                    self._apply_jobs(self.cfg)
+                    await self._stop.wait()
+                    await self._shutdown()
+                finally:
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        loop.remove_signal_handler(sig)
+                    for rt in self.runtimes:
+                        await rt.transport.close()
+                    await self._state.close()
+        finally:
+            if self._rebinding is not None:
+                self._rebinding.cancel()
+            await self._runner.cleanup()
         self.log.event("stopped")
         return 0
+
+    async def _bind(self, listen: str) -> web.TCPSite:
+        """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound."""
+        assert self._runner is not None
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        return site
+
+    async def _rebind(self, listen: str) -> None:
+        """Move the HTTP endpoint to `listen`: start the new site, then stop the old one; keep the old on failure."""
+        old = self._site
+        try:
+            self._site = await self._bind(listen)
+        except UsageError as exc:
+            self.log.event("listen_failed", level="error", error=str(exc), listen=self.listen)
+            return
+        before, self.listen = self.listen, listen
+        if old is not None:
+            await old.stop()
+        self.log.event("listening", listen=listen, previous=before)
 
     def stop(self, why: str = "stop") -> None:
         """Stop taking new work; in-flight work gets the grace period (a signal handler)."""
@@ -273,8 +318,13 @@ class Daemon:
         if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
-        if new.daemon.listen != self.cfg.daemon.listen:
-            self.log.event("reload_note", note=f"[daemon] listen {new.daemon.listen} takes effect after a restart")
+        if not self._listen_from_config:
+            if new.daemon.listen != self.cfg.daemon.listen:
+                note = f"[daemon] listen {new.daemon.listen} ignored: --listen {self.listen} was given"
+                self.log.event("reload_note", note=note)
+        elif new.daemon.listen != self.listen:
+            # Rebound in the background: the new address answers before the old one stops.
+            self._rebinding = asyncio.create_task(self._rebind(new.daemon.listen), name="rebind")
         if self._grace_from_config:
             self.grace = new.daemon.grace
         self.cfg = new
@@ -341,7 +391,7 @@ class Daemon:
                 observer=_LogView(self),
                 publisher=rt.cfg.publisher(rt.engine, rt.transport),
             )
-            outcome, counts = outcome_of(results), summarize(results)
+            outcome, counts, error = outcome_of(results), summarize(results), failure_reason(results)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -390,6 +440,8 @@ class Daemon:
             "cache": str(self.cfg.cache),
             "started": _iso(self.started),
             "stopping": self.stopping.is_set(),
+            "ready": self.ready,
+            "listen": self.listen,
             "last_reload": None
             if self.reload_status is None
             else {
@@ -412,6 +464,14 @@ def make_app(daemon: Daemon) -> web.Application:
             return web.Response(status=503, text="stopping\n")
         return web.Response(text="ok\n")
 
+    async def readyz(_req: web.Request) -> web.Response:
+        """200 once the config is loaded and the cache and its state are open; 503 before, and once stopping."""
+        if daemon.stopping.is_set():
+            return web.Response(status=503, text="stopping\n")
+        if not daemon.ready:
+            return web.Response(status=503, text="starting: opening the cache\n")
+        return web.Response(text="ready\n")
+
     async def metrics(_req: web.Request) -> web.Response:
         """Every metric, Prometheus text format."""
         return web.Response(body=daemon.metrics.text(), headers={"Content-Type": CONTENT_TYPE})
@@ -422,6 +482,7 @@ def make_app(daemon: Daemon) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     return app

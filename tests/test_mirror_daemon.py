@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,6 +174,47 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
         events = [e["event"] for e in d.events()]
         assert "reload_rejected" in events and "reloaded" in events
         assert events[-2:] == ["stopping", "stopped"]
+    finally:
+        d.stop()
+
+
+def test_sighup_with_a_new_listen_rebinds_or_keeps_the_old_port(dreg: SyncRegistry, tmp_path: Path) -> None:
+    old, new, cache = free_port(), free_port(), tmp_path / "cache"
+    cfg = tmp_path / "mirror.toml"
+    head = '[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\n'
+    cfg.write_text(head.format(cache=cache, port=old) + job("a", dreg.host, ["d/one"], '"1h"'))
+    d = DaemonProc(cfg, old, tmp_path)
+    try:
+        d.wait_for(lambda s: s["ready"])
+        cfg.write_text(head.format(cache=cache, port=new) + job("a", dreg.host, ["d/one"], '"1h"'))
+        d.proc.send_signal(signal.SIGHUP)
+        d.port = new
+        st = d.wait_for(lambda s: s["listen"] == f"127.0.0.1:{new}")
+        assert st["last_reload"]["ok"] is True
+        assert d.get("/healthz") == b"ok\n" and d.get("/readyz") == b"ready\n"
+        with pytest.raises(OSError):  # the old port no longer answers
+            urllib.request.urlopen(f"http://127.0.0.1:{old}/healthz", timeout=5)
+        moved = [e for e in d.events() if e["event"] == "listening"]
+        assert moved and moved[0]["listen"] == f"127.0.0.1:{new}" and moved[0]["previous"] == f"127.0.0.1:{old}"
+
+        # An address that cannot be bound (taken): one error line, the current port kept.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            cfg.write_text(head.format(cache=cache, port=busy) + job("a", dreg.host, ["d/one"], '"1h"'))
+            d.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while not [e for e in d.events() if e["event"] == "listen_failed"]:
+                assert time.monotonic() < deadline and d.proc.poll() is None, d.log_path.read_text()
+                time.sleep(0.1)
+        failed = [e for e in d.events() if e["event"] == "listen_failed"]
+        assert len(failed) == 1 and failed[0]["level"] == "error"
+        assert f"cannot listen on 127.0.0.1:{busy}" in failed[0]["error"]
+        assert d.status()["listen"] == f"127.0.0.1:{new}"
+        assert d.get("/healthz") == b"ok\n"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
     finally:
         d.stop()
 

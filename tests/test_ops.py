@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import re
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
+from mirror import config
 from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from mirror.daemon import Daemon
 from mirror.engine.copy import Stats
 from mirror.errors import CacheBusyError, ExitStatus
 from mirror.metrics import JobGauge, Metrics
+from mirror.progress import JsonLog
 from mirror.store.lock import CacheLock
 from tests.conftest import ROOT
+from tools.registry import free_port
 
 OPS = ROOT / "docs" / "ops"
 
@@ -118,3 +127,70 @@ def test_exit_statuses_are_one_enum_and_the_readme_lists_them() -> None:
     table = readme[readme.index("| Exit status |") :]
     for status in ExitStatus:
         assert f"| {int(status)} " in table or (status == ExitStatus.SIGNAL and "| 128 + N " in table), status
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """Return status and body of a GET, or (0, "") while nothing answers."""
+    try:
+        async with http.get(url) as r:
+            return r.status, await r.text()
+    except aiohttp.ClientConnectionError:
+        return 0, ""
+
+
+async def poll(what: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    """Wait until `what()` is true (generous deadline, no fixed sleep before an assertion)."""
+    deadline = time.monotonic() + timeout
+    while not await what():
+        assert time.monotonic() < deadline, "condition never came"
+        await asyncio.sleep(0.05)
+
+
+async def test_readyz_waits_for_the_cache_and_status_says_why_a_job_failed(tmp_path: Path) -> None:
+    cache, port, dead = tmp_path / "cache", free_port(), free_port()  # nothing listens on `dead`
+    cfg = config.parse(
+        {
+            "cache": {"path": str(cache)},
+            "registries": [{"host": f"127.0.0.1:{dead}", "insecure": True}],
+            "jobs": [
+                {
+                    "name": "gone",
+                    "source": {"type": "registry", "host": f"127.0.0.1:{dead}"},
+                    "repositories": ["a/b"],
+                    "schedule": {"interval": "1h"},
+                }
+            ],
+        },
+        "mem.toml",
+    )
+    log = io.StringIO()
+    daemon = Daemon(tmp_path / "mem.toml", cfg, log=JsonLog(log), listen=f"127.0.0.1:{port}", grace=5)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        async with CacheLock(cache):  # another process holds the cache: the daemon waits for it
+            task = asyncio.create_task(daemon.run(wait=60))
+            await poll(lambda: _answers(http, f"{base}/healthz", 200))
+            assert await get(http, f"{base}/readyz") == (503, "starting: opening the cache\n")
+            assert (await (await http.get(f"{base}/status")).json())["ready"] is False
+        await poll(lambda: _answers(http, f"{base}/readyz", 200))
+        assert await get(http, f"{base}/readyz") == (200, "ready\n")
+
+        async def finished() -> bool:
+            async with http.get(f"{base}/status") as r:
+                jobs = (await r.json())["jobs"]
+            return bool(jobs and jobs[0]["last"] is not None)
+
+        await poll(finished)
+        async with http.get(f"{base}/status") as r:
+            last = (await r.json())["jobs"][0]["last"]
+        assert last["outcome"] == "unreachable"
+        assert last["error"] is not None and "cannot reach" in last["error"] and f"127.0.0.1:{dead}" in last["error"]
+        daemon.stop("test")
+        assert await get(http, f"{base}/readyz") == (503, "stopping\n")
+        assert await task == 0
+    finished_lines = [json.loads(line) for line in log.getvalue().splitlines() if '"job_finished"' in line]
+    assert finished_lines[0]["error"] == last["error"]
+
+
+async def _answers(http: aiohttp.ClientSession, url: str, status: int) -> bool:
+    return (await get(http, url))[0] == status

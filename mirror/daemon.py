@@ -27,7 +27,7 @@ from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
-from mirror.progress import JsonLog, JsonProgress
+from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -35,11 +35,10 @@ from mirror.transport import Transport
 
 
 def _iso(ts: float | datetime | None) -> str | None:
+    """Return a time as the log lines write it (ISO 8601, UTC, `Z`), to the second; None stays None."""
     if ts is None:
         return None
-    if isinstance(ts, float):
-        ts = datetime.fromtimestamp(ts, UTC)
-    return ts.isoformat(timespec="seconds")
+    return iso_time(ts.timestamp() if isinstance(ts, datetime) else ts, "seconds")
 
 
 @dataclass(slots=True)
@@ -155,7 +154,7 @@ class _LogView:
         if result.pushed:
             self.daemon.metrics.pushes.labels(result.job, result.pushed).inc()
         if result.status in (FAILED, "ok", "pruned", "deleted") or result.pushed == PUSHED:
-            self.daemon.log.event("image", **result.to_json())
+            self.daemon.log.event("image", ERROR if result.status == FAILED else INFO, **result.to_json())
 
 
 class Daemon:
@@ -261,7 +260,7 @@ class Daemon:
         try:
             self._site = await self._bind(listen)
         except UsageError as exc:
-            self.log.event("listen_failed", level="error", error=str(exc), listen=self.listen)
+            self.log.event("listen_failed", ERROR, error=str(exc), listen=self.listen)
             return
         before, self.listen = self.listen, listen
         if old is not None:
@@ -283,7 +282,7 @@ class Daemon:
         if running:
             _, pending = await asyncio.wait(running, timeout=self.grace)
             if pending:
-                self.log.event("cancelling", runs=len(pending), after_seconds=self.grace)
+                self.log.event("cancelling", WARNING, runs=len(pending), after_seconds=self.grace)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -313,7 +312,7 @@ class Daemon:
                 raise UsageError(f"{self.path}: no job has a schedule")
         except MirrorError as exc:
             self.reload_status = Reload(time.time(), False, str(exc))
-            self.log.event("reload_rejected", error=str(exc))
+            self.log.event("reload_rejected", ERROR, error=str(exc))
             return
         if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
@@ -321,7 +320,7 @@ class Daemon:
         if not self._listen_from_config:
             if new.daemon.listen != self.cfg.daemon.listen:
                 note = f"[daemon] listen {new.daemon.listen} ignored: --listen {self.listen} was given"
-                self.log.event("reload_note", note=note)
+                self.log.event("reload_note", WARNING, note=note)
         elif new.daemon.listen != self.listen:
             # Rebound in the background: the new address answers before the old one stops.
             self._rebinding = asyncio.create_task(self._rebind(new.daemon.listen), name="rebind")
@@ -368,7 +367,7 @@ class Daemon:
             if st.busy:
                 st.skipped += 1
                 self.metrics.job_skipped.labels(st.config.name).inc()
-                self.log.event("job_skipped", job=st.config.name, slot=_iso(slot), reason="still running")
+                self.log.event("job_skipped", WARNING, job=st.config.name, slot=_iso(slot), reason="still running")
             else:
                 st.running = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
             slot = sched.next_slot(slot)
@@ -410,6 +409,7 @@ class Daemon:
             self.metrics.job_duration.labels(job.name).observe(seconds)
             self.log.event(
                 "job_finished",
+                INFO if outcome == "ok" else WARNING if outcome == "cancelled" else ERROR,
                 job=job.name,
                 outcome=outcome,
                 seconds=round(seconds, 3),
@@ -451,7 +451,8 @@ class Daemon:
             },
             "blobs_fetched": sum(s.blobs_fetched for s in stats),
             "bytes_fetched": sum(s.bytes_fetched for s in stats),
-            "jobs": [st.to_json() for st in self.jobs.values()],
+            # Before the cache is open (not ready) the config's jobs are listed, none run yet.
+            "jobs": [st.to_json() for st in (self.jobs.values() if self.ready else map(JobState, self.cfg.jobs))],
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,6 +213,10 @@ def test_sighup_with_a_new_listen_rebinds_or_keeps_the_old_port(dreg: SyncRegist
         assert len(failed) == 1 and failed[0]["level"] == "error"
         assert f"cannot listen on 127.0.0.1:{busy}" in failed[0]["error"]
         assert d.status()["listen"] == f"127.0.0.1:{new}"
+        # Log lines carry an ISO 8601 UTC time (Z) and a level, as /status's times.
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in d.events())
+        assert {e["level"] for e in d.events()} <= {"info", "warning", "error"}
+        assert d.status()["started"].endswith("Z")
         assert d.get("/healthz") == b"ok\n"
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0

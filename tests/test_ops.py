@@ -9,6 +9,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -171,7 +172,10 @@ async def test_readyz_waits_for_the_cache_and_status_says_why_a_job_failed(tmp_p
             task = asyncio.create_task(daemon.run(wait=60))
             await poll(lambda: _answers(http, f"{base}/healthz", 200))
             assert await get(http, f"{base}/readyz") == (503, "starting: opening the cache\n")
-            assert (await (await http.get(f"{base}/status")).json())["ready"] is False
+            async with http.get(f"{base}/status") as r:
+                early = await r.json()
+            assert early["ready"] is False
+            assert [(j["name"], j["runs"], j["last"]) for j in early["jobs"]] == [("gone", 0, None)]
         await poll(lambda: _answers(http, f"{base}/readyz", 200))
         assert await get(http, f"{base}/readyz") == (200, "ready\n")
 
@@ -188,8 +192,17 @@ async def test_readyz_waits_for_the_cache_and_status_says_why_a_job_failed(tmp_p
         daemon.stop("test")
         assert await get(http, f"{base}/readyz") == (503, "stopping\n")
         assert await task == 0
-    finished_lines = [json.loads(line) for line in log.getvalue().splitlines() if '"job_finished"' in line]
-    assert finished_lines[0]["error"] == last["error"]
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    finished_lines = [e for e in lines if e["event"] == "job_finished"]
+    assert finished_lines[0]["error"] == last["error"] and finished_lines[0]["level"] == "error"
+    # Every log line: an ISO 8601 UTC time with Z, and a level.
+    assert all(ISO_Z.fullmatch(e["time"]) for e in lines), lines
+    assert {e["level"] for e in lines} <= {"info", "warning", "error"}
+    assert next(e for e in lines if e["event"] == "started")["level"] == "info"
+    assert last["started"].endswith("Z") and datetime.fromisoformat(last["started"]).tzinfo is not None
+
+
+ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 async def _answers(http: aiohttp.ClientSession, url: str, status: int) -> bool:

@@ -21,7 +21,17 @@ from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
 from mirror.errors import UsageError, os_reason
-from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
+from mirror.progress import (
+    ERROR,
+    INFO,
+    WARNING,
+    BlobsOnly,
+    JsonLog,
+    JsonProgress,
+    JsonSyncView,
+    PlainSyncView,
+    RateLimitNotes,
+)
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -249,6 +259,7 @@ def _summary(
     if log is not None:
         log.event(
             "summary",
+            INFO if code == EXIT_OK else WARNING if interrupted else ERROR,
             references=len(results),
             jobs=len(jobs),
             counts=counts,

@@ -25,7 +25,7 @@ from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
-from mirror.errors import MirrorError, UsageError
+from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
 from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
 from mirror.store.layout import Layout
@@ -241,7 +241,7 @@ class Daemon:
                 self._rebinding.cancel()
             await self._runner.cleanup()
         self.log.event("stopped")
-        return 0
+        return ExitStatus.OK
 
     async def _bind(self, listen: str) -> web.TCPSite:
         """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound."""

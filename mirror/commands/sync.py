@@ -20,7 +20,7 @@ from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, e
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
-from mirror.errors import UsageError, os_reason
+from mirror.errors import ExitStatus, UsageError, os_reason
 from mirror.progress import (
     ERROR,
     INFO,
@@ -197,7 +197,7 @@ async def run(args: argparse.Namespace) -> int:
     code = exit_code(results) if results else EXIT_OK
     interrupted = signalled[0].name if signalled else None
     if signalled:
-        code = 128 + signalled[0].value  # the shell's convention for "ended by a signal"
+        code = ExitStatus.SIGNAL + signalled[0].value  # the shell's convention for "ended by a signal"
     doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
     code = _summary(args, log, results, jobs, engine, publisher, secs, code, interrupted)
     if report is not None and doc is not None:

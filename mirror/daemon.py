@@ -10,9 +10,11 @@ address answers before the old one closes; one that cannot be bound is logged, t
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -489,6 +491,41 @@ def make_app(daemon: Daemon) -> web.Application:
     return app
 
 
+class _JsonLogHandler(logging.Handler):
+    """Writes stdlib logging records (transport retries, the server's errors, aiohttp's) as JSON log lines."""
+
+    def __init__(self, log: JsonLog) -> None:
+        super().__init__(logging.WARNING if log.quiet else logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record as a `log` event with its level, logger and message."""
+        try:
+            level = ERROR if record.levelno >= logging.ERROR else WARNING if record.levelno >= logging.WARNING else INFO
+            extra: dict[str, Any] = {}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                extra["exception"] = f"{type(exc).__name__}: {exc}"
+            self.log.event("log", level, logger=record.name, message=record.getMessage(), **extra)
+        except Exception:  # noqa: BLE001 - logging must never break the daemon (logging's own convention)
+            self.handleError(record)
+
+
+@contextmanager
+def json_logging(log: JsonLog) -> Iterator[None]:
+    """Send the process's stdlib logging to `log` as JSON lines while the block runs (mirror's own from INFO)."""
+    handler = _JsonLogHandler(log)
+    root, ours = logging.getLogger(), logging.getLogger("mirror")
+    level = ours.level
+    root.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        ours.setLevel(level)
+
+
 async def run_daemon(
     path: Path, *, listen: str | None, grace: float | None, wait: float, log: JsonLog, serve: bool = False
 ) -> int:
@@ -497,4 +534,5 @@ async def run_daemon(
     if not any(j.schedule is not None for j in cfg.jobs):
         raise UsageError(f'{path}: no job has a schedule (add schedule = {{interval = "6h"}} to a [[jobs]] table)')
     daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace, serve=serve)
-    return await daemon.run(wait=wait)
+    with json_logging(log):  # every line on stderr is JSON, the library's warnings too
+        return await daemon.run(wait=wait)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from mirror import config
 from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from mirror.daemon import Daemon
+from mirror.daemon import Daemon, json_logging
 from mirror.engine.copy import Stats
 from mirror.errors import CacheBusyError, ExitStatus
 from mirror.metrics import JobGauge, Metrics
@@ -225,3 +226,27 @@ ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 async def _answers(http: aiohttp.ClientSession, url: str, status: int) -> bool:
     return (await get(http, url))[0] == status
+
+
+def test_daemon_sends_library_logging_as_json_lines() -> None:
+    out = io.StringIO()
+    with json_logging(JsonLog(out)):
+        logging.getLogger("mirror.transport").info("r.example: retry %d of %d", 1, 3)
+        try:
+            raise OSError("connection reset")
+        except OSError:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+        logging.getLogger("aiohttp.access").info("dropped: other libraries log from WARNING")
+    logging.getLogger("mirror.transport").warning("after the block: not ours")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["level"], e["event"], e["logger"], e["message"]) for e in lines] == [
+        ("info", "log", "mirror.transport", "r.example: retry 1 of 3"),
+        ("error", "log", "aiohttp.server", "Error handling request"),
+    ]
+    assert lines[1]["exception"] == "OSError: connection reset"
+    assert all(ISO_Z.fullmatch(e["time"]) for e in lines)
+    quiet = io.StringIO()
+    with json_logging(JsonLog(quiet, quiet=True)):
+        logging.getLogger("mirror.engine.copy").info("resuming")
+        logging.getLogger("mirror.server").warning("not serving x")
+    assert [json.loads(line)["message"] for line in quiet.getvalue().splitlines()] == ["not serving x"]

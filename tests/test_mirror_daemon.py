@@ -352,17 +352,27 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
     """SIGINT mid-run: the report lists every planned image (unfinished ones `cancelled`), the run and counts."""
     cache, report = tmp_path / "cache", tmp_path / "report.json"
     cfg = tmp_path / "mirror.toml"
+    # A second job's registry accepts connections and never answers: its tags are never listed.
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    mute_host = f"127.0.0.1:{mute.getsockname()[1]}"
     cfg.write_text(
         f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "slow"\nsource = {{type = "registry", host = "{slow.host}"}}\n'
         'repositories = ["slow/big", "slow/small"]\n'
+        f'[[jobs]]\nname = "mute"\nsource = {{type = "registry", host = "{mute_host}"}}\n'
+        'repositories = ["m/one"]\n'
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen(
-        [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report), "--json"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as proc:
+    with (
+        mute,
+        subprocess.Popen(
+            [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report), "--json"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ) as proc,
+    ):
         deadline = time.monotonic() + 60
         while not (slow.partial(cache).exists() and slow.partial(cache).stat().st_size > 0):
             assert proc.poll() is None and time.monotonic() < deadline
@@ -375,7 +385,8 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
     assert isinstance(doc["run"], int) and doc["run"] > 0
     images = {i["reference"]: i["status"] for i in doc["images"]}
     big = f"{slow.host}/slow/big:1"
-    assert set(images) == {big, f"{slow.host}/slow/small:1", f"{slow.host}/slow/small:2"}, doc
+    assert set(images) == {big, f"{slow.host}/slow/small:1", f"{slow.host}/slow/small:2", mute_host}, doc
+    assert images[mute_host] == "cancelled"
     assert images[big] == "cancelled"  # still downloading when the signal came
     assert set(images.values()) <= {"ok", "cancelled"}
     counts: dict[str, int] = {}
@@ -383,7 +394,7 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
         counts[status] = counts.get(status, 0) + 1
     assert doc["counts"] == counts
     summary = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')][-1]
-    assert summary["event"] == "summary" and summary["counts"] == counts and summary["references"] == 3
+    assert summary["event"] == "summary" and summary["counts"] == counts and summary["references"] == 4
     assert cache_is_consistent(cache) == []
 
 

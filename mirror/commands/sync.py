@@ -20,7 +20,7 @@ from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, e
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
-from mirror.errors import ExitStatus, UsageError, os_reason
+from mirror.errors import ExitStatus, MirrorError, UsageError, os_reason
 from mirror.progress import (
     ERROR,
     INFO,
@@ -32,6 +32,7 @@ from mirror.progress import (
     PlainSyncView,
     RateLimitNotes,
 )
+from mirror.reference import Reference
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -82,7 +83,8 @@ class _Collect:
     def cancelled_run(self, jobs: list[JobConfig]) -> list[SyncResult]:
         """Return every result so far, then `cancelled` for each planned reference without one.
 
-        A job stopped before it had listed anything gets one `cancelled` entry for its registry.
+        A repository the config names whose tags were not listed yet gets one `cancelled`
+        entry (`HOST/REPO`), and so does a job stopped before it had listed anything (`HOST`).
         """
         out = list(self.results)
         seen = {(r.job, r.reference) for r in out}
@@ -90,11 +92,16 @@ class _Collect:
             if (job, ref) not in seen:
                 seen.add((job, ref))
                 out.append(SyncResult(job, ref, CANCELLED))
-        known = {job for job, _ in seen}
+        why = "stopped before its images were listed"
         for j in jobs:
-            if j.name not in known:
-                why = "stopped before its images were listed"
+            names = {_repo_name(ref) for job, ref in seen if job == j.name}
+            if not names:
                 out.append(SyncResult(j.name, j.spec.registry, CANCELLED, error=why))
+                continue
+            for repo in j.spec.repositories.names if j.source.type == "registry" else ():
+                where = f"{j.spec.registry}/{repo}"
+                if _repo_name(where) not in names:
+                    out.append(SyncResult(j.name, where, CANCELLED, error=why))
         return out
 
     def job_grew(self, job: str, images: int) -> None:
@@ -105,6 +112,14 @@ class _Collect:
         """Keep and pass on."""
         self.results.append(result)
         self.inner.result(result)
+
+
+def _repo_name(reference: str) -> str:
+    """Return the normalised repository of a reference (`docker.io/library/redis`), or the text when it is none."""
+    try:
+        return Reference.parse(reference).name
+    except MirrorError:
+        return reference
 
 
 def chosen_jobs(cfg: Config, names: list[str]) -> list[JobConfig]:

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,7 +214,7 @@ async def run(args: argparse.Namespace) -> int:
     if signalled:
         code = ExitStatus.SIGNAL + signalled[0].value  # the shell's convention for "ended by a signal"
     doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
-    code = _summary(args, log, results, jobs, engine, publisher, secs, code, interrupted)
+    code = _summary(log, results, jobs, engine, publisher, secs, code, interrupted)
     if report is not None and doc is not None:
         code = await _write_report(report, doc, code)
     return code
@@ -245,17 +245,21 @@ async def _write_report(path: Path, doc: dict[str, Any], code: int) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
         return code
+    # Beside it, then renamed over it: a reader never sees half a report, and a failed write keeps the last one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        async with aiofiles.open(path, "w") as f:
+        async with aiofiles.open(tmp, "w") as f:
             await f.write(text)
+        os.replace(tmp, path)
     except OSError as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         print(f"mirror: --report {path}: {os_reason(exc)}", file=sys.stderr)
         return EXIT_FAILED if code == EXIT_OK else code
     return code
 
 
 def _summary(
-    args: argparse.Namespace,
     log: JsonLog | None,
     results: list[SyncResult],
     jobs: list[JobConfig],

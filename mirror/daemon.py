@@ -431,7 +431,8 @@ class Daemon:
             # A cron schedule's period: the gap between its next two slots (exact for regular ones).
             first = sched.next_slot(datetime.now(UTC))
             period = (sched.next_slot(first) - first).total_seconds()
-            out.append(JobGauge(name, period, st.last.finished if st.last is not None else None))
+            # Before its first run, the daemon's start: "not run for two periods" holds from there.
+            out.append(JobGauge(name, period, st.last.finished if st.last is not None else self.started))
         return out
 
     def status(self) -> dict[str, Any]:

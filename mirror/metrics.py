@@ -48,7 +48,7 @@ class JobGauge:
 
     name: str
     period: float  # seconds between two slots of its schedule
-    last_run: float | None  # unix time the last run ended (any outcome), None before the first
+    last_run: float  # unix time the last run ended (any outcome); before the first, when the daemon started
 
 
 class _JobCollector(Collector):
@@ -65,13 +65,12 @@ class _JobCollector(Collector):
         )
         last = GaugeMetricFamily(
             "mirror_job_last_run_timestamp_seconds",
-            "When a run of each job last ended, whatever its outcome.",
+            "When a run of each job last ended, whatever its outcome (before the first: when the daemon started).",
             labels=["mirror_job"],
         )
         for j in jobs:
             period.add_metric([j.name], j.period)
-            if j.last_run is not None:
-                last.add_metric([j.name], j.last_run)
+            last.add_metric([j.name], j.last_run)
         yield period
         yield last
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import config
 from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
@@ -197,6 +198,14 @@ async def test_readyz_waits_for_the_cache_and_status_says_why_a_job_failed(tmp_p
             assert [(j["name"], j["runs"], j["last"]) for j in early["jobs"]] == [("gone", 0, None)]
         await poll(lambda: _answers(http, f"{base}/readyz", 200))
         assert await get(http, f"{base}/readyz") == (200, "ready\n")
+        # The daemon's metrics carry each job's period, and a last run (the start, before the first).
+        samples = {
+            (x.name, tuple(x.labels.items())): x.value
+            for f in text_string_to_metric_families((await get(http, f"{base}/metrics"))[1])
+            for x in f.samples
+        }
+        assert samples[("mirror_job_period_seconds", (("mirror_job", "gone"),))] == 3600
+        assert samples[("mirror_job_last_run_timestamp_seconds", (("mirror_job", "gone"),))] >= daemon.started
 
         async def finished() -> bool:
             async with http.get(f"{base}/status") as r:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import uvloop
 
 from mirror import __version__
-from mirror.commands.common import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
-from mirror.errors import MirrorError, UnreachableError, UsageError, os_reason
+from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
+from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
 from mirror.text import printable
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnreachableError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except CacheBusyError as exc:
+        print(f"mirror: {printable(exc)}", file=sys.stderr)
+        return EXIT_BUSY
     except MirrorError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_FAILED
@@ -55,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("mirror: interrupted", file=sys.stderr)
-        return 130
+        return ExitStatus.SIGNAL + 2
 
 
 if __name__ == "__main__":  # pragma: no cover

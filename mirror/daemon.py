@@ -1,17 +1,20 @@
-"""The long-lived daemon: runs sync jobs on cron or interval schedules, serves /healthz, /metrics, /status.
+"""The long-lived daemon: runs sync jobs on cron or interval schedules, serves /healthz, /readyz, /metrics, /status.
 
 Signals: SIGTERM/SIGINT stop taking new work, give in-flight downloads `grace` seconds,
 then cancel them (a cancelled blob stays a partial file under `.mirror/ingest/`, never
 under a digest name) and exit 0. SIGHUP reloads the config file; a bad one is logged
-and the running config kept.
+and the running config kept; a changed `[daemon] listen` moves the endpoint (the new
+address answers before the old one closes; one that cannot be bound is logged, the old kept).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +27,9 @@ from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
-from mirror.errors import MirrorError, UsageError
-from mirror.metrics import CONTENT_TYPE, Metrics
-from mirror.progress import JsonLog, JsonProgress
+from mirror.errors import ExitStatus, MirrorError, UsageError
+from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
+from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -34,11 +37,10 @@ from mirror.transport import Transport
 
 
 def _iso(ts: float | datetime | None) -> str | None:
+    """Return a time as the log lines write it (ISO 8601, UTC, `Z`), to the second; None stays None."""
     if ts is None:
         return None
-    if isinstance(ts, float):
-        ts = datetime.fromtimestamp(ts, UTC)
-    return ts.isoformat(timespec="seconds")
+    return iso_time(ts.timestamp() if isinstance(ts, datetime) else ts, "seconds")
 
 
 @dataclass(slots=True)
@@ -129,6 +131,16 @@ def outcome_of(results: list[SyncResult]) -> str:
     return "failed"
 
 
+def failure_reason(results: list[SyncResult]) -> str:
+    """Return why a run failed, for /status and the log: the first failure's error, and how many more; or ``."""
+    failed = [r for r in results if r.status == FAILED]
+    if not failed:
+        return ""
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more failed)" if len(failed) > 1 else ""
+    return f"{first.reference}: {first.error}{more}" if first.reference not in first.error else first.error + more
+
+
 class _LogView:
     """A SyncObserver that logs failed references and counts every reference in the metrics."""
 
@@ -144,7 +156,7 @@ class _LogView:
         if result.pushed:
             self.daemon.metrics.pushes.labels(result.job, result.pushed).inc()
         if result.status in (FAILED, "ok", "pruned", "deleted") or result.pushed == PUSHED:
-            self.daemon.log.event("image", **result.to_json())
+            self.daemon.log.event("image", ERROR if result.status == FAILED else INFO, **result.to_json())
 
 
 class Daemon:
@@ -172,56 +184,90 @@ class Daemon:
         self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
         self.runtimes: list[Runtime] = []
-        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes])
+        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes], self._job_gauges)
         self.started = time.time()
         self.reload_status: Reload | None = None
         self.stopping = asyncio.Event()
         self._stop = asyncio.Event()
         self._layout: Layout | None = None
         self._state: StateDB | None = None
+        self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
+        self._listen_from_config = listen is None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._rebinding: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
     async def run(self, *, wait: float = 0.0) -> int:
-        """Take the cache, serve HTTP, run jobs on their schedules until a stop signal; return 0."""
-        self._layout = Layout.open(self.cfg.cache)
-        async with CacheLock(self.cfg.cache, wait=wait):
-            self._state = await StateDB.open(self.cfg.cache)
-            self._new_runtime(self.cfg)
-            app = make_app(self)
-            if self.serve:
-                # Issue 7: the offline side pulls from the same port /metrics answers on.
-                from mirror.server import install
+        """Serve HTTP, take the cache, run jobs on their schedules until a stop signal; return 0.
 
-                install(app, self._layout)
-            for hook in self.app_hooks:
-                hook(app)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            host, _, port = self.listen.rpartition(":")
-            try:
-                await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise UsageError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop, sig.name)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-            self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
-            try:
-                self._apply_jobs(self.cfg)
-                await self._stop.wait()
-                await self._shutdown()
-            finally:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    loop.remove_signal_handler(sig)
-                await runner.cleanup()
-                for rt in self.runtimes:
-                    await rt.transport.close()
-                await self._state.close()
+        The port answers first (`/healthz` 200, `/readyz` 503), so that a daemon waiting
+        `wait` seconds for a busy cache is seen alive but not ready; `/readyz` turns 200 once
+        the cache and its state are open.
+        """
+        self._layout = Layout.open(self.cfg.cache)
+        app = make_app(self)
+        if self.serve:
+            # Issue 7: the offline side pulls from the same port /metrics answers on.
+            from mirror.server import install
+
+            install(app, self._layout)
+        for hook in self.app_hooks:
+            hook(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        try:
+            self._site = await self._bind(self.listen)
+            async with CacheLock(self.cfg.cache, wait=wait):
+                self._state = await StateDB.open(self.cfg.cache)
+                self._new_runtime(self.cfg)
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.stop, sig.name)
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+                self.ready = True
+                self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
+                try:
+                    self._apply_jobs(self.cfg)
+                    await self._stop.wait()
+                    await self._shutdown()
+                finally:
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        loop.remove_signal_handler(sig)
+                    for rt in self.runtimes:
+                        await rt.transport.close()
+                    await self._state.close()
+        finally:
+            if self._rebinding is not None:
+                self._rebinding.cancel()
+            await self._runner.cleanup()
         self.log.event("stopped")
-        return 0
+        return ExitStatus.OK
+
+    async def _bind(self, listen: str) -> web.TCPSite:
+        """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound."""
+        assert self._runner is not None
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        return site
+
+    async def _rebind(self, listen: str) -> None:
+        """Move the HTTP endpoint to `listen`: start the new site, then stop the old one; keep the old on failure."""
+        old = self._site
+        try:
+            self._site = await self._bind(listen)
+        except UsageError as exc:
+            self.log.event("listen_failed", ERROR, error=str(exc), listen=self.listen)
+            return
+        before, self.listen = self.listen, listen
+        if old is not None:
+            await old.stop()
+        self.log.event("listening", listen=listen, previous=before)
 
     def stop(self, why: str = "stop") -> None:
         """Stop taking new work; in-flight work gets the grace period (a signal handler)."""
@@ -238,7 +284,7 @@ class Daemon:
         if running:
             _, pending = await asyncio.wait(running, timeout=self.grace)
             if pending:
-                self.log.event("cancelling", runs=len(pending), after_seconds=self.grace)
+                self.log.event("cancelling", WARNING, runs=len(pending), after_seconds=self.grace)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -268,13 +314,18 @@ class Daemon:
                 raise UsageError(f"{self.path}: no job has a schedule")
         except MirrorError as exc:
             self.reload_status = Reload(time.time(), False, str(exc))
-            self.log.event("reload_rejected", error=str(exc))
+            self.log.event("reload_rejected", ERROR, error=str(exc))
             return
         if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
-        if new.daemon.listen != self.cfg.daemon.listen:
-            self.log.event("reload_note", note=f"[daemon] listen {new.daemon.listen} takes effect after a restart")
+        if not self._listen_from_config:
+            if new.daemon.listen != self.cfg.daemon.listen:
+                note = f"[daemon] listen {new.daemon.listen} ignored: --listen {self.listen} was given"
+                self.log.event("reload_note", WARNING, note=note)
+        elif new.daemon.listen != self.listen:
+            # Rebound in the background: the new address answers before the old one stops.
+            self._rebinding = asyncio.create_task(self._rebind(new.daemon.listen), name="rebind")
         if self._grace_from_config:
             self.grace = new.daemon.grace
         self.cfg = new
@@ -318,7 +369,7 @@ class Daemon:
             if st.busy:
                 st.skipped += 1
                 self.metrics.job_skipped.labels(st.config.name).inc()
-                self.log.event("job_skipped", job=st.config.name, slot=_iso(slot), reason="still running")
+                self.log.event("job_skipped", WARNING, job=st.config.name, slot=_iso(slot), reason="still running")
             else:
                 st.running = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
             slot = sched.next_slot(slot)
@@ -341,7 +392,7 @@ class Daemon:
                 observer=_LogView(self),
                 publisher=rt.cfg.publisher(rt.engine, rt.transport),
             )
-            outcome, counts = outcome_of(results), summarize(results)
+            outcome, counts, error = outcome_of(results), summarize(results), failure_reason(results)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -360,6 +411,7 @@ class Daemon:
             self.metrics.job_duration.labels(job.name).observe(seconds)
             self.log.event(
                 "job_finished",
+                INFO if outcome == "ok" else WARNING if outcome == "cancelled" else ERROR,
                 job=job.name,
                 outcome=outcome,
                 seconds=round(seconds, 3),
@@ -369,6 +421,20 @@ class Daemon:
 
     # --- HTTP -----------------------------------------------------------------------------
 
+    def _job_gauges(self) -> list[JobGauge]:
+        """Return each scheduled job's period and last run, for /metrics."""
+        out = []
+        for name, st in self.jobs.items():
+            sched = st.config.schedule
+            if sched is None:
+                continue
+            # A cron schedule's period: the gap between its next two slots (exact for regular ones).
+            first = sched.next_slot(datetime.now(UTC))
+            period = (sched.next_slot(first) - first).total_seconds()
+            # Before its first run, the daemon's start: "not run for two periods" holds from there.
+            out.append(JobGauge(name, period, st.last.finished if st.last is not None else self.started))
+        return out
+
     def status(self) -> dict[str, Any]:
         """Return the `/status` document: jobs with next run and last outcome, reload state."""
         stats: list[Stats] = [rt.engine.stats for rt in self.runtimes]
@@ -377,6 +443,8 @@ class Daemon:
             "cache": str(self.cfg.cache),
             "started": _iso(self.started),
             "stopping": self.stopping.is_set(),
+            "ready": self.ready,
+            "listen": self.listen,
             "last_reload": None
             if self.reload_status is None
             else {
@@ -386,7 +454,8 @@ class Daemon:
             },
             "blobs_fetched": sum(s.blobs_fetched for s in stats),
             "bytes_fetched": sum(s.bytes_fetched for s in stats),
-            "jobs": [st.to_json() for st in self.jobs.values()],
+            # Before the cache is open (not ready) the config's jobs are listed, none run yet.
+            "jobs": [st.to_json() for st in (self.jobs.values() if self.ready else map(JobState, self.cfg.jobs))],
         }
 
 
@@ -399,6 +468,14 @@ def make_app(daemon: Daemon) -> web.Application:
             return web.Response(status=503, text="stopping\n")
         return web.Response(text="ok\n")
 
+    async def readyz(_req: web.Request) -> web.Response:
+        """200 once the config is loaded and the cache and its state are open; 503 before, and once stopping."""
+        if daemon.stopping.is_set():
+            return web.Response(status=503, text="stopping\n")
+        if not daemon.ready:
+            return web.Response(status=503, text="starting: opening the cache\n")
+        return web.Response(text="ready\n")
+
     async def metrics(_req: web.Request) -> web.Response:
         """Every metric, Prometheus text format."""
         return web.Response(body=daemon.metrics.text(), headers={"Content-Type": CONTENT_TYPE})
@@ -409,9 +486,45 @@ def make_app(daemon: Daemon) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     return app
+
+
+class _JsonLogHandler(logging.Handler):
+    """Writes stdlib logging records (transport retries, the server's errors, aiohttp's) as JSON log lines."""
+
+    def __init__(self, log: JsonLog) -> None:
+        super().__init__(logging.WARNING if log.quiet else logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record as a `log` event with its level, logger and message."""
+        try:
+            level = ERROR if record.levelno >= logging.ERROR else WARNING if record.levelno >= logging.WARNING else INFO
+            extra: dict[str, Any] = {}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                extra["exception"] = f"{type(exc).__name__}: {exc}"
+            self.log.event("log", level, logger=record.name, message=record.getMessage(), **extra)
+        except Exception:  # noqa: BLE001 - logging must never break the daemon (logging's own convention)
+            self.handleError(record)
+
+
+@contextmanager
+def json_logging(log: JsonLog) -> Iterator[None]:
+    """Send the process's stdlib logging to `log` as JSON lines while the block runs (mirror's own from INFO)."""
+    handler = _JsonLogHandler(log)
+    root, ours = logging.getLogger(), logging.getLogger("mirror")
+    level = ours.level
+    root.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        ours.setLevel(level)
 
 
 async def run_daemon(
@@ -422,4 +535,5 @@ async def run_daemon(
     if not any(j.schedule is not None for j in cfg.jobs):
         raise UsageError(f'{path}: no job has a schedule (add schedule = {{interval = "6h"}} to a [[jobs]] table)')
     daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace, serve=serve)
-    return await daemon.run(wait=wait)
+    with json_logging(log):  # every line on stderr is JSON, the library's warnings too
+        return await daemon.run(wait=wait)

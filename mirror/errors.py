@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Every exit status of the `mirror` command, in one place (the README's table lists them)."""
+
+    OK = 0  # everything asked for is done
+    FAILED = 1  # some image (or blob, or reference) failed; the others are done
+    USAGE = 2  # bad command line or config; nothing was written
+    UNREACHABLE = 3  # no endpoint could be reached at all
+    BUSY = 4  # another mirror process holds the cache (see --wait)
+    SIGNAL = 128  # stopped by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)
+
 
 class MirrorError(Exception):
     """Base of every error the project raises on purpose; its message is one line."""
@@ -29,6 +42,10 @@ class IntegrityError(MirrorError):
 
 class StoreError(MirrorError):
     """The cache on disk is unusable: not a layout, unreadable, locked."""
+
+
+class CacheBusyError(StoreError):
+    """Another process holds the cache's lock (exit status BUSY)."""
 
 
 class TransportError(MirrorError):

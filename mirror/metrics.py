@@ -1,11 +1,16 @@
-"""The daemon's Prometheus metrics, in a registry of their own (prometheus_client, text format 0.0.4)."""
+"""The daemon's Prometheus metrics, in a registry of their own (prometheus_client, text format 0.0.4).
+
+Per-job metrics carry the label `mirror_job`, not `job`: Prometheus sets `job` itself on
+every scraped series (the scrape job's name) and would rename ours to `exported_job`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mirror.engine.copy import Stats
@@ -37,10 +42,43 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=sum(getattr(s, attr) for s in all_stats))
 
 
+@dataclass(frozen=True, slots=True)
+class JobGauge:
+    """What the daemon knows of one scheduled job at scrape time: its period and when a run of it last ended."""
+
+    name: str
+    period: float  # seconds between two slots of its schedule
+    last_run: float  # unix time the last run ended (any outcome); before the first, when the daemon started
+
+
+class _JobCollector(Collector):
+    """Reads each scheduled job's period and last run at scrape time (for "not run for 2 periods" alerts)."""
+
+    def __init__(self, jobs: Callable[[], list[JobGauge]]) -> None:
+        self.jobs = jobs
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield `mirror_job_period_seconds` and `mirror_job_last_run_timestamp_seconds`."""
+        jobs = self.jobs()
+        period = GaugeMetricFamily(
+            "mirror_job_period_seconds", "Seconds between two scheduled slots of each job.", labels=["mirror_job"]
+        )
+        last = GaugeMetricFamily(
+            "mirror_job_last_run_timestamp_seconds",
+            "When a run of each job last ended, whatever its outcome (before the first: when the daemon started).",
+            labels=["mirror_job"],
+        )
+        for j in jobs:
+            period.add_metric([j.name], j.period)
+            last.add_metric([j.name], j.last_run)
+        yield period
+        yield last
+
+
 class Metrics:
     """Every metric the daemon serves; also the Transport's event sink (requests, retries, rate limits)."""
 
-    def __init__(self, stats: Callable[[], list[Stats]]) -> None:
+    def __init__(self, stats: Callable[[], list[Stats]], jobs: Callable[[], list[JobGauge]] = list) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -59,24 +97,39 @@ class Metrics:
         self.rate_limit_seconds = Counter(
             "mirror_rate_limit_wait_seconds", "Seconds spent waiting on rate limits, by host.", ["host"], registry=r
         )
-        self.job_runs = Counter("mirror_job_runs", "Job runs, by job and outcome.", ["job", "outcome"], registry=r)
+        self.job_runs = Counter(
+            "mirror_job_runs", "Job runs, by job and outcome.", ["mirror_job", "outcome"], registry=r
+        )
         self.job_skipped = Counter(
-            "mirror_job_skipped", "Scheduled slots skipped because the job was still running.", ["job"], registry=r
+            "mirror_job_skipped",
+            "Scheduled slots skipped because the job was still running.",
+            ["mirror_job"],
+            registry=r,
         )
         self.job_duration = Histogram(
-            "mirror_job_duration_seconds", "How long job runs took.", ["job"], buckets=DURATION_BUCKETS, registry=r
+            "mirror_job_duration_seconds",
+            "How long job runs took.",
+            ["mirror_job"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.last_success = Gauge(
             "mirror_job_last_success_timestamp_seconds",
             "When each job last ran cleanly.",
-            ["job"],
+            ["mirror_job"],
             registry=r,
         )
-        self.images = Counter("mirror_images", "References synced, by job and status.", ["job", "status"], registry=r)
+        self.images = Counter(
+            "mirror_images", "References synced, by job and status.", ["mirror_job", "status"], registry=r
+        )
         self.pushes = Counter(
-            "mirror_pushes", "Images of registry-destination jobs, by job and push status.", ["job", "push"], registry=r
+            "mirror_pushes",
+            "Images of registry-destination jobs, by job and push status.",
+            ["mirror_job", "push"],
+            registry=r,
         )
         r.register(_EngineCollector(stats))
+        r.register(_JobCollector(jobs))
 
     def response(self, host: str, method: str, status: str) -> None:
         """Count one request."""

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from mirror.digest import Digest
@@ -14,6 +15,10 @@ from mirror.text import printable
 
 if TYPE_CHECKING:  # sync (sqlite, filters, push) loads only for `mirror sync` and the daemon
     from mirror.engine.sync import SyncResult
+
+
+# The `level` of a JSON log line.
+INFO, WARNING, ERROR = "info", "warning", "error"
 
 
 def result_line(r: ImageResult) -> str:
@@ -50,21 +55,31 @@ class PlainProgress:
         print(printable(message), file=self.out, flush=True)
 
 
+def iso_time(ts: float | None = None, timespec: str = "milliseconds") -> str:
+    """Return unix time `ts` (default now) as ISO 8601 in UTC with a `Z`: `2026-01-02T03:04:05.678Z`."""
+    when = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
+    return when.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 class JsonLog:
-    """Writes one JSON object per line, `{"time": ..., "event": ..., ...}`: the daemon's and non-TTY log."""
+    """Writes one JSON object per line, `{"time": ISO 8601 UTC, "level": ..., "event": ..., ...}`.
+
+    The daemon's and the non-TTY log. `level` is `info`, `warning` (something was skipped
+    or cut short) or `error` (something failed).
+    """
 
     def __init__(self, out: IO[str] = sys.stderr, quiet: bool = False) -> None:
         self.out = out
         self.quiet = quiet
 
-    def event(self, event: str, **fields: Any) -> None:
+    def event(self, event: str, level: str = INFO, **fields: Any) -> None:
         """Write one log line."""
-        line = {"time": round(time.time(), 3), "event": event, **fields}
+        line = {"time": iso_time(), "level": level, "event": event, **fields}
         print(json.dumps(line, default=str), file=self.out, flush=True)
 
     def note(self, message: str) -> None:
-        """Log a line about the run itself as a `note` event."""
-        self.event("note", message=message)
+        """Log a line about the run itself (a registry slowing us down) as a `note` warning."""
+        self.event("note", WARNING, message=message)
 
 
 class JsonProgress(JsonLog):
@@ -79,13 +94,14 @@ class JsonProgress(JsonLog):
     def blob_finished(self, digest: Digest, ok: bool) -> None:
         """Log the blob's end."""
         if not self.quiet or not ok:
-            self.event("blob", digest=str(digest), ok=ok)
+            self.event("blob", INFO if ok else ERROR, digest=str(digest), ok=ok)
 
     def image_finished(self, result: ImageResult) -> None:
         """Log the image's result."""
         if not self.quiet or result.status == "failed":
             self.event(
                 "image",
+                ERROR if result.status == "failed" else INFO,
                 reference=str(result.ref),
                 status=result.status,
                 digest=str(result.digest) if result.digest else None,
@@ -185,4 +201,4 @@ class JsonSyncView:
     def result(self, result: SyncResult) -> None:
         """Log the reference's result."""
         if not self.log.quiet or result.status == FAILED:
-            self.log.event("image", **result.to_json())
+            self.log.event("image", ERROR if result.status == FAILED else INFO, **result.to_json())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,10 +141,10 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
             seen[method] = seen.get(method, 0) + n
         assert counted == seen and seen["GET"] > 0
         for name in ("a", "b"):
-            assert m[("mirror_job_runs_total", (("job", name), ("outcome", "ok")))] == 1
-            assert m[("mirror_images_total", (("job", name), ("status", "ok")))] == 2
-            assert m[("mirror_job_duration_seconds_count", (("job", name),))] == 1
-            assert m[("mirror_job_last_success_timestamp_seconds", (("job", name),))] > 0
+            assert m[("mirror_job_runs_total", (("mirror_job", name), ("outcome", "ok")))] == 1
+            assert m[("mirror_images_total", (("mirror_job", name), ("status", "ok")))] == 2
+            assert m[("mirror_job_duration_seconds_count", (("mirror_job", name),))] == 1
+            assert m[("mirror_job_last_success_timestamp_seconds", (("mirror_job", name),))] > 0
         # The shared base layer is wanted by all four images and fetched once.
         assert m[("mirror_blobs_reused_total", ())] >= 3
 
@@ -177,6 +179,51 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
         d.stop()
 
 
+def test_sighup_with_a_new_listen_rebinds_or_keeps_the_old_port(dreg: SyncRegistry, tmp_path: Path) -> None:
+    old, new, cache = free_port(), free_port(), tmp_path / "cache"
+    cfg = tmp_path / "mirror.toml"
+    head = '[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\n'
+    cfg.write_text(head.format(cache=cache, port=old) + job("a", dreg.host, ["d/one"], '"1h"'))
+    d = DaemonProc(cfg, old, tmp_path)
+    try:
+        d.wait_for(lambda s: s["ready"])
+        cfg.write_text(head.format(cache=cache, port=new) + job("a", dreg.host, ["d/one"], '"1h"'))
+        d.proc.send_signal(signal.SIGHUP)
+        d.port = new
+        st = d.wait_for(lambda s: s["listen"] == f"127.0.0.1:{new}")
+        assert st["last_reload"]["ok"] is True
+        assert d.get("/healthz") == b"ok\n" and d.get("/readyz") == b"ready\n"
+        with pytest.raises(OSError):  # the old port no longer answers
+            urllib.request.urlopen(f"http://127.0.0.1:{old}/healthz", timeout=5)
+        moved = [e for e in d.events() if e["event"] == "listening"]
+        assert moved and moved[0]["listen"] == f"127.0.0.1:{new}" and moved[0]["previous"] == f"127.0.0.1:{old}"
+
+        # An address that cannot be bound (taken): one error line, the current port kept.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            cfg.write_text(head.format(cache=cache, port=busy) + job("a", dreg.host, ["d/one"], '"1h"'))
+            d.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while not [e for e in d.events() if e["event"] == "listen_failed"]:
+                assert time.monotonic() < deadline and d.proc.poll() is None, d.log_path.read_text()
+                time.sleep(0.1)
+        failed = [e for e in d.events() if e["event"] == "listen_failed"]
+        assert len(failed) == 1 and failed[0]["level"] == "error"
+        assert f"cannot listen on 127.0.0.1:{busy}" in failed[0]["error"]
+        assert d.status()["listen"] == f"127.0.0.1:{new}"
+        # Log lines carry an ISO 8601 UTC time (Z) and a level, as /status's times.
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in d.events())
+        assert {e["level"] for e in d.events()} <= {"info", "warning", "error"}
+        assert d.status()["started"].endswith("Z")
+        assert d.get("/healthz") == b"ok\n"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()
+
+
 @dataclass
 class Slow:
     """A registry holding one image with a 3 MB layer, behind a proxy that sends blobs slowly."""
@@ -195,6 +242,8 @@ class Slow:
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
     s = seed_registry(tmp_path_factory.mktemp("slowreg"), {})
     big = s.push("big", "slow/big", "1", size=3_000_000)
+    s.push("small", "slow/small", "1")
+    s.push("small", "slow/small", "2")
     port = free_port()
     proxy = subprocess.Popen(
         [sys.executable, "-m", "tests.slowproxy", s.host, str(port), "600000"],
@@ -297,6 +346,56 @@ def test_sync_stops_on_sigterm_and_reports(slow: Slow, tmp_path: Path) -> None:
     assert cache_is_consistent(cache) == []
     assert not slow.blob(cache).exists()
     assert slow.partial(cache).stat().st_size < len(slow.big.blob)
+
+
+def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_path: Path) -> None:
+    """SIGINT mid-run: the report lists every planned image (unfinished ones `cancelled`), the run and counts."""
+    cache, report = tmp_path / "cache", tmp_path / "report.json"
+    cfg = tmp_path / "mirror.toml"
+    # A second job's registry accepts connections and never answers: its tags are never listed.
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    mute_host = f"127.0.0.1:{mute.getsockname()[1]}"
+    cfg.write_text(
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "slow"\nsource = {{type = "registry", host = "{slow.host}"}}\n'
+        'repositories = ["slow/big", "slow/small"]\n'
+        f'[[jobs]]\nname = "mute"\nsource = {{type = "registry", host = "{mute_host}"}}\n'
+        'repositories = ["m/one"]\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with (
+        mute,
+        subprocess.Popen(
+            [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report), "--json"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ) as proc,
+    ):
+        deadline = time.monotonic() + 60
+        while not (slow.partial(cache).exists() and slow.partial(cache).stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT == 130, err
+    doc = json.loads(report.read_text())
+    assert doc["interrupted"] == "SIGINT" and doc["exit_code"] == 130
+    assert isinstance(doc["run"], int) and doc["run"] > 0
+    images = {i["reference"]: i["status"] for i in doc["images"]}
+    big = f"{slow.host}/slow/big:1"
+    assert set(images) == {big, f"{slow.host}/slow/small:1", f"{slow.host}/slow/small:2", mute_host}, doc
+    assert images[mute_host] == "cancelled"
+    assert images[big] == "cancelled"  # still downloading when the signal came
+    assert set(images.values()) <= {"ok", "cancelled"}
+    counts: dict[str, int] = {}
+    for status in images.values():
+        counts[status] = counts.get(status, 0) + 1
+    assert doc["counts"] == counts
+    summary = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')][-1]
+    assert summary["event"] == "summary" and summary["counts"] == counts and summary["references"] == 4
+    assert cache_is_consistent(cache) == []
 
 
 def test_daemon_serves_the_cache_on_its_port(dreg: SyncRegistry, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from mirror import config
 from mirror.engine.copy import Engine
 from mirror.engine.select import RepoFilter, SemverRange, TagFilter, compile_patterns
 from mirror.engine.sync import SyncResult, sync
-from mirror.errors import UsageError
+from mirror.errors import ExitStatus, UsageError
 from mirror.manifest import ACCEPT
 from mirror.schedule import Schedule, parse_duration
 from mirror.store.layout import Layout
@@ -352,14 +352,43 @@ def test_dry_run_writes_nothing_and_a_busy_cache_is_refused(sreg: SyncRegistry, 
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
         res = mirror("sync", "-c", str(path), "--job", "catalog")
-        assert res.returncode == 1
-        assert f"cache {cache} is busy: another mirror process (pid {holder.pid}) holds" in res.stderr
+        assert res.returncode == ExitStatus.BUSY == 4  # not 1, "some image failed"
+        assert f"the cache {cache} is busy: another mirror process (pid {holder.pid}) holds" in res.stderr
     finally:
         holder.kill()
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
     assert cached_names(cache) == set()
+
+
+def test_report_folder_is_created_and_dash_is_stdout(sreg: SyncRegistry, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = write_config(tmp_path, THREE_JOBS.format(cache=cache, host=sreg.host))
+    # A missing folder is created (before the run), not found missing after it.
+    report = tmp_path / "reports" / "daily" / "r.json"
+    res = mirror("sync", "-c", str(path), "--job", "catalog", "--report", str(report), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(report.read_text())
+    assert doc["exit_code"] == 0 and doc["counts"] == {"ok": 2}
+    # `--report -`: the JSON report alone on stdout, the log and summary on stderr.
+    res = mirror("sync", "-c", str(path), "--job", "catalog", "--report", "-", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["counts"] == {"unchanged": 2} and doc["run"] is not None
+    assert any(json.loads(line)["event"] == "summary" for line in res.stderr.splitlines())
+
+
+def test_unwritable_report_is_refused_before_the_run(sreg: SyncRegistry, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = write_config(tmp_path, THREE_JOBS.format(cache=cache, host=sreg.host))
+    (tmp_path / "afile").write_text("x")
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "afile" / "r.json", "cannot create its folder")):
+        res = mirror("sync", "-c", str(path), "--job", "catalog", "--report", str(bad))
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"mirror: --report {bad}: {why}"), res.stderr
+        assert not cache.exists()  # nothing was run
 
 
 LOCK_HOLDER = """

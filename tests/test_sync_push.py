@@ -304,7 +304,7 @@ def test_daemon_job_pushes_to_its_registry(source: SyncRegistry, target: Registr
         (image,) = [e for e in d.events() if e.get("event") == "image"]
         assert (image["push"], image["destination"]) == ("pushed", f"{target.host}/d/team/one:stable")
         m = metric_samples(d.get("/metrics").decode())
-        assert m[("mirror_pushes_total", (("job", "offsite"), ("push", "pushed")))] == 1
+        assert m[("mirror_pushes_total", (("mirror_job", "offsite"), ("push", "pushed")))] == 1
         assert not [k for k in m if k[0] == "mirror_pushes_total" and dict(k[1])["push"] != "pushed"]
     finally:
         d.stop()

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mirror import config
-from mirror.errors import UsageError
+from mirror.errors import ExitStatus, UsageError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# The commands' names for mirror.errors.ExitStatus (every exit status is listed there).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILED, ExitStatus.USAGE
+EXIT_UNREACHABLE, EXIT_BUSY = ExitStatus.UNREACHABLE, ExitStatus.BUSY
 
 
 def add_common(sp: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mirror.engine.copy import ImageResult
-from mirror.errors import MirrorError, UsageError
+from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.reference import DAEMON_SCHEME, daemon_reference
 from mirror.text import printable
 
@@ -92,7 +92,7 @@ async def list_daemon_images(url: str | None) -> int:
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     for r in rows:
         print("   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    return 0
+    return ExitStatus.OK
 
 
 def check_daemon_sources(texts: Sequence[str]) -> None:

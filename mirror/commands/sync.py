@@ -5,26 +5,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_OK, add_common, add_wait, exit_code, load_config
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
-from mirror.engine.copy import FAILED, Progress
-from mirror.engine.sync import SyncObserver, SyncResult, summarize, sync
-from mirror.errors import UsageError
-from mirror.progress import BlobsOnly, JsonLog, JsonProgress, JsonSyncView, PlainSyncView, RateLimitNotes
+from mirror.engine.copy import FAILED, Engine, Progress
+from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
+from mirror.errors import ExitStatus, MirrorError, UsageError, os_reason
+from mirror.progress import (
+    ERROR,
+    INFO,
+    WARNING,
+    BlobsOnly,
+    JsonLog,
+    JsonProgress,
+    JsonSyncView,
+    PlainSyncView,
+    RateLimitNotes,
+)
+from mirror.reference import Reference
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
 
 if TYPE_CHECKING:
+    from mirror.engine.publish import Publisher
     from mirror.progress_rich import RichProgress
 
 
@@ -34,7 +48,9 @@ def register(sub: Any) -> None:
     add_common(p)
     p.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="show what would be fetched; write nothing")
-    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE")
+    p.add_argument(
+        "--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE (`-`: stdout)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
     add_wait(p)
@@ -45,11 +61,48 @@ def register(sub: Any) -> None:
 
 
 class _Collect:
-    """A SyncObserver that keeps every result (for the report of an interrupted run) and passes it on."""
+    """A PlanObserver that keeps the run id, every planned reference and every result, and passes results on.
+
+    A run cancelled by a signal returns nothing: its report is built from what this kept.
+    """
 
     def __init__(self, inner: SyncObserver) -> None:
         self.inner = inner
         self.results: list[SyncResult] = []
+        self.run_id = 0
+        self._planned: list[tuple[str, str]] = []  # (job, reference), in the order they were planned
+
+    def run_started(self, run: int) -> None:
+        """Keep the run id."""
+        self.run_id = run
+
+    def planned(self, job: str, references: Sequence[str]) -> None:
+        """Keep the names."""
+        self._planned += [(job, r) for r in references]
+
+    def cancelled_run(self, jobs: list[JobConfig]) -> list[SyncResult]:
+        """Return every result so far, then `cancelled` for each planned reference without one.
+
+        A repository the config names whose tags were not listed yet gets one `cancelled`
+        entry (`HOST/REPO`), and so does a job stopped before it had listed anything (`HOST`).
+        """
+        out = list(self.results)
+        seen = {(r.job, r.reference) for r in out}
+        for job, ref in self._planned:
+            if (job, ref) not in seen:
+                seen.add((job, ref))
+                out.append(SyncResult(job, ref, CANCELLED))
+        why = "stopped before its images were listed"
+        for j in jobs:
+            names = {_repo_name(ref) for job, ref in seen if job == j.name}
+            if not names:
+                out.append(SyncResult(j.name, j.spec.registry, CANCELLED, error=why))
+                continue
+            for repo in j.spec.repositories.names if j.source.type == "registry" else ():
+                where = f"{j.spec.registry}/{repo}"
+                if _repo_name(where) not in names:
+                    out.append(SyncResult(j.name, where, CANCELLED, error=why))
+        return out
 
     def job_grew(self, job: str, images: int) -> None:
         """Pass on."""
@@ -59,6 +112,14 @@ class _Collect:
         """Keep and pass on."""
         self.results.append(result)
         self.inner.result(result)
+
+
+def _repo_name(reference: str) -> str:
+    """Return the normalised repository of a reference (`docker.io/library/redis`), or the text when it is none."""
+    try:
+        return Reference.parse(reference).name
+    except MirrorError:
+        return reference
 
 
 def chosen_jobs(cfg: Config, names: list[str]) -> list[JobConfig]:
@@ -95,6 +156,7 @@ async def run(args: argparse.Namespace) -> int:
         raise UsageError("sync needs a config file: mirror sync -c mirror.toml")
     cfg = load_config(args)  # a bad config stops here, before anything is written
     jobs = chosen_jobs(cfg, args.job)
+    report = _report_target(args.report)  # a report that cannot be written stops here too, not after the run
     tty = sys.stderr.isatty() and not args.quiet and not args.json
     rich: RichProgress | None = None
     observer: SyncObserver
@@ -142,7 +204,7 @@ async def run(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             if not signalled:
                 raise
-            run_id, results = 0, collected.results
+            run_id, results = collected.run_id, collected.cancelled_run(jobs)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)
@@ -150,11 +212,64 @@ async def run(args: argparse.Namespace) -> int:
     code = exit_code(results) if results else EXIT_OK
     interrupted = signalled[0].name if signalled else None
     if signalled:
-        code = 128 + signalled[0].value  # the shell's convention for "ended by a signal"
-    if args.report:
-        doc = report_doc(run_id, started, results, code, args.dry_run, interrupted)
-        async with aiofiles.open(args.report, "w") as f:
-            await f.write(json.dumps(doc, indent=1) + "\n")
+        code = ExitStatus.SIGNAL + signalled[0].value  # the shell's convention for "ended by a signal"
+    doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
+    code = _summary(log, results, jobs, engine, publisher, secs, code, interrupted)
+    if report is not None and doc is not None:
+        code = await _write_report(report, doc, code)
+    return code
+
+
+def _report_target(path: Path | None) -> Path | None:
+    """Return where `--report` goes (`-`: stdout), its folder created; raise UsageError when it cannot be written.
+
+    Checked before the run, so that an hour of downloads does not end in a lost report.
+    """
+    if path is None or str(path) == "-":
+        return path
+    if path.is_dir():
+        raise UsageError(f"--report {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {path}: cannot create its folder: {os_reason(exc)}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--report {path}: not writable")
+    return path
+
+
+async def _write_report(path: Path, doc: dict[str, Any], code: int) -> int:
+    """Write the report to `path` (`-`: stdout); return `code`, or FAILED when a clean run's report is lost."""
+    text = json.dumps(doc, indent=1) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return code
+    # Beside it, then renamed over it: a reader never sees half a report, and a failed write keeps the last one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        async with aiofiles.open(tmp, "w") as f:
+            await f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(f"mirror: --report {path}: {os_reason(exc)}", file=sys.stderr)
+        return EXIT_FAILED if code == EXIT_OK else code
+    return code
+
+
+def _summary(
+    log: JsonLog | None,
+    results: list[SyncResult],
+    jobs: list[JobConfig],
+    engine: Engine,
+    publisher: Publisher,
+    secs: float,
+    code: int,
+    interrupted: str | None,
+) -> int:
+    """Print (or log) the run's summary on stderr; return `code`."""
     counts = summarize(results)
     s = engine.stats
     mb = s.bytes_fetched / 1e6
@@ -163,6 +278,7 @@ async def run(args: argparse.Namespace) -> int:
     if log is not None:
         log.event(
             "summary",
+            INFO if code == EXIT_OK else WARNING if interrupted else ERROR,
             references=len(results),
             jobs=len(jobs),
             counts=counts,

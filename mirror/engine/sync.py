@@ -135,6 +135,17 @@ class SyncObserver(Protocol):
         """One reference is done."""
 
 
+@runtime_checkable
+class PlanObserver(Protocol):
+    """A SyncObserver that also wants the run id and the names of planned references (for a stopped run's report)."""
+
+    def run_started(self, run: int) -> None:
+        """The run is recorded in the state under `run` (0: a dry run, not recorded)."""
+
+    def planned(self, job: str, references: Sequence[str]) -> None:
+        """`references` of `job` are wanted; each gets a result unless the run is cancelled first."""
+
+
 class NoObserver:
     """A SyncObserver that shows nothing."""
 
@@ -244,6 +255,7 @@ class Syncer:
                 upstream = set(listed)
                 gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
             self.observer.job_grew(job.name, len(refs) + len(gone))
+            self.planned(job, [str(r) for r in refs])
             results = list(await asyncio.gather(*(self._tag(job, source, ref) for ref in refs)))
             if gone:
                 results += await self._gone(job, sorted(gone))
@@ -437,6 +449,11 @@ class Syncer:
         """Run `work`; a MirrorError becomes one failed result for `name`."""
         return await self._guard(job, name, work)
 
+    def planned(self, job: SyncJob, references: Sequence[str]) -> None:
+        """Tell a PlanObserver the references of `job` that are wanted."""
+        if isinstance(self.observer, PlanObserver):
+            self.observer.planned(job.name, references)
+
     async def report(self, result: SyncResult) -> SyncResult:
         """Record a failure in the state, tell the observer; return `result`."""
         return await self._done(result)
@@ -487,6 +504,8 @@ async def sync(
     destination push through `publisher` (`Config.publisher` builds one).
     """
     run = 0 if dry_run else await state.start_run(j.name for j, _ in jobs)
+    if isinstance(observer, PlanObserver):
+        observer.run_started(run)
     try:
         results = await Syncer(
             engine, state, run=run, dry_run=dry_run, stopping=stopping, observer=observer, publisher=publisher

@@ -100,6 +100,7 @@ async def sync_daemon_job(syncer: Syncer, job: SyncJob, source: DaemonJobSource)
                 wanted = [Reference.parse(f"{name}:{t}") for t in job.tags.select(sorted(tags))]
                 gone = [str(r) for r in syncer.gone_candidates(name, job.name) if r.tag not in tags]
                 syncer.observer.job_grew(job.name, len(wanted) + len(gone))
+                syncer.planned(job, [str(r) for r in wanted])
                 for ref in wanted:
                     key = str(ref)
                     found = tags.get(ref.tag or "")

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from mirror.errors import StoreError
+from mirror.errors import CacheBusyError
 
 
 class CacheLock:
@@ -43,8 +43,9 @@ class CacheLock:
             if time.monotonic() >= deadline:
                 holder = self._holder()
                 self._file.close()
-                raise StoreError(
-                    f"cache {self.path.parent.parent} is busy: another mirror process{holder} holds {self.path}"
+                raise CacheBusyError(
+                    f"the cache {self.path.parent.parent.absolute()} is busy: another mirror process{holder} "
+                    f"holds its lock (wait for it with --wait SECONDS)"
                 )
             await asyncio.sleep(0.2)
         if self.exclusive:

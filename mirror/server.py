@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import aiofiles
 import bcrypt
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError, UsageError
@@ -59,6 +60,7 @@ DEFAULT_PLATFORM = Platform("linux", "amd64")
 _SCHEMA1_ALIASES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, "application/json"})
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 
 APP_KEY: web.AppKey[CacheView] = web.AppKey("mirror.cache_view")
 
@@ -377,12 +379,37 @@ def error(status: int, code: str, message: str, detail: Any = None) -> web.Respo
     return web.json_response(body, status=status)
 
 
+def single_range(header: str) -> tuple[int | None, int | None] | None:
+    """Return `(first, last)` of a `Range` naming one valid byte range, or None when it is to be ignored.
+
+    RFC 9110, 14.2: a server ignores a Range it does not understand (another unit, bad
+    syntax, last < first) and may ignore a multi-range request; both are answered 200 with
+    the whole blob. `first` is None for a suffix range (`bytes=-N`), `last` for `bytes=N-`.
+    """
+    m = _RANGE.fullmatch(header.strip())
+    if m is None or m[1] == m[2] == "":
+        return None
+    first, last = (int(m[1]) if m[1] else None), (int(m[2]) if m[2] else None)
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
 class BlobResponse(web.FileResponse):
     """A blob sent with sendfile; its ETag is its digest (set as the response is prepared)."""
 
-    def __init__(self, path: Path, digest: Digest) -> None:
+    def __init__(self, path: Path, digest: Digest, *, ignore_range: bool = False) -> None:
         super().__init__(path, chunk_size=1 << 20, headers={hdrs.CONTENT_TYPE: "application/octet-stream"})
         self.digest = digest
+        self.ignore_range = ignore_range
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        """Send the blob; a `Range` to be ignored is taken out first, so the whole blob goes with 200."""
+        if self.ignore_range and hdrs.RANGE in request.headers:
+            headers = CIMultiDict(request.headers)
+            del headers[hdrs.RANGE]
+            request = request.clone(headers=headers)
+        return await super().prepare(request)
 
 
 async def _blob_etag(request: web.Request, response: web.StreamResponse) -> None:
@@ -444,9 +471,8 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     by_tag = ":" not in reference
     unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": repo.name, "reference": reference})
     if by_tag:
-        if not _TAG.fullmatch(reference):
-            return error(400, "TAG_INVALID", "manifest tag did not match URI", {"reference": reference})
-        digest = repo.tags.get(reference)
+        # An invalid tag names no manifest: 404, as distribution and the OCI conformance suite answer.
+        digest = repo.tags.get(reference) if _TAG.fullmatch(reference) else None
     else:
         try:
             digest = Digest.parse(reference)
@@ -529,11 +555,21 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     if digest not in repo.blobs:
         return unknown
     path = _view(request).blob_path(digest)
-    if not path.is_file():
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return unknown
     if f'"{digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={hdrs.ETAG: f'"{digest}"', "Docker-Content-Digest": str(digest)})
-    resp = BlobResponse(path, digest)
+    header = request.headers.get(hdrs.RANGE)
+    wanted = single_range(header) if header is not None else None
+    if_range = request.headers.get(hdrs.IF_RANGE, f'"{digest}"')
+    if if_range.startswith(('"', "W/")) and if_range != f'"{digest}"':
+        wanted = None  # RFC 9110, 13.1.5: another entity's tag, so the whole blob
+    if wanted == (None, 0):
+        # A zero-length suffix is syntactically valid but unsatisfiable (RFC 9110, 14.1.2).
+        return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
+    resp = BlobResponse(path, digest, ignore_range=wanted is None)
     resp.headers["Docker-Content-Digest"] = str(digest)
     return resp
 
@@ -551,7 +587,13 @@ PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
 def _middleware(auth: Authenticator | None, realm: str) -> Any:
     @web.middleware
     async def registry(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/v2" and not request.path.startswith("/v2/"):
+        if request.path == "/v2":
+            # distribution redirects the version check without its slash (before auth, as its router does).
+            location = request.rel_url.with_path("/v2/")
+            resp: web.StreamResponse = web.Response(status=301, headers={hdrs.LOCATION: str(location)})
+            resp.headers[API_VERSION[0]] = API_VERSION[1]
+            return resp
+        if not request.path.startswith("/v2/"):
             return await handler(request)
         resp = await _guarded(request, handler, auth, realm)
         resp.headers[API_VERSION[0]] = API_VERSION[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import http.client as http_client
 import json
 import ssl
 import subprocess
@@ -28,7 +29,7 @@ from mirror.manifest import (
     Descriptor,
     Platform,
 )
-from mirror.server import Catalog, StoredManifest, accepted_types, negotiate, page
+from mirror.server import Catalog, StoredManifest, accepted_types, negotiate, page, single_range
 from tests.served_cache import PREFIX, Cache, Server, mirror_cache, run_mirror, server  # noqa: F401
 
 
@@ -119,8 +120,17 @@ def test_manifest_headers_range_and_etag(mirror_cache: Cache, server: Server) ->
     assert headers["Content-Range"] == f"bytes 100-1099/{len(data)}"
     status, headers, tail = http(blob_url, headers={"Range": f"bytes={len(data) - 10}-"})
     assert (status, tail) == (206, data[-10:])
-    status, _, _ = http(blob_url, headers={"Range": f"bytes={len(data) + 5}-"})
-    assert status == 416
+    status, headers, _ = http(blob_url, headers={"Range": f"bytes={len(data) + 5}-"})
+    assert (status, headers["Content-Range"]) == (416, f"bytes */{len(data)}")
+    assert http(blob_url, headers={"Range": "bytes=-0"})[0] == 416
+    # RFC 9110: a Range that does not parse, or names several ranges, is ignored: 200, the whole blob.
+    for ignored in ("bytes=abc", "bytes=5-3", "items=0-10", "bytes=0-9,20-29", "bytes=-"):
+        status, headers, whole = http(blob_url, headers={"Range": ignored})
+        assert (status, whole) == (200, data), ignored
+        assert "Content-Range" not in headers
+    # If-Range with another entity's tag: the whole blob; with the digest: the range.
+    assert http(blob_url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})[:3:2] == (200, data)
+    assert http(blob_url, headers={"Range": "bytes=0-9", "If-Range": f'"{layer["digest"]}"'})[:3:2] == (206, data[:10])
     status, headers, empty = http(blob_url, "HEAD")
     assert (status, empty, int(headers["Content-Length"])) == (200, b"", len(data))
     status, _, _ = http(blob_url, headers={"If-None-Match": f'"{layer["digest"]}"'})
@@ -145,6 +155,20 @@ def test_every_write_method_is_refused(server: Server) -> None:
             assert headers["Allow"] == "GET, HEAD"
     # Nothing changed: the manifest is still there.
     assert _manifest(server, PREFIX + "oci", "1")[0] == 200
+
+
+def test_v2_without_slash_redirects(server: Server) -> None:
+    conn = http_client.HTTPConnection(server.host, timeout=30)
+    try:
+        for method in ("GET", "HEAD"):
+            conn.request(method, "/v2")
+            resp = conn.getresponse()
+            resp.read()
+            assert (resp.status, resp.headers["Location"]) == (301, "/v2/"), method
+    finally:
+        conn.close()
+    # urllib follows the redirect to the version check.
+    assert http(f"{server.base}/v2")[:3:2] == (200, b"{}")
 
 
 def _walk(server: Server, path: str, key: str, n: int) -> list[list[str]]:
@@ -190,6 +214,9 @@ def test_registry_errors(mirror_cache: Cache, server: Server) -> None:
     assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     status, _, body = _manifest(server, PREFIX + "oci", "sha256:xyz")
     assert (status, error_code(body)) == (400, "DIGEST_INVALID")
+    # An invalid tag names no manifest (OCI conformance suite, distribution): 404, not 400.
+    status, _, body = _manifest(server, PREFIX + "oci", ".INVALID")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     # app1's own top layer is in the cache, but app0's images do not reference it.
     app1 = json.loads(_manifest(server, PREFIX + "app1", "1")[2])
     app0 = json.loads(_manifest(server, PREFIX + "app0", "1")[2])
@@ -359,3 +386,11 @@ def test_paging() -> None:
     assert page(items, "0", None) == ([], True)
     with pytest.raises(ValueError):
         page(items, "-1", None)
+
+
+def test_single_range() -> None:
+    assert single_range("bytes=0-9") == (0, 9)
+    assert single_range("BYTES=5-") == (5, None)
+    assert single_range("bytes=-10") == (None, 10)
+    for ignored in ("bytes=abc", "bytes=9-0", "bytes=-", "bytes=0-1,3-4", "items=0-1", "bytes=0x1-2", "bytes=1-2-3"):
+        assert single_range(ignored) is None, ignored

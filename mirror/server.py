@@ -20,6 +20,8 @@ import hmac
 import logging
 import os
 import re
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -671,3 +673,213 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:5000")
     return host, int(port)
+
+
+# --- Limits: connections, idle time, what goes to the log ---------------------------------------
+
+# Descriptors kept back from the connection cap: the listening socket, the cache's files,
+# the log, the bcrypt threads' and the event loop's own.
+_RESERVED_FDS = 64
+IDLE_TIMEOUT = 30.0
+_QUOTED = re.compile(r":?\s*b?['\"]")
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (as far as 65,536) and return the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 65536
+
+
+def default_max_connections(nofile: int) -> int:
+    """Return the connection cap for a descriptor limit: half of what is left after a reserve.
+
+    Each connection takes its socket, and a blob being sent one more descriptor.
+    """
+    return max(8, (nofile - _RESERVED_FDS) // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    """How many connections `mirror serve` keeps, how long they may idle, how much it logs."""
+
+    max_connections: int = 480
+    # Seconds a connection may take, from its opening or its last response, to send a
+    # request's complete headers; an idle keep-alive connection is closed after as long.
+    idle_timeout: float = IDLE_TIMEOUT
+    log_lines: int = 10  # lines about bad requests per log_window; the rest are counted
+    log_window: float = 10.0
+
+
+class RateLimitedLog:
+    """Writes at most `lines` lines per `window` seconds, then one line counting those left out."""
+
+    def __init__(self, logger: logging.Logger, lines: int, window: float) -> None:
+        self.logger = logger
+        self.lines = lines
+        self.window = window
+        self._start = -window
+        self._written = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def warning(self, msg: str, *args: object) -> None:
+        """Log `msg % args` as a warning unless this window's lines are spent."""
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            self.flush()
+            self._start, self._written = now, 0
+        if self._written < self.lines:
+            self._written += 1
+            self.logger.warning(msg, *args)
+            return
+        self._suppressed += 1
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # Say how many were left out when the window ends, even if no other line follows.
+            self._timer = loop.call_later(self._start + self.window - now, self.flush)
+
+    def flush(self) -> None:
+        """Write the count of lines left out in this window, if any (at the window's end, or on exit)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._suppressed:
+            self.logger.warning("suppressed %d more such lines in %.0f s", self._suppressed, self.window)
+            self._suppressed = 0
+
+
+def _one_line(exc: BaseException | None) -> str:
+    """Return what went wrong in a request as one short line (aiohttp's parser errors span lines)."""
+    if exc is None:
+        return "no detail"
+    code, message = getattr(exc, "code", None), getattr(exc, "message", None)
+    if isinstance(code, int) and isinstance(message, str):
+        # The parser quotes the offending bytes (an Authorization header, say): leave them out.
+        text = f"{code} {_QUOTED.split(message, maxsplit=1)[0]}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler, counted by its guard and logging one short line per bad request."""
+
+    def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection, then let aiohttp read requests from it."""
+        self.guard.live[self] = None
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Uncount the connection."""
+        self.guard.live.pop(self, None)
+        super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """Log a malformed request (or a failed one) as one rate-limited line, never a traceback."""
+        exc = kw.get("exc_info")
+        if not isinstance(exc, BaseException):
+            exc = sys.exc_info()[1]
+        what = str(args[0]) % args[1:] if args else "error handling a request"
+        self.guard.log.warning("%s: %s", what, _one_line(exc))
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is being answered on this connection (it is not idle or still sending headers)."""
+        return bool(getattr(self, "_request_in_progress", True))
+
+
+class _Refused(asyncio.Protocol):
+    """Answers a connection past the cap with 503 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Write the 503 and close."""
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
+
+
+class ConnectionGuard:
+    """The protocol factory of `mirror serve`: at most `max_connections` open, the oldest idle one dropped first.
+
+    At the cap a new connection closes the oldest one that is idle or still sending its
+    headers (a slow client cannot hold the server's descriptors against a normal one);
+    when every connection is answering a request, the new one gets 503.
+    """
+
+    def __init__(self, runner: web.AppRunner, limits: ServeLimits, logger: logging.Logger) -> None:
+        self.runner = runner
+        self.limits = limits
+        self.log = RateLimitedLog(logger, limits.log_lines, limits.log_window)
+        self.live: dict[_Handler, None] = {}  # open connections, oldest first
+        self.evicted = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        """Return the protocol for a connection just accepted."""
+        if len(self.live) >= self.limits.max_connections and not self._evict():
+            self.refused += 1
+            self.log.warning("%d connections open, all busy: refused one with 503", len(self.live))
+            return _Refused()
+        server = self.runner.server
+        assert server is not None
+        return _Handler(
+            self,
+            server,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self.limits.idle_timeout,
+            access_log=None,
+        )
+
+    def _evict(self) -> bool:
+        for handler in self.live:
+            if not handler.busy:
+                del self.live[handler]
+                self.evicted += 1
+                handler.force_close()
+                return True
+        return False
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site whose connections go through a `ConnectionGuard`."""
+
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard, *, ssl_context: Any = None
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host = host
+        self.port = port
+        self.guard = guard
+
+    @property
+    def name(self) -> str:
+        """Return the site's URL."""
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen."""
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.guard, self.host, self.port, ssl=self._ssl_context, backlog=self._backlog
+        )

@@ -20,9 +20,12 @@ import hmac
 import logging
 import os
 import re
+import secrets
 import sys
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +65,7 @@ DEFAULT_PLATFORM = Platform("linux", "amd64")
 _SCHEMA1_ALIASES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, "application/json"})
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 
 APP_KEY: web.AppKey[CacheView] = web.AppKey("mirror.cache_view")
@@ -325,37 +329,92 @@ class StaticUser:
         return hmac.compare_digest(password.encode(), self.password.encode()) and ok_user
 
 
-class Htpasswd:
-    """Users of an htpasswd file with bcrypt hashes (`htpasswd -B`), as distribution accepts."""
+class AuthBusy(MirrorError):
+    """Too many password checks are queued: the client is answered 503 and retries."""
 
-    def __init__(self, path: Path) -> None:
+
+BCRYPT_WORKERS = 2  # threads hashing passwords (bcrypt releases the GIL)
+BCRYPT_QUEUE = 32  # checks waiting for a thread, past which a new one is refused with 503
+GOOD_TTL = 300.0  # seconds a verified user:password pair is taken without bcrypt
+GOOD_MAX = 1024  # verified pairs remembered at most
+
+
+class Htpasswd:
+    """Users of an htpasswd file with bcrypt hashes (`htpasswd -B`), as distribution accepts.
+
+    Every check costs one bcrypt, an unknown user's too (against a dummy hash of the file's
+    cost), so the time taken does not tell which users exist. bcrypt runs in a small
+    executor of its own with a bounded queue (`AuthBusy` past it), never on the event loop
+    or in the default executor the daemon's index writes use. A verified pair is remembered
+    for a few minutes, keyed by an HMAC of user and password under a per-process key.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        workers: int = BCRYPT_WORKERS,
+        queue: int = BCRYPT_QUEUE,
+        ttl: float = GOOD_TTL,
+        remember: int = GOOD_MAX,
+    ) -> None:
         self.users: dict[str, bytes] = {}
         try:
             lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise UsageError(f"cannot read htpasswd file {path}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read htpasswd file {path}: {getattr(exc, 'strerror', None) or exc}") from None
         for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             user, sep, hashed = line.partition(":")
-            if not sep or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+            if not sep or not _BCRYPT_HASH.fullmatch(hashed):
                 raise UsageError(f"{path} line {n}: only bcrypt entries are supported (make them with htpasswd -B)")
             self.users[user] = hashed.encode()
-        self._good: set[bytes] = set()  # sha256 of user:password pairs already checked
+        costs = Counter(int(h[4:6]) for h in self.users.values())
+        cost = max(costs, key=lambda c: (costs[c], c)) if costs else 10
+        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mirror-bcrypt")
+        self._limit = workers + queue
+        self._pending = 0
+        self._ttl = ttl
+        self._remember = remember
+        self._key = secrets.token_bytes(32)
+        self._good: OrderedDict[bytes, float] = OrderedDict()  # HMAC of user:password -> expiry
 
     async def check(self, user: str, password: str) -> bool:
-        """Return whether the password matches the user's bcrypt hash (checked off the event loop)."""
+        """Return whether the password matches the user's bcrypt hash; raise AuthBusy when too many checks wait."""
+        secret = password.encode()
+        key = hmac.new(self._key, user.encode() + b"\0" + secret, hashlib.sha256).digest()
+        now = time.monotonic()
+        expiry = self._good.get(key)
+        if expiry is not None:
+            if expiry > now:
+                return True
+            del self._good[key]
+        if len(secret) > 72:
+            return False  # bcrypt reads 72 bytes at most; distribution refuses longer ones too
         hashed = self.users.get(user)
-        if hashed is None:
+        if self._pending >= self._limit:
+            raise AuthBusy(f"{self._pending} password checks already waiting")
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self._executor, bcrypt.checkpw, secret, hashed or self._dummy)
+        except ValueError:  # a NUL byte, a hash bcrypt does not take
+            ok = False
+        finally:
+            self._pending -= 1
+        if not ok or hashed is None:
             return False
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if key in self._good:
-            return True
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
-        if ok:
-            self._good.add(key)
-        return ok
+        self._good[key] = now + self._ttl
+        while len(self._good) > self._remember:
+            self._good.popitem(last=False)
+        return True
+
+    def close(self) -> None:
+        """Stop the bcrypt threads (checks still queued are dropped)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -586,7 +645,47 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
 
 
+PER_CLIENT_CHECKS = 8  # password checks one client address may have in flight; past them 429
+
+
+class _Gate:
+    """Basic auth for `/v2/`, with at most PER_CLIENT_CHECKS checks in flight per client address."""
+
+    def __init__(self, auth: Authenticator, realm: str) -> None:
+        self.auth = auth
+        self.realm = realm
+        self.inflight: dict[str, int] = {}
+
+    async def refusal(self, request: web.Request) -> web.Response | None:
+        """Return the answer refusing `request` (401, 429, 503), or None when its credentials are good."""
+        creds = basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
+        if creds is not None:
+            client = request.remote or ""
+            if self.inflight.get(client, 0) >= PER_CLIENT_CHECKS:
+                # One address flooding wrong passwords must not take every bcrypt thread.
+                resp = error(429, "TOOMANYREQUESTS", "too many password checks from this address at once")
+                resp.headers[hdrs.RETRY_AFTER] = "1"
+                return resp
+            self.inflight[client] = self.inflight.get(client, 0) + 1
+            try:
+                if await self.auth.check(*creds):
+                    return None
+            except AuthBusy:
+                resp = error(503, "UNAVAILABLE", "too many password checks at once: retry shortly")
+                resp.headers[hdrs.RETRY_AFTER] = "1"
+                return resp
+            finally:
+                left = self.inflight.pop(client) - 1
+                if left:
+                    self.inflight[client] = left
+        resp = error(401, "UNAUTHORIZED", "authentication required")
+        resp.headers[hdrs.WWW_AUTHENTICATE] = f'Basic realm="{self.realm}"'
+        return resp
+
+
 def _middleware(auth: Authenticator | None, realm: str) -> Any:
+    gate = _Gate(auth, realm) if auth is not None else None
+
     @web.middleware
     async def registry(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/v2":
@@ -597,22 +696,18 @@ def _middleware(auth: Authenticator | None, realm: str) -> Any:
             return resp
         if not request.path.startswith("/v2/"):
             return await handler(request)
-        resp = await _guarded(request, handler, auth, realm)
+        resp = await _guarded(request, handler, gate)
         resp.headers[API_VERSION[0]] = API_VERSION[1]
         return resp
 
     return registry
 
 
-async def _guarded(
-    request: web.Request, handler: Handler, auth: Authenticator | None, realm: str
-) -> web.StreamResponse:
-    if auth is not None:
-        creds = basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
-        if creds is None or not await auth.check(*creds):
-            resp = error(401, "UNAUTHORIZED", "authentication required")
-            resp.headers[hdrs.WWW_AUTHENTICATE] = f'Basic realm="{realm}"'
-            return resp
+async def _guarded(request: web.Request, handler: Handler, gate: _Gate | None) -> web.StreamResponse:
+    if gate is not None:
+        refused = await gate.refusal(request)
+        if refused is not None:
+            return refused
     if request.method not in READ_METHODS:
         # This registry is read-only: every push, delete or upload step is refused.
         resp = error(405, "UNSUPPORTED", "the operation is unsupported: this registry is read-only")

@@ -109,7 +109,8 @@ async def run(args: argparse.Namespace) -> int:
     layout = Layout.open(cfg.cache, create=False)
     tls = _tls(args)
     limits = _limits(args)
-    app = make_app(layout, auth=_authenticator(args), default_platform=Platform.parse(args.default_platform))
+    auth = _authenticator(args)
+    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform))
     logging.basicConfig(level=logging.WARNING, format="mirror serve: %(message)s", stream=sys.stderr)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -134,4 +135,6 @@ async def run(args: argparse.Namespace) -> int:
         await runner.cleanup()
         if guard is not None:
             guard.log.flush()
+        if isinstance(auth, Htpasswd):
+            auth.close()
     return EXIT_OK

@@ -36,7 +36,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, MirrorError, UsageError
+from mirror.errors import DigestError, ManifestError, MirrorError, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
@@ -67,6 +67,8 @@ _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
+
+_SIGNED_MAX = 256  # signed schema1 manifests remembered (a few KiB each)
 
 APP_KEY: web.AppKey[CacheView] = web.AppKey("mirror.cache_view")
 
@@ -208,6 +210,7 @@ class CacheView:
         self._stamp: tuple[int, int, int] | None = None
         self._catalog = Catalog()
         self._memo: dict[Digest, Manifest] = {}
+        self._signed: OrderedDict[Digest, bytes] = OrderedDict()  # schema1 payloads as served, signed
         self._lock = asyncio.Lock()
 
     def _index_stamp(self) -> tuple[int, int, int]:
@@ -230,6 +233,39 @@ class CacheView:
     def blob_path(self, digest: Digest) -> Path:
         """Return where blob `digest` lives in the cache."""
         return self.layout.blobs.path(digest)
+
+    async def manifest_bytes(self, stored: StoredManifest) -> bytes | None:
+        """Return the bytes to send for `stored`, checked against its digest, or None when they are gone or wrong.
+
+        A schema1 payload is signed (`mirror.sinks.schema1`, as `push` does) once per
+        digest and remembered, so HEAD and GET agree on its length.
+        """
+        signed = self._signed.get(stored.digest)
+        if signed is not None:
+            return signed
+        try:
+            async with aiofiles.open(self.blob_path(stored.digest), "rb") as f:
+                raw = await f.read(stored.size + 1)
+        except FileNotFoundError:
+            return None
+        h = stored.digest.hasher()
+        h.update(raw)
+        if h.hexdigest() != stored.digest.hex:
+            log.error("manifest %s in the cache does not match its digest; not serving it", stored.digest)
+            return None
+        if stored.media_type != DOCKER_SCHEMA1:
+            return raw
+        from mirror.sinks.schema1 import sign_schema1  # cryptography loads only to sign
+
+        try:
+            signed = sign_schema1(raw)
+        except ManifestError as exc:
+            log.error("schema1 manifest %s cannot be signed; not serving it: %s", stored.digest, exc)
+            return None
+        self._signed[stored.digest] = signed
+        while len(self._signed) > _SIGNED_MAX:
+            self._signed.popitem(last=False)
+        return signed
 
 
 # --- Content negotiation (pure) ---------------------------------------------------------------
@@ -551,28 +587,28 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
         types = ", ".join(sorted(accepted or ()))
         detail = f"{reference} is {found.media_type}, the client accepts only {types}"
         return error(404, "MANIFEST_UNKNOWN", "manifest unknown: no acceptable media type", detail)
+    # A schema1 manifest goes out signed, as registries serve it (distribution always sends
+    # prettyjws): podman takes an unsigned `v1+json` as an image with a config blob and
+    # fails to read it. The digest stays the payload's, as distribution's does.
+    media_type = DOCKER_SCHEMA1_SIGNED if chosen.media_type == DOCKER_SCHEMA1 else chosen.media_type
     headers = {
-        hdrs.CONTENT_TYPE: chosen.media_type,
+        hdrs.CONTENT_TYPE: media_type,
         "Docker-Content-Digest": str(chosen.digest),
         hdrs.ETAG: f'"{chosen.digest}"',
     }
     if f'"{chosen.digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={k: v for k, v in headers.items() if k != hdrs.CONTENT_TYPE})
-    if request.method == "HEAD":
+    if request.method == "HEAD" and media_type == chosen.media_type:
         headers[hdrs.CONTENT_LENGTH] = str(chosen.size)
         return web.Response(headers=headers)
-    try:
-        async with aiofiles.open(_view(request).blob_path(chosen.digest), "rb") as f:
-            raw = await f.read()
-    except FileNotFoundError:
+    raw = await _view(request).manifest_bytes(chosen)
+    if raw is None:
         return unknown
-    h = chosen.digest.hasher()
-    h.update(raw)
-    if h.hexdigest() != chosen.digest.hex:
-        log.error("manifest %s in the cache does not match its digest; not serving it", chosen.digest)
-        return unknown
+    if request.method == "HEAD":
+        headers[hdrs.CONTENT_LENGTH] = str(len(raw))
+        return web.Response(headers=headers)
     resp = web.Response(body=raw, headers=headers)
-    resp.content_type = chosen.media_type
+    resp.content_type = media_type
     return resp
 
 

@@ -23,6 +23,7 @@ from mirror.manifest import (
     ACCEPT,
     DOCKER_LIST,
     DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
     DOCKER_SCHEMA2,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -69,6 +70,38 @@ def test_podman_pulls_schema2_oci_and_index_with_source_digests(mirror_cache: Ca
             podman("rmi", "-f", ref)
 
 
+def schema1_payload(signed: bytes) -> bytes:
+    """Return a signed schema1 manifest's payload, cut out as libtrust does (formatLength, formatTail)."""
+    protected = json.loads(signed)["signatures"][0]["protected"]
+    header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+    tail = header["formatTail"]
+    return signed[: header["formatLength"]] + base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4))
+
+
+@pytest.mark.slow
+def test_schema1_is_served_signed_and_podman_runs_it(mirror_cache: Cache, server: Server) -> None:
+    repo = PREFIX + "schema1"
+    status, headers, body = _manifest(server, repo, "1")
+    assert status == 200
+    assert headers["Content-Type"] == DOCKER_SCHEMA1_SIGNED
+    assert headers["Docker-Content-Digest"] == mirror_cache.digests["schema1:1"]
+    assert "sha256:" + hashlib.sha256(schema1_payload(body)).hexdigest() == mirror_cache.digests["schema1:1"]
+    status, head_headers, _ = http(f"{server.base}/v2/{repo}/manifests/1", "HEAD", {"Accept": ACCEPT})
+    assert status == 200 and int(head_headers["Content-Length"]) == len(body)
+    # Before: podman pulled the unsigned payload, then every use failed (`readObjectStart: expect { or n`).
+    ref = f"{server.host}/{repo}:1"
+    try:
+        res = podman("pull", "-q", "--tls-verify=false", ref)
+        assert res.returncode == 0, res.stderr.decode()
+        res = podman("image", "inspect", ref)
+        assert res.returncode == 0, res.stderr.decode()
+        res = podman("create", "--name", "mirrortest-serve-schema1", ref, "true")
+        assert res.returncode == 0, res.stderr.decode()
+    finally:
+        podman("rm", "-f", "mirrortest-serve-schema1")
+        podman("rmi", "-f", ref)
+
+
 @pytest.mark.slow
 def test_skopeo_copies_every_kind_with_source_digests(mirror_cache: Cache, server: Server, tmp_path: Path) -> None:
     for name in ["schema2:1", "oci:1", "index:1", "list:1", "schema1:1"]:
@@ -77,6 +110,8 @@ def test_skopeo_copies_every_kind_with_source_digests(mirror_cache: Cache, serve
         res = skopeo("copy", "-q", "--src-tls-verify=false", "--all", ref, f"dir:{out}")
         assert res.returncode == 0, res.stderr.decode()
         top = (out / "manifest.json").read_bytes()
+        if name == "schema1:1":
+            top = schema1_payload(top)  # served signed; its digest is the payload's
         assert "sha256:" + hashlib.sha256(top).hexdigest() == mirror_cache.digests[name]
         if name in ("index:1", "list:1"):
             # Every platform's manifest came along, each with its source digest.

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiofiles
 import bcrypt
@@ -251,7 +251,7 @@ class CacheView:
         h = stored.digest.hasher()
         h.update(raw)
         if h.hexdigest() != stored.digest.hex:
-            log.error("manifest %s in the cache does not match its digest; not serving it", stored.digest)
+            _request_log.warning("manifest %s in the cache does not match its digest; not serving it", stored.digest)
             return None
         if stored.media_type != DOCKER_SCHEMA1:
             return raw
@@ -260,7 +260,7 @@ class CacheView:
         try:
             signed = sign_schema1(raw)
         except ManifestError as exc:
-            log.error("schema1 manifest %s cannot be signed; not serving it: %s", stored.digest, exc)
+            _request_log.warning("schema1 manifest %s cannot be signed; not serving it: %s", stored.digest, exc)
             return None
         self._signed[stored.digest] = signed
         while len(self._signed) > _SIGNED_MAX:
@@ -754,7 +754,7 @@ async def _guarded(request: web.Request, handler: Handler, gate: _Gate | None) -
     except web.HTTPNotFound:
         return error(404, "UNSUPPORTED", "no such endpoint in this registry's API", request.path)
     except (MirrorError, OSError) as exc:
-        log.error("%s %s: %s", request.method, request.path, exc)
+        _request_log.warning("%s %s: %s", request.method, request.path, exc)
         return error(500, "UNKNOWN", "the cache could not be read", str(exc))
 
 
@@ -853,8 +853,9 @@ class ServeLimits:
 class RateLimitedLog:
     """Writes at most `lines` lines per `window` seconds, then one line counting those left out."""
 
-    def __init__(self, logger: logging.Logger, lines: int, window: float) -> None:
+    def __init__(self, logger: logging.Logger, lines: int, window: float, level: int = logging.WARNING) -> None:
         self.logger = logger
+        self.level = level
         self.lines = lines
         self.window = window
         self._start = -window
@@ -863,14 +864,14 @@ class RateLimitedLog:
         self._timer: asyncio.TimerHandle | None = None
 
     def warning(self, msg: str, *args: object) -> None:
-        """Log `msg % args` as a warning unless this window's lines are spent."""
+        """Log `msg % args` (at the log's level) unless this window's lines are spent."""
         now = time.monotonic()
         if now - self._start >= self.window:
             self.flush()
             self._start, self._written = now, 0
         if self._written < self.lines:
             self._written += 1
-            self.logger.warning(msg, *args)
+            self.logger.log(self.level, msg, *args)
             return
         self._suppressed += 1
         if self._timer is None:
@@ -887,8 +888,13 @@ class RateLimitedLog:
             self._timer.cancel()
             self._timer = None
         if self._suppressed:
-            self.logger.warning("suppressed %d more such lines in %.0f s", self._suppressed, self.window)
+            self.logger.log(self.level, "suppressed %d more such lines in %.0f s", self._suppressed, self.window)
             self._suppressed = 0
+
+
+# What one request finds wrong in the cache (a file gone, a digest that does not match),
+# logged at most 10 times per 10 s however many clients ask.
+_request_log = RateLimitedLog(log, 10, 10.0, logging.ERROR)
 
 
 def _one_line(exc: BaseException | None) -> str:
@@ -932,8 +938,9 @@ class _Handler(web.RequestHandler):
 
     @property
     def busy(self) -> bool:
-        """Whether a request is being answered on this connection (it is not idle or still sending headers)."""
-        return bool(getattr(self, "_request_in_progress", True))
+        """Whether a complete request is being answered or waits on this connection (not idle, not mid-headers)."""
+        # aiohttp keeps both privately; a version without them counts every connection busy.
+        return bool(getattr(self, "_request_in_progress", True) or getattr(self, "_messages", True))
 
 
 class _Refused(asyncio.Protocol):
@@ -941,7 +948,7 @@ class _Refused(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Write the 503 and close."""
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )

@@ -118,6 +118,35 @@ def test_at_the_cap_the_oldest_idle_connection_makes_room(empty_cache: Path) -> 
         srv.stop()
 
 
+@pytest.mark.slow
+def test_a_connection_past_the_cap_when_all_are_busy_gets_503(empty_cache: Path, tmp_path: Path) -> None:
+    # A request is busy while its password is checked: bcrypt at cost 12 takes most of a second.
+    path = tmp_path / "htpasswd"
+    path.write_bytes(subprocess.run(["htpasswd", "-Bbn", "-C", "12", "alice", "pw"], capture_output=True).stdout)
+    srv = Server(empty_cache, "--htpasswd", str(path), "--max-connections", "1")
+    host, port = srv.host.rsplit(":", 1)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            with socket.create_connection((host, int(port)), timeout=DEADLINE) as busy:
+                busy.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWxpY2U6d3Jvbmc=\r\n\r\n")
+                with socket.create_connection((host, int(port)), timeout=DEADLINE) as late:
+                    late.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = late.recv(200)
+                # The busy request is answered, not cut off (unless it was still unread and so evicted).
+                try:
+                    first = busy.recv(200)
+                except ConnectionError:
+                    first = b""
+            if answer.startswith(b"HTTP/1.1 503"):
+                assert b"Retry-After: 1" in answer
+                assert first.startswith(b"HTTP/1.1 401")
+                break
+            assert time.monotonic() < deadline, answer
+    finally:
+        srv.stop()
+
+
 def test_malformed_requests_log_one_short_line_each_rate_limited(empty_cache: Path) -> None:
     srv = Server(empty_cache)
     host, port = srv.host.rsplit(":", 1)

@@ -132,9 +132,9 @@ async def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if isinstance(auth, Htpasswd):
+            auth.close()  # checks still queued are dropped rather than waited for
         await runner.cleanup()
         if guard is not None:
             guard.log.flush()
-        if isinstance(auth, Htpasswd):
-            auth.close()
     return EXIT_OK

@@ -917,6 +917,7 @@ class _Handler(web.RequestHandler):
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.guard = guard
+        self.stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection, then let aiohttp read requests from it."""
@@ -926,7 +927,31 @@ class _Handler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         """Uncount the connection."""
         self.guard.live.pop(self, None)
+        self._unstall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped taking bytes: close the connection if it takes none for the idle timeout (slow read)."""
+        super().pause_writing()
+        if self.stall is None:
+            self.stall = asyncio.get_running_loop().call_later(self.guard.limits.idle_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        """The client took bytes again."""
+        self._unstall()
+        super().resume_writing()
+
+    def _unstall(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        self.guard.log.warning(
+            "closed a connection whose client took no bytes of its response for %.0f s", self.guard.limits.idle_timeout
+        )
+        self.force_close()
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """Log a malformed request (or a failed one) as one rate-limited line, never a traceback."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.client as http_client
+import json
 import socket
 import subprocess
 import sys
@@ -102,6 +104,66 @@ def test_slow_headers_are_closed_and_a_normal_client_is_served(
         assert get(f"{srv.base}/v2/") == (200, b"{}")
     finally:
         srv.stop()
+
+
+def _cache_with_a_big_blob(cache: Path, size: int) -> str:
+    """Add an OCI image `example.com/big/blob:1` with one layer of `size` zero bytes; return its digest."""
+
+    def put(data: bytes) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (cache / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    layer = put(bytes(size))
+    config = put(b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}')
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer}],
+        }
+    ).encode()
+    top = put(manifest)
+    entry = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        **top,
+        "annotations": {"org.opencontainers.image.ref.name": "example.com/big/blob:1"},
+    }
+    (cache / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return str(layer["digest"])
+
+
+def test_a_client_that_stops_reading_is_dropped(empty_cache: Path) -> None:
+    size = 64 << 20  # well past what the kernel buffers on loopback
+    digest = _cache_with_a_big_blob(empty_cache, size)
+    srv = Server(empty_cache, "--idle-timeout", "2")
+    lines: list[str] = []
+    assert srv.proc.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in srv.proc.stderr), daemon=True)
+    reader.start()
+    host, port = srv.host.rsplit(":", 1)
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(DEADLINE)
+            s.connect((host, int(port)))
+            s.sendall(f"GET /v2/big/blob/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            # Read nothing until the server says it gave up on us (before the fix it waited for ever).
+            deadline = time.monotonic() + DEADLINE
+            while not any("took no bytes" in line for line in lines):
+                assert time.monotonic() < deadline, lines
+                time.sleep(0.05)
+            got = 0
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+            assert got < size
+        assert get(f"{srv.base}/v2/") == (200, b"{}")
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(30)
+        reader.join(30)
+        srv.proc.stderr.close()
 
 
 def test_at_the_cap_the_oldest_idle_connection_makes_room(empty_cache: Path) -> None:

@@ -63,7 +63,7 @@ def register(sub: Any) -> None:
         type=float,
         default=IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="close a connection that sends no complete request headers for this long (default 30)",
+        help="close a connection that sends no complete request headers, or reads nothing, this long (default 30)",
     )
     p.set_defaults(run=run)
 

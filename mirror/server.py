@@ -347,8 +347,8 @@ def page(items: Sequence[str], n_text: str | None, last: str | None) -> tuple[li
 class Authenticator(Protocol):
     """Checks a Basic auth user and password."""
 
-    async def check(self, user: str, password: str) -> bool:
-        """Return whether the credentials are good."""
+    async def check(self, user: str, password: str, client: str = "") -> bool:
+        """Return whether the credentials are good (`client`: the address asking, for limits per client)."""
         ...
 
 
@@ -359,20 +359,25 @@ class StaticUser:
     user: str
     password: str = field(repr=False)
 
-    async def check(self, user: str, password: str) -> bool:
+    async def check(self, user: str, password: str, client: str = "") -> bool:
         """Return whether `user`/`password` are this user's, comparing in constant time."""
         ok_user = hmac.compare_digest(user.encode(), self.user.encode())
         return hmac.compare_digest(password.encode(), self.password.encode()) and ok_user
 
 
 class AuthBusy(MirrorError):
-    """Too many password checks are queued: the client is answered 503 and retries."""
+    """Too many password checks are queued, from everyone (503) or from this client (`per_client`, 429)."""
+
+    def __init__(self, message: str, *, per_client: bool = False) -> None:
+        super().__init__(message)
+        self.per_client = per_client
 
 
 BCRYPT_WORKERS = 2  # threads hashing passwords (bcrypt releases the GIL)
 BCRYPT_QUEUE = 32  # checks waiting for a thread, past which a new one is refused with 503
 GOOD_TTL = 300.0  # seconds a verified user:password pair is taken without bcrypt
 GOOD_MAX = 1024  # verified pairs remembered at most
+PER_CLIENT_CHECKS = 8  # bcrypt checks one client address may have waiting or running; past them 429
 
 
 class Htpasswd:
@@ -417,40 +422,65 @@ class Htpasswd:
         self._remember = remember
         self._key = secrets.token_bytes(32)
         self._good: OrderedDict[bytes, float] = OrderedDict()  # HMAC of user:password -> expiry
+        self._running: dict[bytes, asyncio.Future[bool]] = {}  # checks in flight, by the same HMAC
+        self._per_client: dict[str, int] = {}  # checks in flight per client address
 
-    async def check(self, user: str, password: str) -> bool:
-        """Return whether the password matches the user's bcrypt hash; raise AuthBusy when too many checks wait."""
+    async def check(self, user: str, password: str, client: str = "") -> bool:
+        """Return whether the password matches the user's bcrypt hash; raise AuthBusy when too many checks wait.
+
+        Requests carrying the same credentials at once (a client's parallel layer
+        downloads) share one bcrypt; only a new check counts against the limits.
+        """
         secret = password.encode()
         key = hmac.new(self._key, user.encode() + b"\0" + secret, hashlib.sha256).digest()
-        now = time.monotonic()
         expiry = self._good.get(key)
         if expiry is not None:
-            if expiry > now:
+            if expiry > time.monotonic():
                 return True
             del self._good[key]
         if len(secret) > 72:
             return False  # bcrypt reads 72 bytes at most; distribution refuses longer ones too
-        hashed = self.users.get(user)
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        if self._per_client.get(client, 0) >= PER_CLIENT_CHECKS:
+            raise AuthBusy(
+                f"{PER_CLIENT_CHECKS} password checks from {client or 'one client'} already waiting", per_client=True
+            )
         if self._pending >= self._limit:
             raise AuthBusy(f"{self._pending} password checks already waiting")
+        hashed = self.users.get(user)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, _checkpw, secret, hashed or self._dummy)
+        self._running[key] = future
         self._pending += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
-            loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(self._executor, bcrypt.checkpw, secret, hashed or self._dummy)
-        except ValueError:  # a NUL byte, a hash bcrypt does not take
-            ok = False
+            ok = await asyncio.shield(future) and hashed is not None
         finally:
             self._pending -= 1
-        if not ok or hashed is None:
-            return False
-        self._good[key] = now + self._ttl
-        while len(self._good) > self._remember:
-            self._good.popitem(last=False)
-        return True
+            left = self._per_client.pop(client) - 1
+            if left:
+                self._per_client[client] = left
+            if self._running.get(key) is future:
+                del self._running[key]
+        if ok:
+            self._good[key] = time.monotonic() + self._ttl
+            while len(self._good) > self._remember:
+                self._good.popitem(last=False)
+        return ok
 
     def close(self) -> None:
         """Stop the bcrypt threads (checks still queued are dropped)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    """Return bcrypt's verdict, False for input it refuses (a NUL byte, a hash it does not take)."""
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -681,39 +711,28 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
 
 
-PER_CLIENT_CHECKS = 8  # password checks one client address may have in flight; past them 429
-
-
 class _Gate:
-    """Basic auth for `/v2/`, with at most PER_CLIENT_CHECKS checks in flight per client address."""
+    """Basic auth for `/v2/`: 401 for bad credentials, 429 or 503 when too many checks wait."""
 
     def __init__(self, auth: Authenticator, realm: str) -> None:
         self.auth = auth
         self.realm = realm
-        self.inflight: dict[str, int] = {}
 
     async def refusal(self, request: web.Request) -> web.Response | None:
         """Return the answer refusing `request` (401, 429, 503), or None when its credentials are good."""
         creds = basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
         if creds is not None:
-            client = request.remote or ""
-            if self.inflight.get(client, 0) >= PER_CLIENT_CHECKS:
-                # One address flooding wrong passwords must not take every bcrypt thread.
-                resp = error(429, "TOOMANYREQUESTS", "too many password checks from this address at once")
-                resp.headers[hdrs.RETRY_AFTER] = "1"
-                return resp
-            self.inflight[client] = self.inflight.get(client, 0) + 1
             try:
-                if await self.auth.check(*creds):
+                if await self.auth.check(*creds, client=request.remote or ""):
                     return None
-            except AuthBusy:
-                resp = error(503, "UNAVAILABLE", "too many password checks at once: retry shortly")
+            except AuthBusy as exc:
+                if exc.per_client:
+                    # One address flooding wrong passwords must not take every bcrypt thread.
+                    resp = error(429, "TOOMANYREQUESTS", "too many password checks from this address at once")
+                else:
+                    resp = error(503, "UNAVAILABLE", "too many password checks at once: retry shortly")
                 resp.headers[hdrs.RETRY_AFTER] = "1"
                 return resp
-            finally:
-                left = self.inflight.pop(client) - 1
-                if left:
-                    self.inflight[client] = left
         resp = error(401, "UNAUTHORIZED", "authentication required")
         resp.headers[hdrs.WWW_AUTHENTICATE] = f'Basic realm="{self.realm}"'
         return resp

@@ -372,5 +372,18 @@ async def test_password_checks_past_the_queue_are_refused(htpasswd_cost10: tuple
         assert await auth.check("alice", "s3cret") is True
         assert await auth.check("mallory", "s3cret") is False
         assert await auth.check("alice", "x" * 100) is False  # longer than bcrypt reads: refused, not a 500
+        assert await auth.check("alice", "nul\0byte") is False
+        # The same credentials at once (parallel layer downloads) share one check: none refused.
+        got = await asyncio.gather(*(auth.check("alice", "same") for _ in range(10)), return_exceptions=True)
+        assert got == [False] * 10
+    finally:
+        auth.close()
+    auth = Htpasswd(htpasswd_cost10[0], workers=2, queue=32)
+    try:
+        checks = [auth.check("alice", f"wrong{i}", client="10.0.0.1") for i in range(10)]
+        got = await asyncio.gather(*checks, auth.check("alice", "s3cret", client="10.0.0.2"), return_exceptions=True)
+        busy = [g for g in got if isinstance(g, AuthBusy)]
+        assert len(busy) == 2 and all(b.per_client for b in busy)
+        assert got[-1] is True  # another address is not refused for the first one's flood
     finally:
         auth.close()

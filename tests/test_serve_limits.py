@@ -20,7 +20,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from mirror.server import AuthBusy, Htpasswd
+from mirror.server import AuthBusy, Htpasswd, default_max_connections
 from tests.served_cache import Server, mirror_env
 
 DEADLINE = 60.0  # generous: CI is a loaded 2-core machine
@@ -387,3 +387,9 @@ async def test_password_checks_past_the_queue_are_refused(htpasswd_cost10: tuple
         assert got[-1] is True  # another address is not refused for the first one's flood
     finally:
         auth.close()
+
+
+def test_the_default_connection_cap_follows_the_descriptor_limit() -> None:
+    assert default_max_connections(1024) == 480  # the common default: well under 1,024 descriptors
+    assert default_max_connections(65536) == 32736
+    assert default_max_connections(16) == 8

@@ -20,17 +20,23 @@ import hmac
 import logging
 import os
 import re
+import secrets
+import sys
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiofiles
 import bcrypt
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, MirrorError, UsageError
+from mirror.errors import DigestError, ManifestError, MirrorError, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
@@ -59,6 +65,10 @@ DEFAULT_PLATFORM = Platform("linux", "amd64")
 _SCHEMA1_ALIASES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, "application/json"})
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
+
+_SIGNED_MAX = 256  # signed schema1 manifests remembered (a few KiB each)
 
 APP_KEY: web.AppKey[CacheView] = web.AppKey("mirror.cache_view")
 
@@ -200,6 +210,7 @@ class CacheView:
         self._stamp: tuple[int, int, int] | None = None
         self._catalog = Catalog()
         self._memo: dict[Digest, Manifest] = {}
+        self._signed: OrderedDict[Digest, bytes] = OrderedDict()  # schema1 payloads as served, signed
         self._lock = asyncio.Lock()
 
     def _index_stamp(self) -> tuple[int, int, int]:
@@ -222,6 +233,39 @@ class CacheView:
     def blob_path(self, digest: Digest) -> Path:
         """Return where blob `digest` lives in the cache."""
         return self.layout.blobs.path(digest)
+
+    async def manifest_bytes(self, stored: StoredManifest) -> bytes | None:
+        """Return the bytes to send for `stored`, checked against its digest, or None when they are gone or wrong.
+
+        A schema1 payload is signed (`mirror.sinks.schema1`, as `push` does) once per
+        digest and remembered, so HEAD and GET agree on its length.
+        """
+        signed = self._signed.get(stored.digest)
+        if signed is not None:
+            return signed
+        try:
+            async with aiofiles.open(self.blob_path(stored.digest), "rb") as f:
+                raw = await f.read(stored.size + 1)
+        except FileNotFoundError:
+            return None
+        h = stored.digest.hasher()
+        h.update(raw)
+        if h.hexdigest() != stored.digest.hex:
+            _request_log.warning("manifest %s in the cache does not match its digest; not serving it", stored.digest)
+            return None
+        if stored.media_type != DOCKER_SCHEMA1:
+            return raw
+        from mirror.sinks.schema1 import sign_schema1  # cryptography loads only to sign
+
+        try:
+            signed = sign_schema1(raw)
+        except ManifestError as exc:
+            _request_log.warning("schema1 manifest %s cannot be signed; not serving it: %s", stored.digest, exc)
+            return None
+        self._signed[stored.digest] = signed
+        while len(self._signed) > _SIGNED_MAX:
+            self._signed.popitem(last=False)
+        return signed
 
 
 # --- Content negotiation (pure) ---------------------------------------------------------------
@@ -303,8 +347,8 @@ def page(items: Sequence[str], n_text: str | None, last: str | None) -> tuple[li
 class Authenticator(Protocol):
     """Checks a Basic auth user and password."""
 
-    async def check(self, user: str, password: str) -> bool:
-        """Return whether the credentials are good."""
+    async def check(self, user: str, password: str, client: str = "") -> bool:
+        """Return whether the credentials are good (`client`: the address asking, for limits per client)."""
         ...
 
 
@@ -315,43 +359,128 @@ class StaticUser:
     user: str
     password: str = field(repr=False)
 
-    async def check(self, user: str, password: str) -> bool:
+    async def check(self, user: str, password: str, client: str = "") -> bool:
         """Return whether `user`/`password` are this user's, comparing in constant time."""
         ok_user = hmac.compare_digest(user.encode(), self.user.encode())
         return hmac.compare_digest(password.encode(), self.password.encode()) and ok_user
 
 
-class Htpasswd:
-    """Users of an htpasswd file with bcrypt hashes (`htpasswd -B`), as distribution accepts."""
+class AuthBusy(MirrorError):
+    """Too many password checks are queued, from everyone (503) or from this client (`per_client`, 429)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, message: str, *, per_client: bool = False) -> None:
+        super().__init__(message)
+        self.per_client = per_client
+
+
+BCRYPT_WORKERS = 2  # threads hashing passwords (bcrypt releases the GIL)
+BCRYPT_QUEUE = 32  # checks waiting for a thread, past which a new one is refused with 503
+GOOD_TTL = 300.0  # seconds a verified user:password pair is taken without bcrypt
+GOOD_MAX = 1024  # verified pairs remembered at most
+PER_CLIENT_CHECKS = 8  # bcrypt checks one client address may have waiting or running; past them 429
+
+
+class Htpasswd:
+    """Users of an htpasswd file with bcrypt hashes (`htpasswd -B`), as distribution accepts.
+
+    Every check costs one bcrypt, an unknown user's too (against a dummy hash of the file's
+    cost), so the time taken does not tell which users exist. bcrypt runs in a small
+    executor of its own with a bounded queue (`AuthBusy` past it), never on the event loop
+    or in the default executor the daemon's index writes use. A verified pair is remembered
+    for a few minutes, keyed by an HMAC of user and password under a per-process key.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        workers: int = BCRYPT_WORKERS,
+        queue: int = BCRYPT_QUEUE,
+        ttl: float = GOOD_TTL,
+        remember: int = GOOD_MAX,
+    ) -> None:
         self.users: dict[str, bytes] = {}
         try:
             lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise UsageError(f"cannot read htpasswd file {path}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read htpasswd file {path}: {getattr(exc, 'strerror', None) or exc}") from None
         for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             user, sep, hashed = line.partition(":")
-            if not sep or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+            if not sep or not _BCRYPT_HASH.fullmatch(hashed):
                 raise UsageError(f"{path} line {n}: only bcrypt entries are supported (make them with htpasswd -B)")
             self.users[user] = hashed.encode()
-        self._good: set[bytes] = set()  # sha256 of user:password pairs already checked
+        costs = Counter(int(h[4:6]) for h in self.users.values())
+        cost = max(costs, key=lambda c: (costs[c], c)) if costs else 10
+        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mirror-bcrypt")
+        self._limit = workers + queue
+        self._pending = 0
+        self._ttl = ttl
+        self._remember = remember
+        self._key = secrets.token_bytes(32)
+        self._good: OrderedDict[bytes, float] = OrderedDict()  # HMAC of user:password -> expiry
+        self._running: dict[bytes, asyncio.Future[bool]] = {}  # checks in flight, by the same HMAC
+        self._per_client: dict[str, int] = {}  # checks in flight per client address
 
-    async def check(self, user: str, password: str) -> bool:
-        """Return whether the password matches the user's bcrypt hash (checked off the event loop)."""
+    async def check(self, user: str, password: str, client: str = "") -> bool:
+        """Return whether the password matches the user's bcrypt hash; raise AuthBusy when too many checks wait.
+
+        Requests carrying the same credentials at once (a client's parallel layer
+        downloads) share one bcrypt; only a new check counts against the limits.
+        """
+        secret = password.encode()
+        key = hmac.new(self._key, user.encode() + b"\0" + secret, hashlib.sha256).digest()
+        expiry = self._good.get(key)
+        if expiry is not None:
+            if expiry > time.monotonic():
+                return True
+            del self._good[key]
+        if len(secret) > 72:
+            return False  # bcrypt reads 72 bytes at most; distribution refuses longer ones too
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        if self._per_client.get(client, 0) >= PER_CLIENT_CHECKS:
+            raise AuthBusy(
+                f"{PER_CLIENT_CHECKS} password checks from {client or 'one client'} already waiting", per_client=True
+            )
+        if self._pending >= self._limit:
+            raise AuthBusy(f"{self._pending} password checks already waiting")
         hashed = self.users.get(user)
-        if hashed is None:
-            return False
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if key in self._good:
-            return True
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, _checkpw, secret, hashed or self._dummy)
+        self._running[key] = future
+        self._pending += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        try:
+            ok = await asyncio.shield(future) and hashed is not None
+        finally:
+            self._pending -= 1
+            left = self._per_client.pop(client) - 1
+            if left:
+                self._per_client[client] = left
+            if self._running.get(key) is future:
+                del self._running[key]
         if ok:
-            self._good.add(key)
+            self._good[key] = time.monotonic() + self._ttl
+            while len(self._good) > self._remember:
+                self._good.popitem(last=False)
         return ok
+
+    def close(self) -> None:
+        """Stop the bcrypt threads (checks still queued are dropped)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    """Return bcrypt's verdict, False for input it refuses (a NUL byte, a hash it does not take)."""
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -377,12 +506,37 @@ def error(status: int, code: str, message: str, detail: Any = None) -> web.Respo
     return web.json_response(body, status=status)
 
 
+def single_range(header: str) -> tuple[int | None, int | None] | None:
+    """Return `(first, last)` of a `Range` naming one valid byte range, or None when it is to be ignored.
+
+    RFC 9110, 14.2: a server ignores a Range it does not understand (another unit, bad
+    syntax, last < first) and may ignore a multi-range request; both are answered 200 with
+    the whole blob. `first` is None for a suffix range (`bytes=-N`), `last` for `bytes=N-`.
+    """
+    m = _RANGE.fullmatch(header.strip())
+    if m is None or m[1] == m[2] == "":
+        return None
+    first, last = (int(m[1]) if m[1] else None), (int(m[2]) if m[2] else None)
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
 class BlobResponse(web.FileResponse):
     """A blob sent with sendfile; its ETag is its digest (set as the response is prepared)."""
 
-    def __init__(self, path: Path, digest: Digest) -> None:
+    def __init__(self, path: Path, digest: Digest, *, ignore_range: bool = False) -> None:
         super().__init__(path, chunk_size=1 << 20, headers={hdrs.CONTENT_TYPE: "application/octet-stream"})
         self.digest = digest
+        self.ignore_range = ignore_range
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        """Send the blob; a `Range` to be ignored is taken out first, so the whole blob goes with 200."""
+        if self.ignore_range and hdrs.RANGE in request.headers:
+            headers = CIMultiDict(request.headers)
+            del headers[hdrs.RANGE]
+            request = request.clone(headers=headers)
+        return await super().prepare(request)
 
 
 async def _blob_etag(request: web.Request, response: web.StreamResponse) -> None:
@@ -444,9 +598,8 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     by_tag = ":" not in reference
     unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": repo.name, "reference": reference})
     if by_tag:
-        if not _TAG.fullmatch(reference):
-            return error(400, "TAG_INVALID", "manifest tag did not match URI", {"reference": reference})
-        digest = repo.tags.get(reference)
+        # An invalid tag names no manifest: 404, as distribution and the OCI conformance suite answer.
+        digest = repo.tags.get(reference) if _TAG.fullmatch(reference) else None
     else:
         try:
             digest = Digest.parse(reference)
@@ -464,28 +617,28 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
         types = ", ".join(sorted(accepted or ()))
         detail = f"{reference} is {found.media_type}, the client accepts only {types}"
         return error(404, "MANIFEST_UNKNOWN", "manifest unknown: no acceptable media type", detail)
+    # A schema1 manifest goes out signed, as registries serve it (distribution always sends
+    # prettyjws): podman takes an unsigned `v1+json` as an image with a config blob and
+    # fails to read it. The digest stays the payload's, as distribution's does.
+    media_type = DOCKER_SCHEMA1_SIGNED if chosen.media_type == DOCKER_SCHEMA1 else chosen.media_type
     headers = {
-        hdrs.CONTENT_TYPE: chosen.media_type,
+        hdrs.CONTENT_TYPE: media_type,
         "Docker-Content-Digest": str(chosen.digest),
         hdrs.ETAG: f'"{chosen.digest}"',
     }
     if f'"{chosen.digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={k: v for k, v in headers.items() if k != hdrs.CONTENT_TYPE})
-    if request.method == "HEAD":
+    if request.method == "HEAD" and media_type == chosen.media_type:
         headers[hdrs.CONTENT_LENGTH] = str(chosen.size)
         return web.Response(headers=headers)
-    try:
-        async with aiofiles.open(_view(request).blob_path(chosen.digest), "rb") as f:
-            raw = await f.read()
-    except FileNotFoundError:
+    raw = await _view(request).manifest_bytes(chosen)
+    if raw is None:
         return unknown
-    h = chosen.digest.hasher()
-    h.update(raw)
-    if h.hexdigest() != chosen.digest.hex:
-        log.error("manifest %s in the cache does not match its digest; not serving it", chosen.digest)
-        return unknown
+    if request.method == "HEAD":
+        headers[hdrs.CONTENT_LENGTH] = str(len(raw))
+        return web.Response(headers=headers)
     resp = web.Response(body=raw, headers=headers)
-    resp.content_type = chosen.media_type
+    resp.content_type = media_type
     return resp
 
 
@@ -529,11 +682,21 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     if digest not in repo.blobs:
         return unknown
     path = _view(request).blob_path(digest)
-    if not path.is_file():
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return unknown
     if f'"{digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={hdrs.ETAG: f'"{digest}"', "Docker-Content-Digest": str(digest)})
-    resp = BlobResponse(path, digest)
+    header = request.headers.get(hdrs.RANGE)
+    wanted = single_range(header) if header is not None else None
+    if_range = request.headers.get(hdrs.IF_RANGE, f'"{digest}"')
+    if if_range.startswith(('"', "W/")) and if_range != f'"{digest}"':
+        wanted = None  # RFC 9110, 13.1.5: another entity's tag, so the whole blob
+    if wanted == (None, 0):
+        # A zero-length suffix is syntactically valid but unsatisfiable (RFC 9110, 14.1.2).
+        return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
+    resp = BlobResponse(path, digest, ignore_range=wanted is None)
     resp.headers["Docker-Content-Digest"] = str(digest)
     return resp
 
@@ -548,27 +711,58 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
 
 
+class _Gate:
+    """Basic auth for `/v2/`: 401 for bad credentials, 429 or 503 when too many checks wait."""
+
+    def __init__(self, auth: Authenticator, realm: str) -> None:
+        self.auth = auth
+        self.realm = realm
+
+    async def refusal(self, request: web.Request) -> web.Response | None:
+        """Return the answer refusing `request` (401, 429, 503), or None when its credentials are good."""
+        creds = basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
+        if creds is not None:
+            try:
+                if await self.auth.check(*creds, client=request.remote or ""):
+                    return None
+            except AuthBusy as exc:
+                if exc.per_client:
+                    # One address flooding wrong passwords must not take every bcrypt thread.
+                    resp = error(429, "TOOMANYREQUESTS", "too many password checks from this address at once")
+                else:
+                    resp = error(503, "UNAVAILABLE", "too many password checks at once: retry shortly")
+                resp.headers[hdrs.RETRY_AFTER] = "1"
+                return resp
+        resp = error(401, "UNAUTHORIZED", "authentication required")
+        resp.headers[hdrs.WWW_AUTHENTICATE] = f'Basic realm="{self.realm}"'
+        return resp
+
+
 def _middleware(auth: Authenticator | None, realm: str) -> Any:
+    gate = _Gate(auth, realm) if auth is not None else None
+
     @web.middleware
     async def registry(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/v2" and not request.path.startswith("/v2/"):
+        if request.path == "/v2":
+            # distribution redirects the version check without its slash (before auth, as its router does).
+            location = request.rel_url.with_path("/v2/")
+            resp: web.StreamResponse = web.Response(status=301, headers={hdrs.LOCATION: str(location)})
+            resp.headers[API_VERSION[0]] = API_VERSION[1]
+            return resp
+        if not request.path.startswith("/v2/"):
             return await handler(request)
-        resp = await _guarded(request, handler, auth, realm)
+        resp = await _guarded(request, handler, gate)
         resp.headers[API_VERSION[0]] = API_VERSION[1]
         return resp
 
     return registry
 
 
-async def _guarded(
-    request: web.Request, handler: Handler, auth: Authenticator | None, realm: str
-) -> web.StreamResponse:
-    if auth is not None:
-        creds = basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
-        if creds is None or not await auth.check(*creds):
-            resp = error(401, "UNAUTHORIZED", "authentication required")
-            resp.headers[hdrs.WWW_AUTHENTICATE] = f'Basic realm="{realm}"'
-            return resp
+async def _guarded(request: web.Request, handler: Handler, gate: _Gate | None) -> web.StreamResponse:
+    if gate is not None:
+        refused = await gate.refusal(request)
+        if refused is not None:
+            return refused
     if request.method not in READ_METHODS:
         # This registry is read-only: every push, delete or upload step is refused.
         resp = error(405, "UNSUPPORTED", "the operation is unsupported: this registry is read-only")
@@ -579,7 +773,7 @@ async def _guarded(
     except web.HTTPNotFound:
         return error(404, "UNSUPPORTED", "no such endpoint in this registry's API", request.path)
     except (MirrorError, OSError) as exc:
-        log.error("%s %s: %s", request.method, request.path, exc)
+        _request_log.warning("%s %s: %s", request.method, request.path, exc)
         return error(500, "UNKNOWN", "the cache could not be read", str(exc))
 
 
@@ -629,3 +823,245 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:5000")
     return host, int(port)
+
+
+# --- Limits: connections, idle time, what goes to the log ---------------------------------------
+
+# Descriptors kept back from the connection cap: the listening socket, the cache's files,
+# the log, the bcrypt threads' and the event loop's own.
+_RESERVED_FDS = 64
+IDLE_TIMEOUT = 30.0
+_QUOTED = re.compile(r":?\s*b?['\"]")
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (as far as 65,536) and return the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 65536
+
+
+def default_max_connections(nofile: int) -> int:
+    """Return the connection cap for a descriptor limit: half of what is left after a reserve.
+
+    Each connection takes its socket, and a blob being sent one more descriptor.
+    """
+    return max(8, (nofile - _RESERVED_FDS) // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    """How many connections `mirror serve` keeps, how long they may idle, how much it logs."""
+
+    max_connections: int = 480
+    # Seconds a connection may take, from its opening or its last response, to send a
+    # request's complete headers; an idle keep-alive connection is closed after as long.
+    idle_timeout: float = IDLE_TIMEOUT
+    log_lines: int = 10  # lines about bad requests per log_window; the rest are counted
+    log_window: float = 10.0
+
+
+class RateLimitedLog:
+    """Writes at most `lines` lines per `window` seconds, then one line counting those left out."""
+
+    def __init__(self, logger: logging.Logger, lines: int, window: float, level: int = logging.WARNING) -> None:
+        self.logger = logger
+        self.level = level
+        self.lines = lines
+        self.window = window
+        self._start = -window
+        self._written = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def warning(self, msg: str, *args: object) -> None:
+        """Log `msg % args` (at the log's level) unless this window's lines are spent."""
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            self.flush()
+            self._start, self._written = now, 0
+        if self._written < self.lines:
+            self._written += 1
+            self.logger.log(self.level, msg, *args)
+            return
+        self._suppressed += 1
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # Say how many were left out when the window ends, even if no other line follows.
+            self._timer = loop.call_later(self._start + self.window - now, self.flush)
+
+    def flush(self) -> None:
+        """Write the count of lines left out in this window, if any (at the window's end, or on exit)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._suppressed:
+            self.logger.log(self.level, "suppressed %d more such lines in %.0f s", self._suppressed, self.window)
+            self._suppressed = 0
+
+
+# What one request finds wrong in the cache (a file gone, a digest that does not match),
+# logged at most 10 times per 10 s however many clients ask.
+_request_log = RateLimitedLog(log, 10, 10.0, logging.ERROR)
+
+
+def _one_line(exc: BaseException | None) -> str:
+    """Return what went wrong in a request as one short line (aiohttp's parser errors span lines)."""
+    if exc is None:
+        return "no detail"
+    code, message = getattr(exc, "code", None), getattr(exc, "message", None)
+    if isinstance(code, int) and isinstance(message, str):
+        # The parser quotes the offending bytes (an Authorization header, say): leave them out.
+        text = f"{code} {_QUOTED.split(message, maxsplit=1)[0]}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler, counted by its guard and logging one short line per bad request."""
+
+    def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+        self.stall: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection, then let aiohttp read requests from it."""
+        self.guard.live[self] = None
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Uncount the connection."""
+        self.guard.live.pop(self, None)
+        self._unstall()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped taking bytes: close the connection if it takes none for the idle timeout (slow read)."""
+        super().pause_writing()
+        if self.stall is None:
+            self.stall = asyncio.get_running_loop().call_later(self.guard.limits.idle_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        """The client took bytes again."""
+        self._unstall()
+        super().resume_writing()
+
+    def _unstall(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        self.guard.log.warning(
+            "closed a connection whose client took no bytes of its response for %.0f s", self.guard.limits.idle_timeout
+        )
+        self.force_close()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """Log a malformed request (or a failed one) as one rate-limited line, never a traceback."""
+        exc = kw.get("exc_info")
+        if not isinstance(exc, BaseException):
+            exc = sys.exc_info()[1]
+        what = str(args[0]) % args[1:] if args else "error handling a request"
+        self.guard.log.warning("%s: %s", what, _one_line(exc))
+
+    @property
+    def busy(self) -> bool:
+        """Whether a complete request is being answered or waits on this connection (not idle, not mid-headers)."""
+        # aiohttp keeps both privately; a version without them counts every connection busy.
+        return bool(getattr(self, "_request_in_progress", True) or getattr(self, "_messages", True))
+
+
+class _Refused(asyncio.Protocol):
+    """Answers a connection past the cap with 503 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Write the 503 and close."""
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
+
+
+class ConnectionGuard:
+    """The protocol factory of `mirror serve`: at most `max_connections` open, the oldest idle one dropped first.
+
+    At the cap a new connection closes the oldest one that is idle or still sending its
+    headers (a slow client cannot hold the server's descriptors against a normal one);
+    when every connection is answering a request, the new one gets 503.
+    """
+
+    def __init__(self, runner: web.AppRunner, limits: ServeLimits, logger: logging.Logger) -> None:
+        self.runner = runner
+        self.limits = limits
+        self.log = RateLimitedLog(logger, limits.log_lines, limits.log_window)
+        self.live: dict[_Handler, None] = {}  # open connections, oldest first
+        self.evicted = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        """Return the protocol for a connection just accepted."""
+        if len(self.live) >= self.limits.max_connections and not self._evict():
+            self.refused += 1
+            self.log.warning("%d connections open, all busy: refused one with 503", len(self.live))
+            return _Refused()
+        server = self.runner.server
+        assert server is not None
+        return _Handler(
+            self,
+            server,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self.limits.idle_timeout,
+            access_log=None,
+        )
+
+    def _evict(self) -> bool:
+        for handler in self.live:
+            if not handler.busy:
+                del self.live[handler]
+                self.evicted += 1
+                handler.force_close()
+                return True
+        return False
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site whose connections go through a `ConnectionGuard`."""
+
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard, *, ssl_context: Any = None
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host = host
+        self.port = port
+        self.guard = guard
+
+    @property
+    def name(self) -> str:
+        """Return the site's URL."""
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen."""
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.guard, self.host, self.port, ssl=self._ssl_context, backlog=self._backlog
+        )

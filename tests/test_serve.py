@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import http.client as http_client
 import json
 import ssl
 import subprocess
@@ -22,13 +23,14 @@ from mirror.manifest import (
     ACCEPT,
     DOCKER_LIST,
     DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
     DOCKER_SCHEMA2,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
     Platform,
 )
-from mirror.server import Catalog, StoredManifest, accepted_types, negotiate, page
+from mirror.server import Catalog, StoredManifest, accepted_types, negotiate, page, single_range
 from tests.served_cache import PREFIX, Cache, Server, mirror_cache, run_mirror, server  # noqa: F401
 
 
@@ -68,6 +70,38 @@ def test_podman_pulls_schema2_oci_and_index_with_source_digests(mirror_cache: Ca
             podman("rmi", "-f", ref)
 
 
+def schema1_payload(signed: bytes) -> bytes:
+    """Return a signed schema1 manifest's payload, cut out as libtrust does (formatLength, formatTail)."""
+    protected = json.loads(signed)["signatures"][0]["protected"]
+    header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+    tail = header["formatTail"]
+    return signed[: header["formatLength"]] + base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4))
+
+
+@pytest.mark.slow
+def test_schema1_is_served_signed_and_podman_runs_it(mirror_cache: Cache, server: Server) -> None:
+    repo = PREFIX + "schema1"
+    status, headers, body = _manifest(server, repo, "1")
+    assert status == 200
+    assert headers["Content-Type"] == DOCKER_SCHEMA1_SIGNED
+    assert headers["Docker-Content-Digest"] == mirror_cache.digests["schema1:1"]
+    assert "sha256:" + hashlib.sha256(schema1_payload(body)).hexdigest() == mirror_cache.digests["schema1:1"]
+    status, head_headers, _ = http(f"{server.base}/v2/{repo}/manifests/1", "HEAD", {"Accept": ACCEPT})
+    assert status == 200 and int(head_headers["Content-Length"]) == len(body)
+    # Before: podman pulled the unsigned payload, then every use failed (`readObjectStart: expect { or n`).
+    ref = f"{server.host}/{repo}:1"
+    try:
+        res = podman("pull", "-q", "--tls-verify=false", ref)
+        assert res.returncode == 0, res.stderr.decode()
+        res = podman("image", "inspect", ref)
+        assert res.returncode == 0, res.stderr.decode()
+        res = podman("create", "--name", "mirrortest-serve-schema1", ref, "true")
+        assert res.returncode == 0, res.stderr.decode()
+    finally:
+        podman("rm", "-f", "mirrortest-serve-schema1")
+        podman("rmi", "-f", ref)
+
+
 @pytest.mark.slow
 def test_skopeo_copies_every_kind_with_source_digests(mirror_cache: Cache, server: Server, tmp_path: Path) -> None:
     for name in ["schema2:1", "oci:1", "index:1", "list:1", "schema1:1"]:
@@ -76,6 +110,8 @@ def test_skopeo_copies_every_kind_with_source_digests(mirror_cache: Cache, serve
         res = skopeo("copy", "-q", "--src-tls-verify=false", "--all", ref, f"dir:{out}")
         assert res.returncode == 0, res.stderr.decode()
         top = (out / "manifest.json").read_bytes()
+        if name == "schema1:1":
+            top = schema1_payload(top)  # served signed; its digest is the payload's
         assert "sha256:" + hashlib.sha256(top).hexdigest() == mirror_cache.digests[name]
         if name in ("index:1", "list:1"):
             # Every platform's manifest came along, each with its source digest.
@@ -119,8 +155,17 @@ def test_manifest_headers_range_and_etag(mirror_cache: Cache, server: Server) ->
     assert headers["Content-Range"] == f"bytes 100-1099/{len(data)}"
     status, headers, tail = http(blob_url, headers={"Range": f"bytes={len(data) - 10}-"})
     assert (status, tail) == (206, data[-10:])
-    status, _, _ = http(blob_url, headers={"Range": f"bytes={len(data) + 5}-"})
-    assert status == 416
+    status, headers, _ = http(blob_url, headers={"Range": f"bytes={len(data) + 5}-"})
+    assert (status, headers["Content-Range"]) == (416, f"bytes */{len(data)}")
+    assert http(blob_url, headers={"Range": "bytes=-0"})[0] == 416
+    # RFC 9110: a Range that does not parse, or names several ranges, is ignored: 200, the whole blob.
+    for ignored in ("bytes=abc", "bytes=5-3", "items=0-10", "bytes=0-9,20-29", "bytes=-"):
+        status, headers, whole = http(blob_url, headers={"Range": ignored})
+        assert (status, whole) == (200, data), ignored
+        assert "Content-Range" not in headers
+    # If-Range with another entity's tag: the whole blob; with the digest: the range.
+    assert http(blob_url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})[:3:2] == (200, data)
+    assert http(blob_url, headers={"Range": "bytes=0-9", "If-Range": f'"{layer["digest"]}"'})[:3:2] == (206, data[:10])
     status, headers, empty = http(blob_url, "HEAD")
     assert (status, empty, int(headers["Content-Length"])) == (200, b"", len(data))
     status, _, _ = http(blob_url, headers={"If-None-Match": f'"{layer["digest"]}"'})
@@ -145,6 +190,20 @@ def test_every_write_method_is_refused(server: Server) -> None:
             assert headers["Allow"] == "GET, HEAD"
     # Nothing changed: the manifest is still there.
     assert _manifest(server, PREFIX + "oci", "1")[0] == 200
+
+
+def test_v2_without_slash_redirects(server: Server) -> None:
+    conn = http_client.HTTPConnection(server.host, timeout=30)
+    try:
+        for method in ("GET", "HEAD"):
+            conn.request(method, "/v2")
+            resp = conn.getresponse()
+            resp.read()
+            assert (resp.status, resp.headers["Location"]) == (301, "/v2/"), method
+    finally:
+        conn.close()
+    # urllib follows the redirect to the version check.
+    assert http(f"{server.base}/v2")[:3:2] == (200, b"{}")
 
 
 def _walk(server: Server, path: str, key: str, n: int) -> list[list[str]]:
@@ -190,6 +249,9 @@ def test_registry_errors(mirror_cache: Cache, server: Server) -> None:
     assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     status, _, body = _manifest(server, PREFIX + "oci", "sha256:xyz")
     assert (status, error_code(body)) == (400, "DIGEST_INVALID")
+    # An invalid tag names no manifest (OCI conformance suite, distribution): 404, not 400.
+    status, _, body = _manifest(server, PREFIX + "oci", ".INVALID")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     # app1's own top layer is in the cache, but app0's images do not reference it.
     app1 = json.loads(_manifest(server, PREFIX + "app1", "1")[2])
     app0 = json.loads(_manifest(server, PREFIX + "app0", "1")[2])
@@ -359,3 +421,11 @@ def test_paging() -> None:
     assert page(items, "0", None) == ([], True)
     with pytest.raises(ValueError):
         page(items, "-1", None)
+
+
+def test_single_range() -> None:
+    assert single_range("bytes=0-9") == (0, 9)
+    assert single_range("BYTES=5-") == (5, None)
+    assert single_range("bytes=-10") == (None, 10)
+    for ignored in ("bytes=abc", "bytes=9-0", "bytes=-", "bytes=0-1,3-4", "items=0-1", "bytes=0x1-2", "bytes=1-2-3"):
+        assert single_range(ignored) is None, ignored

@@ -17,7 +17,20 @@ from aiohttp import web
 from mirror.commands.common import EXIT_OK, add_common, load_config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
-from mirror.server import DEFAULT_PLATFORM, Authenticator, Htpasswd, StaticUser, make_app, parse_listen
+from mirror.server import (
+    DEFAULT_PLATFORM,
+    IDLE_TIMEOUT,
+    Authenticator,
+    ConnectionGuard,
+    GuardedSite,
+    Htpasswd,
+    ServeLimits,
+    StaticUser,
+    default_max_connections,
+    make_app,
+    parse_listen,
+    raise_nofile_limit,
+)
 from mirror.store.layout import Layout
 
 PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
@@ -39,7 +52,30 @@ def register(sub: Any) -> None:
         metavar="OS/ARCH",
         help="child of an index given to clients that accept no index (default linux/amd64)",
     )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections kept open at most; past it the oldest idle one is closed (default: from RLIMIT_NOFILE)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that sends no complete request headers, or reads nothing, this long (default 30)",
+    )
     p.set_defaults(run=run)
+
+
+def _limits(args: argparse.Namespace) -> ServeLimits:
+    nofile = raise_nofile_limit()
+    cap = args.max_connections if args.max_connections is not None else default_max_connections(nofile)
+    if cap < 1:
+        raise UsageError(f"--max-connections must be at least 1, not {cap}")
+    if not 0 < args.idle_timeout <= 86400:
+        raise UsageError(f"--idle-timeout must be between 0 and 86400 seconds, not {args.idle_timeout}")
+    return ServeLimits(max_connections=cap, idle_timeout=args.idle_timeout)
 
 
 def _authenticator(args: argparse.Namespace) -> Authenticator | None:
@@ -72,12 +108,16 @@ async def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     layout = Layout.open(cfg.cache, create=False)
     tls = _tls(args)
-    app = make_app(layout, auth=_authenticator(args), default_platform=Platform.parse(args.default_platform))
+    limits = _limits(args)
+    auth = _authenticator(args)
+    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform))
     logging.basicConfig(level=logging.WARNING, format="mirror serve: %(message)s", stream=sys.stderr)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    guard: ConnectionGuard | None = None
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls)
+        guard = ConnectionGuard(runner, limits, logging.getLogger("mirror.serve.http"))
+        site = GuardedSite(runner, host, port, guard, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
@@ -92,5 +132,9 @@ async def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if isinstance(auth, Htpasswd):
+            auth.close()  # checks still queued are dropped rather than waited for
         await runner.cleanup()
+        if guard is not None:
+            guard.log.flush()
     return EXIT_OK

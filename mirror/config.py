@@ -401,7 +401,7 @@ def _scrub(message: str, values: tuple[str, ...]) -> str:
         inner = m.group(1) if m.group(1) is not None else m.group(2)
         return "" if inner and any(inner in v or v in inner for v in values if v) else m.group()
 
-    return _QUOTED.sub(drop, message)
+    return re.sub(" {2,}", " ", _QUOTED.sub(drop, message)).strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +437,7 @@ class _Doc:
         known = table.names(variant)
         for name in raw:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
                 where = f"{_dotted(at)}: " if at else ""
                 line = self.line((*at, name))
@@ -476,7 +476,7 @@ class _Doc:
         except ConfigError:
             raise
         except UsageError as exc:
-            values = tuple(a for a in args if isinstance(a, str))
+            values = tuple(v for a in args for v in ([a] if isinstance(a, str) else a if isinstance(a, list) else []))
             raise self.error(path, _scrub(str(exc), values)) from None
 
 
@@ -514,7 +514,7 @@ def _proxy(doc: _Doc, r: dict[str, Any], at: KeyPath) -> tuple[Proxy | None, boo
     except ProxyError as exc:
         # parse_proxy's messages start with the URL (credentials masked); the file's key is named instead.
         head, sep, reason = str(exc).partition(": ")
-        raise doc.error((*at, "proxy"), reason if sep and "://" in head else str(exc)) from None
+        raise doc.error((*at, "proxy"), _scrub(reason if sep and "://" in head else str(exc), (text,))) from None
     if env is not None:
         if env not in os.environ:
             raise doc.error(env_at, f"environment variable {env} is not set")
@@ -726,9 +726,13 @@ def _source(d: _Doc, raw: object, at: KeyPath, docker: DockerConfig) -> SourceCo
 
 def _patterns(d: _Doc, values: list[str], at: KeyPath) -> tuple[re.Pattern[str], ...]:
     """Return the compiled regexes of an include/exclude/immutable array; a bad one is named by its index."""
-    from mirror.engine.select import compile_patterns
-
-    return tuple(p for i, v in enumerate(values) for p in d.checked((*at, i), compile_patterns, [v], "regex"))
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(re.compile(v))
+        except re.error as exc:
+            raise d.error((*at, i), f"invalid regex: {_scrub(str(exc), (v,))}") from None
+    return tuple(out)
 
 
 def _repositories(d: _Doc, raw: object, at: KeyPath, host: str | None) -> RepoFilter:

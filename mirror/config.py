@@ -480,13 +480,17 @@ class _Doc:
             raise self.error(path, _scrub(str(exc), values)) from None
 
 
+# Not even the variable's name is shown: a password written here by mistake would be.
+_UNSET = "the environment variable it names is not set"
+
+
 def _secret(doc: _Doc, r: dict[str, Any], key: str, at: KeyPath) -> str | None:
     """Return secret `key`, or the environment variable named by `KEY_env`; never echo the value."""
     value: str | None = r[key]
     env = r[f"{key}_env"]
     if env is not None:
         if env not in os.environ:
-            raise doc.error((*at, f"{key}_env"), f"environment variable {env} is not set")
+            raise doc.error((*at, f"{key}_env"), _UNSET)
         value = os.environ[env]
     return value
 
@@ -517,7 +521,7 @@ def _proxy(doc: _Doc, r: dict[str, Any], at: KeyPath) -> tuple[Proxy | None, boo
         raise doc.error((*at, "proxy"), _scrub(reason if sep and "://" in head else str(exc), (text,))) from None
     if env is not None:
         if env not in os.environ:
-            raise doc.error(env_at, f"environment variable {env} is not set")
+            raise doc.error(env_at, _UNSET)
         if proxy.username is None:
             raise doc.error(env_at, "the proxy URL names no user (http://USER@HOST:PORT)")
         proxy = Proxy(proxy.scheme, proxy.host, proxy.port, proxy.username, os.environ[env])
@@ -530,7 +534,7 @@ def _registry(doc: _Doc, raw: object, at: KeyPath) -> RegistryConfig:
         raise doc.error((*at, "host"), 'missing; the registry host, e.g. host = "registry.example:5000"')
     for key in ("ca_file", "cert_file", "key_file"):
         if r[key] is not None and not r[key].is_file():
-            raise doc.error((*at, key), f"no such file {r[key]}")
+            raise doc.error((*at, key), "no such file (a relative path is relative to the config file's directory)")
     proxy, direct = _proxy(doc, r, at)
     fields = {k: v for k, v in r.items() if k in RegistryConfig.__dataclass_fields__ and k != "proxy"}
     fields.update(password=_secret(doc, r, "password", at), identity_token=_secret(doc, r, "identity_token", at))

@@ -86,15 +86,14 @@ def parse_proxy(text: str) -> Proxy:
 
 
 def _safe(url: str) -> str:
-    """Return `url` with any userinfo replaced by `***`, for messages."""
+    """Return `url` with any userinfo replaced by `***`, for messages.
+
+    Everything up to the last `@` goes: a password with an unescaped `/`, `?` or `#` in
+    it would otherwise look like a path and be shown.
+    """
     scheme, sep, rest = url.partition("://")
-    at = rest.rfind("@", 0, _authority_end(rest))
+    at = rest.rfind("@")
     return f"{scheme}{sep}***@{rest[at + 1 :]}" if at >= 0 else url
-
-
-def _authority_end(rest: str) -> int:
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends) if ends else len(rest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,7 +211,10 @@ async def test_daemon_down_is_one_failure(tmp_path: Path) -> None:
         ),
         ('source = {type = "daemon", host = "h.example"}\nrepositories = ["redis"]', "jobs[0].source: unknown key"),
         ('source = {type = "daemon", url = "ftp://x"}\nrepositories = ["redis"]', "jobs[0].source.url: daemon address"),
-        ('source = {type = "daemon"}\nrepositories = ["redis:7"]', "jobs[0].repositories.list[0]: name a repository without a tag"),
+        (
+            'source = {type = "daemon"}\nrepositories = ["redis:7"]',
+            "jobs[0].repositories.list[0]: name a repository without a tag",
+        ),
     ],
 )
 def test_daemon_job_config_errors_are_one_line(tmp_path: Path, snippet: str, message: str) -> None:

@@ -215,7 +215,10 @@ def test_proxy_setting_in_config(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"proxy": "proxy.corp:3128"}, 'registries[0].proxy: expected "none" or http://[USER:PASS@]HOST:PORT'),
         ({"proxy": 3128}, "registries[0].proxy: expected a string, got an integer"),
         ({"proxy": "http://u:pw-SECRET@h:x"}, "registries[0].proxy: not a proxy URL"),
-        ({"proxy": "http://h:1", "proxy_password_env": "NOPE_UNSET_VAR"}, "NOPE_UNSET_VAR is not set"),
+        (
+            {"proxy": "http://h:1", "proxy_password_env": "NOPE_UNSET_VAR"},
+            "_env: the environment variable it names is not set",
+        ),
         ({"proxy_password_env": "HOME"}, "registries[0].proxy_password_env: set without a proxy URL"),
         ({"proxy": "http://h:1", "proxy_password_env": "HOME"}, "the proxy URL names no user"),
     ],

@@ -168,8 +168,14 @@ def test_example_config_documents_jobs_and_daemon() -> None:
             'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\nschedule = {interval = "soon"}',
             "jobs[0].schedule.interval: expected seconds, or a duration",
         ),
-        ('source = {type = "registry", host = "h.example"}\nrepos = ["a"]', "jobs[0]: unknown key 'repos' (did you mean 'repositories'?)"),
-        ('source = {type = "registry", host = "myreg"}\nrepositories = ["a"]', "jobs[0].source.host: not a registry host"),
+        (
+            'source = {type = "registry", host = "h.example"}\nrepos = ["a"]',
+            "jobs[0]: unknown key 'repos' (did you mean 'repositories'?)",
+        ),
+        (
+            'source = {type = "registry", host = "myreg"}\nrepositories = ["a"]',
+            "jobs[0].source.host: not a registry host",
+        ),
         ('source = {type = "registry", host = "h.example"}\nrepositories = ["A/b"]', "jobs[0].repositories.list"),
     ],
 )

@@ -125,7 +125,10 @@ def test_registry_destination_in_config(tmp_path: Path) -> None:
         ('{type = "registry", host = "h.example", tls = true}', "jobs[0].destination: unknown key 'tls'"),
         ('{type = "registry", host = "myreg"}', "jobs[0].destination.host: is not a registry host"),
         ('{type = "registry", host = "h.example", prefix = "Mirror"}', "jobs[0].destination.prefix: invalid"),
-        ('{type = "registry", host = "h.example", prefix = 1}', "jobs[0].destination.prefix: expected a string, got an integer"),
+        (
+            '{type = "registry", host = "h.example", prefix = 1}',
+            "jobs[0].destination.prefix: expected a string, got an integer",
+        ),
         ('{type = "cache", host = "h.example"}', "jobs[0].destination: unknown key 'host'"),
         ('{type = "s3"}', "jobs[0].destination.type: expected one of cache, registry"),
         ('{type = "registry", host = "s.example"}', "jobs[0].destination: would push into the source's own"),

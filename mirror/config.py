@@ -691,7 +691,7 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[
         if job.spec.repositories.catalog:
             raise d.error(
                 ("jobs", i, "repositories"),
-                f'{job.source.host} is a v1 registry (api = "v1"), which has no catalog; list the repositories',
+                'the source is a v1 registry (api = "v1"), which has no catalog; list the repositories',
             )
         if job.spec.referrers:
             raise d.error(

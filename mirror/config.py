@@ -5,6 +5,7 @@ Errors name the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -200,7 +201,7 @@ INTEGER = Kind("an integer", (int,))
 NUMBER = Kind("a number", (int, float))
 BOOLEAN = Kind("a boolean", (bool,))
 TABLE = Kind("a table", (dict,))
-TABLES_ = Kind("an array of tables", (list,), (dict,))
+ARRAY_OF_TABLES = Kind("an array of tables", (list,), (dict,))
 STRINGS = Kind("an array of strings", (list,), (str,))
 STRINGS_OR_TABLE = Kind("an array of strings or a table", (list, dict), (str,))
 DURATION = Kind("a number or a string", (int, float, str))
@@ -362,7 +363,9 @@ TOP = Table(
     "",
     "The file.",
     tuple(
-        Key(t.name, TABLES_ if t.array else TABLE, [] if t.array else {}, t.doc) for t in TABLES if "." not in t.name
+        Key(t.name, ARRAY_OF_TABLES if t.array else TABLE, [] if t.array else {}, t.doc)
+        for t in TABLES
+        if "." not in t.name
     ),
 )
 
@@ -391,6 +394,7 @@ def _a(value: object) -> str:
     return "a date or time"
 
 
+_ITEM_NAMES: dict[type, str] = {str: "a string", dict: "a table"}
 _QUOTED = re.compile(r" ?'([^']*)'| ?\"([^\"]*)\"")
 
 
@@ -433,7 +437,8 @@ class _Doc:
     def read(self, table: Table, raw: object, at: KeyPath, variant: str | None = None) -> dict[str, Any]:
         """Return every key of `table` (its default when not written), checked; raise naming file, line and key."""
         if not isinstance(raw, dict):
-            raise self.error(at, f"expected {'an array of tables' if table.array else 'a table'}, got {_a(raw)}")
+            whole = table.array and not (at and isinstance(at[-1], int))  # `[[name]]` itself, not one of its tables
+            raise self.error(at, f"expected {'an array of tables' if whole else 'a table'}, got {_a(raw)}")
         known = table.names(variant)
         for name in raw:
             if name not in known:
@@ -448,7 +453,7 @@ class _Doc:
             if key.name not in known:
                 continue
             if key.name not in raw:
-                out[key.name] = None if key.default is REQUIRED else key.default
+                out[key.name] = None if key.default is REQUIRED else copy.copy(key.default)  # lists are not shared
                 continue
             value, path = raw[key.name], (*at, key.name)
             if not key.kind.accepts(value):
@@ -456,7 +461,7 @@ class _Doc:
             if isinstance(value, list) and key.kind.items:
                 for i, item in enumerate(value):
                     if not isinstance(item, key.kind.items):
-                        raise self.error((*path, i), f"expected {_a(key.kind.items[0]())}, got {_a(item)}")
+                        raise self.error((*path, i), f"expected {_ITEM_NAMES[key.kind.items[0]]}, got {_a(item)}")
             problem = key.check(value) if key.check is not None else None
             if problem:
                 raise self.error(path, problem)

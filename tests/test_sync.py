@@ -197,7 +197,10 @@ def test_bad_config_is_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     )
     res = mirror("sync", "-c", str(path))
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().startswith(f"mirror: {path}: jobs[0].platforms: invalid platform 'amd64'")
+    assert (
+        res.stderr
+        == f"mirror: {path}:7: jobs[0].platforms[0]: invalid platform: expected OS/ARCH[/VARIANT], e.g. linux/amd64\n"
+    )
     assert not cache.exists()
     res = mirror(
         "sync", "-c", str(write_config(tmp_path, THREE_JOBS.format(cache=cache, host="h.example"))), "--job", "nope"

@@ -124,7 +124,8 @@ def test_no_message_echoes_a_value_of_any_key(table: config.Table, monkeypatch: 
     monkeypatch.setenv("MIRROR_TEST_PW", "pw")
     for key in table.keys:
         # A value of the wrong type, and a string of the wrong shape: neither shows in the message.
-        bad = [wrong_type(key.kind)] + ([f"{SECRET} :/@'x"] if key.kind.accepts("s") else [])
+        shaped = f"{SECRET} :/@'x(["
+        bad = [wrong_type(key.kind)] + [v for v in (shaped, [shaped], [SECRET, 1]) if key.kind.accepts(v)]
         for value in bad:
             try:
                 config.parse(place(table.name, key.name, value), "c.toml")

@@ -70,7 +70,10 @@ def parse_proxy(text: str) -> Proxy:
         parts = urlsplit(raw)
         port = parts.port
     except ValueError as exc:
-        raise ProxyError(f"{_safe(raw)}: not a proxy URL ({exc})") from None
+        # urlsplit's own message quotes the port it read, which is part of the password
+        # when that holds an unescaped '/': say what is wrong without it.
+        what = "IPv6 address" if "IPv6" in str(exc) else "port"
+        raise ProxyError(f"{_safe(raw)}: not a proxy URL (bad {what})") from None
     scheme = parts.scheme.lower()
     if scheme.startswith("socks"):
         raise ProxyError(f"{_safe(raw)}: SOCKS proxies are not supported (use an http:// proxy)")

@@ -1,6 +1,9 @@
 """TOML configuration -> frozen dataclasses, and the composition root that builds sources.
 
-Errors name the file, the key and what is wrong.
+One schema (`TABLES`) lists every table and key with its type, default and meaning; the
+file is read against it, and `python -m mirror.config` prints docs/config.md from it.
+Errors name the file, the line, the key and what is wrong, never the value. Relative
+paths in a file are relative to the file's directory.
 """
 
 from __future__ import annotations
@@ -458,7 +461,8 @@ class _Doc:
                 continue
             value, path = raw[key.name], (*at, key.name)
             if not key.kind.accepts(value):
-                raise self.error(path, f"expected {key.kind.name}, got {_a(value)}")
+                hint = f" (write [[{key.name}]])" if key.kind is ARRAY_OF_TABLES else ""
+                raise self.error(path, f"expected {key.kind.name}{hint}, got {_a(value)}")
             if isinstance(value, list) and key.kind.items:
                 for i, item in enumerate(value):
                     if not isinstance(item, key.kind.items):
@@ -608,8 +612,6 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         d.read(SCHEMA[k], top[k], (k,)) for k in ("engine", "retry", "auth", "tls", "cache")
     )
     docker = DockerConfig(**d.read(SCHEMA["docker"], top["docker"], ("docker",)))
-    if not isinstance(top["registries"], list):
-        raise d.error(("registries",), "expected an array of tables ([[registries]])")
     regs = tuple(_registry(d, r, ("registries", i)) for i, r in enumerate(top["registries"]))
     return Config(
         **engine,

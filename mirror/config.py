@@ -448,6 +448,8 @@ class _Doc:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                other = next((k.only for k in table.keys if k.name == name and k.only), None)
+                hint = f'{name} is for type = "{other}"; known: {", ".join(known)}' if other else hint
                 where = f"{_dotted(at)}: " if at else ""
                 line = self.line((*at, name))
                 loc = f"{self.where}:{line}" if line else self.where

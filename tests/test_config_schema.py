@@ -89,7 +89,8 @@ def test_every_table_rejects_unknown_keys() -> None:
 
 def test_an_unknown_key_of_the_other_source_type_is_refused() -> None:
     doc = place("jobs.source", "url", "unix:///x.sock")
-    with pytest.raises(config.ConfigError, match=r"jobs\[0\]\.source: unknown key 'url' \(known: type, host\)"):
+    message = r"jobs\[0\]\.source: unknown key 'url' \(url is for type = \"daemon\"; known: type, host\)$"
+    with pytest.raises(config.ConfigError, match=message):
         config.parse(doc, "c.toml")
 
 

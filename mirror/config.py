@@ -1,12 +1,22 @@
 """TOML configuration -> frozen dataclasses, and the composition root that builds sources.
 
-Errors name the file, the key and what is wrong.
+One schema (`TABLES`) lists every table and key with its type, default and meaning; the
+file is read against it, and `python -m mirror.config` prints docs/config.md from it.
+Errors name the file, the line, the key and what is wrong, never the value. Relative
+paths in a file are relative to the file's directory.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import json
+import logging
 import os
+import re
+import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +31,9 @@ from mirror.proxy import Proxy, ProxyError, parse_proxy
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
-from mirror.sources.detect import check_api
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
+from mirror.tomlscan import KeyPath, key_lines
 from mirror.transport import (
     DEFAULT_CERTS_DIRS,
     DEFAULT_RATE_LIMIT_FLOOR,
@@ -38,8 +48,17 @@ if TYPE_CHECKING:  # sync jobs, filters and push load only when a config has job
     from mirror.engine.select import RepoFilter, TagFilter
     from mirror.engine.sync import SyncJob
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PER_HOST = 16
+# Source types a job may name, and what builds each from the run's Transport. A new
+# source adds its parser and builder here.
+SOURCE_TYPES = ("registry", "daemon")
+DESTINATION_TYPES = ("cache", "registry")
+DEFAULT_LISTEN = "127.0.0.1:9090"
+DEFAULT_GRACE = 30.0
+DAEMON_HOST = "docker-daemon"  # a daemon job's `SyncJob.registry`: it names no registry
 
 
 class ConfigError(UsageError):
@@ -146,171 +165,471 @@ class Config:
         )
 
 
-def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    if isinstance(value, bool) and kind in (int, float):
-        raise ConfigError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got a boolean")
-    if not isinstance(value, kind):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{where}.{key}: expected {name}, got {type(value).__name__} {value!r}")
+# --- The schema: every key of the file, its type, default and meaning ----------------------
+#
+# One place lists every table and key. The reader checks a file against it (unknown keys,
+# types, ranges) and `python -m mirror.config` writes docs/config.md from it. A new key is
+# one `Key(...)` line in its table below; a key of [engine], [retry], [docker], [daemon] or
+# [[registries]] reaches the field of the same name of Config, RetryPolicy, DockerConfig,
+# DaemonConfig or RegistryConfig (give that field the same default).
+
+
+class _Required:
+    """The default of a key that must be given."""
+
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A TOML type a key accepts: its name in messages and docs, and the Python types tomllib gives it."""
+
+    name: str
+    types: tuple[type, ...]
+    items: tuple[type, ...] = ()  # an array's item types; empty: not an array
+
+    def accepts(self, value: object) -> bool:
+        """Return whether `value` (as tomllib gives it) is of this kind; a boolean is never a number."""
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        return isinstance(value, self.types)
+
+
+STRING = Kind("a string", (str,))
+INTEGER = Kind("an integer", (int,))
+NUMBER = Kind("a number", (int, float))
+BOOLEAN = Kind("a boolean", (bool,))
+TABLE = Kind("a table", (dict,))
+ARRAY_OF_TABLES = Kind("an array of tables", (list,), (dict,))
+STRINGS = Kind("an array of strings", (list,), (str,))
+STRINGS_OR_TABLE = Kind("an array of strings or a table", (list, dict), (str,))
+DURATION = Kind("a number or a string", (int, float, str))
+
+Check = Callable[[Any], "str | None"]
+
+
+def at_least(low: float) -> Check:
+    """Return a check that a number is at least `low`."""
+    return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def one_of(*choices: str) -> Check:
+    """Return a check that a string is one of `choices`."""
+    return lambda v: None if v in choices else f"expected one of {', '.join(choices)}"
+
+
+def _host_port(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    return None if sep and host and port.isdigit() else "expected HOST:PORT"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key of a table: name, kind, default (REQUIRED: must be given), one-line description."""
+
+    name: str
+    kind: Kind
+    default: Any
+    doc: str
+    check: Check | None = None  # more than the type: a range, a choice
+    path: bool = False  # a file or directory: relative to the config file's directory
+    secret: bool = False  # written inline, it is a password: the file should be private
+    only: str | None = None  # in a table with `type` variants: the one type this key belongs to
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One table of the file (`[name]`, `[[name]]` when `array`, `jobs.source` inside a job) and its keys."""
+
+    name: str
+    doc: str
+    keys: tuple[Key, ...]
+    array: bool = False
+
+    def names(self, variant: str | None = None) -> tuple[str, ...]:
+        """Return the keys this table knows (for a `type` variant: its own and the shared ones)."""
+        return tuple(k.name for k in self.keys if k.only is None or variant is None or k.only == variant)
+
+
+def _duration(value: object) -> str | None:
+    try:
+        parse_duration(value)  # type: ignore[arg-type]
+    except UsageError:
+        return "expected seconds, or a duration such as 90s, 5m, 6h, 1d"
+    return None
+
+
+_R = DEFAULT_RETRY
+# fmt: off
+TABLES: tuple[Table, ...] = (
+    Table("cache", "Where the cache lives.", (
+        Key("path", STRING, "./cache", "The cache directory, an OCI image layout; `--cache` overrides it (not "
+            "written: ./cache in the current directory).", path=True),
+    )),
+    Table("engine", "Limits and timeouts of every download.", (
+        Key("concurrency", INTEGER, DEFAULT_CONCURRENCY, "Blobs downloaded at once, over all registries.", at_least(1)),
+        Key("per_host", INTEGER, DEFAULT_PER_HOST, "Requests in flight to one registry host.", at_least(1)),
+        Key("connect_timeout", NUMBER, 30.0, "Seconds to wait for a TCP/TLS connection."),
+        Key("first_byte_timeout", NUMBER, 60.0, "Seconds to wait for a response's status line and headers."),
+        Key("read_timeout", NUMBER, 120.0, "Seconds a body may stall before the download breaks off (and resumes)."),
+        Key("rate_limit_floor", INTEGER, DEFAULT_RATE_LIMIT_FLOOR,
+            "Space manifest GETs when RateLimit-Remaining falls under this (0: off)."),
+    )),
+    Table("retry", "Retries of connection errors, timeouts and HTTP 408, 429, 500, 502, 503, 504.", (
+        Key("attempts", INTEGER, _R.attempts, "Tries of one request, the first included.", at_least(1)),
+        Key("base", NUMBER, _R.base, "Backoff base in seconds: try n waits up to min(cap, base * 2^n).", at_least(0)),
+        Key("cap", NUMBER, _R.cap, "Longest backoff in seconds.", at_least(0)),
+        Key("max_wait", NUMBER, _R.max_wait, "Longest Retry-After honoured, in seconds.", at_least(0)),
+    )),
+    Table("auth", "Credentials of hosts without a [[registries]] table: Docker's config file.", (
+        Key("docker_config", STRING, "", "Docker's config.json (empty: $DOCKER_CONFIG/config.json, else "
+            "~/.docker/config.json).", path=True),
+        Key("use_docker_config", BOOLEAN, True, "Read Docker's config file and credential helpers at all."),
+    )),
+    Table("tls", "Extra CA roots and client certificates per host, as Docker reads /etc/docker/certs.d.", (
+        Key("certs_dirs", STRINGS, [str(d) for d in DEFAULT_CERTS_DIRS],
+            "Directories of HOST[:PORT]/*.crt, NAME.cert and NAME.key.", path=True),
+    )),
+    Table("docker", "The Docker daemon of `daemon://` images.", (
+        Key("url", STRING, None, "unix:///PATH or tcp://HOST:PORT (default: $DOCKER_HOST, else the default socket)."),
+        Key("compress", STRING, "none", '"gzip": compress layers on the way in.', one_of("none", "gzip")),
+    )),
+    Table("daemon", "The `mirror daemon` process.", (
+        Key("listen", STRING, DEFAULT_LISTEN, "HOST:PORT of /healthz, /metrics and /status.", _host_port),
+        Key("grace", NUMBER, DEFAULT_GRACE, "Seconds in-flight downloads get after SIGTERM/SIGINT.", at_least(0)),
+        Key("serve", BOOLEAN, False, "Also serve the cache read-only under /v2/ on `listen`."),
+    )),
+    Table("registries", "Settings of one registry host (one table per host).", (
+        Key("host", STRING, REQUIRED, "The registry host as in references: HOST[:PORT], docker.io for Docker Hub."),
+        Key("insecure", BOOLEAN, False, "Plain HTTP instead of HTTPS."),
+        Key("api", STRING, "auto", "API: auto (ask /v2/, then /v1/_ping), v2 or v1.", one_of("auto", "v2", "v1")),
+        Key("username", STRING, None, "User name for Basic auth or the token service."),
+        Key("password", STRING, None, "Password (better: password_env).", secret=True),
+        Key("password_env", STRING, None, "Environment variable holding the password."),
+        Key("identity_token", STRING, None, "Identity (refresh) token (better: identity_token_env).", secret=True),
+        Key("identity_token_env", STRING, None, "Environment variable holding the identity token."),
+        Key("ca_file", STRING, None, "CA bundle (PEM) added to the system CAs for this host.", path=True),
+        Key("cert_file", STRING, None, "Client certificate (PEM).", path=True),
+        Key("key_file", STRING, None, "Client key (PEM).", path=True),
+        Key("concurrency", INTEGER, None, "Requests in flight to this host (default: [engine] per_host).", at_least(1)),
+        Key("proxy", STRING, None, '"http://[USER[:PASS]@]HOST:PORT", or "none" (default: the environment decides).'),
+        Key("proxy_password_env", STRING, None, "Environment variable holding the proxy's password."),
+    ), array=True),
+    Table("jobs", "One sync job (`mirror sync`, `mirror daemon`); every job copies into the cache.", (
+        Key("name", STRING, REQUIRED, "Unique; `mirror sync --job NAME` runs only this one."),
+        Key("source", TABLE, REQUIRED, "Where images come from: see `jobs.source`."),
+        Key("destination", TABLE, {"type": "cache"}, "Where images go besides the cache: see `jobs.destination`."),
+        Key("repositories", STRINGS_OR_TABLE, REQUIRED, "Repository names, or a table: see `jobs.repositories`."),
+        Key("tags", STRINGS_OR_TABLE, {}, "Exact tags, or a table of filters: see `jobs.tags` (default: every tag)."),
+        Key("platforms", STRINGS, [], "Platforms kept from an index, e.g. linux/amd64 (default: all)."),
+        Key("immutable", STRINGS, [], "Regexes of tags that never change: once cached, not checked again."),
+        Key("prune", BOOLEAN, False, "Remove tags deleted upstream from the cache's index.json."),
+        Key("referrers", BOOLEAN, False, "Also cache signatures, SBOMs and attestations of each fetched image."),
+        Key("schedule", TABLE, None, "When `mirror daemon` runs the job: see `jobs.schedule` (default: never)."),
+    ), array=True),
+    Table("jobs.source", "A job's source; `type` picks the kind.", (
+        Key("type", STRING, REQUIRED, '"registry" (a v2 or v1 registry) or "daemon" (a Docker daemon).',
+            one_of(*SOURCE_TYPES)),
+        Key("host", STRING, REQUIRED, "type registry: the registry host, HOST[:PORT] or docker.io.", only="registry"),
+        Key("url", STRING, None, "type daemon: the daemon's address (default: [docker] url).", only="daemon"),
+    )),
+    Table("jobs.destination", "Where a job's images go; `type` picks the kind.", (
+        Key("type", STRING, "cache", '"cache" (the cache only) or "registry" (the cache, then pushed on).',
+            one_of(*DESTINATION_TYPES)),
+        Key("host", STRING, REQUIRED, "type registry: the registry to push to, HOST[:PORT].", only="registry"),
+        Key("prefix", STRING, "", "type registry: path put before each repository at the target.", only="registry"),
+    )),
+    Table("jobs.repositories", "Which repositories (a plain array is `list`); list or catalog is required.", (
+        Key("list", STRINGS, [], "Names always wanted."),
+        Key("catalog", BOOLEAN, False, "Also list the registry's /v2/_catalog (a daemon: every repository)."),
+        Key("include", STRINGS, [], "Regexes a catalog name must fully match one of (default: any)."),
+        Key("exclude", STRINGS, [], "Regexes dropping catalog names."),
+    )),
+    Table("jobs.tags", "Which tags (a plain array is `list`).", (
+        Key("list", STRINGS, [], "Exact tags, always wanted."),
+        Key("include", STRINGS, [], "Regexes a listed tag must fully match one of (default: any)."),
+        Key("exclude", STRINGS, [], "Regexes dropping listed tags."),
+        Key("semver", STRING, None, 'A node-semver range, e.g. ">=1.2 <2", "^1.4".'),
+        Key("newest", INTEGER, None, "Keep the N highest versions left after the above.", at_least(1)),
+    )),
+    Table("jobs.schedule", "When the daemon runs a job: exactly one of cron or interval.", (
+        Key("cron", STRING, None, '5 fields, UTC, e.g. "0 */6 * * *".'),
+        Key("interval", DURATION, None, 'Seconds, or "90s", "5m", "6h", "1d".', _duration),
+    )),
+)
+# fmt: on
+SCHEMA = {t.name: t for t in TABLES}
+TOP = Table(
+    "",
+    "The file.",
+    tuple(
+        Key(t.name, ARRAY_OF_TABLES if t.array else TABLE, [] if t.array else {}, t.doc)
+        for t in TABLES
+        if "." not in t.name
+    ),
+)
+
+
+def _dotted(path: KeyPath) -> str:
+    """Return a key path as messages write it: `registries[0].password`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _a(value: object) -> str:
+    """Return the TOML type of `value` with its article ("an integer"), never the value itself."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in (
+        (str, "a string"),
+        (int, "an integer"),
+        (float, "a float"),
+        (list, "an array"),
+        (dict, "a table"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "a date or time"
+
+
+_ITEM_NAMES: dict[type, str] = {str: "a string", dict: "a table"}
+_QUOTED = re.compile(r" ?'([^']*)'| ?\"([^\"]*)\"")
+
+
+def _scrub(message: str, values: tuple[str, ...]) -> str:
+    """Return `message` without the quoted parts that repeat (part of) one of `values`."""
+
+    def drop(m: re.Match[str]) -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        return "" if inner and any(inner in v or v in inner for v in values if v) else m.group()
+
+    return re.sub(" {2,}", " ", _QUOTED.sub(drop, message)).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    """The file being read: its name for messages, where each key is written, its directory."""
+
+    where: str
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    base: Path | None = None
+
+    def line(self, path: KeyPath) -> int | None:
+        """Return the line of `path`, else of its nearest written parent."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return self.lines[path[:n]]
+        return None
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        """Return a ConfigError `FILE[:LINE]: KEY: message`."""
+        line = self.line(path)
+        loc = f"{self.where}:{line}" if line else self.where
+        return ConfigError(f"{loc}: {_dotted(path)}: {message}" if path else f"{loc}: {message}")
+
+    def resolve(self, text: str) -> Path:
+        """Return a path of the file: `~` expanded, relative to the file's directory."""
+        p = Path(text).expanduser()
+        return p if self.base is None or p.is_absolute() else self.base / p
+
+    def read(self, table: Table, raw: object, at: KeyPath, variant: str | None = None) -> dict[str, Any]:
+        """Return every key of `table` (its default when not written), checked; raise naming file, line and key."""
+        if not isinstance(raw, dict):
+            whole = table.array and not (at and isinstance(at[-1], int))  # `[[name]]` itself, not one of its tables
+            raise self.error(at, f"expected {'an array of tables' if whole else 'a table'}, got {_a(raw)}")
+        known = table.names(variant)
+        for name in raw:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                other = next((k.only for k in table.keys if k.name == name and k.only), None)
+                hint = f'{name} is for type = "{other}"; known: {", ".join(known)}' if other else hint
+                where = f"{_dotted(at)}: " if at else ""
+                line = self.line((*at, name))
+                loc = f"{self.where}:{line}" if line else self.where
+                raise ConfigError(f"{loc}: {where}unknown key {name!r} ({hint})")
+        out: dict[str, Any] = {}
+        for key in table.keys:
+            if key.name not in known:
+                continue
+            if key.name not in raw:
+                out[key.name] = None if key.default is REQUIRED else copy.copy(key.default)  # lists are not shared
+                continue
+            value, path = raw[key.name], (*at, key.name)
+            if not key.kind.accepts(value):
+                hint = f" (write [[{key.name}]])" if key.kind is ARRAY_OF_TABLES else ""
+                raise self.error(path, f"expected {key.kind.name}{hint}, got {_a(value)}")
+            if isinstance(value, list) and key.kind.items:
+                for i, item in enumerate(value):
+                    if not isinstance(item, key.kind.items):
+                        raise self.error((*path, i), f"expected {_ITEM_NAMES[key.kind.items[0]]}, got {_a(item)}")
+            problem = key.check(value) if key.check is not None else None
+            if problem:
+                raise self.error(path, problem)
+            if key.kind is NUMBER:
+                value = float(value)
+            if key.path and isinstance(value, str) and value:
+                value = self.resolve(value)
+            elif key.path and isinstance(value, list):
+                value = [self.resolve(v) for v in value]
+            out[key.name] = value
+        return out
+
+    def checked(self, path: KeyPath, make: Callable[..., Any], *args: Any) -> Any:
+        """Call `make(*args)`; a UsageError becomes a ConfigError naming the key, with the value left out."""
+        try:
+            return make(*args)
+        except ConfigError:
+            raise
+        except UsageError as exc:
+            values = tuple(v for a in args for v in ([a] if isinstance(a, str) else a if isinstance(a, list) else []))
+            raise self.error(path, _scrub(str(exc), values)) from None
+
+
+# Not even the variable's name is shown: a password written here by mistake would be.
+_UNSET = "the environment variable it names is not set"
+
+
+def _secret(doc: _Doc, r: dict[str, Any], key: str, at: KeyPath) -> str | None:
+    """Return secret `key`, or the environment variable named by `KEY_env`; never echo the value."""
+    value: str | None = r[key]
+    env = r[f"{key}_env"]
+    if env is not None:
+        if env not in os.environ:
+            raise doc.error((*at, f"{key}_env"), _UNSET)
+        value = os.environ[env]
     return value
 
 
-def _secret(r: dict[str, Any], key: str, where: str) -> str | None:
-    """Return secret `key`, or the environment variable named by `KEY_env`; never echo the value."""
-    value = _get(r, key, str, where, None)
-    env = _get(r, f"{key}_env", str, where, None)
-    if env is not None:
-        if env not in os.environ:
-            raise ConfigError(f"{where}.{key}_env: environment variable {env} is not set")
-        value = os.environ[env]
-    return value  # type: ignore[no-any-return]
-
-
-def _proxy(r: dict[str, Any], where: str) -> tuple[Proxy | None, bool]:
+def _proxy(doc: _Doc, r: dict[str, Any], at: KeyPath) -> tuple[Proxy | None, bool]:
     """Return a registry's (proxy, direct) from `proxy = "http://[user:pass@]host:port"` or `"none"`.
 
     `proxy_password_env` names an environment variable holding the proxy's password, so
     the URL in the file can be `http://user@host:port`.
     """
-    text = _get(r, "proxy", str, where, None)
-    env = _get(r, "proxy_password_env", str, where, None)
+    text, env = r["proxy"], r["proxy_password_env"]
+    env_at = (*at, "proxy_password_env")
     if text is None:
         if env is not None:
-            raise ConfigError(f"{where}.proxy_password_env: set without a proxy URL")
+            raise doc.error(env_at, "set without a proxy URL")
         return None, False
     if text.strip().lower() == "none":
         if env is not None:
-            raise ConfigError(f'{where}.proxy_password_env: set with proxy = "none"')
+            raise doc.error(env_at, 'set with proxy = "none"')
         return None, True
     if "://" not in text:
-        raise ConfigError(f'{where}.proxy: expected "none" or http://[USER:PASS@]HOST:PORT, got {text!r}')
+        raise doc.error((*at, "proxy"), 'expected "none" or http://[USER:PASS@]HOST:PORT')
     try:
         proxy = parse_proxy(text)
     except ProxyError as exc:
-        raise ConfigError(f"{where}.proxy: {exc}") from None
+        # parse_proxy's messages start with the URL (credentials masked); the file's key is named instead.
+        head, sep, reason = str(exc).partition(": ")
+        raise doc.error((*at, "proxy"), _scrub(reason if sep and "://" in head else str(exc), (text,))) from None
     if env is not None:
         if env not in os.environ:
-            raise ConfigError(f"{where}.proxy_password_env: environment variable {env} is not set")
+            raise doc.error(env_at, _UNSET)
         if proxy.username is None:
-            raise ConfigError(f"{where}.proxy_password_env: the proxy URL names no user (http://USER@HOST:PORT)")
+            raise doc.error(env_at, "the proxy URL names no user (http://USER@HOST:PORT)")
         proxy = Proxy(proxy.scheme, proxy.host, proxy.port, proxy.username, os.environ[env])
     return proxy, False
 
 
-def _path(r: dict[str, Any], key: str, where: str) -> Path | None:
-    value = _get(r, key, str, where, None)
-    if value is None:
-        return None
-    p = Path(value).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{where}.{key}: no such file {p}")
-    return p
+def _registry(doc: _Doc, raw: object, at: KeyPath) -> RegistryConfig:
+    r = doc.read(SCHEMA["registries"], raw, at)
+    if not r["host"]:
+        raise doc.error((*at, "host"), 'missing; the registry host, e.g. host = "registry.example:5000"')
+    for key in ("ca_file", "cert_file", "key_file"):
+        if r[key] is not None and not r[key].is_file():
+            raise doc.error((*at, key), "no such file (a relative path is relative to the config file's directory)")
+    proxy, direct = _proxy(doc, r, at)
+    fields = {k: v for k, v in r.items() if k in RegistryConfig.__dataclass_fields__ and k != "proxy"}
+    fields.update(password=_secret(doc, r, "password", at), identity_token=_secret(doc, r, "identity_token", at))
+    return RegistryConfig(**fields, proxy=proxy, direct=direct)
 
 
 def load(path: Path) -> Config:
-    """Return the configuration in `path`, or raise ConfigError naming file, key and problem."""
+    """Return the configuration in `path`, or raise ConfigError naming file, line, key and problem.
+
+    Relative paths in the file are relative to the file's directory. A file holding a
+    password that others can read gets a warning (logged), not an error.
+    """
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read the config file: {getattr(exc, 'strerror', None) or 'not UTF-8'}"
+        ) from None
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(doc, str(path))
+    cfg = parse(doc, str(path), text=text, base=path.absolute().parent)
+    _warn_if_readable(path, doc)
+    return cfg
 
 
-def parse(doc: dict[str, Any], where: str) -> Config:
-    """Return the configuration in the parsed TOML `doc` (from file `where`)."""
-    cache = doc.get("cache", {})
-    engine = doc.get("engine", {})
-    if not isinstance(cache, dict) or not isinstance(engine, dict):
-        raise ConfigError(f"{where}: [cache] and [engine] must be tables")
-    conc = _get(engine, "concurrency", int, f"{where}: engine", DEFAULT_CONCURRENCY)
-    per_host = _get(engine, "per_host", int, f"{where}: engine", DEFAULT_PER_HOST)
-    if conc < 1 or per_host < 1:
-        raise ConfigError(f"{where}: engine.concurrency and engine.per_host must be at least 1")
-    regs = []
-    raw_regs = doc.get("registries", [])
-    if not isinstance(raw_regs, list):
-        raise ConfigError(f"{where}: registries must be an array of tables ([[registries]])")
-    for i, r in enumerate(raw_regs):
-        w = f"{where}: registries[{i}]"
-        if not isinstance(r, dict) or "host" not in r:
-            raise ConfigError(f"{w}: needs a host")
-        conc_r = _get(r, "concurrency", int, w, None)
-        if conc_r is not None and conc_r < 1:
-            raise ConfigError(f"{w}.concurrency: must be at least 1")
-        proxy, direct = _proxy(r, w)
-        regs.append(
-            RegistryConfig(
-                host=_get(r, "host", str, w, ""),
-                insecure=_get(r, "insecure", bool, w, False),
-                username=_get(r, "username", str, w, None),
-                password=_secret(r, "password", w),
-                identity_token=_secret(r, "identity_token", w),
-                ca_file=_path(r, "ca_file", w),
-                cert_file=_path(r, "cert_file", w),
-                key_file=_path(r, "key_file", w),
-                concurrency=conc_r,
-                proxy=proxy,
-                direct=direct,
-                api=check_api(_get(r, "api", str, w, "auto"), f"{w}.api"),
-            )
+def _holds_password(doc: dict[str, Any]) -> bool:
+    """Return whether the (valid) `doc` writes a secret inline: a password, a token, a proxy URL's password."""
+    secrets = [k.name for k in SCHEMA["registries"].keys if k.secret]
+    for r in doc.get("registries", []):
+        if any(r.get(k) for k in secrets):
+            return True
+        proxy = r.get("proxy")
+        if proxy and "://" in proxy and proxy.strip().lower() != "none" and parse_proxy(proxy).password:
+            return True
+    return False
+
+
+def _warn_if_readable(path: Path, doc: dict[str, Any]) -> None:
+    """Log one line, as ssh does, when a config holding a password is readable by group or others."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o044 and _holds_password(doc):
+        log.warning(
+            "mirror: warning: config %s holds a password and is readable by others (mode %04o); chmod 600 it",
+            path,
+            mode,
         )
-    docker = doc.get("docker", {})
-    if not isinstance(docker, dict):
-        raise ConfigError(f"{where}: [docker] must be a table")
-    compress = _get(docker, "compress", str, f"{where}: docker", "none")
-    if compress not in ("none", "gzip"):
-        raise ConfigError(f'{where}: docker.compress: expected "none" or "gzip", got {compress!r}')
-    retry, auth, tls = (_table(doc, k, where) for k in ("retry", "auth", "tls"))
-    w_retry = f"{where}: retry"
-    policy = RetryPolicy(
-        attempts=_get(retry, "attempts", int, w_retry, DEFAULT_RETRY.attempts),
-        base=float(_get(retry, "base", (int, float), w_retry, DEFAULT_RETRY.base)),
-        cap=float(_get(retry, "cap", (int, float), w_retry, DEFAULT_RETRY.cap)),
-        max_wait=float(_get(retry, "max_wait", (int, float), w_retry, DEFAULT_RETRY.max_wait)),
+
+
+def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Path | None = None) -> Config:
+    """Return the configuration in the parsed TOML `doc` (from file `where`).
+
+    `text` is the file's text, to name the line of a bad key; `base` the directory
+    relative paths are relative to (None: left relative, to the current directory).
+    """
+    d = _Doc(where, key_lines(text) if text is not None else {}, base)
+    top = d.read(TOP, doc, ())
+    engine, retry, auth, tls, cache = (
+        d.read(SCHEMA[k], top[k], (k,)) for k in ("engine", "retry", "auth", "tls", "cache")
     )
-    if policy.attempts < 1 or policy.base < 0 or policy.cap < 0 or policy.max_wait < 0:
-        raise ConfigError(f"{where}: retry.attempts must be at least 1 and retry times not negative")
-    dirs = _get(tls, "certs_dirs", list, f"{where}: tls", [str(d) for d in DEFAULT_CERTS_DIRS])
-    if not all(isinstance(d, str) for d in dirs):
-        raise ConfigError(f"{where}: tls.certs_dirs: expected an array of paths")
-    docker_config = _get(auth, "docker_config", str, f"{where}: auth", "")
-    floor = _get(engine, "rate_limit_floor", int, f"{where}: engine", DEFAULT_RATE_LIMIT_FLOOR)
+    docker = DockerConfig(**d.read(SCHEMA["docker"], top["docker"], ("docker",)))
+    regs = tuple(_registry(d, r, ("registries", i)) for i, r in enumerate(top["registries"]))
     return Config(
-        first_byte_timeout=float(_get(engine, "first_byte_timeout", (int, float), f"{where}: engine", 60.0)),
-        retry=policy,
-        rate_limit_floor=floor,
-        certs_dirs=tuple(Path(d) for d in dirs),
-        docker_config=Path(docker_config).expanduser() if docker_config else None,
-        use_docker_config=_get(auth, "use_docker_config", bool, f"{where}: auth", True),
-        docker=DockerConfig(_get(docker, "url", str, f"{where}: docker", None), compress),
-        cache=Path(_get(cache, "path", str, f"{where}: cache", "./cache")),
-        concurrency=conc,
-        per_host=per_host,
-        connect_timeout=float(_get(engine, "connect_timeout", (int, float), f"{where}: engine", 30.0)),
-        read_timeout=float(_get(engine, "read_timeout", (int, float), f"{where}: engine", 120.0)),
-        registries=tuple(regs),
-        jobs=_v1_jobs(
-            _jobs(doc, where, DockerConfig(_get(docker, "url", str, f"{where}: docker", None), compress)),
-            {r.host for r in regs if r.api == "v1"},
-            where,
-        ),
-        daemon=_daemon(doc, where),
+        **engine,
+        cache=Path(cache["path"]),
+        retry=RetryPolicy(**retry),
+        certs_dirs=tuple(Path(p) for p in tls["certs_dirs"]),
+        docker_config=Path(auth["docker_config"]) if auth["docker_config"] else None,
+        use_docker_config=auth["use_docker_config"],
+        docker=docker,
+        registries=regs,
+        jobs=_v1_jobs(_jobs(d, top["jobs"], docker), {r.host for r in regs if r.api == "v1"}, d),
+        daemon=DaemonConfig(**d.read(SCHEMA["daemon"], top["daemon"], ("daemon",))),
     )
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
-
-# Source types a job may name, and what builds each from the run's Transport. A new
-# source adds its parser and builder here.
-SOURCE_TYPES = ("registry", "daemon")
-DESTINATION_TYPES = ("cache", "registry")
-DEFAULT_LISTEN = "127.0.0.1:9090"
-DEFAULT_GRACE = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,38 +686,7 @@ class DaemonConfig:
     serve: bool = False  # also serve the cache read-only under /v2/ on `listen`
 
 
-def _table(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = parent.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: [{key}] must be a table, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _strings(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = _get(table, key, list, where, [])
-    for item in value:
-        if not isinstance(item, str):
-            raise ConfigError(f"{where}.{key}: expected a list of strings, got {item!r} in it")
-    return tuple(value)
-
-
-def _checked(where: str, key: str, make: Any, *args: Any) -> Any:
-    """Call `make(*args)`; a UsageError becomes a ConfigError naming the file and key."""
-    try:
-        return make(*args)
-    except ConfigError:
-        raise
-    except UsageError as exc:
-        raise ConfigError(f"{where}.{key}: {exc}") from None
-
-
-def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
-    unknown = sorted(set(table) - keys)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
-
-
-def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], where: str) -> tuple[JobConfig, ...]:
+def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[JobConfig, ...]:
     """Mark the jobs whose registry is v1 (`api = "v1"`); their repositories get v1's `library/` rule.
 
     A v1 registry has no catalog and no referrers: a job asking for either is refused.
@@ -406,129 +694,107 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], where: str) -> tup
     from mirror.sources.registry_v1 import v1_repository
 
     out = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         if job.source.type != "registry" or job.source.host not in v1_hosts:
             out.append(job)
             continue
-        w = f"{where}: job {job.name}"
         if job.spec.repositories.catalog:
-            raise ConfigError(
-                f'{w}: {job.source.host} is a v1 registry (api = "v1"), which has no catalog; list the repositories'
+            raise d.error(
+                ("jobs", i, "repositories"),
+                'the source is a v1 registry (api = "v1"), which has no catalog; list the repositories',
             )
         if job.spec.referrers:
-            raise ConfigError(f"{w}: referrers = true: a v1 registry has no signatures or other referrers")
+            raise d.error(
+                ("jobs", i, "referrers"), "referrers = true: a v1 registry has no signatures or other referrers"
+            )
         repos = replace(job.spec.repositories, names=tuple(v1_repository(n) for n in job.spec.repositories.names))
         spec = replace(job.spec, repositories=repos)
         out.append(replace(job, source=replace(job.source, v1=True), spec=spec))
     return tuple(out)
 
 
-def _source(job: dict[str, Any], w: str, docker: DockerConfig) -> SourceConfig:
-    if "source" not in job:
-        raise ConfigError(f'{w}.source: missing; e.g. source = {{type = "registry", host = "HOST[:PORT]"}}')
-    src = _table(job, "source", w)
-    ws = f"{w}.source"
-    kind = _get(src, "type", str, ws, "")
-    if kind not in SOURCE_TYPES:
-        raise ConfigError(f"{ws}.type: unknown source type {kind!r} (known: {', '.join(SOURCE_TYPES)})")
+def _source(d: _Doc, raw: object, at: KeyPath, docker: DockerConfig) -> SourceConfig:
+    if raw is None:
+        raise d.error(at, 'missing; e.g. source = {type = "registry", host = "HOST[:PORT]"}')
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    src = d.read(SCHEMA["jobs.source"], raw, at, kind if kind in SOURCE_TYPES else None)
+    kind = src["type"]
+    if kind is None:
+        raise d.error((*at, "type"), f"missing; one of {', '.join(SOURCE_TYPES)}")
     if kind == "daemon":
         from mirror.sources.daemon import DaemonEndpoint
 
-        _known(src, {"type", "url"}, ws)
-        url = _get(src, "url", str, ws, None) or docker.url
+        url = src["url"] or docker.url
         if url is not None:
-            _checked(ws, "url", DaemonEndpoint.resolve, url)
+            d.checked((*at, "url"), DaemonEndpoint.resolve, url)
         return SourceConfig(kind, DAEMON_HOST, url, docker.compress == "gzip")
-    _known(src, {"type", "host"}, ws)
-    host = _get(src, "host", str, ws, "")
+    host = src["host"]
     if not host:
-        raise ConfigError(f'{ws}.host: missing; the registry host, e.g. "registry.example:5000"')
-    parsed = _checked(ws, "host", Reference.parse, f"{host}/x")
+        raise d.error((*at, "host"), 'missing; the registry host, e.g. "registry.example:5000"')
+    parsed = d.checked((*at, "host"), Reference.parse, f"{host}/x")
     if parsed.repository != "x" and parsed.repository != "library/x":
         # As Docker reads references, a host needs a '.', a ':PORT' or to be `localhost`.
-        raise ConfigError(f"{ws}.host: {host!r} is not a registry host (write it with a '.' or ':PORT')")
+        raise d.error((*at, "host"), "not a registry host (write it with a '.' or ':PORT')")
     return SourceConfig(kind, parsed.registry)
 
 
-def _repositories(job: dict[str, Any], w: str, host: str | None) -> RepoFilter:
-    from mirror.engine.select import RepoFilter, compile_patterns
+def _patterns(d: _Doc, values: list[str], at: KeyPath) -> tuple[re.Pattern[str], ...]:
+    """Return the compiled regexes of an include/exclude/immutable array; a bad one is named by its index."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(re.compile(v))
+        except re.error as exc:
+            raise d.error((*at, i), f"invalid regex: {_scrub(str(exc), (v,))}") from None
+    return tuple(out)
 
-    raw = job.get("repositories", [])
-    wr = f"{w}.repositories"
-    if isinstance(raw, list):
-        raw = {"list": raw}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{wr}: expected a list of names or a table, got {type(raw).__name__}")
-    _known(raw, {"list", "catalog", "include", "exclude"}, wr)
+
+def _repositories(d: _Doc, raw: object, at: KeyPath, host: str | None) -> RepoFilter:
+    from mirror.engine.select import RepoFilter
+
+    r = d.read(SCHEMA["jobs.repositories"], {"list": raw} if isinstance(raw, list) else raw, at)
     repos = RepoFilter(
-        names=_strings(raw, "list", wr),
-        catalog=_get(raw, "catalog", bool, wr, False),
-        include=_checked(wr, "include", compile_patterns, _strings(raw, "include", wr), "regex"),
-        exclude=_checked(wr, "exclude", compile_patterns, _strings(raw, "exclude", wr), "regex"),
+        names=tuple(r["list"]),
+        catalog=r["catalog"],
+        include=_patterns(d, r["include"], (*at, "include")),
+        exclude=_patterns(d, r["exclude"], (*at, "exclude")),
     )
     if not repos.names and not repos.catalog:
-        raise ConfigError(f"{wr}: no repositories: give a list, or catalog = true")
-    for name in repos.names:
+        raise d.error(at, "no repositories: give a list, or catalog = true")
+    for i, name in enumerate(repos.names):
         # A daemon job names repositories as the daemon does, with their host (`redis` is docker.io/library/redis).
-        ref = _checked(wr, "list", Reference.parse, name if host is None else f"{host}/{name}")
+        ref = d.checked((*at, "list", i), Reference.parse, name if host is None else f"{host}/{name}")
         if host is None and (ref.digest or ":" in name.rpartition("/")[2]):
-            raise ConfigError(f"{wr}.list: {name!r}: name a repository without a tag; tags go in `tags`")
+            raise d.error((*at, "list", i), "name a repository without a tag; tags go in `tags`")
     return repos
 
 
-def _tags(job: dict[str, Any], w: str) -> TagFilter:
-    from mirror.engine.select import SemverRange, TagFilter, compile_patterns
+def _tags(d: _Doc, raw: object, at: KeyPath) -> TagFilter:
+    from mirror.engine.select import SemverRange, TagFilter
 
-    raw = job.get("tags", {})
-    wt = f"{w}.tags"
-    if isinstance(raw, list):
-        raw = {"list": raw}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{wt}: expected a list of tags or a table, got {type(raw).__name__}")
-    _known(raw, {"list", "include", "exclude", "semver", "newest"}, wt)
-    semver_text = _get(raw, "semver", str, wt, None)
-    newest = _get(raw, "newest", int, wt, None)
-    if newest is not None and newest < 1:
-        raise ConfigError(f"{wt}.newest: must be at least 1, got {newest}")
-    names = _strings(raw, "list", wt)
-    for tag in names:
-        _checked(wt, "list", Reference.parse, f"localhost/x:{tag}")
+    t = d.read(SCHEMA["jobs.tags"], {"list": raw} if isinstance(raw, list) else raw, at)
+    for i, tag in enumerate(t["list"]):
+        d.checked((*at, "list", i), Reference.parse, f"localhost/x:{tag}")
+    semver = t["semver"]
     return TagFilter(
-        names=names,
-        include=_checked(wt, "include", compile_patterns, _strings(raw, "include", wt), "regex"),
-        exclude=_checked(wt, "exclude", compile_patterns, _strings(raw, "exclude", wt), "regex"),
-        semver=_checked(wt, "semver", SemverRange.parse, semver_text) if semver_text is not None else None,
-        newest=newest,
+        names=tuple(t["list"]),
+        include=_patterns(d, t["include"], (*at, "include")),
+        exclude=_patterns(d, t["exclude"], (*at, "exclude")),
+        semver=d.checked((*at, "semver"), SemverRange.parse, semver) if semver is not None else None,
+        newest=t["newest"],
     )
 
 
-def _schedule(job: dict[str, Any], w: str) -> Schedule | None:
-    if "schedule" not in job:
+def _schedule(d: _Doc, raw: object, at: KeyPath) -> Schedule | None:
+    if raw is None:
         return None
-    raw = _table(job, "schedule", w)
-    ws = f"{w}.schedule"
-    _known(raw, {"cron", "interval"}, ws)
-    if ("cron" in raw) == ("interval" in raw):
-        raise ConfigError(f'{ws}: give exactly one of cron = "MIN HOUR DOM MON DOW" or interval = "6h"')
-    if "cron" in raw:
-        cron: Schedule = _checked(ws, "cron", Schedule.parse_cron, _get(raw, "cron", str, ws, ""))
+    s = d.read(SCHEMA["jobs.schedule"], raw, at)
+    if (s["cron"] is None) == (s["interval"] is None):
+        raise d.error(at, 'give exactly one of cron = "MIN HOUR DOM MON DOW" or interval = "6h"')
+    if s["cron"] is not None:
+        cron: Schedule = d.checked((*at, "cron"), Schedule.parse_cron, s["cron"])
         return cron
-    value = _get(raw, "interval", (int, float, str), ws, None)
-    return Schedule(interval=_checked(ws, "interval", parse_duration, value))
-
-
-JOB_KEYS = {
-    "name",
-    "source",
-    "destination",
-    "repositories",
-    "tags",
-    "platforms",
-    "immutable",
-    "prune",
-    "referrers",
-    "schedule",
-}
+    return Schedule(interval=parse_duration(s["interval"]))
 
 
 # Job keys that cannot apply to a Docker daemon source, and why.
@@ -536,84 +802,106 @@ DAEMON_REFUSED = {
     "referrers": "a Docker daemon holds no signatures or other referrers",
     "platforms": "a daemon image is one platform already",
 }
-DAEMON_HOST = "docker-daemon"  # a daemon job's `SyncJob.registry`: it names no registry
 
 
-def _jobs(doc: dict[str, Any], where: str, docker: DockerConfig = DockerConfig()) -> tuple[JobConfig, ...]:
-    from mirror.engine.select import compile_patterns
+def _jobs(d: _Doc, raw: object, docker: DockerConfig) -> tuple[JobConfig, ...]:
     from mirror.engine.sync import SyncJob
 
-    raw = doc.get("jobs", [])
     if not isinstance(raw, list):
-        raise ConfigError(f"{where}: jobs must be an array of tables ([[jobs]])")
+        raise d.error(("jobs",), "expected an array of tables ([[jobs]])")
     out: list[JobConfig] = []
-    for i, job in enumerate(raw):
-        w = f"{where}: jobs[{i}]"
-        if not isinstance(job, dict):
-            raise ConfigError(f"{w}: expected a table")
-        _known(job, JOB_KEYS, w)
-        name = _get(job, "name", str, w, "")
+    for i, table in enumerate(raw):
+        at: KeyPath = ("jobs", i)
+        job = d.read(SCHEMA["jobs"], table, at)
+        name = job["name"]
         if not name:
-            raise ConfigError(f"{w}.name: missing; every job needs a unique name")
+            raise d.error((*at, "name"), "missing; every job needs a unique name")
         if any(j.name == name for j in out):
-            raise ConfigError(f"{w}.name: job name {name!r} is used twice")
-        source = _source(job, w, docker)
+            raise d.error((*at, "name"), f"the name is used by jobs[{[j.name for j in out].index(name)}] too")
+        source = _source(d, job["source"], (*at, "source"), docker)
         daemon = source.type == "daemon"
         for key, why in DAEMON_REFUSED.items() if daemon else ():
-            if job.get(key):
-                raise ConfigError(f"{w}.{key}: does not apply to a daemon source ({why})")
-        target = _destination(job, w)
+            if job[key]:
+                raise d.error((*at, key), f"does not apply to a daemon source ({why})")
+        target = _destination(d, job["destination"], (*at, "destination"))
         if target is not None and not daemon and target.host == source.host and not target.prefix:
-            raise ConfigError(
-                f"{w}.destination: would push into the source's own repositories; give another host or a prefix"
+            raise d.error(
+                (*at, "destination"), "would push into the source's own repositories; give another host or a prefix"
             )
-        platforms = tuple(_checked(w, "platforms", Platform.parse, p) for p in _strings(job, "platforms", w))
+        if job["repositories"] is None:
+            raise d.error((*at, "repositories"), "no repositories: give a list, or catalog = true")
         spec = SyncJob(
             name=name,
             registry=source.host,
-            repositories=_repositories(job, w, None if daemon else source.host),
-            tags=_tags(job, w),
-            platforms=platforms,
-            immutable=_checked(w, "immutable", compile_patterns, _strings(job, "immutable", w), "regex"),
-            prune=_get(job, "prune", bool, w, False),
-            referrers=_get(job, "referrers", bool, w, False),
+            repositories=_repositories(d, job["repositories"], (*at, "repositories"), None if daemon else source.host),
+            tags=_tags(d, job["tags"], (*at, "tags")),
+            platforms=tuple(
+                d.checked((*at, "platforms", n), Platform.parse, p) for n, p in enumerate(job["platforms"])
+            ),
+            immutable=_patterns(d, job["immutable"], (*at, "immutable")),
+            prune=job["prune"],
+            referrers=job["referrers"],
             destination=target,
         )
-        out.append(JobConfig(name, source, spec, _schedule(job, w)))
+        out.append(JobConfig(name, source, spec, _schedule(d, job["schedule"], (*at, "schedule"))))
     return tuple(out)
 
 
-def _destination(job: dict[str, Any], w: str) -> RegistryTarget | None:
+def _destination(d: _Doc, raw: object, at: KeyPath) -> RegistryTarget | None:
     """Return where a job's images are pushed on from the cache (None: the cache only)."""
     from mirror.engine.publish import RegistryTarget
 
-    dest = _table(job, "destination", w)
-    wd = f"{w}.destination"
-    dest_type = _get(dest, "type", str, wd, "cache")
-    if dest_type not in DESTINATION_TYPES:
-        raise ConfigError(f"{wd}.type: unknown destination {dest_type!r} (known: {', '.join(DESTINATION_TYPES)})")
-    if dest_type == "cache":
-        _known(dest, {"type"}, wd)
+    kind = raw.get("type", "cache") if isinstance(raw, dict) else None
+    dest = d.read(SCHEMA["jobs.destination"], raw, at, kind if kind in DESTINATION_TYPES else None)
+    if kind == "cache":
         return None
-    _known(dest, {"type", "host", "prefix"}, wd)
-    host = _get(dest, "host", str, wd, "")
+    host = dest["host"]
     if not host:
-        raise ConfigError(f'{wd}.host: missing; the registry to push to, e.g. "registry.internal:5000"')
-    prefix = _get(dest, "prefix", str, wd, "")
-    _checked(wd, "host", RegistryTarget.of, host)
-    target: RegistryTarget = _checked(wd, "prefix", RegistryTarget.of, host, prefix)
+        raise d.error((*at, "host"), 'missing; the registry to push to, e.g. "registry.internal:5000"')
+    d.checked((*at, "host"), RegistryTarget.of, host)
+    target: RegistryTarget = d.checked((*at, "prefix"), RegistryTarget.of, host, dest["prefix"])
     return target
 
 
-def _daemon(doc: dict[str, Any], where: str) -> DaemonConfig:
-    raw = _table(doc, "daemon", where)
-    w = f"{where}: daemon"
-    _known(raw, {"listen", "grace", "serve"}, w)
-    listen = _get(raw, "listen", str, w, DEFAULT_LISTEN)
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{w}.listen: expected HOST:PORT, got {listen!r}")
-    grace = float(_get(raw, "grace", (int, float), w, DEFAULT_GRACE))
-    if grace < 0:
-        raise ConfigError(f"{w}.grace: must not be negative, got {grace}")
-    return DaemonConfig(listen, grace, _get(raw, "serve", bool, w, False))
+def reference() -> str:
+    """Return docs/config.md: every table and key of the schema, with type, default and description."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m mirror.config > docs/config.md` from the schema in mirror/config.py;"
+        " do not edit. -->",
+        "",
+        "Every command's `-c FILE` reads a TOML file; `config.example.toml` is a commented example.",
+        "Every key is optional unless marked *required*. A key no table knows is an error naming the",
+        "file, the line and the closest known key. Relative paths (type *path*) are relative to the",
+        "directory of the config file, not to the current directory (`--cache` on the command line",
+        "is); `~` is the home directory. Error messages name the key and what is wrong, never the",
+        "value. A file that writes a password or token inline should be readable by its owner only",
+        "(`chmod 600`); mirror warns when it is not. Use `password_env` and the other `*_env` keys",
+        "to keep secrets out of the file.",
+    ]
+    for t in TABLES:
+        header = f"[[{t.name}]]" if t.array else (f"`{t.name}`" if "." in t.name else f"[{t.name}]")
+        out += ["", f"## {header}", "", t.doc, "", "| key | type | default | description |", "|---|---|---|---|"]
+        for k in t.keys:
+            kind = k.kind.name.removeprefix("a ").removeprefix("an ")
+            kind = kind.replace("strings", "paths").replace("string", "path") if k.path else kind
+            out.append(f"| `{k.name}` | {kind} | {_show(k.default)} | {k.doc} |")
+    return "\n".join(out) + "\n"
+
+
+def _show(value: object) -> str:
+    """Return a default as the docs write it: TOML syntax, *required*, or *none*."""
+    if value is REQUIRED:
+        return "*required*"
+    if value is None:
+        return "*none*"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, dict):
+        return "`{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}`"
+    return f"`{json.dumps(value)}`"
+
+
+if __name__ == "__main__":  # `python -m mirror.config > docs/config.md`
+    sys.stdout.write(reference())

@@ -70,7 +70,10 @@ def parse_proxy(text: str) -> Proxy:
         parts = urlsplit(raw)
         port = parts.port
     except ValueError as exc:
-        raise ProxyError(f"{_safe(raw)}: not a proxy URL ({exc})") from None
+        # urlsplit's own message quotes the port it read, which is part of the password
+        # when that holds an unescaped '/': say what is wrong without it.
+        what = "IPv6 address" if "IPv6" in str(exc) else "port"
+        raise ProxyError(f"{_safe(raw)}: not a proxy URL (bad {what})") from None
     scheme = parts.scheme.lower()
     if scheme.startswith("socks"):
         raise ProxyError(f"{_safe(raw)}: SOCKS proxies are not supported (use an http:// proxy)")
@@ -86,15 +89,14 @@ def parse_proxy(text: str) -> Proxy:
 
 
 def _safe(url: str) -> str:
-    """Return `url` with any userinfo replaced by `***`, for messages."""
+    """Return `url` with any userinfo replaced by `***`, for messages.
+
+    Everything up to the last `@` goes: a password with an unescaped `/`, `?` or `#` in
+    it would otherwise look like a path and be shown.
+    """
     scheme, sep, rest = url.partition("://")
-    at = rest.rfind("@", 0, _authority_end(rest))
+    at = rest.rfind("@")
     return f"{scheme}{sep}***@{rest[at + 1 :]}" if at >= 0 else url
-
-
-def _authority_end(rest: str) -> int:
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends) if ends else len(rest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,7 +397,7 @@ def test_config_docker_table() -> None:
         text = text.replace(f"# {commented}", commented)
     doc = tomllib.loads(text)
     assert config.parse(doc, "example").docker == config.DockerConfig("unix:///var/run/docker.sock", "none")
-    with pytest.raises(config.ConfigError, match=r'^t: docker.compress: expected "none" or "gzip", got \'zstd\'$'):
+    with pytest.raises(config.ConfigError, match=r"^t: docker.compress: expected one of none, gzip$"):
         config.parse({"docker": {"compress": "zstd"}}, "t")
 
 

@@ -209,13 +209,16 @@ def test_proxy_setting_in_config(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("reg", "message"),
     [
-        ({"proxy": "socks5://h:1080"}, "registries[0].proxy: socks5://h:1080: SOCKS proxies are not supported"),
-        ({"proxy": "ftp://h"}, "registries[0].proxy: ftp://h: unsupported proxy scheme 'ftp'"),
-        ({"proxy": "http://"}, "registries[0].proxy: http://: no proxy host"),
+        ({"proxy": "socks5://h:1080"}, "registries[0].proxy: SOCKS proxies are not supported"),
+        ({"proxy": "ftp://h"}, "registries[0].proxy: unsupported proxy scheme (expected http"),
+        ({"proxy": "http://"}, "registries[0].proxy: no proxy host"),
         ({"proxy": "proxy.corp:3128"}, 'registries[0].proxy: expected "none" or http://[USER:PASS@]HOST:PORT'),
-        ({"proxy": 3128}, "registries[0].proxy: expected str, got int 3128"),
-        ({"proxy": "http://u:pw-SECRET@h:x"}, "registries[0].proxy: http://***@h:x: not a proxy URL"),
-        ({"proxy": "http://h:1", "proxy_password_env": "NOPE_UNSET_VAR"}, "NOPE_UNSET_VAR is not set"),
+        ({"proxy": 3128}, "registries[0].proxy: expected a string, got an integer"),
+        ({"proxy": "http://u:pw-SECRET@h:x"}, "registries[0].proxy: not a proxy URL"),
+        (
+            {"proxy": "http://h:1", "proxy_password_env": "NOPE_UNSET_VAR"},
+            "_env: the environment variable it names is not set",
+        ),
         ({"proxy_password_env": "HOME"}, "registries[0].proxy_password_env: set without a proxy URL"),
         ({"proxy": "http://h:1", "proxy_password_env": "HOME"}, "the proxy URL names no user"),
     ],

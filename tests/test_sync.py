@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -141,7 +142,7 @@ def test_example_config_documents_jobs_and_daemon() -> None:
     [
         (
             'source = {type = "v9", host = "h.example"}\nrepositories = ["a"]',
-            "jobs[0].source.type: unknown source type 'v9'",
+            "jobs[0].source.type: expected one of registry, daemon",
         ),
         ('source = {type = "registry"}\nrepositories = ["a"]', "jobs[0].source.host: missing"),
         (
@@ -162,14 +163,20 @@ def test_example_config_documents_jobs_and_daemon() -> None:
         ),
         (
             'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\nschedule = {cron = "61 * * * *"}',
-            "jobs[0].schedule.cron: invalid cron expression '61 * * * *'",
+            "jobs[0].schedule.cron: invalid cron expression:",
         ),
         (
             'source = {type = "registry", host = "h.example"}\nrepositories = ["a"]\nschedule = {interval = "soon"}',
-            "jobs[0].schedule.interval: invalid duration 'soon'",
+            "jobs[0].schedule.interval: expected seconds, or a duration",
         ),
-        ('source = {type = "registry", host = "h.example"}\nrepos = ["a"]', "jobs[0]: unknown key 'repos'"),
-        ('source = {type = "registry", host = "myreg"}\nrepositories = ["a"]', "jobs[0].source.host: 'myreg' is not"),
+        (
+            'source = {type = "registry", host = "h.example"}\nrepos = ["a"]',
+            "jobs[0]: unknown key 'repos' (did you mean 'repositories'?)",
+        ),
+        (
+            'source = {type = "registry", host = "myreg"}\nrepositories = ["a"]',
+            "jobs[0].source.host: not a registry host",
+        ),
         ('source = {type = "registry", host = "h.example"}\nrepositories = ["A/b"]', "jobs[0].repositories.list"),
     ],
 )
@@ -177,7 +184,7 @@ def test_config_errors_name_file_and_key(tmp_path: Path, snippet: str, message: 
     path = write_config(tmp_path, f'[[jobs]]\nname = "j"\n{snippet}\n')
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
-    assert str(err.value).startswith(f"{path}: ")
+    assert re.match(rf"{re.escape(str(path))}:\d+: ", str(err.value))
     assert message in str(err.value)
 
 
@@ -191,7 +198,10 @@ def test_bad_config_is_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     )
     res = mirror("sync", "-c", str(path))
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().startswith(f"mirror: {path}: jobs[0].platforms: invalid platform 'amd64'")
+    assert (
+        res.stderr
+        == f"mirror: {path}:7: jobs[0].platforms[0]: invalid platform: expected OS/ARCH[/VARIANT], e.g. linux/amd64\n"
+    )
     assert not cache.exists()
     res = mirror(
         "sync", "-c", str(write_config(tmp_path, THREE_JOBS.format(cache=cache, host="h.example"))), "--job", "nope"

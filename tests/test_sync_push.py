@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -122,11 +123,14 @@ def test_registry_destination_in_config(tmp_path: Path) -> None:
     [
         ('{type = "registry"}', "jobs[0].destination.host: missing"),
         ('{type = "registry", host = "h.example", tls = true}', "jobs[0].destination: unknown key 'tls'"),
-        ('{type = "registry", host = "myreg"}', "jobs[0].destination.host: 'myreg' is not a registry host"),
+        ('{type = "registry", host = "myreg"}', "jobs[0].destination.host: is not a registry host"),
         ('{type = "registry", host = "h.example", prefix = "Mirror"}', "jobs[0].destination.prefix: invalid"),
-        ('{type = "registry", host = "h.example", prefix = 1}', "jobs[0].destination.prefix: expected str"),
+        (
+            '{type = "registry", host = "h.example", prefix = 1}',
+            "jobs[0].destination.prefix: expected a string, got an integer",
+        ),
         ('{type = "cache", host = "h.example"}', "jobs[0].destination: unknown key 'host'"),
-        ('{type = "s3"}', "jobs[0].destination.type: unknown destination 's3' (known: cache, registry)"),
+        ('{type = "s3"}', "jobs[0].destination.type: expected one of cache, registry"),
         ('{type = "registry", host = "s.example"}', "jobs[0].destination: would push into the source's own"),
     ],
 )
@@ -138,7 +142,7 @@ def test_bad_destination_is_named(tmp_path: Path, destination: str, message: str
     )
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
-    assert str(err.value).startswith(f"{path}: ")
+    assert re.match(rf"{re.escape(str(path))}:\d+: ", str(err.value))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -51,12 +51,15 @@ def test_registry_settings_reach_the_transport(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ({"retry": {"attempts": 0}}, "c.toml: retry.attempts must be at least 1"),
-        ({"retry": {"cap": "x"}}, "c.toml: retry.cap: expected int or float, got str 'x'"),
-        ({"retry": []}, "c.toml: [retry] must be a table"),
-        ({"tls": {"certs_dirs": [1]}}, "c.toml: tls.certs_dirs: expected an array of paths"),
-        ({"registries": [{"host": "h", "ca_file": "/nonexistent/ca.pem"}]}, "ca_file: no such file /nonexistent"),
-        ({"registries": [{"host": "h", "identity_token_env": "NOPE_UNSET_VAR"}]}, "NOPE_UNSET_VAR is not set"),
+        ({"retry": {"attempts": 0}}, "c.toml: retry.attempts: must be at least 1"),
+        ({"retry": {"cap": "x"}}, "c.toml: retry.cap: expected a number, got a string"),
+        ({"retry": []}, "c.toml: retry: expected a table, got an array"),
+        ({"tls": {"certs_dirs": [1]}}, "c.toml: tls.certs_dirs[0]: expected a string, got an integer"),
+        ({"registries": [{"host": "h", "ca_file": "/nonexistent/ca.pem"}]}, "registries[0].ca_file: no such file"),
+        (
+            {"registries": [{"host": "h", "identity_token_env": "NOPE_UNSET_VAR"}]},
+            "_env: the environment variable it names is not set",
+        ),
         ({"registries": [{"host": "h", "concurrency": 0}]}, "registries[0].concurrency: must be at least 1"),
     ],
 )

@@ -149,7 +149,7 @@ def test_two_interval_jobs_metrics_and_reload(dreg: SyncRegistry, tmp_path: Path
         assert m[("mirror_blobs_reused_total", ())] >= 3
 
         # SIGHUP with a bad config: rejected, the running jobs kept.
-        cfg.write_text(head + job("a", h, ["d/one"], '"1h"') + 'tags = {semver = ">=x"}\n')
+        cfg.write_text(head + job("a", h, ["d/one"], '"1h"') + 'tags = {semver = ">=one"}\n')
         d.proc.send_signal(signal.SIGHUP)
         st = d.wait_for(lambda s: s["last_reload"] is not None)
         assert st["last_reload"]["ok"] is False

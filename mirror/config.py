@@ -78,6 +78,10 @@ class RegistryConfig:
         )
 
 
+# [engine] document_deadline (s), blob_deadline (s) and min_rate (bytes/s): see transport.Timeouts.
+DEFAULT_DEADLINES = (60.0, 30.0, 100.0 * 1024)
+
+
 @dataclass(frozen=True, slots=True)
 class DockerConfig:
     """The `[docker]` table: the Docker daemon of `daemon://` images (url None: `$DOCKER_HOST` or the socket)."""
@@ -100,6 +104,7 @@ class Config:
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
     first_byte_timeout: float = 60.0
+    deadlines: tuple[float, float, float] = DEFAULT_DEADLINES
     retry: RetryPolicy = DEFAULT_RETRY
     rate_limit_floor: int = DEFAULT_RATE_LIMIT_FLOOR
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
@@ -135,7 +140,7 @@ class Config:
         configured = {h: c for h, hc in hosts.items() if (c := hc.credential()) is not None}
         return Transport(
             hosts,
-            timeouts=Timeouts(self.connect_timeout, self.read_timeout, self.first_byte_timeout),
+            timeouts=Timeouts(self.connect_timeout, self.read_timeout, self.first_byte_timeout, *self.deadlines),
             retry=self.retry,
             credentials=CredentialStore(
                 configured, docker_config=self.docker_config, use_docker_config=self.use_docker_config
@@ -280,8 +285,15 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         raise ConfigError(f"{where}: tls.certs_dirs: expected an array of paths")
     docker_config = _get(auth, "docker_config", str, f"{where}: auth", "")
     floor = _get(engine, "rate_limit_floor", int, f"{where}: engine", DEFAULT_RATE_LIMIT_FLOOR)
+    deadlines = tuple(
+        float(_get(engine, key, (int, float), f"{where}: engine", default))
+        for key, default in zip(("document_deadline", "blob_deadline", "min_rate"), DEFAULT_DEADLINES, strict=True)
+    )
+    if min(deadlines) <= 0:
+        raise ConfigError(f"{where}: engine.document_deadline, blob_deadline and min_rate must be above 0")
     return Config(
         first_byte_timeout=float(_get(engine, "first_byte_timeout", (int, float), f"{where}: engine", 60.0)),
+        deadlines=(deadlines[0], deadlines[1], deadlines[2]),
         retry=policy,
         rate_limit_floor=floor,
         certs_dirs=tuple(Path(d) for d in dirs),

@@ -498,7 +498,16 @@ class Transport:
             self._note_rate_limit(host, resp)
             # One answer to a challenge, plus at most one fresh token for a token refused.
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
-            if resp.status == 401 and 401 not in expect and replayable and not (refreshed if auth else challenged):
+            # Only the registry's own origin may challenge: a URL it handed out on another host
+            # must not pick the realm the registry's credentials go to.
+            own = same_origin(str(resp.url), self.base_url(host))
+            if (
+                resp.status == 401
+                and own
+                and 401 not in expect
+                and replayable
+                and not (refreshed if auth else challenged)
+            ):
                 if auth:
                     refreshed = True
                 else:

@@ -691,6 +691,7 @@ class Transport:
             if cred is not None and cred.has_password:
                 hdrs["Authorization"] = _basic(cred.username, cred.password)
         for attempt in range(self.retry.attempts):
+            reading = False
             try:
                 self.token_requests += 1
                 # With credentials, no redirect is followed: they stay with the realm the registry named.
@@ -706,6 +707,7 @@ class Transport:
                 async with r:
                     status = r.status
                     retry_after = parse_retry_after(r.headers.get("Retry-After"), time.time())
+                    reading = True  # a timeout from here on is the answer's deadline, not a connection's
                     async with asyncio.timeout(self.timeouts.document):
                         if status != 200:
                             body = await _read_prefix(r, ERROR_BODY_LIMIT)
@@ -718,6 +720,10 @@ class Transport:
                 delay = self._delay(host, attempt, None, None) if _retryable(exc) else None
                 if delay is None and isinstance(exc, _ProxyFailure):
                     raise _connection_error(exc, method, host, attempt + 1) from None
+                if delay is None and reading and isinstance(exc, TimeoutError):
+                    limit = self.timeouts.document
+                    msg = f"token service of {host}: the answer did not arrive whole within {limit:.0f} s"
+                    raise AuthError(msg) from None
                 if delay is None:
                     raise UnreachableError(f"cannot reach the token service of {host}: {_describe(exc)}") from None
                 await asyncio.sleep(delay)

@@ -6,12 +6,18 @@ pre-signed query must reach the storage host byte for byte, and v1 endpoints.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from mirror.digest import Digest
+from mirror.manifest import OCI_LAYER_TAR, Descriptor
+from mirror.reference import Reference
+from mirror.sinks.registry_v2 import RegistryV2Sink
+from mirror.transport import Transport
 from tests.conftest import Seeded
 from tests.hostile import V2_HEADERS, FakeRegistry, assert_no_traceback, error, run_mirror, write_config
 
@@ -123,3 +129,35 @@ def test_a_redirect_target_reaches_storage_with_its_query_as_written(tmp_path: P
     assert wrong == []
     assert signed_asked and all(s.raw.endswith("?" + signed) for s in signed_asked)
     assert run_mirror("verify", "--cache", str(tmp_path / "cache")).code == 0
+
+
+def test_an_upload_location_is_sent_as_written(tmp_path: Path) -> None:
+    """distribution's `_state` (base64 with `=`, `/`) must come back byte for byte, not re-quoted."""
+    blob = b"blob bytes"
+    digest = Digest.of(blob)
+    state = "_state=ab%2Fcd%2Bef%3D"
+    with FakeRegistry() as dest:
+
+        async def start(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=202, headers={**V2_HEADERS, "Location": f"/v2/r/blobs/uploads/u?{state}"})
+
+        async def put(request: web.Request) -> web.StreamResponse:
+            if request.raw_path != f"/v2/r/blobs/uploads/u?{state}&digest={digest}":
+                return error(400, "BLOB_UPLOAD_INVALID", "upload state mangled")
+            await request.read()
+            return web.Response(status=201, headers={**V2_HEADERS, "Docker-Content-Digest": str(digest)})
+
+        dest.on("POST", r"/v2/r/blobs/uploads/", start)
+        dest.on("PUT", r"/v2/r/blobs/uploads/u", put)
+        path = tmp_path / "blob"
+        path.write_bytes(blob)
+
+        async def main() -> None:
+            async with Transport() as transport:
+                sink = RegistryV2Sink(transport)
+                await sink.put_blob(
+                    Reference.parse(f"{dest.host}/r:1"), Descriptor(OCI_LAYER_TAR, digest, len(blob)), path
+                )
+
+        asyncio.run(main())
+        assert [s.method for s in dest.requests()] == ["POST", "PUT"]

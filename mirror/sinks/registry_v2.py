@@ -82,9 +82,11 @@ class RegistryV2Sink:
             raise TransportError(f"{ref.api_host}: upload for {ref.repository} answered an unusable Location")
         if parts.scheme:
             return location
+        home = self.transport.base_url(ref.api_host)
         if parts.netloc:  # `//host/path`: the registry's scheme
-            return urlsplit(self.transport.base_url(ref.api_host)).scheme + ":" + location
-        return location if location.startswith("/") else "/" + location
+            return urlsplit(home).scheme + ":" + location
+        # Made absolute, so that it is sent as written (a `_state` query is the registry's own bytes).
+        return home + (location if location.startswith("/") else "/" + location)
 
     def _own_session(self, ref: Reference, location: str) -> bool:
         """Return whether `location` is an upload session of `ref`'s repository on the registry's own origin."""

@@ -435,7 +435,7 @@ class Transport:
         """
         absolute = "://" in path.split("?", 1)[0]
         url = path if absolute else self.base_url(host) + path
-        where = f"{method} {host}{(urlsplit(path).path if absolute else path).split('?')[0]}"
+        where = _where(method, host, path)
         make: Callable[[], Any] = body if body is not None else (lambda: data)
         replayable = body is not None or data is None or isinstance(data, bytes)
         resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
@@ -476,7 +476,7 @@ class Transport:
         want = scopes or scopes_for(method, path)
         attempt = 0
         challenged = refreshed = False
-        where = f"{method} {host}{path.split('?')[0]}"
+        where = _where(method, host, path)
         while True:
             if method == "GET" and "/manifests/" in path:
                 await self._wait_rate_limit(host)
@@ -533,7 +533,7 @@ class Transport:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                basic_sent = auth is not None and auth.startswith("Basic ")
+                basic_sent = own and auth is not None and auth.startswith("Basic ")
                 await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
             return resp
 
@@ -754,7 +754,7 @@ class Transport:
         except (aiohttp.ClientError, TimeoutError):
             body = b""
         msg = registry_error_message(body) or resp.reason or ""
-        where = f"{method} {host}{path.split('?')[0]}"
+        where = _where(method, host, path)
         resp.release()
         if resp.status == 404:
             raise NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
@@ -766,6 +766,16 @@ class Transport:
             raise AuthError(f"{where}: {what} ({resp.status} {msg})", status=resp.status, body=msg)
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)
+
+
+def _where(method: str, host: str, path: str) -> str:
+    """Return `METHOD HOST/PATH` for messages; a URL `host` handed out is named by its own host."""
+    parts = urlsplit(path)
+    if parts.scheme and parts.netloc:
+        if same_origin(path, f"{parts.scheme}://{host}"):
+            return f"{method} {host}{parts.path}"
+        return f"{method} {parts.netloc}{parts.path} (a URL {host} handed out)"
+    return f"{method} {host}{path.split('?')[0]}"
 
 
 def _tls_failure(exc: BaseException) -> str | None:

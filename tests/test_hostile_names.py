@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from mirror.engine.sync_daemon import daemon_tags
 from mirror.reference import Reference
+from mirror.sources.daemon import DaemonImage
 from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.transport import Transport
 from tests.conftest import Seeded
@@ -94,3 +97,14 @@ def test_v1_tags_are_checked_and_v1_json_and_token_answers_in_two_pieces_read_wh
                     assert resp.status == 200
 
         asyncio.run(main())
+
+
+def test_daemon_repo_tags_the_grammar_refuses_are_skipped_with_one_warning_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = ["app:../../x", "app:a\nb", "App:1", f"app:{'x' * 200}", "app:é"]
+    image = DaemonImage("sha256:" + "c" * 64, (*bad, "app:1"), (), 0, 0)
+    with caplog.at_level(logging.WARNING, logger="mirror.engine.sync_daemon"):
+        listed = daemon_tags([image])
+    assert listed == {"docker.io/library/app": {"1": ("app:1", image.id)}}
+    assert len([r for r in caplog.records if "skipping RepoTag" in r.getMessage()]) == len(bad)

@@ -87,3 +87,28 @@ def test_pages_without_end_stop_at_the_page_cap() -> None:
 
         asyncio.run(main())
         assert len(fake.requests("GET")) == MAX_PAGES
+
+
+def test_honest_pages_are_all_read_with_their_query_as_written() -> None:
+    """Three pages whose `last` advances; the next-page query (`last=b%2Bc`) reaches the registry as written."""
+    pages = {"": (["a", "b+c"], "b%2Bc"), "b%2Bc": (["d"], "d"), "d": (["e"], None)}
+    with FakeRegistry() as fake:
+
+        async def page(request: web.Request) -> web.StreamResponse:
+            raw_last = request.raw_path.partition("last=")[2]
+            tags, nxt = pages[raw_last]
+            headers = {**V2_HEADERS, **({"Link": f'</v2/r/tags/list?n=2&last={nxt}>; rel="next"'} if nxt else {})}
+            return web.json_response({"name": "r", "tags": tags}, headers=headers)
+
+        fake.on("GET", r"/v2/r/tags/list", page)
+
+        async def main() -> list[str]:
+            async with Transport() as transport:
+                return await RegistryV2Source(transport).tags(Reference.parse(f"{fake.host}/r"))
+
+        assert asyncio.run(main()) == ["a", "d", "e"]  # `b+c` is no tag: skipped with a warning
+        assert [s.raw for s in fake.requests("GET")] == [
+            "/v2/r/tags/list?n=1000",
+            "/v2/r/tags/list?n=2&last=b%2Bc",
+            "/v2/r/tags/list?n=2&last=d",
+        ]

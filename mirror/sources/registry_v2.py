@@ -145,8 +145,10 @@ class RegistryV2Source:
         headers = {"Accept": accept} if accept else {}
         while len(pages) < MAX_PAGES:
             seen.add(path)
+            # A next page is asked as the registry wrote it (made absolute: no re-quoting of its query).
+            url = path if path == first else self.transport.base_url(host) + path
             async with self.transport.request(
-                "GET", host, path, headers=headers, scopes=scopes, expect=(200, 404) if accept else (200,)
+                "GET", host, url, headers=headers, scopes=scopes, expect=(200, 404) if accept else (200,)
             ) as resp:
                 if resp.status == 404:
                     if pages:

@@ -97,6 +97,10 @@ class RegistryConfig:
         )
 
 
+# [engine] document_deadline (s), blob_deadline (s) and min_rate (bytes/s): see transport.Timeouts.
+DEFAULT_DOCUMENT_DEADLINE, DEFAULT_BLOB_DEADLINE, DEFAULT_MIN_RATE = 60.0, 30.0, 100.0 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class DockerConfig:
     """The `[docker]` table: the Docker daemon of `daemon://` images (url None: `$DOCKER_HOST` or the socket)."""
@@ -119,6 +123,9 @@ class Config:
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
     first_byte_timeout: float = 60.0
+    document_deadline: float = DEFAULT_DOCUMENT_DEADLINE
+    blob_deadline: float = DEFAULT_BLOB_DEADLINE
+    min_rate: float = DEFAULT_MIN_RATE
     retry: RetryPolicy = DEFAULT_RETRY
     rate_limit_floor: int = DEFAULT_RATE_LIMIT_FLOOR
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
@@ -154,7 +161,14 @@ class Config:
         configured = {h: c for h, hc in hosts.items() if (c := hc.credential()) is not None}
         return Transport(
             hosts,
-            timeouts=Timeouts(self.connect_timeout, self.read_timeout, self.first_byte_timeout),
+            timeouts=Timeouts(
+                self.connect_timeout,
+                self.read_timeout,
+                self.first_byte_timeout,
+                self.document_deadline,
+                self.blob_deadline,
+                self.min_rate,
+            ),
             retry=self.retry,
             credentials=CredentialStore(
                 configured, docker_config=self.docker_config, use_docker_config=self.use_docker_config
@@ -215,6 +229,11 @@ Check = Callable[[Any], "str | None"]
 def at_least(low: float) -> Check:
     """Return a check that a number is at least `low`."""
     return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def above(low: float) -> Check:
+    """Return a check that a number is above `low`."""
+    return lambda v: None if v > low else f"must be above {low:g}"
 
 
 def one_of(*choices: str) -> Check:
@@ -278,6 +297,12 @@ TABLES: tuple[Table, ...] = (
         Key("read_timeout", NUMBER, 120.0, "Seconds a body may stall before the download breaks off (and resumes)."),
         Key("rate_limit_floor", INTEGER, DEFAULT_RATE_LIMIT_FLOOR,
             "Space manifest GETs when RateLimit-Remaining falls under this (0: off)."),
+        Key("document_deadline", NUMBER, DEFAULT_DOCUMENT_DEADLINE,
+            "Seconds a manifest, tag list, token or error body may take in all, once its headers came.", above(0)),
+        Key("blob_deadline", NUMBER, DEFAULT_BLOB_DEADLINE,
+            "Seconds a blob body may take in all, on top of its size at min_rate.", above(0)),
+        Key("min_rate", NUMBER, DEFAULT_MIN_RATE,
+            "Slowest rate in bytes/s a blob body is allowed: its deadline grows by size / min_rate.", above(0)),
     )),
     Table("retry", "Retries of connection errors, timeouts and HTTP 408, 429, 500, 502, 503, 504.", (
         Key("attempts", INTEGER, _R.attempts, "Tries of one request, the first included.", at_least(1)),

@@ -17,8 +17,19 @@ _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = re.compile(rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+# ASCII only: Go's \w (the grammar's) is [0-9A-Za-z_], Python's also takes any Unicode letter.
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _MAX_NAME = 255
+
+
+def is_tag(text: str) -> bool:
+    """Return whether `text` is a tag the reference grammar allows (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`)."""
+    return _TAG.fullmatch(text) is not None
+
+
+def is_repository(text: str) -> bool:
+    """Return whether `text` is a repository path the grammar allows (lowercase components, under 256 chars)."""
+    return 0 < len(text) <= _MAX_NAME and all(_COMPONENT.fullmatch(c) for c in text.split("/"))
 
 
 @dataclass(frozen=True, slots=True)

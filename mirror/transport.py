@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from mirror import __version__
 from mirror.auth import (
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"mirror/{__version__}"
 MAX_REDIRECTS = 5
 ERROR_BODY_LIMIT = 64 * 1024
+# A token service's answer: a JSON document with a JWT or two (a few KB at the big registries).
+TOKEN_BODY_LIMIT = 1 << 20
+# The size a blob's deadline assumes when neither the descriptor nor the answer gives one.
+UNKNOWN_BLOB_SIZE = 1 << 30
 DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 DEFAULT_PER_HOST = 16
 DEFAULT_RATE_LIMIT_FLOOR = 5
@@ -82,11 +87,23 @@ class HostConfig:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Connect, idle-read and first-byte timeouts, in seconds."""
+    """Connect, idle-read and first-byte timeouts, and the overall deadlines of a body, in seconds.
+
+    `read` is reset by every byte that arrives; the deadlines are not: a document (manifest,
+    tag list, token, error) must arrive whole within `document` seconds of its headers, a
+    blob within `blob_base + size / min_rate` (sent or received).
+    """
 
     connect: float = 30.0
     read: float = 120.0
     first_byte: float = 60.0
+    document: float = 60.0
+    blob_base: float = 30.0
+    min_rate: float = 100 * 1024  # bytes per second
+
+    def blob(self, size: int) -> float:
+        """Return the deadline of a blob body of `size` bytes (sent or received)."""
+        return self.blob_base + max(size, 0) / self.min_rate
 
 
 @dataclass(slots=True)
@@ -114,6 +131,50 @@ def registry_error_message(body: bytes) -> str:
         if "details" in doc:
             return str(doc["details"])
     return body[:200].decode("utf-8", "replace").strip()
+
+
+async def read_body(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """Return the whole body of `resp` (to its end, however it arrives), or raise TransportError past `limit` bytes.
+
+    `StreamReader.read(n)` returns what has arrived so far, not `n` bytes: read until EOF.
+    A `Content-Length` over the limit fails before reading anything.
+    """
+    length = resp.content_length
+    if length is not None and length > limit:
+        raise TransportError(f"{what}: answer of {length} bytes is over the {limit} byte limit")
+    parts: list[bytes] = []
+    got = 0
+    while chunk := await resp.content.read(limit + 1 - got):
+        parts.append(chunk)
+        got += len(chunk)
+        if got > limit:
+            raise TransportError(f"{what}: answer is over the {limit} byte limit")
+    return b"".join(parts)
+
+
+async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Return the body of `resp` up to `limit` bytes (an error text: the rest is not needed)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit and (chunk := await resp.content.read(limit - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Return whether URLs `a` and `b` have one origin (scheme, host and port; RFC 6454)."""
+    return _origin(a) == _origin(b)
 
 
 def certs_d_files(dirs: Sequence[Path], host: str) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -235,9 +296,13 @@ class Transport:
         plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
         return f"{'http' if plain else 'https'}://{host}"
 
-    def ssl_context(self, host: str) -> ssl.SSLContext | bool:
-        """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert."""
-        ctx = self._ssl.get(host)
+    def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext | bool:
+        """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert.
+
+        `client_cert=False`: the CAs alone, for a URL on `host` that another registry named.
+        """
+        key = host if client_cert else f"{host} (no client certificate)"
+        ctx = self._ssl.get(key)
         if ctx is not None:
             return ctx
         cfg = self.config(host)
@@ -246,8 +311,10 @@ class Transport:
             cas.append(cfg.ca_file)
         if cfg.cert_file:
             pairs.insert(0, (cfg.cert_file, cfg.key_file or cfg.cert_file))
+        if not client_cert:
+            pairs = []
         if not cas and not pairs:
-            self._ssl[host] = True
+            self._ssl[key] = True
             return True
         c = ssl.create_default_context()
         try:
@@ -257,7 +324,7 @@ class Transport:
                 c.load_cert_chain(str(pairs[0][0]), str(pairs[0][1]))
         except (OSError, ssl.SSLError) as exc:
             raise UnreachableError(f"TLS settings for {host} unusable: {exc}") from None
-        self._ssl[host] = c
+        self._ssl[key] = c
         return c
 
     def proxy_for(self, url: str) -> Proxy | None:
@@ -275,12 +342,22 @@ class Transport:
         return self.proxies.proxy_for(url)
 
     async def _open(
-        self, method: str, url: str, headers: dict[str, str], *, registry: bool = False, **kw: Any
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        registry: bool = False,
+        encoded: bool = False,
+        **kw: Any,
     ) -> aiohttp.ClientResponse:
         """Send one request (no redirects followed) through the proxy `url` needs; proxy failures name the proxy.
 
         `registry`: the URL is a registry API endpoint, whose answers carry
         `Docker-Distribution-API-Version` (distribution's API spec), 401s included.
+        `encoded`: `url` is sent byte for byte as written (a URL a server handed out).
+        Sending a body and getting the headers must end within the first-byte timeout,
+        plus a blob's deadline for a body with a `Content-Length`.
         """
         try:
             proxy = self.proxy_for(url)
@@ -297,9 +374,14 @@ class Transport:
                 else:
                     headers = {**headers, "Proxy-Authorization": value}
         self.requests += 1
+        limit = self.timeouts.first_byte
+        sending = headers.get("Content-Length", "")
+        if kw.get("data") is not None and sending.isdigit() and int(sending) > 0:
+            limit += self.timeouts.blob(int(sending))
+        to: str | URL = URL(url, encoded=True) if encoded else url
         try:
-            async with asyncio.timeout(self.timeouts.first_byte):
-                resp = await self.session.request(method, url, headers=headers, allow_redirects=False, **kw)
+            async with asyncio.timeout(limit):
+                resp = await self.session.request(method, to, headers=headers, allow_redirects=False, **kw)
         except aiohttp.ClientProxyConnectionError as exc:
             assert proxy is not None
             err = exc.os_error
@@ -337,24 +419,46 @@ class Transport:
         expect: tuple[int, ...] = (200,),
         data: bytes | AsyncIterable[bytes] | None = None,
         body: Callable[[], Any] | None = None,
+        size: int | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request to `host` with auth and retries; yield a response with an expected status.
 
+        `path` is a path on `host`, or an absolute URL `host` handed out (an upload `Location`):
+        such a URL is requested as it is written (no re-quoting), and `host`'s credentials go
+        with it only when it has `host`'s origin; no other host's credentials ever do.
         `data` as bytes is re-sent on retries; a streamed body (async iterable) is sent once.
         `body`, when given, is called for a fresh body (bytes or chunks) at every attempt and
         redirect hop, so such a request is retried like a bodiless one.
+        The answer's body must be read within a deadline from its headers: a blob's (`size`
+        given: its expected bytes, or -1 when unknown) scaled to its size, a document's fixed.
         Errors while the caller reads the body become StreamError (the caller may resume).
         """
-        url = self.base_url(host) + path
+        absolute = "://" in path.split("?", 1)[0]
+        url = path if absolute else self.base_url(host) + path
+        where = _where(method, host, path)
         make: Callable[[], Any] = body if body is not None else (lambda: data)
         replayable = body is not None or data is None or isinstance(data, bytes)
         resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
+        deadline = self._deadline(size, resp)
         try:
-            yield resp
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StreamError(f"{method} {host}{path.split('?')[0]}: body broke off: {_describe(exc)}") from None
+            async with asyncio.timeout(deadline):
+                try:
+                    yield resp
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise StreamError(f"{where}: body broke off: {_describe(exc)}") from None
+        except TimeoutError:
+            raise StreamError(f"{where}: the answer did not arrive whole within {deadline:.0f} s (deadline)") from None
         finally:
             resp.release()
+
+    def _deadline(self, size: int | None, resp: aiohttp.ClientResponse) -> float:
+        """Return the seconds the body of `resp` may take: a document's, or a blob's by its size."""
+        if size is None:
+            return self.timeouts.document
+        known = max(size, resp.content_length or 0)
+        if known <= 0 and size < 0:
+            known = UNKNOWN_BLOB_SIZE
+        return self.timeouts.blob(known)
 
     async def _exchange(
         self,
@@ -372,13 +476,13 @@ class Transport:
         want = scopes or scopes_for(method, path)
         attempt = 0
         challenged = refreshed = False
-        where = f"{method} {host}{path.split('?')[0]}"
+        where = _where(method, host, path)
         while True:
             if method == "GET" and "/manifests/" in path:
                 await self._wait_rate_limit(host)
             auth = await self._authorization(host, want)
             try:
-                resp = await self._send(method, url, host, headers, auth, make)
+                resp = await self._send(method, url, host, headers, auth, make, raw=url == path)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.events.response(host, method, "error")
                 delay = self._delay(host, attempt, None, None) if replayable and _retryable(exc) else None
@@ -394,7 +498,16 @@ class Transport:
             self._note_rate_limit(host, resp)
             # One answer to a challenge, plus at most one fresh token for a token refused.
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
-            if resp.status == 401 and 401 not in expect and replayable and not (refreshed if auth else challenged):
+            # Only the registry's own origin may challenge: a URL it handed out on another host
+            # must not pick the realm the registry's credentials go to.
+            own = same_origin(str(resp.url), self.base_url(host))
+            if (
+                resp.status == 401
+                and own
+                and 401 not in expect
+                and replayable
+                and not (refreshed if auth else challenged)
+            ):
                 if auth:
                     refreshed = True
                 else:
@@ -420,7 +533,7 @@ class Transport:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                basic_sent = auth is not None and auth.startswith("Basic ")
+                basic_sent = own and auth is not None and auth.startswith("Basic ")
                 await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
             return resp
 
@@ -485,21 +598,32 @@ class Transport:
         headers: dict[str, str],
         auth: str | None,
         make: Callable[[], Any],
+        raw: bool = False,
     ) -> aiohttp.ClientResponse:
-        """Send, following redirects by hand: credentials never go to another host."""
-        origin = urlsplit(url).netloc
+        """Send, following redirects by hand: credentials never go to another origin.
+
+        `host`'s credentials (`auth`) go only to `host`'s own origin, whoever named the URL
+        (an upload `Location`, a redirect); the caller's own `Authorization` (a v1 Token)
+        only to the URL it asked for. A URL the registry handed out (absolute, or a
+        redirect target) is sent as written: yarl must not re-quote a pre-signed query.
+        """
+        first = url
+        home = self.base_url(host)
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
-            netloc = urlsplit(url).netloc
-            if netloc != origin:
+            mine = same_origin(url, home)
+            if not same_origin(url, first):
                 hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
-            elif auth:
+            if mine and auth:
                 hdrs["Authorization"] = auth
-            tls = self.ssl_context(host) if netloc == origin else True
-            resp = await self._open(method, url, hdrs, data=make(), ssl=tls, registry=netloc == origin)
+            tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
+            resp = await self._open(
+                method, url, hdrs, data=make(), ssl=tls, registry=same_origin(url, first), encoded=raw
+            )
             self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
+                raw = True
                 resp.release()
                 if resp.status == 303:
                     method, make = "GET", lambda: None
@@ -567,6 +691,7 @@ class Transport:
             if cred is not None and cred.has_password:
                 hdrs["Authorization"] = _basic(cred.username, cred.password)
         for attempt in range(self.retry.attempts):
+            reading = False
             try:
                 self.token_requests += 1
                 # With credentials, no redirect is followed: they stay with the realm the registry named.
@@ -578,15 +703,27 @@ class Transport:
                     if hops > MAX_REDIRECTS:
                         raise AuthError(f"token service of {host}: more than {MAX_REDIRECTS} redirects")
                     url = urljoin(url, r.headers["Location"])
-                    r = await self._open("GET", url, {})
+                    r = await self._open("GET", url, {}, encoded=True)
                 async with r:
-                    body = await r.content.read(ERROR_BODY_LIMIT)
                     status = r.status
                     retry_after = parse_retry_after(r.headers.get("Retry-After"), time.time())
+                    reading = True  # a timeout from here on is the answer's deadline, not a connection's
+                    async with asyncio.timeout(self.timeouts.document):
+                        if status != 200:
+                            body = await _read_prefix(r, ERROR_BODY_LIMIT)
+                        else:
+                            try:
+                                body = await read_body(r, TOKEN_BODY_LIMIT, f"token service of {host}")
+                            except TransportError as exc:
+                                raise AuthError(str(exc)) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 delay = self._delay(host, attempt, None, None) if _retryable(exc) else None
                 if delay is None and isinstance(exc, _ProxyFailure):
                     raise _connection_error(exc, method, host, attempt + 1) from None
+                if delay is None and reading and isinstance(exc, TimeoutError):
+                    limit = self.timeouts.document
+                    msg = f"token service of {host}: the answer did not arrive whole within {limit:.0f} s"
+                    raise AuthError(msg) from None
                 if delay is None:
                     raise UnreachableError(f"cannot reach the token service of {host}: {_describe(exc)}") from None
                 await asyncio.sleep(delay)
@@ -612,11 +749,12 @@ class Transport:
         self, resp: aiohttp.ClientResponse, method: str, host: str, path: str, attempts: int, *, sent_basic: bool
     ) -> None:
         try:
-            body = b"" if method == "HEAD" else await resp.content.read(ERROR_BODY_LIMIT)
+            async with asyncio.timeout(self.timeouts.document):
+                body = b"" if method == "HEAD" else await _read_prefix(resp, ERROR_BODY_LIMIT)
         except (aiohttp.ClientError, TimeoutError):
             body = b""
         msg = registry_error_message(body) or resp.reason or ""
-        where = f"{method} {host}{path.split('?')[0]}"
+        where = _where(method, host, path)
         resp.release()
         if resp.status == 404:
             raise NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
@@ -628,6 +766,16 @@ class Transport:
             raise AuthError(f"{where}: {what} ({resp.status} {msg})", status=resp.status, body=msg)
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)
+
+
+def _where(method: str, host: str, path: str) -> str:
+    """Return `METHOD HOST/PATH` for messages; a URL `host` handed out is named by its own host."""
+    parts = urlsplit(path)
+    if parts.scheme and parts.netloc:
+        if same_origin(path, f"{parts.scheme}://{host}"):
+            return f"{method} {host}{parts.path}"
+        return f"{method} {parts.netloc}{parts.path} (a URL {host} handed out)"
+    return f"{method} {host}{path.split('?')[0]}"
 
 
 def _tls_failure(exc: BaseException) -> str | None:

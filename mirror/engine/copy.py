@@ -142,8 +142,14 @@ class Engine:
         if task is None:
             task = asyncio.ensure_future(factory())
             self._once[key] = task
-            task.add_done_callback(lambda _t: self._once.pop(key, None))
+            task.add_done_callback(lambda t: self._once_done(key, t))
         return cast(T, await asyncio.shield(task))
+
+    def _once_done(self, key: Hashable, task: asyncio.Future[Any]) -> None:
+        """Forget a finished shared task; its failure counts as seen (every caller may have been cancelled)."""
+        self._once.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # else asyncio logs "Task exception was never retrieved" with a traceback
 
     def host_slot(self, host: str) -> AdaptiveLimiter:
         """Return the adaptive limiter (use as `async with`) bounding concurrent requests to `host`."""

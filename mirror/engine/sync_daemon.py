@@ -11,6 +11,7 @@ names an image by that normalised reference.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +37,8 @@ from mirror.reference import Reference
 from mirror.sources.base import BlobBody
 from mirror.sources.daemon import DEFAULT_HOST, DaemonClient, DaemonEndpoint, DaemonImage
 from mirror.store.state import TagState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,11 @@ def daemon_tags(images: list[DaemonImage]) -> dict[str, dict[str, tuple[str, str
             try:
                 ref = Reference.parse(name)
             except UsageError:
-                continue  # a name no registry could hold; never wanted by a job
+                # A name no registry could hold (the same grammar as the command line): never wanted by a job.
+                log.warning(
+                    "daemon image %s: skipping RepoTag %r: not valid in an image reference", image.id, name[:100]
+                )
+                continue
             if ref.tag and ref.digest is None:
                 out.setdefault(ref.name, {})[ref.tag] = (name, _image_id(image.id))
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aiofiles
 
@@ -19,7 +19,7 @@ from mirror.digest import Digest
 from mirror.errors import DigestError, IntegrityError, TransportError
 from mirror.manifest import ACCEPT, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, Descriptor
 from mirror.reference import Reference
-from mirror.transport import Transport
+from mirror.transport import Transport, same_origin
 
 READ_BYTES = 1 << 20
 CHUNK_THRESHOLD = 64 << 20
@@ -69,13 +69,32 @@ class RegistryV2Sink:
         """Return the registry API host of `ref`."""
         return ref.api_host
 
-    def _location(self, ref: Reference, location: str | None) -> tuple[str, str]:
-        """Return (host, path?query) of an upload `Location` (absolute or relative to the registry)."""
+    def _location(self, ref: Reference, location: str | None) -> str:
+        """Return an upload `Location` as the path (relative) or URL (absolute) to send the upload's next request to.
+
+        The request still belongs to `ref`'s registry: an absolute URL on another host gets
+        none of the registry's credentials, and never that other host's own (transport.request).
+        """
         if not location:
             raise TransportError(f"{ref.api_host}: upload for {ref.repository} answered without a Location")
         parts = urlsplit(location)
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        return (parts.netloc or ref.api_host), path
+        if parts.scheme and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise TransportError(f"{ref.api_host}: upload for {ref.repository} answered an unusable Location")
+        if parts.scheme:
+            return location
+        home = self.transport.base_url(ref.api_host)
+        if parts.netloc:  # `//host/path`: the registry's scheme
+            return urlsplit(home).scheme + ":" + location
+        # Made absolute, so that it is sent as written (a `_state` query is the registry's own bytes).
+        return home + (location if location.startswith("/") else "/" + location)
+
+    def _own_session(self, ref: Reference, location: str) -> bool:
+        """Return whether `location` is an upload session of `ref`'s repository on the registry's own origin."""
+        parts = urlsplit(location)
+        if parts.scheme and not same_origin(location, self.transport.base_url(ref.api_host)):
+            return False
+        segments = unquote(parts.path).split("/")
+        return parts.path.startswith(f"/v2/{ref.repository}/blobs/uploads/") and not {".", ".."} & set(segments)
 
     async def has_blob(self, ref: Reference, desc: Descriptor) -> bool:
         """HEAD the blob in `ref`'s repository: 200 means present."""
@@ -93,20 +112,21 @@ class RegistryV2Sink:
             location = resp.headers.get("Location", "")
         key = (ref.api_host, ref.repository, desc.digest)
         older = self._opened.pop(key, None)
-        if not mounted:
+        if not mounted and location:
             # 202: the registry could not mount and opened an ordinary upload instead; keep it for put_blob.
-            self._opened[key] = location
-        if older:
-            # An earlier refused mount of this blob opened a session too: cancel it (DELETE <location>).
-            host, older_path = self._location(ref, older)
-            async with self.transport.request("DELETE", host, older_path, scopes=scopes, expect=(204, 404)):
+            self._opened[key] = self._location(ref, location)
+        if older and self._own_session(ref, older):
+            # An earlier refused mount of this blob opened a session too: cancel it (DELETE <location>),
+            # only when it is an upload session of this repository on the registry itself; any
+            # other URL is left alone (a session expires by itself).
+            async with self.transport.request("DELETE", ref.api_host, older, scopes=scopes, expect=(204, 404)):
                 pass
         return mounted
 
-    async def _start(self, ref: Reference, desc: Descriptor) -> tuple[str, str]:
+    async def _start(self, ref: Reference, desc: Descriptor) -> str:
         opened = self._opened.pop((ref.api_host, ref.repository, desc.digest), None)
         if opened:
-            return self._location(ref, opened)
+            return opened
         path = f"/v2/{ref.repository}/blobs/uploads/"
         scopes = (push_scope(ref.repository),)
         async with self.transport.request("POST", ref.api_host, path, scopes=scopes, expect=(202,)) as resp:
@@ -115,7 +135,7 @@ class RegistryV2Sink:
     async def put_blob(self, ref: Reference, desc: Descriptor, path: Path) -> None:
         """Upload blob `desc` from `path`: one PUT, or PATCH chunks and a closing PUT above the threshold."""
         size = desc.size
-        host, location = await self._start(ref, desc)
+        host, location = ref.api_host, await self._start(ref, desc)
         scopes = (push_scope(ref.repository),)
         octet = {"Content-Type": "application/octet-stream"}
         if size <= self.chunk_threshold:
@@ -135,7 +155,7 @@ class RegistryV2Sink:
             async with self.transport.request(
                 "PATCH", host, location, headers=headers, scopes=scopes, expect=(202,), body=file_body(path, offset, n)
             ) as resp:
-                host, location = self._location(ref, resp.headers.get("Location"))
+                location = self._location(ref, resp.headers.get("Location"))
             offset += n
         put = _with_query(location, digest=str(desc.digest))
         async with self.transport.request(

@@ -6,12 +6,15 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
+from mirror.auth import RETRY_STATUSES
 from mirror.errors import AuthError, MirrorError, TransportError, UsageError
 from mirror.transport import Transport
 
 Api = Literal["v2", "v1"]
 API_CHOICES = ("auto", "v2", "v1")
-_ANY_STATUS = tuple(range(100, 600))
+# Every status but the transient ones (RFC 9110: 408, 429, 5xx worth another try): those are
+# retried under [retry] by the transport before the probe decides anything.
+_DEFINITE = tuple(s for s in range(100, 600) if s not in RETRY_STATUSES)
 
 
 def check_api(value: str, where: str) -> str:
@@ -50,9 +53,11 @@ class ApiDetector:
             raise
 
     async def _probe(self, host: str) -> Api:
-        # registry-v1.md "Detecting the version": prefer v2 when both answer.
+        # registry-v1.md "Detecting the version": prefer v2 when both answer. A transient answer
+        # (503, 429, a reset, a timeout) is retried, and when it persists fails the probe: it is
+        # no evidence that the host lacks the v2 API.
         try:
-            async with self.transport.request("GET", host, "/v2/", expect=_ANY_STATUS) as resp:
+            async with self.transport.request("GET", host, "/v2/", expect=_DEFINITE) as resp:
                 if resp.status == 200 or (
                     resp.status == 401 and "registry/2.0" in resp.headers.get("Docker-Distribution-API-Version", "")
                 ):
@@ -60,12 +65,12 @@ class ApiDetector:
         except AuthError:
             return "v2"  # /v2/ challenged us with Bearer and the token service refused: still a v2 registry
         try:
-            async with self.transport.request("GET", host, "/v1/_ping", expect=_ANY_STATUS) as resp:
+            async with self.transport.request("GET", host, "/v1/_ping", expect=_DEFINITE) as resp:
                 if resp.status == 200:
                     return "v1"
                 status = resp.status
         except TransportError as exc:
             status = exc.status or 0
-            if status == 0:
-                raise
+            if status == 0 or status in RETRY_STATUSES:
+                raise  # unreachable, or still transient after the retries: no answer either way
         raise DetectError(f"{host} answers neither the v2 API (/v2/) nor the v1 API (/v1/_ping: HTTP {status})")

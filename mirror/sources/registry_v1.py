@@ -22,10 +22,10 @@ import aiohttp
 from mirror.convert_v1 import check_image_id
 from mirror.errors import AuthError, ManifestError, NotFoundError, TransportError, UnreachableError, UsageError
 from mirror.manifest import MAX_MANIFEST_BYTES
-from mirror.reference import Reference
+from mirror.reference import Reference, is_tag
 from mirror.sources.base import BlobBody
-from mirror.sources.registry_v2 import parse_content_range
-from mirror.transport import Transport
+from mirror.sources.registry_v2 import parse_content_range, valid_names
+from mirror.transport import Transport, read_body
 
 _K = TypeVar("_K")
 _T = TypeVar("_T")
@@ -135,14 +135,20 @@ class RegistryV1Source:
 
     @asynccontextmanager
     async def _get(
-        self, ref: Reference, path: str, *, headers: dict[str, str] | None = None, expect: tuple[int, ...] = (200,)
+        self,
+        ref: Reference,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (200,),
+        size: int | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET `path` from the first endpoint that answers, with the token; a 401 renews the session once."""
         session = await self.session(ref)
         async with AsyncExitStack() as stack:
             for attempt in (0, 1):
                 try:
-                    resp = await self._first_endpoint(stack, session, path, headers or {}, expect)
+                    resp = await self._first_endpoint(stack, ref.api_host, session, path, headers or {}, expect, size)
                     break
                 except AuthError as exc:
                     if attempt or exc.status != 401:
@@ -152,8 +158,20 @@ class RegistryV1Source:
             yield resp
 
     async def _first_endpoint(
-        self, stack: AsyncExitStack, session: V1Session, path: str, headers: dict[str, str], expect: tuple[int, ...]
+        self,
+        stack: AsyncExitStack,
+        index: str,
+        session: V1Session,
+        path: str,
+        headers: dict[str, str],
+        expect: tuple[int, ...],
+        size: int | None = None,
     ) -> aiohttp.ClientResponse:
+        """Open `path` on the first endpoint that answers.
+
+        An endpoint the index named on another host is asked on the index's behalf: it gets
+        the index's token, never credentials configured for that host (the index chose it).
+        """
         hdrs = dict(headers)
         if session.token:
             hdrs["Authorization"] = f"Token {session.token}"
@@ -161,8 +179,9 @@ class RegistryV1Source:
         # X-Docker-Endpoints lists fallbacks: the first that answers, endpoints seen down last.
         for endpoint in sorted(session.endpoints, key=lambda e: e in self._down):
             try:
+                url = path if endpoint == index else self.transport.base_url(endpoint) + path
                 resp = await stack.enter_async_context(
-                    self.transport.request("GET", endpoint, path, headers=hdrs, expect=expect)
+                    self.transport.request("GET", index, url, headers=hdrs, expect=expect, size=size)
                 )
             except UnreachableError as exc:
                 failure = exc
@@ -175,9 +194,7 @@ class RegistryV1Source:
 
     async def _json(self, ref: Reference, path: str, what: str) -> Any:
         async with self._get(ref, path) as resp:
-            raw = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{what}: answer over the {MAX_MANIFEST_BYTES} byte limit")
+            raw = await _read(resp, what)
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -190,7 +207,8 @@ class RegistryV1Source:
         doc = await self._json(ref, f"/v1/repositories/{ref.repository}/tags", what)
         if not isinstance(doc, dict):
             raise ManifestError(f"{what}: not a JSON object")
-        return {str(tag): check_image_id(i, f"{what}: tag {tag}") for tag, i in doc.items()}
+        kept = set(valid_names(list(doc), is_tag, "tag", what))
+        return {tag: check_image_id(i, f"{what}: tag {tag}") for tag, i in doc.items() if tag in kept}
 
     async def tag_id(self, ref: Reference) -> str:
         """Return the image id `ref`'s tag points at (v1 answers a bare JSON string)."""
@@ -216,16 +234,14 @@ class RegistryV1Source:
     async def image_json(self, ref: Reference, image_id: str) -> bytes:
         """Return the image's v1 JSON document, as served."""
         async with self._get(ref, f"/v1/images/{image_id}/json") as resp:
-            raw = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"v1 image {image_id[:12]}: JSON over the {MAX_MANIFEST_BYTES} byte limit")
-        return raw
+            return await _read(resp, f"v1 image {image_id[:12]}: JSON")
 
     @asynccontextmanager
     async def open_layer(self, ref: Reference, image_id: str, offset: int = 0) -> AsyncIterator[BlobBody]:
         """GET the image's layer from `offset` (Range); `total` 0 means the registry holds no bytes (416)."""
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-        async with self._get(ref, f"/v1/images/{image_id}/layer", headers=headers, expect=(200, 206, 416)) as resp:
+        path = f"/v1/images/{image_id}/layer"
+        async with self._get(ref, path, headers=headers, expect=(200, 206, 416), size=-1) as resp:
             if resp.status == 416:
                 if offset:
                     msg = f"v1 layer {image_id[:12]}: range from byte {offset} refused (416)"
@@ -239,6 +255,14 @@ class RegistryV1Source:
                 start, _, whole = parse_content_range(resp.headers["Content-Range"])
                 total = whole if whole is not None else -1
             yield BlobBody(_chunks(resp, image_id), start, total)
+
+
+async def _read(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    """Return a v1 JSON answer whole (however many reads it takes), up to the manifest size limit."""
+    try:
+        return await read_body(resp, MAX_MANIFEST_BYTES, what)
+    except TransportError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 async def _no_chunks() -> AsyncIterator[bytes]:

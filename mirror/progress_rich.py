@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,7 +41,11 @@ class _SpeedColumn(TransferSpeedColumn):
 
 
 class RichProgress(PlainProgress):
-    """A bar per blob in flight and a running total, on a terminal."""
+    """A bar per blob in flight and a running total, on a terminal; image lines go to standard output.
+
+    When standard output is a terminal too, its lines are printed above the bars (rich's
+    stdout redirection); otherwise (`mirror pull ... > done.txt`) they go straight to it.
+    """
 
     @classmethod
     def on_stderr(cls) -> RichProgress:
@@ -47,7 +53,7 @@ class RichProgress(PlainProgress):
         return cls(Console(stderr=True))
 
     def __init__(self, console: Console) -> None:
-        super().__init__(console.file)
+        super().__init__(None, notes=console.file)
         self.console = console
         self.bars = Progress(
             TextColumn("{task.description}"),
@@ -56,6 +62,8 @@ class RichProgress(PlainProgress):
             _SpeedColumn(),
             console=console,
             transient=True,
+            redirect_stdout=sys.stdout.isatty(),
+            redirect_stderr=False,
         )
         self.total = self.bars.add_task("total", total=None)
         self.tasks: dict[Digest, TaskID] = {}
@@ -85,8 +93,8 @@ class RichProgress(PlainProgress):
             self.bars.remove_task(task)
 
     def image_finished(self, result: ImageResult) -> None:
-        """Print the image's line above the bars."""
-        self.console.print(result_line(result), highlight=False, markup=False)
+        """Print the image's line to standard output (above the bars when that is the terminal)."""
+        print(result_line(result), file=sys.stdout, flush=True)
 
     def note(self, message: str) -> None:
         """Print a line about the run above the bars."""
@@ -109,8 +117,8 @@ class RichSyncView:
         self.progress.bars.update(task, total=current + images)
 
     def result(self, result: SyncResult) -> None:
-        """Advance the job's bar and print the reference's line."""
+        """Advance the job's bar and print the reference's line to standard output."""
         task = self.jobs.get(result.job)
         if task is not None:
             self.progress.bars.advance(task, 1)
-        self.progress.console.print(sync_line(result), highlight=False, markup=False)
+        print(sync_line(result), file=sys.stdout, flush=True)

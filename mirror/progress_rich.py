@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -18,8 +19,10 @@ from rich.text import Text
 
 from mirror.digest import Digest
 from mirror.engine.copy import ImageResult
-from mirror.engine.sync import SyncResult
 from mirror.progress import PlainProgress, result_line, sync_line
+
+if TYPE_CHECKING:  # sync (sqlite, filters, push) loads for `mirror sync` only, not for `mirror pull`'s bars
+    from mirror.engine.sync import SyncResult
 
 
 class _SizeColumn(DownloadColumn):

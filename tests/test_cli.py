@@ -223,3 +223,51 @@ def test_verbose_logs_each_request_without_secrets(
     encoded = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     for text in (pull.stderr, pull.stdout, push.stderr, push.stdout):
         assert PASSWORD not in text and encoded not in text and "Authorization" not in text
+
+
+def test_terminal_bars_load_rich_only() -> None:
+    """`mirror pull` on a terminal imports rich's progress bars, not sync's modules nor pygments or markdown-it."""
+    code = (
+        "import sys, mirror.commands.pull; before = set(sys.modules); import mirror.progress_rich; "
+        "print(' '.join(sorted(m for m in set(sys.modules) - before if not m.startswith('rich'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    loaded = res.stdout.split()
+    assert "mirror.engine.sync" not in loaded and "mirror.store.state" not in loaded, loaded
+    assert not [m for m in loaded if m.startswith(("pygments", "markdown_it"))], loaded
+
+
+@pytest.mark.slow
+def test_bars_on_the_terminal_results_on_stdout(seeded: Seeded, tmp_path: Path) -> None:
+    """stderr a terminal (bars), stdout a file: each image's line goes to the file, not to the terminal."""
+    import pty
+
+    main, tty = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DOCKER_CONFIG": str(tmp_path), "TERM": "xterm", "COLUMNS": "100"}
+    ref = seeded.ref("t/schema2:1")
+    with subprocess.Popen(
+        [sys.executable, "-m", "mirror", "pull", "--cache", str(tmp_path / "c"), ref],
+        stdout=subprocess.PIPE,
+        stderr=tty,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    ) as proc:
+        os.close(tty)
+        seen = b""
+        while True:  # read the terminal until the process closes it (bounded by the test timeout)
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.stdout is not None
+        out = proc.stdout.read().decode()
+        code = proc.wait(timeout=120)
+    os.close(main)
+    assert code == 0, seen.decode(errors="replace")
+    assert out.startswith(f"ok     {ref} sha256:") and out.count("\n") == 1
+    terminal = seen.decode(errors="replace")
+    assert "1/1 images cached, 0 failed" in terminal and f"ok     {ref}" not in terminal

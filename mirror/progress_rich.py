@@ -46,8 +46,9 @@ class _SpeedColumn(TransferSpeedColumn):
 class RichProgress(PlainProgress):
     """A bar per blob in flight and a running total, on a terminal; image lines go to standard output.
 
-    When standard output is a terminal too, its lines are printed above the bars (rich's
-    stdout redirection); otherwise (`mirror pull ... > done.txt`) they go straight to it.
+    When standard output is a terminal too, its lines are printed above the bars, unwrapped
+    (and anything else written to it is redirected there by rich); otherwise (`mirror pull
+    ... > done.txt`) they go straight to it.
     """
 
     @classmethod
@@ -58,6 +59,7 @@ class RichProgress(PlainProgress):
     def __init__(self, console: Console) -> None:
         super().__init__(None, notes=console.file)
         self.console = console
+        self.stdout_tty = sys.stdout.isatty()
         self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -65,7 +67,7 @@ class RichProgress(PlainProgress):
             _SpeedColumn(),
             console=console,
             transient=True,
-            redirect_stdout=sys.stdout.isatty(),
+            redirect_stdout=self.stdout_tty,
             redirect_stderr=False,
         )
         self.total = self.bars.add_task("total", total=None)
@@ -97,7 +99,14 @@ class RichProgress(PlainProgress):
 
     def image_finished(self, result: ImageResult) -> None:
         """Print the image's line to standard output (above the bars when that is the terminal)."""
-        print(result_line(result), file=sys.stdout, flush=True)
+        self.result(result_line(result))
+
+    def result(self, line: str) -> None:
+        """Print a result line to standard output (above the bars when that is the terminal)."""
+        if self.stdout_tty:
+            self.console.print(line, soft_wrap=True, highlight=False, markup=False)
+        else:
+            print(line, file=sys.stdout, flush=True)
 
     def note(self, message: str) -> None:
         """Print a line about the run above the bars."""
@@ -124,4 +133,4 @@ class RichSyncView:
         task = self.jobs.get(result.job)
         if task is not None:
             self.progress.bars.advance(task, 1)
-        print(sync_line(result), file=sys.stdout, flush=True)
+        self.progress.result(sync_line(result))

@@ -5,6 +5,9 @@ PYTEST ?= $(PY) -m pytest
 
 install:            ## apt peers (docker-registry, skopeo, podman) and the package with its dev tools
 	./scripts/install-peers.sh
+	@# The distribution was named `mirror` before `layer-mirror`: drop that old editable install,
+	@# or two distributions would claim the `mirror` package and command.
+	-@$(PY) -m pip uninstall -q -y mirror >/dev/null 2>&1
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch .installed
 

@@ -1,9 +1,18 @@
-"""Command line entry point: parses arguments and runs the chosen command under uvloop."""
+"""Command line entry point: parses arguments and runs the chosen command under uvloop.
+
+Output rule, for every command: standard output carries results, one line per image (or
+reference, blob, file) outcome, failures included, so it can be piped and counted; standard
+error carries everything about the run itself: progress bars, notes and warnings, the
+summary line, `-v` request logs, and the one-line error that stops a command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +26,19 @@ from mirror.text import printable
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
 COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
 
+# What a shell reports for a process killed by SIGPIPE (128 + 13): `mirror ls | head` ends like `ls | head`.
+EXIT_BROKEN_PIPE = 141
+
+
+def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="log each HTTP request to stderr (method, URL, status, bytes, time; no credentials)",
+    )
+
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """Return the argument parser of every command, or of command `only` alone.
@@ -26,21 +48,84 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     """
     p = argparse.ArgumentParser(prog="mirror", description="Copy container images into an offline OCI cache.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    _add_verbose(p, 0)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         if only is None or name == only:
             importlib.import_module(f"mirror.commands.{name}").register(sub)
+    for sp in sub.choices.values():
+        # `mirror -v pull` and `mirror pull -v` both work; the subcommand's own parser reports its usage errors.
+        _add_verbose(sp, argparse.SUPPRESS)
+        sp.set_defaults(command_parser=sp)
     return p
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """Return the subcommand named in `argv` (its first argument that is not an option), if it is one."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `argv`; a usage error prints the usage of the subcommand concerned and exits 2."""
+    p = parser(command_of(argv))
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        target: argparse.ArgumentParser = getattr(args, "command_parser", p)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def log_requests(verbose: int) -> None:
+    """With `-v`, send mirror's own logs from DEBUG up (each HTTP request: mirror.transport) to stderr."""
+    if not verbose:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mirror: %(message)s"))
+    root = logging.getLogger("mirror")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    root.propagate = False  # once, even where a command configured the root logger too (serve)
+
+
+def stdout_closed() -> bool:
+    """Return whether standard output is a pipe or socket whose reader has gone (`mirror ls | head`)."""
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ is not None else 1)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The command is the first argument (mirror has no options before it but --version and --help).
-    only = argv[0] if argv and argv[0] in COMMANDS else None
-    args = parser(only).parse_args(argv)
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    log_requests(args.verbose)
     try:
-        return int(uvloop.run(args.run(args)))
+        code = int(uvloop.run(args.run(args)))
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below, without a traceback
+        return code
+    except BrokenPipeError as exc:
+        if stdout_closed():
+            # The reader of our output stopped reading: no message, as `ls | head` gives none.
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+        print(f"mirror: {os_reason(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except UsageError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -30,11 +30,12 @@ def result_line(r: ImageResult) -> str:
 
 
 class PlainProgress:
-    """Prints a line per finished image to `out`."""
+    """Prints a line per finished image to `out` (standard output), notes about the run to `notes` (stderr)."""
 
-    def __init__(self, out: IO[str] = sys.stderr, quiet: bool = False) -> None:
-        self.out = out
+    def __init__(self, out: IO[str] | None = None, quiet: bool = False, notes: IO[str] | None = None) -> None:
+        self.out = sys.stdout if out is None else out
         self.quiet = quiet
+        self.notes = sys.stderr if notes is None else notes
 
     def blob_started(self, digest: Digest, total: int) -> None:
         """Say nothing."""
@@ -52,7 +53,7 @@ class PlainProgress:
 
     def note(self, message: str) -> None:
         """Print a line about the run itself (a registry slowing us down), even when quiet."""
-        print(printable(message), file=self.out, flush=True)
+        print(printable(message), file=self.notes, flush=True)
 
 
 def iso_time(ts: float | None = None, timespec: str = "milliseconds") -> str:
@@ -174,10 +175,10 @@ def sync_line(r: SyncResult) -> str:
 
 
 class PlainSyncView:
-    """A SyncObserver printing a line per reference (only failures when quiet)."""
+    """A SyncObserver printing a line per reference to `out`, standard output (only failures when quiet)."""
 
-    def __init__(self, out: IO[str] = sys.stderr, quiet: bool = False) -> None:
-        self.out = out
+    def __init__(self, out: IO[str] | None = None, quiet: bool = False) -> None:
+        self.out = sys.stdout if out is None else out
         self.quiet = quiet
 
     def job_grew(self, job: str, images: int) -> None:

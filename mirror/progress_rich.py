@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,8 +19,10 @@ from rich.text import Text
 
 from mirror.digest import Digest
 from mirror.engine.copy import ImageResult
-from mirror.engine.sync import SyncResult
 from mirror.progress import PlainProgress, result_line, sync_line
+
+if TYPE_CHECKING:  # sync (sqlite, filters, push) loads for `mirror sync` only, not for `mirror pull`'s bars
+    from mirror.engine.sync import SyncResult
 
 
 class _SizeColumn(DownloadColumn):
@@ -39,7 +44,12 @@ class _SpeedColumn(TransferSpeedColumn):
 
 
 class RichProgress(PlainProgress):
-    """A bar per blob in flight and a running total, on a terminal."""
+    """A bar per blob in flight and a running total, on a terminal; image lines go to standard output.
+
+    When standard output is a terminal too, its lines are printed above the bars, unwrapped
+    (and anything else written to it is redirected there by rich); otherwise (`mirror pull
+    ... > done.txt`) they go straight to it.
+    """
 
     @classmethod
     def on_stderr(cls) -> RichProgress:
@@ -47,8 +57,9 @@ class RichProgress(PlainProgress):
         return cls(Console(stderr=True))
 
     def __init__(self, console: Console) -> None:
-        super().__init__(console.file)
+        super().__init__(None, notes=console.file)
         self.console = console
+        self.stdout_tty = sys.stdout.isatty()
         self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -56,6 +67,8 @@ class RichProgress(PlainProgress):
             _SpeedColumn(),
             console=console,
             transient=True,
+            redirect_stdout=self.stdout_tty,
+            redirect_stderr=False,
         )
         self.total = self.bars.add_task("total", total=None)
         self.tasks: dict[Digest, TaskID] = {}
@@ -85,8 +98,15 @@ class RichProgress(PlainProgress):
             self.bars.remove_task(task)
 
     def image_finished(self, result: ImageResult) -> None:
-        """Print the image's line above the bars."""
-        self.console.print(result_line(result), highlight=False, markup=False)
+        """Print the image's line to standard output (above the bars when that is the terminal)."""
+        self.result(result_line(result))
+
+    def result(self, line: str) -> None:
+        """Print a result line to standard output (above the bars when that is the terminal)."""
+        if self.stdout_tty:
+            self.console.print(line, soft_wrap=True, highlight=False, markup=False)
+        else:
+            print(line, file=sys.stdout, flush=True)
 
     def note(self, message: str) -> None:
         """Print a line about the run above the bars."""
@@ -109,8 +129,8 @@ class RichSyncView:
         self.progress.bars.update(task, total=current + images)
 
     def result(self, result: SyncResult) -> None:
-        """Advance the job's bar and print the reference's line."""
+        """Advance the job's bar and print the reference's line to standard output."""
         task = self.jobs.get(result.job)
         if task is not None:
             self.progress.bars.advance(task, 1)
-        self.progress.console.print(sync_line(result), highlight=False, markup=False)
+        self.progress.result(sync_line(result))

@@ -47,6 +47,7 @@ from mirror.errors import AuthError, NotFoundError, StreamError, TransportError,
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
+from mirror.redact import safe_url
 from mirror.reference import is_loopback
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,7 @@ class Transport:
         if kw.get("data") is not None and sending.isdigit() and int(sending) > 0:
             limit += self.timeouts.blob(int(sending))
         to: str | URL = URL(url, encoded=True) if encoded else url
+        t0 = time.monotonic()
         try:
             async with asyncio.timeout(limit):
                 resp = await self.session.request(method, to, headers=headers, allow_redirects=False, **kw)
@@ -390,6 +392,10 @@ class Transport:
         except aiohttp.ClientHttpProxyError as exc:
             assert proxy is not None
             raise _proxy_refusal(proxy, target, exc.status, exc.message) from None
+        if log.isEnabledFor(logging.DEBUG):  # `mirror -v`: one line per HTTP answer, no header nor secret
+            size = resp.headers.get("Content-Length", "?")
+            secs = time.monotonic() - t0
+            log.debug("%s %s %d %s bytes %.3fs", method, safe_url(url), resp.status, size, secs)
         if resp.status == 407 and proxy is not None:
             resp.release()
             raise _proxy_refusal(proxy, target, resp.status, resp.reason or "")

@@ -112,7 +112,7 @@ def test_cli_wrong_password_exit_1_and_one_line(basic: BasicRegistry, tmp_path: 
         env=env,
     )
     assert res.returncode == 1
-    failed = [line for line in res.stderr.splitlines() if line.startswith("FAILED")]
+    failed = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
     assert failed == [
         f"FAILED {basic.ref}: GET {basic.registry.host}/v2/private/app/manifests/1: credentials "
         "refused (401 UNAUTHORIZED: authentication required)"

@@ -206,7 +206,7 @@ def test_pull_cli_mixes_daemon_and_registry_images(podman: Podman, seeded: Seede
     args = [f"daemon://{podman.names['a']}", seeded.ref("t/oci:1"), missing]
     res = mirror("pull", "--cache", str(cache), "--daemon", podman.url, *args)
     assert res.returncode == 1, res.stderr
-    assert f"FAILED {PREFIX}-nope:1: {PREFIX}-nope:1: the Docker daemon at {podman.url}:" in res.stderr
+    assert f"FAILED {PREFIX}-nope:1: {PREFIX}-nope:1: the Docker daemon at {podman.url}:" in res.stdout
     assert "2/3 images cached, 1 failed" in res.stderr
     res = mirror("ls", "--cache", str(cache))
     listed = {line.split("\t")[0]: line.split("\t") for line in res.stdout.splitlines()}

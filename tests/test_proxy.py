@@ -339,7 +339,7 @@ def test_cli_wrong_proxy_password_never_printed(seeded: Seeded, auth_proxy: Tiny
         env=env,
     )
     assert res.returncode != 0
-    assert f"proxy {auth_proxy.url} refused the credentials for {seeded.registry.host} (401" in res.stderr
+    assert f"proxy {auth_proxy.url} refused the credentials for {seeded.registry.host} (401" in res.stdout
     assert "SECRET" not in res.stderr + res.stdout
 
 

@@ -451,7 +451,7 @@ def test_failures_are_isolated_and_reported(tmp_path: Path) -> None:
             assert item["status"] == "ok" and item["digest"].startswith("sha256:") and item["error"] is None
         assert cached_names(cache) == {f"{h}/ok/a:1", f"{h}/ok/b:1", f"{h}/ok/c:1"}
         # Non-TTY output is JSON lines; every failure is a line of its own.
-        lines = [json.loads(line) for line in res.stderr.splitlines()]
+        lines = [json.loads(line) for line in res.stdout.splitlines()]
         assert sorted(e["reference"] for e in lines if e["event"] == "image" and e["status"] == "failed") == sorted(
             doc["failed"]
         )

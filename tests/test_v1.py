@@ -490,14 +490,14 @@ def test_cli_detects_v1_and_ls_lists_it(v1reg: V1Registry, tmp_path: Path) -> No
     cache = tmp_path / "cache"
     res = mirror("pull", "--cache", str(cache), f"{v1reg.host}/ubuntu:15.10", f"{v1reg.host}/a/b/c:1")
     assert res.returncode == 1, res.stderr
-    assert f"ok     {v1reg.host}/library/ubuntu:15.10 sha256:" in res.stderr
-    assert "v1 repository 'a/b/c' has more than one '/'" in res.stderr
+    assert f"ok     {v1reg.host}/library/ubuntu:15.10 sha256:" in res.stdout
+    assert "v1 repository 'a/b/c' has more than one '/'" in res.stdout
     res = mirror("ls", "--cache", str(cache))
     assert res.returncode == 0, res.stderr
     fields = res.stdout.strip().split("\t")
     assert fields[0] == f"{v1reg.host}/library/ubuntu:15.10" and fields[2] == "linux/amd64"
     res = mirror("pull", "--api", "v2", "--cache", str(cache), f"{v1reg.host}/ubuntu:15.10")
-    assert res.returncode == 1 and "not found" in res.stderr
+    assert res.returncode == 1 and "not found" in res.stdout
 
 
 @pytest.mark.slow
@@ -514,7 +514,7 @@ def test_cli_index_flow_from_config(seed: Seed, tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "mirror", "pull", "-c", str(cfg), f"{index.host}/tools/app:1"]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert res.returncode == 0, res.stderr
-        assert f"{index.host}/tools/app:1 sha256:" in res.stderr
+        assert f"{index.host}/tools/app:1 sha256:" in res.stdout
         assert index.count("/v2/") == 0  # api = "v1": no detection
         assert index.count("/v1/repositories/tools/app/images") == 1
         assert reg.refused == {}

@@ -87,7 +87,7 @@ async def run(args: argparse.Namespace) -> int:
     platforms = tuple(Platform.parse(p) for p in args.platform)
     layout = Layout.open(cfg.cache)
     tty = sys.stderr.isatty() and not args.quiet
-    progress: PlainProgress = PlainProgress(sys.stderr, quiet=args.quiet)
+    progress: PlainProgress = PlainProgress(sys.stdout, quiet=args.quiet)  # results out, notes to stderr
     bars: AbstractContextManager[Any] = nullcontext()
     if tty:
         from mirror.progress_rich import RichProgress  # rich only on a terminal: it costs start-up time

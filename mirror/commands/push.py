@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace) -> int:
     if result.status == "ok":
         print(f"{printable(dest)}\t{result.digest}")
     else:
-        print(printable(f"FAILED {source} -> {dest}: {result.error}"), file=sys.stderr)
+        print(printable(f"FAILED {source} -> {dest}: {result.error}"))
     print(_stats_line(pusher, time.monotonic() - t0), file=sys.stderr)
     if result.status == "ok":
         return EXIT_OK
@@ -144,7 +144,7 @@ async def run_bulk(args: argparse.Namespace) -> int:
         )
     for name, out in zip(names, outcomes, strict=True):
         if out.status == PUSH_FAILED:
-            print(printable(f"FAILED {name} -> {out.error}"), file=sys.stderr)
+            print(printable(f"FAILED {name} -> {out.error}"))
         else:
             print(f"{out.status}\t{printable(f'{name} -> {out.target}')}")
     failed = [o for o in outcomes if o.status == PUSH_FAILED]

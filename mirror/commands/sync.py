@@ -168,10 +168,12 @@ async def run(args: argparse.Namespace) -> int:
         rich = RichProgress.on_stderr()
         progress, observer = BlobsOnly(rich), RichSyncView(rich)
     elif args.json or not sys.stderr.isatty():
+        # Each reference's outcome is a result (stdout); blob events, notes and the summary are the log (stderr).
         log = JsonLog(sys.stderr, quiet=args.quiet)
-        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), JsonSyncView(log)
+        progress = BlobsOnly(JsonProgress(sys.stderr, quiet=True))
+        observer = JsonSyncView(JsonLog(sys.stdout, quiet=args.quiet))
     else:
-        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(sys.stderr, args.quiet)
+        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(sys.stdout, args.quiet)
     started, t0 = time.time(), time.monotonic()
     async with AsyncExitStack() as stack:
         if args.dry_run:

@@ -217,8 +217,8 @@ class Run:
     max_rss_kib: int
 
     def lines(self) -> list[str]:
-        """Return the non-empty lines of stderr."""
-        return [line for line in self.err.splitlines() if line.strip()]
+        """Return the non-empty lines of stdout (results) and stderr (the rest), in that order."""
+        return [line for line in (self.out + self.err).splitlines() if line.strip()]
 
 
 def run_mirror(*args: str, timeout: float = 300.0, cwd: Path | None = None) -> Run:
@@ -257,4 +257,5 @@ def assert_no_traceback(run: Run) -> None:
 def write_config(path: Path, text: str) -> Path:
     """Write a TOML config file and return its path."""
     path.write_text(text)
+    path.chmod(0o600)  # it may hold a password: readable by others, it would get a warning line
     return path

@@ -91,7 +91,7 @@ password = "other-secret"
         seen_dest = dest.requests()
     assert_no_traceback(run)
     assert run.code != 0
-    assert len(run.lines()) <= 2 and "access denied" in run.err, run.err  # the image's line (and a summary)
+    assert len(run.lines()) <= 2 and "access denied" in run.out, run.out + run.err  # the image's line (and a summary)
     assert "other-secret" not in run.err + run.out and "dest-pass" not in run.err + run.out
     assert seen_other, "the upload went to the Location handed out"
     assert [s for s in seen_other if "Authorization" in s.headers] == []

@@ -230,7 +230,7 @@ def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:
     Layout.open(tmp_path / "c")
     res = mirror("push", "--cache", str(tmp_path / "c"), "127.0.0.1:1/no/such:1", "127.0.0.1:2/x:1")
     assert res.returncode == 1
-    assert f"127.0.0.1:1/no/such:1 is not in the cache {tmp_path / 'c'}" in res.stderr
+    assert f"127.0.0.1:1/no/such:1 is not in the cache {tmp_path / 'c'}" in res.stdout  # a FAILED line is a result
 
 
 @pytest.mark.slow

@@ -162,6 +162,8 @@ async def run(args: argparse.Namespace) -> int:
     observer: SyncObserver
     progress: Progress
     log: JsonLog | None = None
+    # Results go to stdout, unless the report goes there (`--report -`): then it is alone on it.
+    results = sys.stderr if args.report is not None and str(args.report) == "-" else sys.stdout
     if tty:
         from mirror.progress_rich import RichProgress, RichSyncView  # rich only on a terminal (start-up time)
 
@@ -171,9 +173,9 @@ async def run(args: argparse.Namespace) -> int:
         # Each reference's outcome is a result (stdout); blob events, notes and the summary are the log (stderr).
         log = JsonLog(sys.stderr, quiet=args.quiet)
         progress = BlobsOnly(JsonProgress(sys.stderr, quiet=True))
-        observer = JsonSyncView(JsonLog(sys.stdout, quiet=args.quiet))
+        observer = JsonSyncView(JsonLog(results, quiet=args.quiet))
     else:
-        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(sys.stdout, args.quiet)
+        progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(results, args.quiet)
     started, t0 = time.time(), time.monotonic()
     async with AsyncExitStack() as stack:
         if args.dry_run:

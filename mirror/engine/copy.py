@@ -225,6 +225,10 @@ class Engine:
         try:
             while True:
                 writer = await self.store.writer(desc.digest, desc.size)
+                if writer.present:
+                    # Another writer (an engine of an older config, another process) stored it meanwhile.
+                    ok = True
+                    return fetched
                 resumed_from = writer.offset
                 try:
                     async with self.slot(host):

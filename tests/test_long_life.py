@@ -1,0 +1,211 @@
+"""A daemon that runs for months: one owner per partial file, runs that drain alone, safe cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror import config
+from mirror.daemon import Daemon
+from mirror.engine.copy import Engine
+from mirror.progress import JsonLog
+from mirror.reference import Reference
+from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.layout import Layout
+from mirror.transport import Transport
+from tests.conftest import ROOT
+from tests.syncfixtures import SyncRegistry, seed_registry
+from tools.imagebuild import Layer
+from tools.registry import free_port
+
+RATE = 400_000  # bytes per second through the slow proxy
+BIG = 1_200_000  # the slow layer: about three seconds through the proxy
+
+
+@dataclass
+class Slow:
+    """A registry with a big layer in two repositories, and a proxy that sends blob bodies slowly."""
+
+    reg: SyncRegistry
+    host: str  # the slow proxy
+    big: Layer
+
+    def partial(self, cache: Path) -> Path:
+        return cache / ".mirror" / "ingest" / f"sha256-{self.big.digest.split(':')[1]}.partial"
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
+    s = seed_registry(tmp_path_factory.mktemp("slowreg"), {})
+    big = s.push("big", "slow/big", "1", size=BIG)
+    s.push("big", "slow/again", "1")  # the same image (same layers) in another repository
+    port = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.slowproxy", s.host, str(port), str(RATE)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        yield Slow(s, f"127.0.0.1:{port}", big)
+    finally:
+        proxy.kill()
+        proxy.wait()
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+        s.registry.stop()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `cond` until it holds; fail after a generous `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def has_bytes(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def bad_blobs(cache: Path) -> list[str]:
+    """Return every stored blob whose content does not hash to its name."""
+    bad = []
+    for p in (cache / "blobs" / "sha256").iterdir():
+        if hashlib.sha256(p.read_bytes()).hexdigest() != p.name:
+            bad.append(p.name)
+    return bad
+
+
+async def test_two_engines_on_one_layout_share_a_partial_file_safely(slow: Slow, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    layout = Layout.open(cache)
+    ref = Reference.parse(f"{slow.host}/slow/big:1")
+    async with Transport() as transport:
+        source = RegistryV2Source(transport)
+        # Two engines (as after a reload that changed [engine]), one layout, the same image.
+        first, second = Engine(layout, limits=transport.limits), Engine(layout, limits=transport.limits)
+        a = asyncio.create_task(first.pull_many([(source, ref)]))
+        await until(lambda: has_bytes(slow.partial(cache)), what="the first download to write")
+        b = asyncio.create_task(second.pull_many([(source, ref)]))
+        [ra], [rb] = await asyncio.wait_for(asyncio.gather(a, b), 120)
+    assert (ra.status, rb.status) == ("ok", "ok"), (ra.error, rb.error)
+    assert bad_blobs(cache) == []
+    stored = cache / "blobs" / "sha256" / slow.big.digest.split(":")[1]
+    assert stored.read_bytes() == slow.big.blob
+    assert not slow.partial(cache).exists()
+    assert second.stats.blobs_fetched == 0  # the second writer waited and took the stored blob
+
+
+def job(name: str, host: str, repo: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "source": {"type": "registry", "host": host},
+        "repositories": [repo],
+        "schedule": {"interval": "1h"},
+    }
+
+
+def write_config(path: Path, cache: Path, port: int, jobs: list[dict[str, Any]], concurrency: int) -> None:
+    lines = [
+        f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 60\n',
+        f"[engine]\nconcurrency = {concurrency}\n",
+    ]
+    for j in jobs:
+        lines.append(
+            f'[[jobs]]\nname = "{j["name"]}"\nsource = {{type = "registry", host = "{j["source"]["host"]}"}}\n'
+            f'repositories = {json.dumps(j["repositories"])}\nschedule = {{interval = "1h"}}\n'
+        )
+    path.write_text("".join(lines))
+
+
+def finished(out: io.StringIO) -> dict[str, dict[str, Any]]:
+    """Return the last `job_finished` event of each job in the daemon's log."""
+    done: dict[str, dict[str, Any]] = {}
+    for line in out.getvalue().splitlines():
+        if line.startswith("{"):
+            ev = json.loads(line)
+            if ev.get("event") == "job_finished":
+                done[ev["job"]] = ev
+    return done
+
+
+async def test_reload_mid_download_then_a_job_wanting_the_same_blob(slow: Slow, tmp_path: Path) -> None:
+    cache, path, port = tmp_path / "cache", tmp_path / "mirror.toml", free_port()
+    one = job("one", slow.host, "slow/big")
+    write_config(path, cache, port, [one], concurrency=8)
+    out = io.StringIO()
+    daemon = Daemon(path, config.load(path), log=JsonLog(out))
+    running = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: has_bytes(slow.partial(cache)), what="job one to be downloading")
+        # A reload that changes [engine] and adds a job wanting the same layer, mid-download.
+        write_config(path, cache, port, [one, job("two", slow.host, "slow/again")], concurrency=4)
+        daemon.reload()
+        assert daemon.reload_status is not None and daemon.reload_status.ok
+        await until(lambda: {"one", "two"} <= finished(out).keys(), timeout=120, what="both jobs to finish")
+    finally:
+        daemon.stop("test")
+        await asyncio.wait_for(running, 120)
+    done = finished(out)
+    assert (done["one"]["outcome"], done["two"]["outcome"]) == ("ok", "ok"), out.getvalue()
+    assert bad_blobs(cache) == []
+    assert not slow.partial(cache).exists()
+
+
+HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from mirror.digest import Digest
+from mirror.store.blobs import BlobStore
+
+async def main() -> None:
+    w = await BlobStore(Path(sys.argv[1])).writer(Digest.parse(sys.argv[2]), int(sys.argv[3]))
+    await w.write(b"x" * 1000)
+    await w.abort(keep=True)  # kept for a resume, and let go of
+    w = await BlobStore(Path(sys.argv[1])).writer(Digest.parse(sys.argv[2]), int(sys.argv[3]))
+    print("holding", flush=True)
+    await asyncio.Event().wait()  # killed here, the lock still held
+
+asyncio.run(main())
+"""
+
+
+async def test_lock_of_a_killed_writer_blocks_no_one_and_its_bytes_are_verified(tmp_path: Path) -> None:
+    from mirror.digest import Digest
+    from mirror.store.blobs import BlobStore
+
+    data = b"x" * 1000 + b"y" * 1000
+    digest = Digest.of(data)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, str(tmp_path), str(digest), str(len(data)), env=env, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"holding"
+    store = BlobStore(tmp_path)
+    waiting = asyncio.create_task(store.writer(digest, len(data)))
+    await asyncio.sleep(0)  # not an assertion: the writer is now waiting for the live holder
+    assert not waiting.done()
+    proc.kill()
+    await proc.wait()
+    w = await asyncio.wait_for(waiting, 60)  # the kernel dropped the dead holder's lock
+    assert w.offset == 1000  # and its kept bytes are taken over
+    await w.write(b"y" * 1000)
+    assert await w.commit() == len(data)
+    assert store.path(digest).read_bytes() == data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,18 @@ import pytest
 from mirror import config
 from mirror.daemon import Daemon
 from mirror.engine.copy import Engine
+from mirror.engine.fanout import fan_out
+from mirror.engine.select import RepoFilter, TagFilter
+from mirror.engine.sync import SyncJob, sync
+from mirror.manifest import Manifest
 from mirror.progress import JsonLog
 from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
+from mirror.store.state import StateDB
 from mirror.transport import Transport
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Seeded
+from tests.faultproxy import Fault, FaultProxy
 from tests.syncfixtures import SyncRegistry, seed_registry
 from tools.imagebuild import Layer
 from tools.registry import free_port
@@ -209,3 +217,96 @@ async def test_lock_of_a_killed_writer_blocks_no_one_and_its_bytes_are_verified(
     await w.write(b"y" * 1000)
     assert await w.commit() == len(data)
     assert store.path(digest).read_bytes() == data
+
+
+def layer_of(host: str, repo: str, index: int) -> str:
+    """Return the digest of layer `index` of `repo:1` (a schema2 image) at `host`."""
+    req = urllib.request.Request(
+        f"http://{host}/v2/{repo}/manifests/1",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        return str(json.load(resp)["layers"][index]["digest"])
+
+
+async def test_a_run_drains_only_its_own_downloads(seeded: Seeded, tmp_path: Path) -> None:
+    proxy = await FaultProxy(seeded.registry.host).start()
+    cache = tmp_path / "cache"
+    layout = Layout.open(cache)
+    try:
+        async with Transport() as transport:
+            source = RegistryV2Source(transport)
+            engine = Engine(layout, limits=transport.limits)
+            small = Reference.parse(seeded.ref("shared/app0:1"))
+            [first] = await engine.pull_many([(source, small)])  # cached: the next run of it is a no-op
+            assert first.status == "ok", first.error
+            # A big run whose download stalls until the proxy lets go, on the same engine.
+            own = layer_of(seeded.registry.host, "t/schema2", 1)
+            proxy.add(Fault("stall", match=own, after=1000))
+            big = asyncio.create_task(
+                engine.pull_many([(source, Reference.parse(f"{proxy.host}/t/schema2:1"))]), name="big run"
+            )
+            await until(lambda: proxy.sent[f"/v2/t/schema2/blobs/{own}"] >= 1000, what="the big download to stall")
+            # The no-op run ends at once: it does not wait for the big run's download.
+            [again] = await asyncio.wait_for(engine.pull_many([(source, small)]), 30)
+            assert again.status == "ok", again.error
+            assert not big.done()
+            big.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await big
+    finally:
+        await proxy.stop()
+
+
+class BuggySource(RegistryV2Source):
+    """A v2 source with a bug for one repository (a non-MirrorError), and a gate for another."""
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
+        self.gate = asyncio.Event()
+        self.cancelled: list[str] = []
+
+    async def fetch_manifest(self, ref: Reference) -> Manifest:
+        if ref.repository.endswith("schema1"):
+            raise RuntimeError("a bug")
+        if ref.repository.endswith("schema2"):
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(str(ref))
+                raise
+        return await super().fetch_manifest(ref)
+
+
+async def test_a_bug_in_one_branch_cancels_its_siblings_before_the_run_ends(seeded: Seeded, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    layout = Layout.open(cache)
+    job = SyncJob("j", seeded.registry.host, RepoFilter(("t/schema1", "t/schema2")), TagFilter(("1",)))
+    async with Transport() as transport, await StateDB.open(cache) as state:
+        source = BuggySource(transport)
+        with pytest.raises(RuntimeError, match="a bug"):
+            await sync(Engine(layout, limits=transport.limits), state, [(job, source)])
+        # Before the run ends, its sibling branch is cancelled: nothing of it writes afterwards.
+        assert source.cancelled == [f"{seeded.registry.host}/t/schema2:1"]
+        source.gate.set()
+    assert json.loads((cache / "index.json").read_text())["manifests"] == []
+
+
+async def test_fan_out_raises_the_error_itself_and_leaves_no_branch_running() -> None:
+    ended: list[str] = []
+
+    async def fails() -> int:
+        await asyncio.sleep(0)
+        raise RuntimeError("boom")
+
+    async def waits() -> int:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.append("waits")
+        return 1
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fan_out([fails(), waits()])
+    assert ended == ["waits"]
+    assert await fan_out([asyncio.sleep(0, 1), asyncio.sleep(0, 2)]) == [1, 2]

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine, ImageResult
+from mirror.engine.fanout import fan_out
 from mirror.engine.publish import PUSH_FAILED, PUSHED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
 from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
@@ -187,8 +188,9 @@ class Syncer:
             ref = _parse_or_none(name)
             if ref is not None and ref.tag and ref.digest is None:
                 self._by_repo.setdefault(ref.name, []).append(ref)
-        parts = await asyncio.gather(*(self._job(job, source) for job, source in jobs))
-        await self.engine.drain()
+        # The run's own scope: it waits for its own downloads only, never another run's.
+        async with self.engine.run_scope():
+            parts = await fan_out(self._job(job, source) for job, source in jobs)
         return [r for part in parts for r in part] + self._referrers
 
     async def _guard(
@@ -218,7 +220,7 @@ class Syncer:
                 async with self.engine.host_slot(api_host):
                     catalog = await source.catalog(api_host)
             repos = job.repositories.select(catalog)
-            parts = await asyncio.gather(*(self._repo(job, source, repo) for repo in repos))
+            parts = await fan_out(self._repo(job, source, repo) for repo in repos)
             return [r for part in parts for r in part]
 
         return await self._guard(job, job.registry, work)
@@ -244,7 +246,7 @@ class Syncer:
                 upstream = set(listed)
                 gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
             self.observer.job_grew(job.name, len(refs) + len(gone))
-            results = list(await asyncio.gather(*(self._tag(job, source, ref) for ref in refs)))
+            results = await fan_out(self._tag(job, source, ref) for ref in refs)
             if gone:
                 results += await self._gone(job, sorted(gone))
             return results

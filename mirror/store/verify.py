@@ -171,7 +171,12 @@ async def check_reference(
         images.append(top)
     configs = {m.config.digest for m in images if m.config is not None}
     blobs = {b.digest: b for m in images for b in m.blobs}  # each digest once (schema1 repeats a3ed95...)
-    await asyncio.gather(*(present(b, "config" if d in configs else "layer") for d, b in blobs.items()))
+    try:
+        async with asyncio.TaskGroup() as tg:  # a branch that fails takes its siblings down with it
+            for d, b in blobs.items():
+                tg.create_task(present(b, "config" if d in configs else "layer"))
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
     return RefReport(entry.name, tuple(sorted(problems)), tuple(sorted(repaired)))
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
-from mirror.store.blobs import FLUSH_BYTES, BlobStore
+from mirror.store.blobs import FLUSH_BYTES, BlobStore, fsync_dir
 from mirror.store.gc import stored_blobs
 from mirror.store.layout import Entry, Layout
 from mirror.store.tree import load_manifest
@@ -91,6 +91,9 @@ def _quarantine(store: BlobStore, digest: Digest) -> None:
     target = quarantine_path(store, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(store.path(digest), target)
+    # Both directories: after a power loss the blob is neither back under its name nor lost.
+    fsync_dir(target.parent)
+    fsync_dir(store.path(digest).parent)
 
 
 async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tuple[Digest, ...]]:

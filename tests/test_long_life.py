@@ -169,6 +169,11 @@ async def test_reload_mid_download_then_a_job_wanting_the_same_blob(slow: Slow, 
         daemon.reload()
         assert daemon.reload_status is not None and daemon.reload_status.ok
         await until(lambda: {"one", "two"} <= finished(out).keys(), timeout=120, what="both jobs to finish")
+        # The old runtime (transport, engine) is closed once its last run is over: reloads do not leak.
+        await until(lambda: len(daemon.runtimes) == 1, what="the old runtime to be closed")
+        assert daemon.runtimes[0].cfg.concurrency == 4
+        await until(lambda: "runtime_closed" in events(out), what="the old transport to be closed")
+        assert daemon.status()["blobs_fetched"] >= 1  # what the closed engine did still counts
     finally:
         daemon.stop("test")
         await asyncio.wait_for(running, 120)
@@ -176,6 +181,34 @@ async def test_reload_mid_download_then_a_job_wanting_the_same_blob(slow: Slow, 
     assert (done["one"]["outcome"], done["two"]["outcome"]) == ("ok", "ok"), out.getvalue()
     assert bad_blobs(cache) == []
     assert not slow.partial(cache).exists()
+
+
+def events(out: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in out.getvalue().splitlines() if line.startswith("{")]
+
+
+async def test_a_renamed_job_waits_for_its_old_self_and_shutdown_waits_for_both(slow: Slow, tmp_path: Path) -> None:
+    cache, path, port = tmp_path / "cache", tmp_path / "mirror.toml", free_port()
+    write_config(path, cache, port, [job("old", slow.host, "slow/big")], concurrency=8)
+    out = io.StringIO()
+    daemon = Daemon(path, config.load(path), log=JsonLog(out))
+    running = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: has_bytes(slow.partial(cache)), what="job old to be downloading")
+        write_config(path, cache, port, [job("new", slow.host, "slow/big")], concurrency=8)
+        daemon.reload()
+        assert daemon.reload_status is not None and daemon.reload_status.ok
+        # The renamed job's first slot finds its old self still running: skipped, not run beside it.
+        await until(lambda: "job_skipped" in events(out), what="the renamed job's first slot")
+    finally:
+        daemon.stop("test")  # the grace (60 s) covers the old job's run, though its job is gone
+        await asyncio.wait_for(running, 120)
+    of_new = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    assert [e["event"] for e in of_new if e.get("job") == "new"] == ["job_skipped"]
+    done = finished(out)
+    assert done["old"]["outcome"] == "ok", out.getvalue()
+    assert events(out)[-1] == "stopped"
+    assert bad_blobs(cache) == []
 
 
 HOLDER = """

@@ -401,3 +401,31 @@ async def test_a_cancelled_index_write_finishes_before_its_locks_go(tmp_path: Pa
     doc = json.loads((layout.root / "index.json").read_text())  # whole JSON, no trailing bytes
     assert [m["annotations"][REF_NAME] for m in doc["manifests"]] == ["reg.example/a:1"]
     assert [p.name for p in layout.root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+async def test_a_head_without_digest_costs_one_get_not_a_copy(seeded: Seeded, tmp_path: Path) -> None:
+    proxy = await FaultProxy(seeded.registry.host).start()
+    proxy.strip = {"docker-content-digest"}  # a registry that never names the digest
+    cache = tmp_path / "cache"
+    layout = Layout.open(cache)
+    job = SyncJob("j", proxy.host, RepoFilter(("t/schema2", "t/index")), TagFilter(("1",)))
+    try:
+        async with Transport() as transport, await StateDB.open(cache) as state:
+            engine = Engine(layout, limits=transport.limits)
+            _, first = await sync(engine, state, [(job, RegistryV2Source(transport))])
+            assert [r.status for r in first] == ["ok", "ok"], [r.error for r in first]
+            before = (cache / "index.json").stat()
+            proxy.log.clear()
+            _, again = await sync(engine, state, [(job, RegistryV2Source(transport))])
+    finally:
+        await proxy.stop()
+    assert [r.status for r in again] == ["unchanged", "unchanged"], [r.error for r in again]
+    after = (cache / "index.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    asked = sorted((m, p.split("/manifests/")[0]) for m, p, _ in proxy.log if "/v2/t/" in p)
+    assert asked == [
+        ("GET", "/v2/t/index"),
+        ("GET", "/v2/t/schema2"),
+        ("HEAD", "/v2/t/index"),
+        ("HEAD", "/v2/t/schema2"),
+    ]

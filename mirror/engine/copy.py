@@ -373,11 +373,25 @@ class Engine:
                 await asyncio.sleep(backoff_delay(self.retry, attempt, random.random()))
                 attempt += 1
 
-    async def pull(self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...] = ()) -> ImageResult:
-        """Copy one image (every wanted platform of an index) into the cache and name it."""
+    async def manifest(self, source: ManifestSource, ref: Reference) -> Manifest:
+        """Return the manifest `ref` names at `source` (under the host's limit, a broken body fetched again)."""
+        return await self._manifest(source, ref)
+
+    async def pull(
+        self,
+        source: ManifestSource,
+        ref: Reference,
+        platforms: tuple[Platform, ...] = (),
+        *,
+        top: Manifest | None = None,
+    ) -> ImageResult:
+        """Copy one image (every wanted platform of an index) into the cache and name it.
+
+        `top`: the manifest of `ref` when the caller fetched it already (not fetched again).
+        """
         t0 = time.monotonic()
         try:
-            top, children = await self._resolve(source, ref, platforms)
+            top, children = await self._resolve(source, ref, platforms, top)
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
             async with asyncio.TaskGroup() as tg:
@@ -403,9 +417,10 @@ class Engine:
         return result
 
     async def _resolve(
-        self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...]
+        self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...], top: Manifest | None = None
     ) -> tuple[Manifest, dict[Digest, Manifest]]:
-        top = await self._manifest(source, ref)
+        if top is None:
+            top = await self._manifest(source, ref)
         children: dict[Digest, Manifest] = {}
         if isinstance(top, IndexManifest):
             chosen = select_platforms(top, platforms)

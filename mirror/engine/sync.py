@@ -26,7 +26,7 @@ from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
 from mirror.engine.referrers import cache_referrers
 from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
-from mirror.manifest import Platform
+from mirror.manifest import Manifest, Platform
 from mirror.reference import Reference
 from mirror.referrers import cosign_tags, is_referrer_tag
 from mirror.sources.base import ManifestSource
@@ -288,12 +288,18 @@ class Syncer:
             return image
         if self.stopping.is_set():
             return await self._done(SyncResult(job.name, key, CANCELLED))
+        top: Manifest | None = None  # fetched already when the HEAD did not name the digest
         try:
             upstream: Digest | None = None
             # A tag not cached yet is fetched without a HEAD first (a dry run still asks, to show the digest).
             if isinstance(source, ManifestHeader) and (cached or self.dry_run):
                 async with self.engine.host_slot(source.host(ref)):
                     upstream = await source.head_manifest(ref)
+                if upstream is None and cached and not isinstance(source, WholeImagePuller):
+                    # The registry's HEAD omits Docker-Content-Digest: GET the top manifest and hash
+                    # it, rather than copying the image again (and rewriting index.json) every run.
+                    top = await self.engine.manifest(source, ref)
+                    upstream = top.digest
             now = time.time()
             if cached and st is not None and upstream is not None and str(upstream) == st.digest:
                 found: list[SyncResult] | None = None
@@ -318,7 +324,7 @@ class Syncer:
         if isinstance(source, WholeImagePuller):
             res, token = await source.pull(self.engine, ref, job.platforms)
         else:
-            res = await self.engine.pull(source, ref, job.platforms)
+            res = await self.engine.pull(source, ref, job.platforms, top=top)
         if res.status != "ok" or res.digest is None:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=res.error or "failed")

@@ -242,9 +242,9 @@ async def test_lock_of_a_killed_writer_blocks_no_one_and_its_bytes_are_verified(
     assert proc.stdout is not None
     assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"holding"
     store = BlobStore(tmp_path)
+    with open(store.partial_path(digest), "rb") as probe, pytest.raises(BlockingIOError):
+        fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the live holder owns the partial file
     waiting = asyncio.create_task(store.writer(digest, len(data)))
-    await asyncio.sleep(0)  # not an assertion: the writer is now waiting for the live holder
-    assert not waiting.done()
     proc.kill()
     await proc.wait()
     w = await asyncio.wait_for(waiting, 60)  # the kernel dropped the dead holder's lock

@@ -429,3 +429,24 @@ async def test_a_head_without_digest_costs_one_get_not_a_copy(seeded: Seeded, tm
         ("HEAD", "/v2/t/index"),
         ("HEAD", "/v2/t/schema2"),
     ]
+
+
+async def test_abort_waits_for_a_batch_whose_caller_was_cancelled(tmp_path: Path) -> None:
+    from mirror.store.blobs import FLUSH_BYTES, BlobStore
+
+    store = BlobStore(tmp_path)
+    a, b = os.urandom(8 * FLUSH_BYTES), os.urandom(FLUSH_BYTES)
+    digest = Digest.of(a + b)
+    w = await store.writer(digest, len(a + b))
+    await w.write(a)  # a full batch: hashed and written in a worker thread while the caller goes on
+    second = asyncio.create_task(w.write(b))  # waits for that batch before handing over its own
+    await asyncio.sleep(0)  # let it start (not an assertion): it is now waiting for the first batch
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    await w.abort(keep=True)  # as the engine does after a cancel: the batch in its thread ends first
+    assert store.partial_path(digest).read_bytes() == a + b
+    again = await store.writer(digest, len(a + b))
+    assert again.offset == len(a + b)
+    assert await again.commit() == len(a + b)
+    assert store.path(digest).read_bytes() == a + b

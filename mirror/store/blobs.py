@@ -72,9 +72,6 @@ async def in_thread(func: Callable[..., T], *args: object) -> T:
     return fut.result()
 
 
-_in_thread = in_thread
-
-
 def fsync_dir(path: Path) -> None:
     """fsync a directory, making the renames done in it durable."""
     dfd = os.open(path, os.O_RDONLY)
@@ -82,9 +79,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-
-
-_fsync_dir = fsync_dir
 
 
 class BlobStore:
@@ -155,7 +149,7 @@ class BlobStore:
         me = self._dir_next.pop(path)
         self._dir_running[path] = me
         try:
-            await _in_thread(_fsync_dir, path)
+            await in_thread(fsync_dir, path)
         except OSError as exc:
             raise StoreError(f"cache {self.root}: {os_reason(exc)} (making renames in {path.name}/ durable)") from None
         finally:
@@ -243,7 +237,7 @@ class BlobWriter:
     async def io(self, func: Callable[..., T], *args: object) -> T:
         """Run file work for this blob in the store's threads; an OSError (a full disk, say) becomes a StoreError."""
         try:
-            return await _in_thread(func, *args)
+            return await in_thread(func, *args)
         except OSError as exc:
             what = f"blob {self.expected}" if self.expected else "a new blob"
             raise StoreError(f"cache {self.store.root}: {os_reason(exc)} (writing {what})") from None

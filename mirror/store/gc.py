@@ -34,7 +34,7 @@ from mirror.manifest import (
     IndexManifest,
     parse_manifest,
 )
-from mirror.store.blobs import BlobStore
+from mirror.store.blobs import BlobStore, in_thread
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.v1records import prune_records
@@ -212,7 +212,8 @@ async def collect(
         blobs = tuple(sorted((d, n) for d, n in stored.items() if d not in marked.reachable))
         partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
         if not dry_run:
-            await asyncio.to_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
+            # Run to its end even when cancelled: the cache lock must not go while files are removed.
+            await in_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
         swept = {d for d, _ in blobs}
 
         def present(digest: Digest, size: int) -> bool:

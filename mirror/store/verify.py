@@ -19,7 +19,7 @@ from typing import Protocol
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
-from mirror.store.blobs import FLUSH_BYTES, BlobStore, fsync_dir
+from mirror.store.blobs import FLUSH_BYTES, BlobStore, fsync_dir, in_thread
 from mirror.store.gc import stored_blobs
 from mirror.store.layout import Entry, Layout
 from mirror.store.tree import load_manifest
@@ -109,7 +109,7 @@ async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tup
         async with limit:
             got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
             if got != digest.hex:
-                await asyncio.to_thread(_quarantine, store, digest)
+                await in_thread(_quarantine, store, digest)  # ends before the cache lock can go
                 corrupt.append(digest)
 
     async with asyncio.TaskGroup() as tg:

@@ -41,7 +41,7 @@ from tools.imagebuild import Layer
 from tools.registry import free_port
 
 RATE = 400_000  # bytes per second through the slow proxy
-BIG = 1_200_000  # the slow layer: about three seconds through the proxy
+BIG = 2_000_000  # the slow layer: five seconds through the proxy, the last 2.4 s of it with a partial file on disk
 
 
 @dataclass

@@ -115,8 +115,8 @@ class RunScope:
 
     def hold(self, task: asyncio.Future[Any], digest: Digest | None = None, via: str = "") -> None:
         """Count `task` as this run's (started or joined); with `digest`, record its failure through `via`."""
-        if task.done():
-            return
+        if task.done() or task in self.tasks:
+            return  # a blob wanted by fifty images of one run is held once
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         if digest is not None:

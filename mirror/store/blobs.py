@@ -221,7 +221,7 @@ class BlobWriter:
         self._partial = (
             store.partial_path(digest)
             if digest and not unique
-            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}'}.partial"
+            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}'}.partial"
         )
         self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None
@@ -251,7 +251,8 @@ class BlobWriter:
         """Open a partial file of this writer's own (a unique name): no one else can have it."""
         path = self._partial
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w+b")  # noqa: SIM115 - closed in commit/abort
+        # O_EXCL: never truncate a file someone else writes (another process may have the same pid).
+        self._file = open(path, "x+b")  # noqa: SIM115 - closed in commit/abort
         self._owned = True
 
     def _claim_sync(self, resume: bool) -> str:

@@ -324,6 +324,8 @@ async def test_a_bug_in_one_branch_cancels_its_siblings_before_the_run_ends(seed
         # Before the run ends, its sibling branch is cancelled: nothing of it writes afterwards.
         assert source.cancelled == [f"{seeded.registry.host}/t/schema2:1"]
         source.gate.set()
+        [run] = await state.runs(1)
+        assert run.outcome == "error" and run.finished is not None  # recorded as over, not left running
     assert json.loads((cache / "index.json").read_text())["manifests"] == []
 
 

@@ -503,6 +503,11 @@ async def sync(
         if not dry_run:
             await state.finish_run(run, "cancelled", 0, 0, 0)
         raise
+    except Exception:
+        # A bug (not a MirrorError): every branch of the run has stopped (fan_out); say it ended.
+        if not dry_run:
+            await state.finish_run(run, "error", 0, 0, 0)
+        raise
     if not dry_run:
         failed = sum(r.status == FAILED for r in results)
         outcome = "ok" if not failed else ("failed" if failed == len(results) else "partial")

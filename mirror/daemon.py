@@ -5,11 +5,19 @@ then cancel them (a cancelled blob stays a partial file under `.mirror/ingest/`,
 under a digest name) and exit 0. SIGHUP reloads the config file; a bad one is logged
 and the running config kept; a changed `[daemon] listen` moves the endpoint (the new
 address answers before the old one closes; one that cannot be bound is logged, the old kept).
+
+A reload never touches a run in flight: it finishes on the engine and transport it
+started with (a run of a job the reload removed or renamed too; shutdown waits for
+every run, whatever the job table says), new runs use the new settings, and a run of a
+renamed job waits for its old self. A runtime (transport and engine) is closed once no
+run uses it and a newer one exists. A blob both an old and a new engine want is written
+once: the store's lock on its partial file makes the second writer wait and reuse it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -103,6 +111,7 @@ class Runtime:
     cfg: Config
     transport: Transport
     engine: Engine
+    users: int = 0  # runs using it now: it is closed once none does and a newer one exists
 
 
 @dataclass(slots=True)
@@ -117,6 +126,11 @@ class Reload:
 def _engine_settings(cfg: Config) -> dict[str, Any]:
     """Return what a Runtime is built from: every setting but the jobs and the daemon's own."""
     return {f: getattr(cfg, f) for f in Config.__slots__ if f not in ("jobs", "daemon")}
+
+
+def _same_work(a: JobConfig, b: JobConfig) -> bool:
+    """Return whether two jobs copy the same things (the same but for their names)."""
+    return a.source == b.source and dataclasses.replace(a.spec, name=b.spec.name) == b.spec
 
 
 def outcome_of(results: list[SyncResult]) -> str:
@@ -183,8 +197,12 @@ class Daemon:
         self.grace = cfg.daemon.grace if grace is None else grace
         self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
-        self.runtimes: list[Runtime] = []
-        self.metrics = Metrics(lambda: [rt.engine.stats for rt in self.runtimes], self._job_gauges)
+        self.runtimes: list[Runtime] = []  # the current one last; older ones only while a run uses them
+        self._retired = Stats()  # what closed runtimes' engines did: the counters never go back
+        self.metrics = Metrics(self.engine_stats, self._job_gauges)
+        # Every run in progress, whatever the job table now says (a reload may remove or rename its job).
+        self._runs: dict[asyncio.Task[None], JobConfig] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # runtimes being closed
         self.started = time.time()
         self.reload_status: Reload | None = None
         self.stopping = asyncio.Event()
@@ -235,6 +253,8 @@ class Daemon:
                 finally:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         loop.remove_signal_handler(sig)
+                    if self._closing:
+                        await asyncio.wait(self._closing)
                     for rt in self.runtimes:
                         await rt.transport.close()
                     await self._state.close()
@@ -276,11 +296,15 @@ class Daemon:
             self.stopping.set()
             self._stop.set()
 
+    def engine_stats(self) -> list[Stats]:
+        """Return the stats of every engine this daemon ran (closed ones summed into one)."""
+        return [self._retired, *(rt.engine.stats for rt in self.runtimes)]
+
     async def _shutdown(self) -> None:
         for st in self.jobs.values():
             if st.scheduler is not None:
                 st.scheduler.cancel()
-        running = [st.running for st in self.jobs.values() if st.running is not None and not st.running.done()]
+        running = [task for task in self._runs if not task.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=self.grace)
             if pending:
@@ -301,6 +325,24 @@ class Daemon:
         self.runtimes.append(rt)
         return rt
 
+    def _retire_unused(self) -> None:
+        """Close every runtime but the current one that no run uses any more (reloads must not leak them)."""
+        for rt in self.runtimes[:-1]:
+            if rt.users == 0:
+                self.runtimes.remove(rt)
+                old, total = rt.engine.stats, self._retired
+                for f in dataclasses.fields(Stats):
+                    if f.name != "started":
+                        setattr(total, f.name, getattr(total, f.name) + getattr(old, f.name))
+                task = asyncio.get_running_loop().create_task(self._close_runtime(rt), name="close runtime")
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close_runtime(self, rt: Runtime) -> None:
+        await rt.engine.abort()  # nothing should be left; a download no run waits for must not write on
+        await rt.transport.close()
+        self.log.event("runtime_closed", runtimes=len(self.runtimes))
+
     # --- configuration ---------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -319,6 +361,7 @@ class Daemon:
         if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
+            self._retire_unused()
         if not self._listen_from_config:
             if new.daemon.listen != self.cfg.daemon.listen:
                 note = f"[daemon] listen {new.daemon.listen} ignored: --listen {self.listen} was given"
@@ -347,6 +390,9 @@ class Daemon:
             if known is not None and known.config == job and (known.scheduler is not None or job.schedule is None):
                 continue
             st = known if known is not None else JobState(job)
+            if known is None:
+                # A renamed job: its first slot waits while its old self (same work, old name) still runs.
+                st.running = next((t for t, c in self._runs.items() if not t.done() and _same_work(c, job)), None)
             self.jobs[name] = st
             st.config = job
             st.next_run = None
@@ -371,7 +417,10 @@ class Daemon:
                 self.metrics.job_skipped.labels(st.config.name).inc()
                 self.log.event("job_skipped", WARNING, job=st.config.name, slot=_iso(slot), reason="still running")
             else:
-                st.running = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
+                task = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
+                st.running = task
+                self._runs[task] = st.config
+                task.add_done_callback(self._runs.pop)
             slot = sched.next_slot(slot)
         st.next_run = None
 
@@ -379,6 +428,7 @@ class Daemon:
         assert self._state is not None
         job = st.config
         rt = self.runtimes[-1]
+        rt.users += 1
         started, t0 = time.time(), time.monotonic()
         self.log.event("job_started", job=job.name)
         outcome, counts, error = "error", {}, ""
@@ -401,6 +451,8 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
+            rt.users -= 1
+            self._retire_unused()
             seconds = time.monotonic() - t0
             st.runs += 1
             st.last = JobRun(outcome, started, time.time(), counts, error)
@@ -437,7 +489,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         """Return the `/status` document: jobs with next run and last outcome, reload state."""
-        stats: list[Stats] = [rt.engine.stats for rt in self.runtimes]
+        stats: list[Stats] = self.engine_stats()
         return {
             "config": str(self.path),
             "cache": str(self.cfg.cache),

@@ -675,8 +675,17 @@ class Transport:
             if tok is not None and tok.expires > self.clock() and not (force and tok.value == stale):
                 return tok.value
             value, expires_in = await self._fetch_token(host, ch, key[1])
+            self._evict_expired_tokens()
             self._tokens[key] = _Token(value, self.clock() + token_lifetime(expires_in))
             return value
+
+    def _evict_expired_tokens(self) -> None:
+        """Forget expired tokens, and the locks of scope sets no request holds (a daemon runs for months)."""
+        now = self.clock()
+        for key in [k for k, tok in self._tokens.items() if tok.expires <= now]:
+            del self._tokens[key]
+        for key in [k for k, lock in self._token_locks.items() if k not in self._tokens and not lock.locked()]:
+            del self._token_locks[key]
 
     async def _fetch_token(self, host: str, ch: Challenge, scopes: tuple[str, ...]) -> tuple[str, float | None]:
         """Ask the realm for a token: oauth2 POST with an identity token, GET with Basic or anonymously."""

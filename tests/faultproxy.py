@@ -56,6 +56,7 @@ class FaultProxy:
         self.auth_seen: list[tuple[str, str]] = []
         self.redirect_to = ""
         self.host = ""
+        self.strip: set[str] = set()  # response headers (lower case) removed from every answer
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
@@ -123,7 +124,7 @@ class FaultProxy:
         ) as up:
             body = bytearray(await up.read())
             status = up.status
-            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS | self.strip}
         if fault and fault.kind == "headers":
             out_headers.update(fault.headers)
         self.log.append((request.method, path, status))

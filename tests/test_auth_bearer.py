@@ -141,6 +141,20 @@ async def test_token_expiry_fetches_a_new_one(bearer: TokenRegistry, issuer: Tok
 
 
 @pytest.mark.slow
+async def test_expired_tokens_are_forgotten(bearer: TokenRegistry, issuer: TokenIssuer, tmp_path: Path) -> None:
+    now = [1000.0]
+    t = alice(bearer.registry.host)
+    t.clock = lambda: now[0]
+    async with t:
+        assert (await pull(t, tmp_path / "c1", bearer.ref("team/app:1")))[0].status == "ok"
+        now[0] += issuer.expires_in + 1
+        assert (await pull(t, tmp_path / "c2", bearer.ref("team/other:1")))[0].status == "ok"
+        # The expired token of team/app (and its lock) is gone: a long-running daemon does not pile them up.
+        assert [k[1] for k in t._tokens] == [("repository:team/other:pull",)]
+        assert list(t._token_locks) == list(t._tokens)
+
+
+@pytest.mark.slow
 async def test_expired_token_refused_by_registry_is_replaced_once(
     bearer: TokenRegistry, issuer: TokenIssuer, tmp_path: Path
 ) -> None:

@@ -253,6 +253,27 @@ def test_stale_partials_go_fresh_ones_stay(tmp_path: Path) -> None:
     assert not old.exists() and fresh.exists()
 
 
+def test_an_old_partial_file_its_writer_still_holds_stays(tmp_path: Path) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    digest = Digest.of(b"slow download")
+
+    async def hold_and_collect() -> Garbage:
+        w = await layout.blobs.writer(digest, 13)  # owns the partial file (flock) for as long as it writes
+        await w.write(b"slow")
+        await w.abort(keep=True)
+        w = await layout.blobs.writer(digest, 13)
+        past = time.time() - 3 * 3600
+        os.utime(w.partial, (past, past))  # a download stalled for hours is still a live one
+        try:
+            return await collect(layout, partial_age=3600)
+        finally:
+            await w.abort(keep=True)
+
+    done = run(hold_and_collect())
+    assert done.partials == ()
+    assert layout.blobs.partial_path(digest).read_bytes() == b"slow"
+
+
 def test_broken_reference_stops_the_sweep(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     cache.build([Img((0, 1), "oci", False)], [Top("image", (0,), 0, False, False)], 2)

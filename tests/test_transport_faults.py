@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -236,20 +237,34 @@ async def test_interrupted_process_keeps_its_bytes_for_the_next_run(
     seeded: Seeded, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     digest = base_layer(seeded)
-    proxy.add(Fault("stall", match=digest, after=100_000))
+    # 100 kB, then the body stalls; every resume stalls at once too, so the process keeps
+    # retrying (an idle timeout each time) until it is interrupted.
+    proxy.add(Fault("stall", match=digest, after=100_000), *(Fault("stall", match=digest) for _ in range(200)))
     cache = tmp_path / "c"
+    config = tmp_path / "mirror.toml"
+    config.write_text("[engine]\nread_timeout = 0.5\n[retry]\nattempts = 200\nbase = 0.01\ncap = 0.05\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DOCKER_CONFIG": str(tmp_path)}
-    cmd = [sys.executable, "-m", "mirror", "pull", "-q", "--cache", str(cache), ref(proxy)]
+    cmd = [sys.executable, "-m", "mirror", "pull", "-q", "-c", str(config), "--cache", str(cache), ref(proxy)]
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=asyncio.subprocess.PIPE)
-    while proxy.bytes_for(digest) < 100_000:  # bounded by the test timeout
+    partial = cache / ".mirror" / "ingest" / f"sha256-{digest.split(':')[1]}.partial"
+
+    def kept_bytes() -> int:
+        try:
+            return partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    # Polled, not slept: the bytes are in the partial file once the first idle timeout put them aside.
+    deadline = time.monotonic() + 60
+    while kept_bytes() < 100_000:
+        assert proc.returncode is None and time.monotonic() < deadline, "the stalled bytes never reached the disk"
         await asyncio.sleep(0.02)
-    await asyncio.sleep(1.0)  # the stalled body's bytes reach the client (generous: CI machines are loaded)
     proc.send_signal(signal.SIGINT)
     _, err = await proc.communicate()
     assert proc.returncode == 130, err.decode()
-    partial = cache / ".mirror" / "ingest" / f"sha256-{digest.split(':')[1]}.partial"
     kept = partial.stat().st_size
-    assert 0 < kept <= 100_000
+    assert kept == 100_000
+    proxy.faults.clear()
     proxy.sent.clear()
     result, _, _ = await pull(cache, ref(proxy))
     assert result.status == "ok", result.error

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -18,6 +17,7 @@ from mirror.commands.daemon_source import (
     pull_daemon_sources,
 )
 from mirror.engine.copy import FAILED, Engine, ImageResult
+from mirror.engine.fanout import fan_out
 from mirror.engine.referrers import UNCHANGED, cache_referrers
 from mirror.engine.v1 import pull_detected
 from mirror.manifest import Platform
@@ -42,7 +42,7 @@ async def _referrers(
         for ref, res in zip(refs, results, strict=True)
         if res.status == "ok" and res.digest is not None and await detector.api(ref.api_host) == "v2"
     ]
-    found = await asyncio.gather(*(cache_referrers(engine, source, ref, digest) for ref, digest in wanted))
+    found = await fan_out(cache_referrers(engine, source, ref, digest) for ref, digest in wanted)
     out: list[ImageResult] = []
     for r in (r for part in found for r in part):
         if r.status == FAILED and r.name == r.subject:  # the lookup itself failed, not one referrer's pull
@@ -101,9 +101,7 @@ async def run(args: argparse.Namespace) -> int:
         v1 = RegistryV1Source(transport)
         detector = ApiDetector(transport, {r.host: r.api for r in cfg.registries}, args.api)
         with bars:
-            results = list(
-                await asyncio.gather(*(pull_detected(engine, detector, source, v1, r, platforms) for r in refs))
-            )
+            results = await fan_out(pull_detected(engine, detector, source, v1, r, platforms) for r in refs)
             if args.referrers:
                 results += await _referrers(engine, detector, source, refs, results)
             if from_daemon:

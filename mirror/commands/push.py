@@ -10,7 +10,6 @@ mounted into the other repositories.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from mirror.commands.common import (
     human,
     load_config,
 )
+from mirror.engine.fanout import fan_out
 from mirror.engine.publish import PRESENT, PUSH_FAILED, WOULD_PUSH, Publisher, PushOutcome, RegistryTarget
 from mirror.engine.push import Pusher
 from mirror.errors import MirrorError, UsageError
@@ -139,8 +139,8 @@ async def run_bulk(args: argparse.Namespace) -> int:
         sink = RegistryV2Sink(transport, chunk_threshold=args.chunk_threshold, chunk_bytes=args.chunk_size)
         pusher = Pusher(engine, sink, mount_from=tuple(args.mount_from))
         publisher = Publisher(pusher)
-        outcomes: list[PushOutcome] = await asyncio.gather(
-            *(publisher.publish(target, Reference.parse(n), dry_run=args.dry_run) for n in names)
+        outcomes: list[PushOutcome] = await fan_out(
+            publisher.publish(target, Reference.parse(n), dry_run=args.dry_run) for n in names
         )
     for name, out in zip(names, outcomes, strict=True):
         if out.status == PUSH_FAILED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import random
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from mirror.auth import RetryPolicy, backoff_delay
 from mirror.digest import Digest
+from mirror.engine.fanout import fan_out
 from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
@@ -97,6 +99,39 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
 
 
+class RunScope:
+    """What one run started or joined: the engine's tasks it waits for, and its failure records.
+
+    Downloads and shared work are single-flight across runs; a run drains only its own
+    (`Engine.run_scope`), so a small run does not wait for a big one's downloads, and one
+    run's failure records never leak into, or are cleared by, another's.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Future[Any]] = set()
+        # Downloads that failed, by digest and repository: a later image of this run wanting
+        # the same blob through the same repository gets the same error instead of asking again.
+        self.failed: dict[tuple[Digest, str], MirrorError] = {}
+
+    def hold(self, task: asyncio.Future[Any], digest: Digest | None = None, via: str = "") -> None:
+        """Count `task` as this run's (started or joined); with `digest`, record its failure through `via`."""
+        if task.done() or task in self.tasks:
+            return  # a blob wanted by fifty images of one run is held once
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if digest is not None:
+            task.add_done_callback(functools.partial(self._record, digest, via))
+
+    def _record(self, digest: Digest, via: str, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled():
+            exc = task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
+            if isinstance(exc, MirrorError):
+                self.failed[(digest, via)] = exc
+
+
+_scope: contextvars.ContextVar[RunScope | None] = contextvars.ContextVar("mirror_run_scope", default=None)
+
+
 class Engine:
     """Copies images into a Layout; shared by `pull`, `sync`, the daemon and the tests."""
 
@@ -121,11 +156,39 @@ class Engine:
         self.retry = retry or RetryPolicy()
         self._inflight: dict[Digest, asyncio.Task[int]] = {}
         self._via: dict[Digest, str] = {}  # the repository each in-flight download goes through
-        # Downloads that failed, by digest and repository, until the next drain(): a later
-        # image wanting the same blob through the same repository gets the same error
-        # instead of asking again, whether or not the first download was still in flight.
-        self._failed: dict[tuple[Digest, str], MirrorError] = {}
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
+        self._root = RunScope()  # the scope of callers outside any run_scope() (one-shot commands)
+        self._scopes: set[RunScope] = set()  # the run scopes open now
+
+    def scope(self) -> RunScope:
+        """Return the scope of the run the caller belongs to (the engine's own outside any run)."""
+        return _scope.get() or self._root
+
+    @asynccontextmanager
+    async def run_scope(self) -> AsyncIterator[RunScope]:
+        """Open a run's scope: work started or joined inside it is the run's own; drained on leaving.
+
+        On a clean exit the block waits for the run's own downloads and shared work (not
+        other runs'). When the block raises, work no other run holds is cancelled and
+        awaited, so nothing of a failed run goes on writing after it.
+        """
+        run = RunScope()
+        token = _scope.set(run)
+        self._scopes.add(run)
+        try:
+            yield run
+            await self.drain()
+        except BaseException:
+            others = [s for s in (*self._scopes, self._root) if s is not run]
+            orphans = [t for t in run.tasks if not any(t in s.tasks for s in others)]
+            for t in orphans:
+                t.cancel()
+            if orphans:
+                await asyncio.wait(orphans)
+            raise
+        finally:
+            self._scopes.discard(run)
+            _scope.reset(token)
 
     @asynccontextmanager
     async def slot(self, host: str) -> AsyncIterator[None]:
@@ -143,6 +206,7 @@ class Engine:
             task = asyncio.ensure_future(factory())
             self._once[key] = task
             task.add_done_callback(lambda t: self._once_done(key, t))
+        self.scope().hold(task)
         return cast(T, await asyncio.shield(task))
 
     def _once_done(self, key: Hashable, task: asyncio.Future[Any]) -> None:
@@ -165,7 +229,8 @@ class Engine:
             self.stats.blobs_present += 1
             self.stats.bytes_present += max(desc.size, 0)
             return 0
-        failed = self._failed.get((desc.digest, ref.name))
+        run = self.scope()
+        failed = run.failed.get((desc.digest, ref.name))
         if failed is not None:
             raise failed
         task = self._inflight.get(desc.digest)
@@ -174,8 +239,10 @@ class Engine:
             self._via[desc.digest] = ref.name
             self._inflight[desc.digest] = task
             task.add_done_callback(functools.partial(self._forget, desc.digest))
+            run.hold(task, desc.digest, ref.name)
             return await asyncio.shield(task)
-        shared_from = self._via.get(desc.digest)
+        shared_from = self._via.get(desc.digest, "")
+        run.hold(task, desc.digest, shared_from)
         try:
             await asyncio.shield(task)
         except IntegrityError:
@@ -191,10 +258,15 @@ class Engine:
         return 0
 
     async def drain(self) -> None:
-        """Wait for every download still in flight: a shared one outlives an image that failed."""
-        while self._inflight or self._once:
-            await asyncio.gather(*self._inflight.values(), *self._once.values(), return_exceptions=True)
-        self._failed.clear()  # the next run asks again
+        """Wait for the downloads and shared work the caller's run started or joined (see `run_scope`).
+
+        A shared download outlives an image that failed; it is waited for here. The run's
+        failure records are then dropped, so the next run asks again.
+        """
+        run = self.scope()
+        while run.tasks:
+            await asyncio.wait(list(run.tasks))
+        run.failed.clear()
 
     async def abort(self) -> None:
         """Cancel every download in flight and wait for each to put its partial file aside."""
@@ -205,11 +277,7 @@ class Engine:
 
     def _forget(self, digest: Digest, task: asyncio.Task[int]) -> None:
         if not task.cancelled():
-            # Retrieved: a download whose waiters were all cancelled may fail unseen.
-            exc = task.exception()
-            via = self._via.get(digest) if self._inflight.get(digest) is task else None
-            if isinstance(exc, MirrorError) and via is not None:
-                self._failed[(digest, via)] = exc
+            task.exception()  # retrieved: a download whose waiters were all cancelled may fail unseen
         if self._inflight.get(digest) is task:
             del self._inflight[digest]
             self._via.pop(digest, None)
@@ -231,6 +299,10 @@ class Engine:
         try:
             while True:
                 writer = await self.store.writer(desc.digest, desc.size)
+                if writer.present:
+                    # Another writer (an engine of an older config, another process) stored it meanwhile.
+                    ok = True
+                    return fetched
                 resumed_from = writer.offset
                 try:
                     async with self.slot(host):
@@ -307,11 +379,25 @@ class Engine:
                 await asyncio.sleep(backoff_delay(self.retry, attempt, random.random()))
                 attempt += 1
 
-    async def pull(self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...] = ()) -> ImageResult:
-        """Copy one image (every wanted platform of an index) into the cache and name it."""
+    async def manifest(self, source: ManifestSource, ref: Reference) -> Manifest:
+        """Return the manifest `ref` names at `source` (under the host's limit, a broken body fetched again)."""
+        return await self._manifest(source, ref)
+
+    async def pull(
+        self,
+        source: ManifestSource,
+        ref: Reference,
+        platforms: tuple[Platform, ...] = (),
+        *,
+        top: Manifest | None = None,
+    ) -> ImageResult:
+        """Copy one image (every wanted platform of an index) into the cache and name it.
+
+        `top`: the manifest of `ref` when the caller fetched it already (not fetched again).
+        """
         t0 = time.monotonic()
         try:
-            top, children = await self._resolve(source, ref, platforms)
+            top, children = await self._resolve(source, ref, platforms, top)
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
             async with asyncio.TaskGroup() as tg:
@@ -337,9 +423,10 @@ class Engine:
         return result
 
     async def _resolve(
-        self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...]
+        self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...], top: Manifest | None = None
     ) -> tuple[Manifest, dict[Digest, Manifest]]:
-        top = await self._manifest(source, ref)
+        if top is None:
+            top = await self._manifest(source, ref)
         children: dict[Digest, Manifest] = {}
         if isinstance(top, IndexManifest):
             chosen = select_platforms(top, platforms)
@@ -347,7 +434,7 @@ class Engine:
                 have = ", ".join(str(d.platform) for d in top.manifests if d.platform) or "none"
                 want = ", ".join(str(p) for p in platforms)
                 raise ManifestError(f"{ref}: no manifest for platform {want} (index has {have})")
-            fetched = await asyncio.gather(*(self._manifest(source, ref.with_digest(d.digest)) for d in chosen))
+            fetched = await fan_out(self._manifest(source, ref.with_digest(d.digest)) for d in chosen)
             for desc, child in zip(chosen, fetched, strict=True):
                 if isinstance(child, IndexManifest):
                     raise ManifestError(f"{ref}: nested index {desc.digest} is not supported")
@@ -383,7 +470,6 @@ class Engine:
     async def pull_many(
         self, items: Sequence[tuple[ManifestSource, Reference]], platforms: tuple[Platform, ...] = ()
     ) -> list[ImageResult]:
-        """Copy many images at once; one failing never stops the others."""
-        results = list(await asyncio.gather(*(self.pull(src, ref, platforms) for src, ref in items)))
-        await self.drain()
-        return results
+        """Copy many images at once as one run; one failing never stops the others."""
+        async with self.run_scope():
+            return await fan_out(self.pull(src, ref, platforms) for src, ref in items)

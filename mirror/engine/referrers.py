@@ -15,7 +15,6 @@ verified and shared (single flight) like any image's.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine
+from mirror.engine.fanout import fan_out
 from mirror.errors import MirrorError, NotFoundError
 from mirror.manifest import OCI_INDEX, Descriptor, IndexManifest, parse_manifest, wrapped_source
 from mirror.reference import Reference
@@ -121,15 +121,15 @@ class _Lookup:
         async with self.engine.host_slot(self.host):
             listed = await self.lister.referrers(self.base, digest)
         tags = cosign_tags(digest) if listed is not None else (fallback_tag(digest), *cosign_tags(digest))
-        heads = await asyncio.gather(*(self._head(t) for t in tags))
+        heads = await fan_out(self._head(t) for t in tags)
         work = [self._by_digest(subject, d) for d in listed or ()]
         work += [self._by_tag(subject, t, h) for t, h in zip(tags, heads, strict=True) if h is not None]
-        done = await asyncio.gather(*work)
+        done = await fan_out(work)
         results = [r for r, _ in done]
         if depth > 0:
             found = [d for _, ds in done for d in ds if d not in self.seen]
             self.seen.update(found)
-            for part in await asyncio.gather(*(self._level(d, depth - 1) for d in dict.fromkeys(found))):
+            for part in await fan_out(self._level(d, depth - 1) for d in dict.fromkeys(found)):
                 results += part
         return results
 

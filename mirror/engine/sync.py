@@ -19,13 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine, ImageResult
+from mirror.engine.fanout import fan_out
 from mirror.engine.publish import PUSH_FAILED, PUSHED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
 from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
 from mirror.engine.referrers import cache_referrers
 from mirror.engine.select import RepoFilter, TagFilter, matches_any
 from mirror.errors import MirrorError, NotFoundError
-from mirror.manifest import Platform
+from mirror.manifest import Manifest, Platform
 from mirror.reference import Reference
 from mirror.referrers import cosign_tags, is_referrer_tag
 from mirror.sources.base import ManifestSource
@@ -198,8 +199,9 @@ class Syncer:
             ref = _parse_or_none(name)
             if ref is not None and ref.tag and ref.digest is None:
                 self._by_repo.setdefault(ref.name, []).append(ref)
-        parts = await asyncio.gather(*(self._job(job, source) for job, source in jobs))
-        await self.engine.drain()
+        # The run's own scope: it waits for its own downloads only, never another run's.
+        async with self.engine.run_scope():
+            parts = await fan_out(self._job(job, source) for job, source in jobs)
         return [r for part in parts for r in part] + self._referrers
 
     async def _guard(
@@ -229,7 +231,7 @@ class Syncer:
                 async with self.engine.host_slot(api_host):
                     catalog = await source.catalog(api_host)
             repos = job.repositories.select(catalog)
-            parts = await asyncio.gather(*(self._repo(job, source, repo) for repo in repos))
+            parts = await fan_out(self._repo(job, source, repo) for repo in repos)
             return [r for part in parts for r in part]
 
         return await self._guard(job, job.registry, work)
@@ -256,7 +258,7 @@ class Syncer:
                 gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
             self.observer.job_grew(job.name, len(refs) + len(gone))
             self.planned(job, [str(r) for r in refs])
-            results = list(await asyncio.gather(*(self._tag(job, source, ref) for ref in refs)))
+            results = await fan_out(self._tag(job, source, ref) for ref in refs)
             if gone:
                 results += await self._gone(job, sorted(gone))
             return results
@@ -298,12 +300,18 @@ class Syncer:
             return image
         if self.stopping.is_set():
             return await self._done(SyncResult(job.name, key, CANCELLED))
+        top: Manifest | None = None  # fetched already when the HEAD did not name the digest
         try:
             upstream: Digest | None = None
             # A tag not cached yet is fetched without a HEAD first (a dry run still asks, to show the digest).
             if isinstance(source, ManifestHeader) and (cached or self.dry_run):
                 async with self.engine.host_slot(source.host(ref)):
                     upstream = await source.head_manifest(ref)
+                if upstream is None and cached and not isinstance(source, WholeImagePuller):
+                    # The registry's HEAD omits Docker-Content-Digest: GET the top manifest and hash
+                    # it, rather than copying the image again (and rewriting index.json) every run.
+                    top = await self.engine.manifest(source, ref)
+                    upstream = top.digest
             now = time.time()
             if cached and st is not None and upstream is not None and str(upstream) == st.digest:
                 found: list[SyncResult] | None = None
@@ -328,7 +336,7 @@ class Syncer:
         if isinstance(source, WholeImagePuller):
             res, token = await source.pull(self.engine, ref, job.platforms)
         else:
-            res = await self.engine.pull(source, ref, job.platforms)
+            res = await self.engine.pull(source, ref, job.platforms, top=top)
         if res.status != "ok" or res.digest is None:
             return await self._done(
                 SyncResult(job.name, key, FAILED, seconds=time.monotonic() - t0, error=res.error or "failed")
@@ -513,6 +521,11 @@ async def sync(
     except asyncio.CancelledError:
         if not dry_run:
             await state.finish_run(run, "cancelled", 0, 0, 0)
+        raise
+    except Exception:
+        # A bug (not a MirrorError): every branch of the run has stopped (fan_out); say it ended.
+        if not dry_run:
+            await state.finish_run(run, "error", 0, 0, 0)
         raise
     if not dry_run:
         failed = sum(r.status == FAILED for r in results)

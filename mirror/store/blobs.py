@@ -5,6 +5,13 @@ checked for size and digest, fsynced, then renamed into place with `os.replace`:
 crash or a bad download never leaves a file under a digest name. A partial file that
 survives an interruption is kept so a later download can resume from it.
 
+One owner per partial file: its writer holds an exclusive `flock` on it from opening to
+rename or delete, so two engines of one process, or two processes on one cache, never
+write one file. A second writer of the digest waits for the lock, then finds the blob
+committed (and writes nothing) or takes the partial over from an owner that gave up or
+died (the kernel drops a dead process's locks). A resumed file is hashed from the disk
+again at commit.
+
 Speed: hashing and writing run in worker threads (hashlib and file writes release the
 GIL) while the event loop reads the next batch; the kernel is asked to start writing
 each full batch back at once, so the final fsync of a large blob has little left to
@@ -16,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import itertools
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
@@ -33,19 +42,37 @@ FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
 IO_THREADS = 16  # fsync waits on the disk, not the CPU: enough threads that commits overlap
 _serial = itertools.count()
 _KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
+LOCK_POLL = (0.02, 0.5)  # first and longest pause between tries of a partial file's lock, seconds
 _executor: ThreadPoolExecutor | None = None
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
-async def _in_thread(func: Callable[..., T], *args: object) -> T:
-    """Run `func(*args)` in the store's I/O threads and return its result."""
+async def in_thread(func: Callable[..., T], *args: object) -> T:
+    """Run `func(*args)` in the store's I/O threads and return its result, even when cancelled.
+
+    A thread cannot be stopped: a caller cancelled meanwhile waits for the thread to end
+    before it sees the CancelledError, so no file, lock or descriptor is touched after it
+    moved on (a write released by a cancelled caller would race the next writer).
+    """
     global _executor
     if _executor is None:
         _executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mirror-store")
-    return await asyncio.get_running_loop().run_in_executor(_executor, partial(func, *args))
+    fut = asyncio.get_running_loop().run_in_executor(_executor, partial(func, *args))
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the caller sees the cancel, not the thread's error
+        raise asyncio.CancelledError
+    return fut.result()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """fsync a directory, making the renames done in it durable."""
     dfd = os.open(path, os.O_RDONLY)
     try:
@@ -91,11 +118,14 @@ class BlobStore:
             raise StoreError(f"blob {digest} is missing from the cache {self.root}") from None
 
     async def writer(self, digest: Digest, size: int = -1, *, resume: bool = True) -> BlobWriter:
-        """Return an open writer for `digest`, continuing a kept partial file when `resume`."""
+        """Return a writer owning the partial file of `digest` (continued when `resume`).
+
+        Waits while another writer (another engine, another process) owns that file. When
+        the blob is stored meanwhile, the writer returned has `present` set and holds
+        nothing: the caller writes nothing and uses the stored blob.
+        """
         w = BlobWriter(self, digest, size)
-        if resume and w.partial.exists():
-            await w.io(w.open_sync, True)
-        # Otherwise the file is created by the first batch's thread: one trip to a thread fewer.
+        await w.claim(resume)
         return w
 
     async def sync_dir(self, path: Path) -> None:
@@ -119,7 +149,7 @@ class BlobStore:
         me = self._dir_next.pop(path)
         self._dir_running[path] = me
         try:
-            await _in_thread(_fsync_dir, path)
+            await in_thread(fsync_dir, path)
         except OSError as exc:
             raise StoreError(f"cache {self.root}: {os_reason(exc)} (making renames in {path.name}/ durable)") from None
         finally:
@@ -136,8 +166,8 @@ class BlobStore:
         if key is not None and not _KEY.fullmatch(key):
             raise StoreError(f"blob writer key {key!r}: use letters, digits, '.', '_', '-'")
         w = BlobWriter(self, None, -1, key=key)
-        if key is not None and w.partial.exists():
-            await w.io(w.open_sync, True)
+        if key is not None:
+            await w.claim(True)  # one owner of a keyed partial file, as of a digest's
         return w
 
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
@@ -164,6 +194,8 @@ class BlobStore:
     ) -> int:
         """Write `chunks` as blob `digest` from scratch, verify it, and return its size."""
         w = await self.writer(digest, size, resume=False)
+        if w.present:
+            return self.size(digest)  # another writer stored it while this one waited
         try:
             async for chunk in chunks:
                 await w.write(chunk)
@@ -189,7 +221,7 @@ class BlobWriter:
         self._partial = (
             store.partial_path(digest)
             if digest and not unique
-            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}'}.partial"
+            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}'}.partial"
         )
         self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None
@@ -197,11 +229,15 @@ class BlobWriter:
         self._buffered = 0
         self._pending: asyncio.Future[None] | None = None
         self._flushed = 0  # bytes handed to the kernel and asked to be written back
+        # A file of its own (unique name) is ours from the start; a shared name once claimed.
+        self._owned = unique or (digest is None and key is None)
+        self._resumed = False  # bytes came from the disk, not from this writer: commit re-reads them
+        self.present = False  # the blob was stored by another writer while this one waited to claim
 
     async def io(self, func: Callable[..., T], *args: object) -> T:
         """Run file work for this blob in the store's threads; an OSError (a full disk, say) becomes a StoreError."""
         try:
-            return await _in_thread(func, *args)
+            return await in_thread(func, *args)
         except OSError as exc:
             what = f"blob {self.expected}" if self.expected else "a new blob"
             raise StoreError(f"cache {self.store.root}: {os_reason(exc)} (writing {what})") from None
@@ -212,18 +248,74 @@ class BlobWriter:
         return self._partial
 
     def open_sync(self, resume: bool) -> None:
-        """Open the partial file; when resuming, feed the bytes already in it to the hash."""
+        """Open a partial file of this writer's own (a unique name): no one else can have it."""
         path = self._partial
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a+b" if resume else "w+b")  # noqa: SIM115 - closed in commit/abort
-        if resume:
-            self._file.seek(0)
-            while block := self._file.read(FLUSH_BYTES):
-                self._hash.update(block)
-                self.offset += len(block)
-            self._flushed = self.offset
-            if 0 <= self.expected_size < self.offset:
-                self._reset_sync()
+        # O_EXCL: never truncate a file someone else writes (another process may have the same pid).
+        self._file = open(path, "x+b")  # noqa: SIM115 - closed in commit/abort
+        self._owned = True
+
+    def _claim_sync(self, resume: bool) -> str:
+        """Try once to own the partial file: return `owned`, `busy` (another writer has it), `moved` or `present`."""
+        done = self.expected is not None and self.store.has(self.expected, self.expected_size)
+        if done:
+            return "present"
+        path = self._partial
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return "busy"
+        except BaseException:
+            os.close(fd)
+            raise
+        # The owner before us may have renamed (committed) or deleted the file we locked:
+        # the lock counts only while the name still points at the locked file.
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        mine = os.fstat(fd)
+        if named is None or (named.st_ino, named.st_dev) != (mine.st_ino, mine.st_dev):
+            os.close(fd)
+            return "moved"
+        if self.expected is not None and self.store.has(self.expected, self.expected_size):
+            os.unlink(path)  # stored meanwhile: this partial file is of no use (and it is ours)
+            os.close(fd)
+            return "present"
+        self._file = os.fdopen(fd, "r+b")
+        self._owned = True
+        if not resume:
+            self._file.truncate()
+            return "owned"
+        while block := self._file.read(FLUSH_BYTES):
+            self._hash.update(block)
+            self.offset += len(block)
+        self._flushed = self.offset
+        self._resumed = self.offset > 0
+        if 0 <= self.expected_size < self.offset:
+            self._reset_sync()
+        return "owned"
+
+    async def claim(self, resume: bool) -> None:
+        """Own the partial file (waiting while another writer owns it); set `present` if the blob got stored."""
+        pause, longest = LOCK_POLL
+        said = False
+        while True:
+            got = await self.io(self._claim_sync, resume)
+            if got == "owned":
+                return
+            if got == "present":
+                self.present = True
+                return
+            if got == "busy":
+                if not said:
+                    log.info("%s: another writer has %s; waiting for it", self.store.root, self._partial.name)
+                    said = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
 
     def _reset_sync(self) -> None:
         if self._file is not None:
@@ -232,6 +324,7 @@ class BlobWriter:
         self._hash = hashlib.new(self.digest.algorithm)
         self.offset = 0
         self._flushed = 0
+        self._resumed = False
 
     async def reset(self) -> None:
         """Drop everything written so far (the server ignored our Range request)."""
@@ -257,9 +350,14 @@ class BlobWriter:
             self._flushed = end
 
     async def _drain(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        pending = self._pending
+        if pending is not None:
+            try:
+                # Shielded: a cancelled caller leaves the batch to finish; abort() waits for it.
+                await asyncio.shield(pending)
+            finally:
+                if pending.done() and self._pending is pending:
+                    self._pending = None
 
     async def _flush(self) -> None:
         await self._drain()
@@ -287,11 +385,23 @@ class BlobWriter:
         elif got != self.digest.hex:
             raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
         self._file.flush()
+        on_disk = os.fstat(self._file.fileno()).st_size
+        if on_disk != self.offset:
+            raise IntegrityError(f"blob {self.digest}: {on_disk} bytes on disk, {self.offset} written")
+        if self._resumed:
+            # Bytes this writer did not write itself: what is renamed is what is hashed.
+            self._file.seek(0)
+            h = hashlib.new(self.digest.algorithm)
+            while block := self._file.read(FLUSH_BYTES):
+                h.update(block)
+            if h.hexdigest() != got:
+                raise IntegrityError(f"blob {self.digest}: the partial file on disk does not hash to it")
         os.fdatasync(self._file.fileno())  # data and size on disk before the name points at them
-        self._file.close()
         target = self.store.path(self.digest)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Renamed while the lock is held: a writer waiting for it then finds the name gone.
         os.replace(self._partial, target)
+        self._file.close()
         return target.parent
 
     async def commit(self) -> int:
@@ -308,7 +418,10 @@ class BlobWriter:
         return self.offset
 
     async def abort(self, *, keep: bool) -> None:
-        """Close the partial file; keep it for a later resume, or delete it."""
+        """Close the partial file (and so let go of it); keep it for a later resume, or delete it.
+
+        Waits for a batch still in a worker thread first, even one whose caller was cancelled.
+        """
         try:
             await self._drain()
             if keep and self._buf:
@@ -317,7 +430,9 @@ class BlobWriter:
         except Exception:  # noqa: BLE001 - abort must not mask the original error
             keep = False
         finally:
+            keep = keep and self.offset > 0  # an empty file is not worth keeping
+            # Deleted before the lock goes with the close; a file this writer never owned is left alone.
+            if not keep and self._owned:
+                self._partial.unlink(missing_ok=True)
             if self._file is not None and not self._file.closed:
                 self._file.close()
-            if not keep:
-                self._partial.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ any other unreached blob, and then the records naming them go too.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import time
@@ -34,7 +35,7 @@ from mirror.manifest import (
     IndexManifest,
     parse_manifest,
 )
-from mirror.store.blobs import BlobStore
+from mirror.store.blobs import BlobStore, in_thread
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.v1records import prune_records
@@ -181,10 +182,28 @@ def _stale_partials(ingest: Path, older_than: float) -> list[tuple[Path, int]]:
         return []
     out = []
     for p in sorted(ingest.glob("*.partial")):
-        st = p.stat()
-        if st.st_mtime < older_than:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue  # committed or dropped meanwhile
+        if st.st_mtime < older_than and not _owned(p):
             out.append((p, st.st_size))
     return out
+
+
+def _owned(partial: Path) -> bool:
+    """Return whether a writer holds the partial file's lock (it is being written, however old)."""
+    try:
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _remove(store: BlobStore, blobs: Iterable[Digest], partials: Iterable[Path]) -> None:
@@ -212,7 +231,8 @@ async def collect(
         blobs = tuple(sorted((d, n) for d, n in stored.items() if d not in marked.reachable))
         partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
         if not dry_run:
-            await asyncio.to_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
+            # Run to its end even when cancelled: the cache lock must not go while files are removed.
+            await in_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
         swept = {d for d, _ in blobs}
 
         def present(digest: Digest, size: int) -> bool:

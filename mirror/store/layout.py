@@ -2,7 +2,11 @@
 
 `index.json` names each cached reference (annotation `org.opencontainers.image.ref.name`)
 with its top manifest. Updates are read-modify-write under an in-process lock and an
-`flock` on `.mirror/index.lock`, and land with temp file + fsync + `os.replace`.
+`flock` on `.mirror/index.lock`, and land with a temp file of a unique name + fsync +
+`os.replace` + an fsync of the cache directory (so a reported update survives a power
+loss). The whole read-parse-change-dump-write runs in one worker-thread call, keeping
+the event loop free with a big index; that call runs to its end even when its caller
+is cancelled, and the locks are let go only after it.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ import asyncio
 import fcntl
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-
 from mirror.errors import ManifestError, StoreError, os_reason
 from mirror.manifest import OCI_INDEX, REF_NAME, Descriptor
-from mirror.store.blobs import BlobStore
+from mirror.store.blobs import BlobStore, fsync_dir, in_thread
+
+Change = Callable[[list[Any]], list[Any]]
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 
@@ -43,6 +49,10 @@ class Layout:
         # Group commit of set_refs: refs not yet written, and the future their callers await.
         self._pending: dict[str, Descriptor] = {}
         self._batch: asyncio.Future[None] | None = None
+        # The last index.json this process read or wrote, by file identity: parsing a big
+        # index is one long C call that holds the GIL (and so stalls the event loop), and
+        # most reads find the file this process wrote last. Never mutated, only replaced.
+        self._known: tuple[tuple[int, int, int, int], dict[str, Any]] | None = None
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True) -> Layout:
@@ -70,22 +80,31 @@ class Layout:
             raise StoreError(f"cache {root}: cannot create it: {os_reason(exc)}") from None
         return cls(root)
 
-    async def _read_index(self) -> dict[str, Any]:
-        async with aiofiles.open(self.root / "index.json", "rb") as f:
-            raw = await f.read()
+    def _read_index_sync(self) -> dict[str, Any]:
+        """Return the parsed index.json (the one known already when the file is the same); do not modify it."""
+        path = self.root / "index.json"
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                known = self._known
+                if known is not None and known[0] == ident:
+                    return known[1]
+                raw = f.read()
+        except OSError as exc:
+            raise StoreError(f"cache {self.root}: cannot read index.json: {os_reason(exc)}") from None
         try:
             doc = json.loads(raw)
         except ValueError as exc:
-            raise StoreError(f"{self.root / 'index.json'} is not JSON: {exc}") from None
+            raise StoreError(f"{path} is not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
-            raise StoreError(f"{self.root / 'index.json'} is not an OCI index")
+            raise StoreError(f"{path} is not an OCI index")
+        self._known = (ident, doc)
         return doc
 
-    async def entries(self) -> list[Entry]:
-        """Return every named reference in `index.json`, in file order."""
-        doc = await self._read_index()
+    def _entries_sync(self) -> list[Entry]:
         out = []
-        for item in doc.get("manifests", []):
+        for item in self._read_index_sync().get("manifests", []):
             try:
                 desc = Descriptor.from_json(item)
             except ManifestError:
@@ -94,6 +113,10 @@ class Layout:
             if name:
                 out.append(Entry(name, desc))
         return out
+
+    async def entries(self) -> list[Entry]:
+        """Return every named reference in `index.json`, in file order (parsed off the event loop)."""
+        return await in_thread(self._entries_sync)
 
     async def find(self, name: str) -> Descriptor | None:
         """Return the descriptor `name` points at, or None."""
@@ -137,28 +160,33 @@ class Layout:
         """Drop the entries named in `names` from `index.json`."""
         await self._update(lambda items: [i for i in items if _ref_name(i) not in names])
 
-    async def _update(self, change: Any) -> None:
+    async def _update(self, change: Change) -> None:
         async with self._lock:
             await self._write(change)
 
-    async def _write(self, change: Any) -> None:
-        """Read-modify-write `index.json` under the `flock` (the caller holds the in-process lock)."""
-        taking = asyncio.ensure_future(asyncio.to_thread(_flock, self.meta / "index.lock"))
+    async def _write(self, change: Change) -> None:
+        """Read-modify-write `index.json` in one worker-thread call (the caller holds the in-process lock).
+
+        Runs to its end even when the caller is cancelled, so the in-process lock is let
+        go only after the file and its flock are.
+        """
+        await in_thread(self._write_sync, change)
+
+    def _write_sync(self, change: Change) -> None:
+        """Under the flock: read index.json afresh, apply `change`, write it back durably."""
         try:
-            lockfile = await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            # The thread still takes the flock: close it (and so release it) once it has.
-            taking.add_done_callback(_close_taken)
-            raise
-        try:
-            doc = await self._read_index()
-            doc["manifests"] = change(doc.get("manifests", []))
+            lockfile = open(self.meta / "index.lock", "a+b")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise StoreError(f"cache {self.root}: cannot open its index lock: {os_reason(exc)}") from None
+        with lockfile:
+            fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX)  # let go of when the file closes
+            old = self._read_index_sync()  # re-read under the lock: another process may have written
+            doc = {**old, "manifests": change(old.get("manifests", []))}  # a new document: `old` may be shared
             try:
-                await asyncio.to_thread(_atomic_write, self.root / "index.json", _dump(doc))
+                st = _atomic_write(self.root / "index.json", _dump(doc))
             except OSError as exc:
                 raise StoreError(f"cache {self.root}: cannot write index.json: {os_reason(exc)}") from None
-        finally:
-            lockfile.close()
+            self._known = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), doc)
 
 
 def _ref_name(item: Any) -> str | None:
@@ -182,31 +210,39 @@ def _replace(items: list[Any], refs: dict[str, Descriptor]) -> list[Any]:
     return kept
 
 
-def _close_taken(taking: asyncio.Future[Any]) -> None:
-    if not taking.cancelled() and taking.exception() is None:
-        taking.result().close()
-
-
-def _flock(path: Path) -> Any:
-    f = open(path, "a+b")  # noqa: SIM115 - returned to the caller, who closes it
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    return f
-
-
 def _dump(doc: Any) -> bytes:
-    # Compact: `indent` makes json use its pure-Python encoder, ~10x slower on a big index.json.
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    """Return `doc` as compact JSON; an index's `manifests` one entry at a time, `manifests` last.
+
+    Compact: `indent` makes json use its pure-Python encoder, ~10x slower on a big index.
+    Entry by entry: one json.dumps of a big index is one long C call holding the GIL,
+    which would stall the event loop even from a worker thread.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    head = json.dumps({k: v for k, v in doc.items() if k != "manifests"}, separators=(",", ":"))
+    entries = ",".join(json.dumps(m, separators=(",", ":")) for m in doc["manifests"])
+    sep = "," if head != "{}" else ""
+    return f'{head[:-1]}{sep}"manifests":[{entries}]}}\n'.encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_write(path: Path, data: bytes) -> os.stat_result:
+    """Write `data` to `path` through a temp file of a unique name, fsync, rename, fsync the directory; return its stat.
+
+    The temp name is never reused (O_EXCL): a writer never truncates a file another
+    writer still has open, so no rewrite can leave trailing bytes of an older one.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the cache is read by skopeo, podman, `mirror serve`
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            st = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power loss
+    return st

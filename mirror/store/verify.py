@@ -19,7 +19,7 @@ from typing import Protocol
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
-from mirror.store.blobs import FLUSH_BYTES, BlobStore
+from mirror.store.blobs import FLUSH_BYTES, BlobStore, fsync_dir, in_thread
 from mirror.store.gc import stored_blobs
 from mirror.store.layout import Entry, Layout
 from mirror.store.tree import load_manifest
@@ -91,6 +91,9 @@ def _quarantine(store: BlobStore, digest: Digest) -> None:
     target = quarantine_path(store, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(store.path(digest), target)
+    # Both directories: after a power loss the blob is neither back under its name nor lost.
+    fsync_dir(target.parent)
+    fsync_dir(store.path(digest).parent)
 
 
 async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tuple[Digest, ...]]:
@@ -106,7 +109,7 @@ async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tup
         async with limit:
             got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
             if got != digest.hex:
-                await asyncio.to_thread(_quarantine, store, digest)
+                await in_thread(_quarantine, store, digest)  # ends before the cache lock can go
                 corrupt.append(digest)
 
     async with asyncio.TaskGroup() as tg:
@@ -171,7 +174,12 @@ async def check_reference(
         images.append(top)
     configs = {m.config.digest for m in images if m.config is not None}
     blobs = {b.digest: b for m in images for b in m.blobs}  # each digest once (schema1 repeats a3ed95...)
-    await asyncio.gather(*(present(b, "config" if d in configs else "layer") for d, b in blobs.items()))
+    try:
+        async with asyncio.TaskGroup() as tg:  # a branch that fails takes its siblings down with it
+            for d, b in blobs.items():
+                tg.create_task(present(b, "config" if d in configs else "layer"))
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
     return RefReport(entry.name, tuple(sorted(problems)), tuple(sorted(repaired)))
 
 

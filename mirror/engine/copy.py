@@ -38,6 +38,23 @@ log = logging.getLogger(__name__)
 
 
 FAILED = "failed"  # the status of an image (and of a synced tag) that could not be copied
+# Bound on a blob whose manifest gives no size (schema1 fsLayers, v1 layers) and whose
+# response gives no Content-Length either: a body longer than this is cut off and refused.
+UNSIZED_BLOB_LIMIT = 16 << 30
+
+
+def body_bound(what: str, size: int, total: int, offset: int) -> None:
+    """Raise IntegrityError when `offset` bytes of a blob of unknown `size` exceed its bound.
+
+    The bound is the response's own size (`total`, from Content-Length or Content-Range)
+    when it gives one, else UNSIZED_BLOB_LIMIT. A blob of known size is bounded by its writer.
+    """
+    if size >= 0:
+        return
+    bound = total if total >= 0 else UNSIZED_BLOB_LIMIT
+    if offset > bound:
+        why = "its response announced" if total >= 0 else "allowed for a blob whose size no one gives"
+        raise IntegrityError(f"{what}: body runs past the {bound} bytes {why}")
 
 
 class Progress(Protocol):
@@ -282,6 +299,7 @@ class Engine:
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 received += len(chunk)
+                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset)
                 self.progress.blob_advanced(desc.digest, len(chunk))
         if desc.size >= 0 and writer.offset < desc.size:
             # A body that ended cleanly but short (truncated): keep it and resume.

@@ -43,15 +43,15 @@ FAILED = "failed"  # the status of an image (and of a synced tag) that could not
 UNSIZED_BLOB_LIMIT = 16 << 30
 
 
-def body_bound(what: str, size: int, total: int, offset: int) -> None:
+def body_bound(what: str, size: int, total: int, offset: int, limit: int = UNSIZED_BLOB_LIMIT) -> None:
     """Raise IntegrityError when `offset` bytes of a blob of unknown `size` exceed its bound.
 
     The bound is the response's own size (`total`, from Content-Length or Content-Range)
-    when it gives one, else UNSIZED_BLOB_LIMIT. A blob of known size is bounded by its writer.
+    when it gives one, else `limit`. A blob of known size is bounded by its writer.
     """
     if size >= 0:
         return
-    bound = total if total >= 0 else UNSIZED_BLOB_LIMIT
+    bound = total if total >= 0 else limit
     if offset > bound:
         why = "its response announced" if total >= 0 else "allowed for a blob whose size no one gives"
         raise IntegrityError(f"{what}: body runs past the {bound} bytes {why}")
@@ -126,8 +126,10 @@ class Engine:
         progress: Progress | None = None,
         limits: HostLimits | None = None,
         retry: RetryPolicy | None = None,
+        unsized_limit: int = UNSIZED_BLOB_LIMIT,
     ) -> None:
         self.layout = layout
+        self.unsized_limit = unsized_limit  # bytes allowed for a blob neither manifest nor response sizes
         self.store = layout.blobs
         self.per_host = per_host
         self.progress: Progress = progress or NoProgress()
@@ -299,7 +301,7 @@ class Engine:
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 received += len(chunk)
-                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset)
+                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
                 self.progress.blob_advanced(desc.digest, len(chunk))
         if desc.size >= 0 and writer.offset < desc.size:
             # A body that ended cleanly but short (truncated): keep it and resume.

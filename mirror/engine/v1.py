@@ -358,7 +358,7 @@ async def _stream_layer(
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 downloaded[0] += len(chunk)
-                body_bound(f"v1 layer {image_id[:12]}", -1, body.total, writer.offset)
+                body_bound(f"v1 layer {image_id[:12]}", -1, body.total, writer.offset, engine.unsized_limit)
                 batch.append(chunk)
                 batched += len(chunk)
                 engine.progress.blob_advanced(progress_key, len(chunk))

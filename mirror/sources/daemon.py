@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -141,7 +141,35 @@ class _VersionDoc(msgspec.Struct):
     ApiVersion: str
 
 
-_T = TypeVar("_T")
+def parse_images(body: bytes, what: str) -> list[DaemonImage]:
+    """Return the images of an `/images/json` answer; DocumentError when it is not a list of objects.
+
+    Each entry is checked on its own: one with a wrong type is listed with its `problem`
+    (when its RepoTags can be read, so the images it names fail alone), or left out.
+    """
+    out = []
+    for i, item in enumerate(decode_document(body, list[msgspec.Raw], what, DocumentError)):
+        where = f"{what}[{i}]"
+        try:
+            doc = decode_document(item, _ImageSummaryDoc, where, DocumentError)
+        except DocumentError as exc:
+            try:
+                names = decode_document(item, _TagsOnlyDoc, where, DocumentError).RepoTags or ()
+            except DocumentError:
+                log.warning("%s (left out)", exc)
+                continue
+            out.append(DaemonImage("", _tags(names), (), 0, 0, problem=str(exc)))
+            continue
+        digests = tuple(d for d in doc.RepoDigests or () if d and d != "<none>@<none>")
+        out.append(DaemonImage(doc.Id, _tags(doc.RepoTags or ()), digests, doc.Created, max(doc.Size, 0)))
+    return out
+
+
+def parse_inspect(body: bytes, what: str) -> ImageInspect:
+    """Return what an image inspect answer (`/images/NAME/json`) says; DocumentError names a bad field."""
+    doc = decode_document(body, _InspectDoc, what, DocumentError)
+    layers = doc.RootFS.Layers if doc.RootFS is not None else None
+    return ImageInspect(doc.Id, tuple(doc.RepoTags or ()), tuple(layers or ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +289,8 @@ class DaemonClient:
         finally:
             resp.release()
 
-    async def _json(self, path: str, schema: type[_T], *, versioned: bool = True) -> _T:
-        """GET `path` and return its JSON answer checked into `schema`; DocumentError names a bad field."""
+    async def _body(self, path: str, *, versioned: bool = True) -> bytes:
+        """GET `path` and return its body, at most JSON_ANSWER_LIMIT bytes (DocumentError past that)."""
         async with self._get(path, versioned=versioned) as resp:
             try:
                 body = await resp.content.read(JSON_ANSWER_LIMIT + 1)
@@ -272,7 +300,7 @@ class DaemonClient:
                 raise TransportError(f"GET {path} from {self.where}: {type(exc).__name__}: {exc}") from None
         if len(body) > JSON_ANSWER_LIMIT:
             raise DocumentError(f"GET {path} from {self.where}: answer over {JSON_ANSWER_LIMIT} bytes")
-        return decode_document(body, schema, f"{self.where}: {path.split('?')[0]}", DocumentError)
+        return body
 
     async def negotiate(self) -> str:
         """Settle on the lower of the daemon's Engine API version and ours; return it.
@@ -284,7 +312,8 @@ class DaemonClient:
         async with self._get("/_ping", versioned=False) as resp:
             text = resp.headers.get("Api-Version", "")
         if not text:
-            text = (await self._json("/version", _VersionDoc, versioned=False)).ApiVersion
+            body = await self._body("/version", versioned=False)
+            text = decode_document(body, _VersionDoc, f"{self.where}: /version", DocumentError).ApiVersion
         theirs = _version(text)
         if theirs < API_MIN:
             need = f"{API_MIN[0]}.{API_MIN[1]}"
@@ -294,33 +323,13 @@ class DaemonClient:
         return self.api
 
     async def images(self) -> list[DaemonImage]:
-        """Return the daemon's images (`GET /images/json`).
-
-        Each entry is checked on its own: one with a wrong type is listed with its
-        `problem` (when its RepoTags can be read), or left out (when they cannot).
-        """
-        out = []
-        for i, item in enumerate(await self._json("/images/json", list[msgspec.Raw])):
-            what = f"{self.where}: /images/json[{i}]"
-            try:
-                doc = decode_document(item, _ImageSummaryDoc, what, DocumentError)
-            except DocumentError as exc:
-                try:
-                    names = decode_document(item, _TagsOnlyDoc, what, DocumentError).RepoTags or ()
-                except DocumentError:
-                    log.warning("%s (left out)", exc)
-                    continue
-                out.append(DaemonImage("", _tags(names), (), 0, 0, problem=str(exc)))
-                continue
-            digests = tuple(d for d in doc.RepoDigests or () if d and d != "<none>@<none>")
-            out.append(DaemonImage(doc.Id, _tags(doc.RepoTags or ()), digests, doc.Created, max(doc.Size, 0)))
-        return out
+        """Return the daemon's images (`GET /images/json`)."""
+        return parse_images(await self._body("/images/json"), f"{self.where}: /images/json")
 
     async def inspect(self, name: str) -> ImageInspect:
         """Return the inspect document of image `name` (`GET /images/NAME/json`); NotFoundError when absent."""
-        doc = await self._json(f"/images/{quote(name, safe='/:@')}/json", _InspectDoc)
-        layers = doc.RootFS.Layers if doc.RootFS is not None else None
-        return ImageInspect(doc.Id, tuple(doc.RepoTags or ()), tuple(layers or ()))
+        path = f"/images/{quote(name, safe='/:@')}/json"
+        return parse_inspect(await self._body(path), f"{self.where}: inspect of {name}")
 
     @asynccontextmanager
     async def export(self, names: list[str]) -> AsyncIterator[AsyncIterator[bytes]]:

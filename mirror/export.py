@@ -39,6 +39,7 @@ from mirror.manifest import (
     oci_entry,
     parse_manifest,
     platform_of_config,
+    walk_index,
     wrapped_source,
 )
 from mirror.reference import DOCKER_HUB, Reference
@@ -143,11 +144,13 @@ def _read(layout: Layout, entry: Entry) -> _Cached:
         top = parse_manifest(blobs.read(source[0]), source[1], source[0])
     images: list[tuple[ImageManifest, Platform | None]] = []
     if isinstance(top, IndexManifest):
-        for child in top.manifests:
-            if blobs.has(child.digest):
-                kid = parse_manifest(blobs.read(child.digest), child.media_type, child.digest)
-                if isinstance(kid, ImageManifest):
-                    images.append((kid, child.platform))
+
+        def cached(d: Descriptor) -> Manifest | None:
+            return parse_manifest(blobs.read(d.digest), d.media_type, d.digest) if blobs.has(d.digest) else None
+
+        for child, kid in walk_index(top, cached):  # nested indexes followed
+            if isinstance(kid, ImageManifest):
+                images.append((kid, child.platform))
     else:
         plat = top.platform
         if top.config is not None:
@@ -253,7 +256,8 @@ def plan_docker(
     cached = _cached(layout, entries, refs)
     for img in cached:
         if isinstance(img.top, IndexManifest):
-            child = choose_child(img.top.manifests, {m.digest for m, _ in img.images}, platform)
+            kids = tuple(descriptor_of(m, p) for m, p in img.images)  # nested indexes' images too
+            child = choose_child(kids, {m.digest for m, _ in img.images}, platform)
             if child is None:
                 have = ", ".join(str(p) for _, p in img.images if p) or "none cached"
                 raise UsageError(f"{img.name}: no image for platform {platform} (cached: {have}); use --platform")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -421,6 +421,31 @@ def select_platforms(index: IndexManifest, wanted: tuple[Platform, ...]) -> tupl
     if not wanted:
         return index.manifests
     return tuple(d for d in index.manifests if d.platform and any(w.matches(d.platform) for w in wanted))
+
+
+def walk_index(
+    index: IndexManifest, load: Callable[[Descriptor], Manifest | None]
+) -> list[tuple[Descriptor, Manifest | None]]:
+    """Return every descriptor under `index` with its manifest (`load`'s answer; None: not at hand).
+
+    Nested indexes are followed down to MAX_INDEX_DEPTH levels (ManifestError past that);
+    each digest once; an index's children come before the index itself.
+    """
+    out: dict[Digest, tuple[Descriptor, Manifest | None]] = {}
+
+    def walk(ix: IndexManifest, depth: int) -> None:
+        if depth > MAX_INDEX_DEPTH:
+            raise ManifestError(f"indexes nested deeper than {MAX_INDEX_DEPTH} levels ({ix.digest})")
+        for d in ix.manifests:
+            if d.digest in out:
+                continue
+            child = load(d)
+            if isinstance(child, IndexManifest):
+                walk(child, depth + 1)
+            out[d.digest] = (d, child)
+
+    walk(index, 1)
+    return list(out.values())
 
 
 def descriptor_of(manifest: Manifest, platform: Platform | None = None) -> Descriptor:

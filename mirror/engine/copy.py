@@ -18,6 +18,8 @@ from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
 from mirror.manifest import (
+    INDEX_TYPES,
+    MAX_INDEX_DEPTH,
     Descriptor,
     ImageManifest,
     IndexManifest,
@@ -353,20 +355,46 @@ class Engine:
     async def _resolve(
         self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...]
     ) -> tuple[Manifest, dict[Digest, Manifest]]:
+        """Return the top manifest and, for an index, every wanted manifest under it (nested indexes followed)."""
         top = await self._manifest(source, ref)
         children: dict[Digest, Manifest] = {}
         if isinstance(top, IndexManifest):
-            chosen = select_platforms(top, platforms)
-            if not chosen:
+            await self._walk(source, ref, top, platforms, children, 1)
+            if not any(isinstance(m, ImageManifest) for m in children.values()):
                 have = ", ".join(str(d.platform) for d in top.manifests if d.platform) or "none"
                 want = ", ".join(str(p) for p in platforms)
                 raise ManifestError(f"{ref}: no manifest for platform {want} (index has {have})")
-            fetched = await asyncio.gather(*(self._manifest(source, ref.with_digest(d.digest)) for d in chosen))
-            for desc, child in zip(chosen, fetched, strict=True):
-                if isinstance(child, IndexManifest):
-                    raise ManifestError(f"{ref}: nested index {desc.digest} is not supported")
-                children[desc.digest] = child
         return top, children
+
+    async def _walk(
+        self,
+        source: ManifestSource,
+        ref: Reference,
+        index: IndexManifest,
+        platforms: tuple[Platform, ...],
+        out: dict[Digest, Manifest],
+        depth: int,
+    ) -> None:
+        """Fetch the wanted children of `index` into `out`, an index's own children before it.
+
+        The OCI image spec lets an index name further indexes; they are followed (an index
+        child without a platform always, one with a platform when it is wanted) down to
+        MAX_INDEX_DEPTH levels.
+        """
+        if depth > MAX_INDEX_DEPTH:
+            raise ManifestError(f"{ref}: indexes nested deeper than {MAX_INDEX_DEPTH} levels ({index.digest})")
+        selected = set(select_platforms(index, platforms))
+        chosen = [
+            d
+            for d in index.manifests
+            if d.digest not in out and (d in selected or (d.media_type in INDEX_TYPES and d.platform is None))
+        ]
+        chosen = list({d.digest: d for d in chosen}.values())
+        fetched = await asyncio.gather(*(self._manifest(source, ref.with_digest(d.digest)) for d in chosen))
+        for desc, child in zip(chosen, fetched, strict=True):
+            if isinstance(child, IndexManifest):
+                await self._walk(source, ref, child, platforms, out, depth + 1)
+            out[desc.digest] = child
 
     async def _put(self, data: bytes, digest: Digest) -> Digest:
         """Store a manifest once among concurrent images that share it (one temp file per digest)."""
@@ -381,7 +409,11 @@ class Engine:
         for child in children.values():
             await self._put(child.raw, child.digest)
         if isinstance(top, IndexManifest):
-            plats = [str(d.platform) for d in top.manifests if d.digest in children and d.platform]
+            indexes = [top, *(m for m in children.values() if isinstance(m, IndexManifest))]
+            found = (
+                d.platform for ix in indexes for d in ix.manifests if isinstance(children.get(d.digest), ImageManifest)
+            )
+            plats = list(dict.fromkeys(str(p) for p in found if p))
         elif isinstance(top, ImageManifest):
             config_platform = top.platform
             if top.config is not None:

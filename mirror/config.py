@@ -22,6 +22,7 @@ from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
 from mirror.sources.detect import check_api
+from mirror.sources.foreign import ForeignSource
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import (
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # sync jobs, filters and push load only when a config has job
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PER_HOST = 16
+FOREIGN_LAYER_MODES = ("skip", "fetch")
 
 
 class ConfigError(UsageError):
@@ -105,6 +107,7 @@ class Config:
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
     docker_config: Path | None = None
     use_docker_config: bool = True
+    foreign_layers: str = "skip"  # [engine] foreign_layers: "skip" (keep as references) or "fetch" (from urls)
 
     def host_limits(self) -> HostLimits:
         """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
@@ -119,6 +122,8 @@ class Config:
             progress=progress,
             limits=transport.limits,
             retry=self.retry,
+            foreign_layers=self.foreign_layers,
+            foreign_source=ForeignSource(transport),
         )
 
     def publisher(self, engine: Engine, transport: Transport) -> Publisher:
@@ -280,10 +285,14 @@ def parse(doc: dict[str, Any], where: str) -> Config:
         raise ConfigError(f"{where}: tls.certs_dirs: expected an array of paths")
     docker_config = _get(auth, "docker_config", str, f"{where}: auth", "")
     floor = _get(engine, "rate_limit_floor", int, f"{where}: engine", DEFAULT_RATE_LIMIT_FLOOR)
+    foreign = _get(engine, "foreign_layers", str, f"{where}: engine", "skip")
+    if foreign not in FOREIGN_LAYER_MODES:
+        raise ConfigError(f'{where}: engine.foreign_layers: expected "skip" or "fetch", got {foreign!r}')
     return Config(
         first_byte_timeout=float(_get(engine, "first_byte_timeout", (int, float), f"{where}: engine", 60.0)),
         retry=policy,
         rate_limit_floor=floor,
+        foreign_layers=foreign,
         certs_dirs=tuple(Path(d) for d in dirs),
         docker_config=Path(docker_config).expanduser() if docker_config else None,
         use_docker_config=_get(auth, "use_docker_config", bool, f"{where}: auth", True),

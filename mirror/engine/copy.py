@@ -103,6 +103,7 @@ class ImageResult:
     seconds: float = 0.0
     error: str = ""
     entry: Descriptor | None = None  # what index.json now names the ref with
+    foreign: int = 0  # foreign layers kept as references (named by the manifest, not fetched)
 
 
 @dataclass(slots=True)
@@ -129,8 +130,14 @@ class Engine:
         limits: HostLimits | None = None,
         retry: RetryPolicy | None = None,
         unsized_limit: int = UNSIZED_BLOB_LIMIT,
+        foreign_layers: str = "skip",
+        foreign_source: ManifestSource | None = None,
     ) -> None:
         self.layout = layout
+        # Foreign (non-distributable, `urls`) layers: "skip" keeps them as references, as
+        # skopeo does; "fetch" downloads them from their URLs through `foreign_source`.
+        self.foreign_layers = foreign_layers
+        self.foreign_source = foreign_source
         self.unsized_limit = unsized_limit  # bytes allowed for a blob neither manifest nor response sizes
         self.store = layout.blobs
         self.per_host = per_host
@@ -330,8 +337,13 @@ class Engine:
             top, children = await self._resolve(source, ref, platforms)
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
+            kept = [d for d in blobs if self._kept_foreign(d)]
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.fetch_blob(source, ref, desc)) for desc in blobs]
+                tasks = [
+                    tg.create_task(self.fetch_blob(self._blob_source(source, desc), ref, desc))
+                    for desc in blobs
+                    if desc not in kept
+                ]
             fetched = sum(t.result() for t in tasks)
             entry, plats = await self._store_manifests(top, children)
             await self.layout.set_refs({str(ref): entry})
@@ -343,6 +355,7 @@ class Engine:
                 fetched,
                 time.monotonic() - t0,
                 entry=entry,
+                foreign=len(kept),
             )
         except* MirrorError as group:
             first = group.exceptions[0]
@@ -351,6 +364,18 @@ class Engine:
             result = ImageResult(ref, FAILED, seconds=time.monotonic() - t0, error=str(first))
         self.progress.image_finished(result)
         return result
+
+    def _kept_foreign(self, desc: Descriptor) -> bool:
+        """Return whether the foreign layer `desc` stays a reference: not fetched, not in the cache."""
+        if not desc.foreign or self.store.has(desc.digest, desc.size):
+            return False
+        return self.foreign_layers != "fetch" or not desc.urls or self.foreign_source is None
+
+    def _blob_source(self, source: ManifestSource, desc: Descriptor) -> ManifestSource:
+        """Return where blob `desc` is fetched from: a foreign layer's URLs, else the image's source."""
+        if desc.foreign and desc.urls and self.foreign_layers == "fetch" and self.foreign_source is not None:
+            return self.foreign_source
+        return source
 
     async def _resolve(
         self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...]

@@ -90,6 +90,8 @@ async def plan_push(layout: Layout, name: str) -> PushPlan:
     images = [m for m in ([top, *children]) if isinstance(m, ImageManifest)]
     blobs: list[Descriptor] = []
     for b in plan_blobs(images):
+        if b.foreign and not store.has(b.digest):
+            continue  # kept as a reference: the target's clients fetch it from its urls, as from ours
         if not store.has(b.digest, b.size):
             raise StoreError(f"{name}: blob {b.digest} is missing or of the wrong size in the cache (`mirror verify`)")
         # schema1 gives no sizes: take the stored file's, which verify/pull checked against the digest.

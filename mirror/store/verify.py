@@ -182,6 +182,8 @@ async def check_reference(
         images.append(top)
     configs = {m.config.digest for m in images if m.config is not None}
     blobs = {b.digest: b for m in images for b in m.blobs}  # each digest once (schema1 repeats a3ed95...)
+    # A foreign layer not in the cache is kept as a reference (its urls serve it), not missing.
+    blobs = {d: b for d, b in blobs.items() if not b.foreign or store.has(d) or d in corrupt}
     await asyncio.gather(*(present(b, "config" if d in configs else "layer") for d, b in blobs.items()))
     return RefReport(entry.name, tuple(sorted(problems)), tuple(sorted(repaired)))
 

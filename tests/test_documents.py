@@ -8,15 +8,19 @@ the field, and nothing prints a traceback.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +43,7 @@ from mirror.store.layout import Layout
 from mirror.transport import Transport
 from tests.conftest import ROOT
 from tests.fakeregistry import ENDLESS, FakeRegistry, sha
+from tests.test_savetar import legacy_tar
 
 D1 = "sha256:" + "1" * 64
 DEEP = b"[" * 200_000
@@ -244,3 +249,89 @@ def test_fuzz_one_field_of_a_good_document_replaced(which: int, path: list[int],
         _parse_all(json.dumps(_replace(good, path, value)).encode(), media_type)
     except MirrorError as exc:
         assert "\n" not in str(exc)
+
+
+class FakeDaemon:
+    """An Engine API of the tests' own on loopback TCP: a real daemon never lists `Created: "yesterday"`."""
+
+    def __init__(self, images: list[dict[str, Any]], save: bytes, inspect: dict[str, dict[str, Any]]) -> None:
+        self.images, self.save, self.inspect = images, save, inspect
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> FakeDaemon:
+        app = web.Application()
+        app.router.add_get("/_ping", self._ping)
+        app.router.add_get("/v1.41/images/json", self._images)
+        app.router.add_get("/v1.41/images/get", self._get)
+        app.router.add_get("/v1.41/images/{name:.+}/json", self._inspect)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"tcp://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _ping(self, _request: web.Request) -> web.Response:
+        return web.Response(text="OK", headers={"Api-Version": "1.41"})
+
+    async def _images(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.images)
+
+    async def _inspect(self, request: web.Request) -> web.Response:
+        found = self.inspect.get(request.match_info["name"])
+        if found is None:
+            return web.json_response({"message": "no such image"}, status=404)
+        return web.json_response(found)
+
+    async def _get(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.save, content_type="application/x-tar")
+
+
+async def test_daemon_job_entry_with_a_wrong_type_fails_alone_and_the_report_is_written(tmp_path: Path) -> None:
+    save, configs = legacy_tar(tarfile.PAX_FORMAT)
+    good_id = "sha256:" + hashlib.sha256(configs["localhost/a:1"]).hexdigest()
+    cfg = json.loads(configs["localhost/a:1"])
+    listed = [
+        {"Id": good_id, "RepoTags": ["localhost/a:1"], "Created": 1, "Size": 1},
+        {"Id": D1, "RepoTags": ["localhost/when:1"], "Created": "yesterday", "Size": 1},
+        {"Id": D1, "RepoTags": 5, "Created": 1},
+    ]
+    inspect = {
+        "localhost/a:1": {"Id": good_id, "RepoTags": ["localhost/a:1"], "RootFS": {"Layers": cfg["rootfs"]["diff_ids"]}}
+    }
+    daemon = await FakeDaemon(listed, save, inspect).start()
+    cache, report, config = tmp_path / "cache", tmp_path / "report.json", tmp_path / "mirror.toml"
+    config.write_text(
+        f'[cache]\npath = "{cache}"\n[[jobs]]\nname = "d"\nsource = {{type = "daemon", url = "{daemon.url}"}}\n'
+        'repositories = ["localhost/a", "localhost/when"]\ntags = ["1"]\n'
+    )
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mirror",
+            "sync",
+            "-c",
+            str(config),
+            "-q",
+            "--report",
+            str(report),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+    finally:
+        await daemon.stop()
+    assert proc.returncode == 1, err.decode()
+    assert b"Traceback" not in err and b"internal error" not in err
+    images = {i["reference"]: i for i in json.loads(report.read_text())["images"]}
+    assert images["localhost/a:1"]["status"] == "ok"
+    assert images["localhost/when:1"]["status"] == "failed"
+    assert images["localhost/when:1"]["error"].endswith("/images/json[1]: Created: expected int, got str")

@@ -458,7 +458,7 @@ def oci_entry(top: Manifest, children: Mapping[Digest, Manifest], config_platfor
 
     containers/image (skopeo, podman) looks refs up in index.json among OCI types only. A
     Docker schema2 or schema1 manifest is wrapped in a one-child OCI index; a Docker
-    manifest list becomes an OCI index of the same children (nested lists are not read).
+    manifest list becomes an OCI index of the same children.
     The original keeps its digest and is named in the SOURCE_* annotations.
     """
     if top.media_type in (OCI_MANIFEST, OCI_INDEX):

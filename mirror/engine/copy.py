@@ -7,7 +7,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -43,6 +43,7 @@ FAILED = "failed"  # the status of an image (and of a synced tag) that could not
 # Bound on a blob whose manifest gives no size (schema1 fsLayers, v1 layers) and whose
 # response gives no Content-Length either: a body longer than this is cut off and refused.
 UNSIZED_BLOB_LIMIT = 16 << 30
+MAX_CONFIG_BYTES = 16 << 20  # an image config read whole for its platform; a larger one is not read
 
 
 def body_bound(what: str, size: int, total: int, offset: int, limit: int = UNSIZED_BLOB_LIMIT) -> None:
@@ -337,10 +338,11 @@ class Engine:
             top, children = await self._resolve(source, ref, platforms)
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
-            kept = [d for d in blobs if self._kept_foreign(d)]
+            configs = {m.config.digest for m in images if isinstance(m, ImageManifest) and m.config is not None}
+            kept = [d for d in blobs if d.digest not in configs and self._kept_foreign(d)]  # layers only
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self.fetch_blob(self._blob_source(source, desc), ref, desc))
+                    tg.create_task(self.fetch_blob(self._blob_source(source, desc, configs), ref, desc))
                     for desc in blobs
                     if desc not in kept
                 ]
@@ -371,9 +373,10 @@ class Engine:
             return False
         return self.foreign_layers != "fetch" or not desc.urls or self.foreign_source is None
 
-    def _blob_source(self, source: ManifestSource, desc: Descriptor) -> ManifestSource:
+    def _blob_source(self, source: ManifestSource, desc: Descriptor, configs: Container[Digest]) -> ManifestSource:
         """Return where blob `desc` is fetched from: a foreign layer's URLs, else the image's source."""
-        if desc.foreign and desc.urls and self.foreign_layers == "fetch" and self.foreign_source is not None:
+        fetch = self.foreign_layers == "fetch" and self.foreign_source is not None
+        if fetch and desc.foreign and desc.urls and desc.digest not in configs and self.foreign_source is not None:
             return self.foreign_source
         return source
 
@@ -441,7 +444,12 @@ class Engine:
             plats = list(dict.fromkeys(str(p) for p in found if p))
         elif isinstance(top, ImageManifest):
             config_platform = top.platform
-            if top.config is not None:
+            if (
+                top.config is not None
+                and self.store.has(top.config.digest)
+                and self.store.size(top.config.digest) <= MAX_CONFIG_BYTES
+            ):
+                # Read whole to learn the platform: only a config of sane size (an artifact's may be huge).
                 config_platform = platform_of_config(self.store.read(top.config.digest)) or top.platform
             plats = [str(config_platform)] if config_platform else []
         await self._put(top.raw, top.digest)

@@ -49,6 +49,7 @@ ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_SCHEMA2, DOCKER
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_DESCRIPTORS = 10_000  # layers of one manifest, children of one index, fsLayers of schema1
 MAX_INDEX_DEPTH = 8  # an index whose child is an index...: how deep `pull` follows
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other in any document read from outside
 MAX_BLOB_SIZE = (1 << 63) - 1  # a descriptor's size is an int64 (OCI image spec)
 REF_NAME = "org.opencontainers.image.ref.name"
 # Annotations of the project's own on wrapper indexes and converted images.
@@ -263,6 +264,7 @@ class _ConfigPlatformDoc(msgspec.Struct):
 
 
 _S = TypeVar("_S")
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
 _LOCATION = re.compile(r" - at `\$\.?(.*)`$")
 
 
@@ -282,8 +284,34 @@ def _schema_error(what: str, exc: msgspec.MsgspecError, error: type[MirrorError]
     return error(f"{what}: {where}: {text}" if where else f"{what}: {text}")
 
 
+def nesting_within(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Return whether the JSON text `raw` nests arrays and objects at most `limit` deep.
+
+    Escapes, then everything but quotes and brackets, then the strings are dropped; each
+    pass then removes the innermost `[]` and `{}` pairs, one level exactly (C-speed byte
+    replaces, at most `limit` passes). Malformed JSON is left for the parser to report.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    text = b"".join(text.split(b'"')[::2])  # outside strings: every other piece between quotes
+    for _ in range(limit):
+        # A placeholder keeps a pair that one removal brings together for the next pass.
+        inner = text.replace(b"[]", b"x").replace(b"{}", b"x").replace(b"x", b"")
+        if inner == text:
+            return True
+        text = inner
+    return not text
+
+
 def decode_document(raw: bytes | str, schema: type[_S], what: str, error: type[MirrorError] = ManifestError) -> _S:
-    """Return `raw` decoded as JSON into the typed `schema`, or raise `error` naming the bad field."""
+    """Return `raw` decoded as JSON into the typed `schema`, or raise `error` naming the bad field.
+
+    JSON nested deeper than MAX_JSON_DEPTH is refused first: later readers of a cached
+    document (gc, rm) must never meet a recursion limit.
+    """
+    if not nesting_within(raw.encode() if isinstance(raw, str) else bytes(raw)):
+        raise error(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.MsgspecError as exc:

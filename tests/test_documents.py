@@ -34,6 +34,7 @@ from mirror.manifest import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
+    ImageManifest,
     parse_manifest,
 )
 from mirror.reference import Reference
@@ -82,6 +83,7 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("bad/schema1", {"schemaVersion": 1, "fsLayers": 3}, DOCKER_SCHEMA1, "fsLayers: expected array, got int"),
     ("bad/deep", DEEP, OCI_MANIFEST, "expected object, got array"),
     ("bad/deepfield", b'{"extra":' + DEEP + b"}", OCI_MANIFEST, "nested too deeply"),
+    ("bad/nest65", b'{"extra":' + b"[" * 65 + b"]" * 65 + b"}", OCI_MANIFEST, "JSON nested deeper than 64 levels"),
 ]
 
 
@@ -175,6 +177,15 @@ def test_deep_nesting_is_one_line_not_recursion_error() -> None:
         parse_images(b'[{"Id":' + DEEP + b"}]", "daemon")
     with pytest.raises(DocumentError, match="nested too deeply"):
         parse_inspect(b'{"x":' + DEEP, "daemon")
+
+
+def test_json_nesting_is_bounded_at_64_levels_outside_strings() -> None:
+    doc = {"schemaVersion": 2, "config": {"mediaType": OCI_MANIFEST, "digest": D1, "size": 1}, "layers": []}
+    ok = json.dumps({**doc, "x": "[[[[" * 100}).encode()[:-1] + b', "y": ' + b"[" * 63 + b"]" * 63 + b"}"
+    assert isinstance(parse_manifest(ok, OCI_MANIFEST), ImageManifest)  # 64 with the document's own braces
+    deep = ok[:-1] + b', "z": ' + b"[{" * 32 + b"}]" * 32 + b"}"
+    with pytest.raises(MirrorError, match=r"JSON nested deeper than 64 levels$"):
+        parse_manifest(deep, OCI_MANIFEST)
 
 
 def test_daemon_entry_with_a_wrong_type_fails_only_its_image() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from mirror.manifest import DOCKER_FOREIGN, DOCKER_SCHEMA2, OCI_MANIFEST, OCI_NONDIST_GZIP
 from tests.conftest import inspect_digest
 from tests.fakeregistry import FakeRegistry, sha
+from tests.served_cache import Server
 from tests.test_cli import mirror
 from tools.registry import Registry
 
@@ -57,6 +60,18 @@ def test_foreign_layer_is_kept_as_a_reference(fake: FakeRegistry, tmp_path: Path
     assert res.returncode != 0
     assert f"layer {digest} is a foreign layer kept as a reference" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.tar").exists()
+    # serve: the manifest as it was served, and 404 for the foreign blob, as a registry answers.
+    repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+    server = Server(cache)
+    try:
+        served = inspect_digest(f"docker://{server.host}/{repo}:1")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{server.base}/v2/{repo}/blobs/{digest}")
+        info.value.close()
+    finally:
+        server.stop()
+    assert served == sha(fake.manifests[(repo, "1")][0])
+    assert info.value.code == 404
 
 
 def test_foreign_layers_fetch_downloads_from_the_urls(fake: FakeRegistry, tmp_path: Path) -> None:

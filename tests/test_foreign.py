@@ -81,9 +81,16 @@ def test_foreign_layers_fetch_downloads_from_the_urls(fake: FakeRegistry, tmp_pa
     assert res.returncode == 0, res.stderr
     assert "foreign layer" not in res.stderr
     assert fake.hits[f"storage {digest}"] == 1 and fake.hits[f"blob {digest}"] == 0
-    assert (cache / "blobs" / "sha256" / digest.split(":")[1]).is_file()
+    blob = cache / "blobs" / "sha256" / digest.split(":")[1]
+    assert blob.is_file()
     assert mirror("verify", "--cache", str(cache)).returncode == 0
     assert mirror("export", "--cache", str(cache), "-o", str(tmp_path / "x.tar"), ref).returncode == 0
+    # A fetched foreign layer that goes bad is re-fetched from its urls (the registry has it not).
+    blob.write_bytes(b"rot")
+    res = mirror("verify", "--repair", "--cache", str(cache))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert fake.hits[f"storage {digest}"] == 2 and fake.hits[f"blob {digest}"] == 0
+    assert blob.read_bytes().startswith(b"foreign base layer")
 
 
 def test_sync_reports_foreign_layers_kept(fake: FakeRegistry, tmp_path: Path) -> None:

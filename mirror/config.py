@@ -31,6 +31,7 @@ from mirror.proxy import Proxy, ProxyError, parse_proxy
 from mirror.reference import Reference
 from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
+from mirror.sources.foreign import ForeignSource
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.tomlscan import KeyPath, key_lines
@@ -59,6 +60,7 @@ DESTINATION_TYPES = ("cache", "registry")
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRACE = 30.0
 DAEMON_HOST = "docker-daemon"  # a daemon job's `SyncJob.registry`: it names no registry
+FOREIGN_LAYER_MODES = ("skip", "fetch")
 
 
 class ConfigError(UsageError):
@@ -131,6 +133,7 @@ class Config:
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
     docker_config: Path | None = None
     use_docker_config: bool = True
+    foreign_layers: str = "skip"  # [engine] foreign_layers: "skip" (keep as references) or "fetch" (from urls)
 
     def host_limits(self) -> HostLimits:
         """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
@@ -145,6 +148,8 @@ class Config:
             progress=progress,
             limits=transport.limits,
             retry=self.retry,
+            foreign_layers=self.foreign_layers,
+            foreign_source=ForeignSource(transport),
         )
 
     def publisher(self, engine: Engine, transport: Transport) -> Publisher:
@@ -303,6 +308,9 @@ TABLES: tuple[Table, ...] = (
             "Seconds a blob body may take in all, on top of its size at min_rate.", above(0)),
         Key("min_rate", NUMBER, DEFAULT_MIN_RATE,
             "Slowest rate in bytes/s a blob body is allowed: its deadline grows by size / min_rate.", above(0)),
+        Key("foreign_layers", STRING, "skip",
+            "Foreign and non-distributable layers: skip (kept as references) or fetch (from their urls).",
+            one_of(*FOREIGN_LAYER_MODES)),
     )),
     Table("retry", "Retries of connection errors, timeouts and HTTP 408, 429, 500, 502, 503, 504.", (
         Key("attempts", INTEGER, _R.attempts, "Tries of one request, the first included.", at_least(1)),

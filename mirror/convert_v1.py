@@ -154,6 +154,8 @@ def parse_json_doc(raw: bytes, image_id: str) -> dict[str, Any]:
         doc = json.loads(raw)
     except ValueError as exc:
         raise ManifestError(f"v1 image {image_id[:12]}: JSON unreadable: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"v1 image {image_id[:12]}: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"v1 image {image_id[:12]}: JSON is not an object")
     if doc.get("id") != image_id:

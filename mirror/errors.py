@@ -32,7 +32,11 @@ class DigestError(UsageError):
     """A digest string that is malformed or uses an unsupported algorithm."""
 
 
-class ManifestError(MirrorError):
+class DocumentError(MirrorError):
+    """A JSON document from outside (registry, daemon) that breaks its schema; the message names the field."""
+
+
+class ManifestError(DocumentError):
     """A manifest that cannot be parsed, is too large or has an unknown media type."""
 
 

@@ -39,6 +39,7 @@ from mirror.manifest import (
     oci_entry,
     parse_manifest,
     platform_of_config,
+    walk_index,
     wrapped_source,
 )
 from mirror.reference import DOCKER_HUB, Reference
@@ -130,6 +131,7 @@ class _Cached:
     wrapper: bytes | None
     top: Manifest
     images: tuple[tuple[ImageManifest, Platform | None], ...]
+    nested: tuple[Digest, ...] = ()  # indexes under the top index (OCI allows an index in an index)
 
 
 def _read(layout: Layout, entry: Entry) -> _Cached:
@@ -142,18 +144,23 @@ def _read(layout: Layout, entry: Entry) -> _Cached:
         wrapper = top.raw
         top = parse_manifest(blobs.read(source[0]), source[1], source[0])
     images: list[tuple[ImageManifest, Platform | None]] = []
+    nested: list[Digest] = []
     if isinstance(top, IndexManifest):
-        for child in top.manifests:
-            if blobs.has(child.digest):
-                kid = parse_manifest(blobs.read(child.digest), child.media_type, child.digest)
-                if isinstance(kid, ImageManifest):
-                    images.append((kid, child.platform))
+
+        def cached(d: Descriptor) -> Manifest | None:
+            return parse_manifest(blobs.read(d.digest), d.media_type, d.digest) if blobs.has(d.digest) else None
+
+        for child, kid in walk_index(top, cached):  # nested indexes followed
+            if isinstance(kid, ImageManifest):
+                images.append((kid, child.platform))
+            elif isinstance(kid, IndexManifest):
+                nested.append(kid.digest)
     else:
         plat = top.platform
         if top.config is not None:
             plat = platform_of_config(blobs.read(top.config.digest)) or plat
         images.append((top, plat))
-    return _Cached(entry.name, Reference.parse(entry.name), desc, wrapper, top, tuple(images))
+    return _Cached(entry.name, Reference.parse(entry.name), desc, wrapper, top, tuple(images), tuple(nested))
 
 
 def _cached(layout: Layout, entries: Sequence[Entry], refs: Sequence[str]) -> list[_Cached]:
@@ -212,9 +219,13 @@ def plan_oci(layout: Layout, entries: Sequence[Entry], refs: Sequence[str]) -> E
     for img in images:
         members.blob(layout, img.entry.digest)
         members.blob(layout, img.top.digest)
+        for digest in img.nested:
+            members.blob(layout, digest)
         for image, _ in img.images:
             members.blob(layout, image.digest)
             for b in image.blobs:
+                if b.foreign and not layout.blobs.has(b.digest):
+                    continue  # kept as a reference: the layout names it, its urls serve it (as skopeo writes it)
                 members.blob(layout, b.digest)
         entry = img.entry.to_json()
         entry.pop("platform", None)
@@ -253,7 +264,8 @@ def plan_docker(
     cached = _cached(layout, entries, refs)
     for img in cached:
         if isinstance(img.top, IndexManifest):
-            child = choose_child(img.top.manifests, {m.digest for m, _ in img.images}, platform)
+            kids = tuple(descriptor_of(m, p) for m, p in img.images)  # nested indexes' images too
+            child = choose_child(kids, {m.digest for m, _ in img.images}, platform)
             if child is None:
                 have = ", ".join(str(p) for _, p in img.images if p) or "none cached"
                 raise UsageError(f"{img.name}: no image for platform {platform} (cached: {have}); use --platform")
@@ -270,6 +282,12 @@ def plan_docker(
         diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
         if len(diff_ids) != len(image.layers):
             raise ManifestError(f"{img.name}: config lists {len(diff_ids)} diff ids for {len(image.layers)} layers")
+        for d in image.layers:
+            if d.foreign and not layout.blobs.has(d.digest):
+                raise ManifestError(
+                    f"{img.name}: layer {d.digest} is a foreign layer kept as a reference, and docker load needs"
+                    " its bytes; pull it with --foreign-layers fetch, or export with --format oci"
+                )
         config_path = members.blob(layout, image.config.digest)
         layer_paths = [members.blob(layout, d.digest) for d in image.layers]
         members.blob(layout, image.digest)

@@ -7,14 +7,16 @@ sha256 of those bytes (for schema1, of the JWS payload with the signatures remov
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-from collections.abc import Container, Mapping
+import re
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+import msgspec
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, IntegrityError, ManifestError, UsageError
+from mirror.errors import DigestError, IntegrityError, ManifestError, MirrorError, UsageError
 
 # Media types (Docker image manifest v2 spec, OCI image spec v1.1).
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
@@ -29,6 +31,12 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+# Layers that registries may not distribute: the blob lives at the descriptor's `urls`.
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+OCI_NONDIST_TAR = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+OCI_NONDIST_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+OCI_NONDIST_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+FOREIGN_TYPES = frozenset({DOCKER_FOREIGN, OCI_NONDIST_TAR, OCI_NONDIST_GZIP, OCI_NONDIST_ZSTD})
 
 INDEX_TYPES = frozenset({DOCKER_LIST, OCI_INDEX})
 IMAGE_TYPES = frozenset({DOCKER_SCHEMA2, OCI_MANIFEST, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
@@ -39,6 +47,10 @@ MANIFEST_TYPES = INDEX_TYPES | IMAGE_TYPES
 ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_SCHEMA2, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1])
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_DESCRIPTORS = 10_000  # layers of one manifest, children of one index, fsLayers of schema1
+MAX_INDEX_DEPTH = 8  # an index whose child is an index...: how deep `pull` follows
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other in any document read from outside
+MAX_BLOB_SIZE = (1 << 63) - 1  # a descriptor's size is an int64 (OCI image spec)
 REF_NAME = "org.opencontainers.image.ref.name"
 # Annotations of the project's own on wrapper indexes and converted images.
 SOURCE_DIGEST = "dev.mirror.source.digest"
@@ -93,26 +105,12 @@ class Descriptor:
     @classmethod
     def from_json(cls, doc: Any) -> Descriptor:
         """Return the descriptor in a manifest's JSON object `doc`, or raise ManifestError."""
-        if not isinstance(doc, dict):
-            raise ManifestError("descriptor is not a JSON object")
-        try:
-            digest = Digest.parse(str(doc["digest"]))
-            size = int(doc.get("size", -1))
-        except (KeyError, ValueError, TypeError, DigestError) as exc:
-            raise ManifestError(f"bad descriptor {json.dumps(doc)[:200]}: {exc}") from None
-        plat = doc.get("platform")
-        platform = None
-        if isinstance(plat, dict) and plat.get("os") and plat.get("architecture"):
-            platform = Platform(str(plat["os"]), str(plat["architecture"]), str(plat.get("variant", "")))
-        ann = doc.get("annotations") or {}
-        return cls(
-            media_type=str(doc.get("mediaType", "")),
-            digest=digest,
-            size=size,
-            platform=platform,
-            annotations={str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {},
-            urls=tuple(str(u) for u in doc.get("urls") or ()),
-        )
+        return _descriptor(convert_document(doc, _DescriptorDoc, "descriptor"))
+
+    @property
+    def foreign(self) -> bool:
+        """Return whether the blob is kept by reference: a foreign or non-distributable layer, or one with `urls`."""
+        return bool(self.urls) or self.media_type in FOREIGN_TYPES
 
     def to_json(self) -> dict[str, Any]:
         """Return the descriptor as an OCI JSON object."""
@@ -145,15 +143,208 @@ class ImageManifest:
 
 @dataclass(frozen=True, slots=True)
 class IndexManifest:
-    """A manifest list or OCI index: a set of per-platform manifests."""
+    """A manifest list or OCI index: a set of per-platform manifests (or of further indexes)."""
 
     media_type: str
     raw: bytes
     digest: Digest
     manifests: tuple[Descriptor, ...]
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 Manifest = ImageManifest | IndexManifest
+
+
+# Document schemas: every manifest, index and schema1 document is decoded into these typed
+# structs at one boundary (msgspec: strict types, no value echoed in its errors), so a
+# wrong type anywhere is one ManifestError naming the field, and later code trusts types.
+_DIGEST_RE = r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$"
+# RFC 6838 type/subtype names, as the OCI image spec requires of `mediaType`.
+_MEDIA_TYPE_RE = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+_PATTERN_NAMES = {
+    _DIGEST_RE: "a digest sha256:<64 hex> or sha512:<128 hex>",
+    _MEDIA_TYPE_RE: "a media type TYPE/SUBTYPE",
+}
+_DigestText = Annotated[str, msgspec.Meta(pattern=_DIGEST_RE)]
+_MediaType = Annotated[str, msgspec.Meta(pattern=_MEDIA_TYPE_RE)]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOB_SIZE)]
+
+
+class _PlatformDoc(msgspec.Struct):
+    architecture: str
+    os: str
+    variant: str = ""
+    os_version: str = msgspec.field(default="", name="os.version")
+    os_features: list[str] = msgspec.field(default_factory=list, name="os.features")
+    features: list[str] = msgspec.field(default_factory=list)
+
+
+class _DescriptorDoc(msgspec.Struct):
+    digest: _DigestText
+    size: _Size  # required: a descriptor without a size could make a download run without bound
+    mediaType: _MediaType | None = None
+    platform: _PlatformDoc | None = None
+    annotations: dict[str, str] | None = None
+    urls: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
+    artifactType: _MediaType | None = None
+    data: str | None = None
+
+
+_Descriptors = Annotated[list[_DescriptorDoc], msgspec.Meta(max_length=MAX_DESCRIPTORS)]
+
+
+class _ImageDoc(msgspec.Struct):
+    config: _DescriptorDoc
+    schemaVersion: int | None = None
+    mediaType: _MediaType | None = None
+    layers: _Descriptors | None = None
+    annotations: dict[str, str] | None = None
+    subject: _DescriptorDoc | None = None
+    artifactType: _MediaType | None = None
+
+
+class _IndexDoc(msgspec.Struct):
+    manifests: _Descriptors | None = None
+    schemaVersion: int | None = None
+    mediaType: _MediaType | None = None
+    annotations: dict[str, str] | None = None
+    subject: _DescriptorDoc | None = None
+    artifactType: _MediaType | None = None
+
+
+class _FsLayerDoc(msgspec.Struct):
+    blobSum: _DigestText
+
+
+class _HistoryDoc(msgspec.Struct):
+    v1Compatibility: str
+
+
+class _Schema1Doc(msgspec.Struct):
+    fsLayers: Annotated[list[_FsLayerDoc], msgspec.Meta(max_length=MAX_DESCRIPTORS)] | None = None
+    history: Annotated[list[_HistoryDoc], msgspec.Meta(max_length=MAX_DESCRIPTORS)] | None = None
+    schemaVersion: int | None = None
+    architecture: str | None = None
+    name: str | None = None
+    tag: str | None = None
+
+
+class _V1CompatDoc(msgspec.Struct):
+    os: str | None = None
+
+
+class _SignatureDoc(msgspec.Struct):
+    protected: str
+
+
+class _SignedDoc(msgspec.Struct):
+    signatures: list[_SignatureDoc] | None = None
+
+
+class _ProtectedDoc(msgspec.Struct):
+    formatLength: Annotated[int, msgspec.Meta(ge=0, le=MAX_MANIFEST_BYTES)]
+    formatTail: str
+
+
+class _ProbeDoc(msgspec.Struct):
+    """What media type detection looks at; the other fields are only checked for presence."""
+
+    mediaType: str | None = None
+    schemaVersion: int | None = None
+    signatures: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    manifests: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    config: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    layers: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+class _ConfigPlatformDoc(msgspec.Struct):
+    os: str
+    architecture: str
+    variant: str | None = None
+
+
+_S = TypeVar("_S")
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+_LOCATION = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def _schema_error(what: str, exc: msgspec.MsgspecError, error: type[MirrorError] = ManifestError) -> MirrorError:
+    """Return ManifestError saying where `what` breaks its schema: `manifest D: layers[0].size: expected int >= 0`."""
+    text = str(exc)
+    where = ""
+    m = _LOCATION.search(text)
+    if m:
+        where, text = m.group(1) or "(top)", text[: m.start()]
+    for pattern, name in _PATTERN_NAMES.items():
+        text = text.replace(f"matching regex {pattern!r}", f"({name})")
+    text = text.replace("`", "").replace(" | null", "")
+    text = text[:1].lower() + text[1:]
+    if not isinstance(exc, msgspec.ValidationError):  # malformed JSON (ValidationError is a DecodeError)
+        return error(f"{what} is not JSON: {text}")
+    return error(f"{what}: {where}: {text}" if where else f"{what}: {text}")
+
+
+def nesting_within(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Return whether the JSON text `raw` nests arrays and objects at most `limit` deep.
+
+    Escapes, then everything but quotes and brackets, then the strings are dropped; each
+    pass then removes the innermost `[]` and `{}` pairs, one level exactly (C-speed byte
+    replaces, at most `limit` passes). Malformed JSON is left for the parser to report.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    text = b"".join(text.split(b'"')[::2])  # outside strings: every other piece between quotes
+    for _ in range(limit):
+        # A placeholder keeps a pair that one removal brings together for the next pass.
+        inner = text.replace(b"[]", b"x").replace(b"{}", b"x").replace(b"x", b"")
+        if inner == text:
+            return True
+        text = inner
+    return not text
+
+
+def decode_document(raw: bytes | str, schema: type[_S], what: str, error: type[MirrorError] = ManifestError) -> _S:
+    """Return `raw` decoded as JSON into the typed `schema`, or raise `error` naming the bad field.
+
+    JSON nested deeper than MAX_JSON_DEPTH is refused first: later readers of a cached
+    document (gc, rm) must never meet a recursion limit.
+    """
+    if not nesting_within(raw.encode() if isinstance(raw, str) else bytes(raw)):
+        raise error(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return msgspec.json.decode(raw, type=schema)
+    except msgspec.MsgspecError as exc:
+        raise _schema_error(what, exc, error) from None
+    except RecursionError:
+        raise error(f"{what}: JSON nested too deeply") from None
+
+
+def convert_document(doc: object, schema: type[_S], what: str, error: type[MirrorError] = ManifestError) -> _S:
+    """Return the already-decoded JSON value `doc` checked into the typed `schema`, or raise `error`."""
+    try:
+        return msgspec.convert(doc, schema)
+    except msgspec.MsgspecError as exc:
+        raise _schema_error(what, exc, error) from None
+
+
+def _digest(text: str) -> Digest:
+    """Return the digest of a schema-checked digest string."""
+    algorithm, _, hexd = text.partition(":")
+    return Digest(algorithm, hexd)
+
+
+def _descriptor(doc: _DescriptorDoc) -> Descriptor:
+    """Return the Descriptor value of a schema-checked descriptor document."""
+    plat = doc.platform
+    return Descriptor(
+        media_type=doc.mediaType or "",
+        digest=_digest(doc.digest),
+        size=doc.size,
+        platform=Platform(plat.os, plat.architecture, plat.variant) if plat else None,
+        annotations=doc.annotations or {},
+        urls=tuple(doc.urls or ()),
+    )
 
 
 def _b64url(text: str) -> bytes:
@@ -166,33 +357,26 @@ def schema1_payload(raw: bytes) -> bytes:
     The protected header of each signature carries `formatLength` (bytes of the payload
     before the signatures) and `formatTail` (base64url of what closes it).
     """
-    try:
-        doc = json.loads(raw)
-        sigs = doc.get("signatures")
-    except (ValueError, AttributeError) as exc:
-        raise ManifestError(f"schema1 manifest is not JSON: {exc}") from None
+    sigs = decode_document(raw, _SignedDoc, "schema1 manifest").signatures
     if not sigs:
         return raw
     try:
-        protected = json.loads(_b64url(sigs[0]["protected"]))
-        length = int(protected["formatLength"])
-        tail = _b64url(protected["formatTail"])
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise ManifestError(f"schema1 signature header unreadable: {exc}") from None
-    if length > len(raw):
-        raise ManifestError("schema1 signature formatLength is past the end of the manifest")
-    return raw[:length] + tail
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """Return the JSON object `raw` holds, or raise ManifestError."""
+        header = _b64url(sigs[0].protected)
+    except ValueError:
+        raise ManifestError("schema1 manifest: signatures[0].protected: expected base64url") from None
+    protected = decode_document(header, _ProtectedDoc, "schema1 signature header")
     try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ManifestError(f"manifest is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ManifestError("manifest is not a JSON object")
-    return doc
+        tail = _b64url(protected.formatTail)
+    except ValueError:
+        raise ManifestError("schema1 signature header: formatTail: expected base64url") from None
+    if protected.formatLength > len(raw):
+        raise ManifestError("schema1 signature formatLength is past the end of the manifest")
+    return raw[: protected.formatLength] + tail
+
+
+def _present(field: msgspec.Raw) -> bool:
+    """Return whether a probed field was in the document, and not null."""
+    return bytes(field) not in (b"", b"null")
 
 
 def detect_media_type(raw: bytes, declared: str) -> str:
@@ -200,24 +384,24 @@ def detect_media_type(raw: bytes, declared: str) -> str:
     declared = declared.split(";")[0].strip()
     if declared in MANIFEST_TYPES:
         return declared
-    doc = _json_object(raw)
-    mt = doc.get("mediaType")
-    if isinstance(mt, str) and mt in MANIFEST_TYPES:
-        return mt
-    if doc.get("schemaVersion") == 1:
-        return DOCKER_SCHEMA1_SIGNED if doc.get("signatures") else DOCKER_SCHEMA1
-    if "manifests" in doc:
+    doc = decode_document(raw, _ProbeDoc, "manifest")
+    if doc.mediaType in MANIFEST_TYPES:
+        return doc.mediaType
+    if doc.schemaVersion == 1:
+        return DOCKER_SCHEMA1_SIGNED if _present(doc.signatures) else DOCKER_SCHEMA1
+    if _present(doc.manifests):
         return OCI_INDEX
-    if "config" in doc and "layers" in doc:
+    if _present(doc.config) and _present(doc.layers):
         return OCI_MANIFEST
-    raise ManifestError(f"unknown manifest media type {declared or '(none)'!r}")
+    raise ManifestError(f"unknown manifest media type {declared[:100] or '(none)'!r}")
 
 
 def parse_manifest(raw: bytes, media_type: str, expected: Digest | None = None) -> Manifest:
     """Parse `raw` served as `media_type`; check it against `expected` when given.
 
     A signed schema1 manifest is reduced to its payload (stored as `DOCKER_SCHEMA1`),
-    whose sha256 is the digest the registry reports.
+    whose sha256 is the digest the registry reports. Every field is checked against the
+    document's schema here; a document that breaks it is one ManifestError naming the field.
     """
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest of {len(raw)} bytes is over the {MAX_MANIFEST_BYTES} byte limit")
@@ -228,16 +412,16 @@ def parse_manifest(raw: bytes, media_type: str, expected: Digest | None = None) 
     digest = Digest.of(raw) if expected is None or expected.algorithm == "sha256" else _digest_with(raw, expected)
     if expected is not None and digest != expected:
         raise IntegrityError(f"manifest digest mismatch: expected {expected}, got {digest}")
-    doc = _json_object(raw)
-    try:
-        if mt in INDEX_TYPES:
-            return IndexManifest(mt, raw, digest, tuple(Descriptor.from_json(d) for d in doc.get("manifests") or ()))
-        if mt == DOCKER_SCHEMA1:
-            return _parse_schema1(doc, raw, digest)
-        layers = tuple(Descriptor.from_json(d) for d in doc.get("layers") or ())
-        return ImageManifest(mt, raw, digest, Descriptor.from_json(doc["config"]), layers)
-    except KeyError as exc:
-        raise ManifestError(f"{mt} manifest lacks field {exc}") from None
+    what = f"manifest {digest}"
+    if mt in INDEX_TYPES:
+        index = decode_document(raw, _IndexDoc, what)
+        kids = tuple(_descriptor(d) for d in index.manifests or ())
+        return IndexManifest(mt, raw, digest, kids, index.annotations or {})
+    if mt == DOCKER_SCHEMA1:
+        return _parse_schema1(decode_document(raw, _Schema1Doc, what), raw, digest)
+    image = decode_document(raw, _ImageDoc, what)
+    layers = tuple(_descriptor(d) for d in image.layers or ())
+    return ImageManifest(mt, raw, digest, _descriptor(image.config), layers)
 
 
 def _digest_with(raw: bytes, like: Digest) -> Digest:
@@ -246,19 +430,18 @@ def _digest_with(raw: bytes, like: Digest) -> Digest:
     return Digest(like.algorithm, h.hexdigest())
 
 
-def _parse_schema1(doc: dict[str, Any], raw: bytes, digest: Digest) -> ImageManifest:
-    """Return schema1's blobs base first (fsLayers lists the top layer first)."""
-    fs_layers = doc.get("fsLayers") or []
-    layers = tuple(
-        Descriptor(DOCKER_LAYER_GZIP, Digest.parse(str(entry["blobSum"])), -1) for entry in reversed(fs_layers)
-    )
+def _parse_schema1(doc: _Schema1Doc, raw: bytes, digest: Digest) -> ImageManifest:
+    """Return schema1's blobs base first (fsLayers lists the top layer first).
+
+    fsLayers give no size: such a download is bounded by the blob's Content-Length, else
+    by the engine's cap on blobs of unknown size.
+    """
+    layers = tuple(Descriptor(DOCKER_LAYER_GZIP, _digest(entry.blobSum), -1) for entry in reversed(doc.fsLayers or ()))
     os_name = "linux"
-    history = doc.get("history") or []
-    if history:
-        with contextlib.suppress(KeyError, ValueError, TypeError, AttributeError):
-            os_name = json.loads(history[0]["v1Compatibility"]).get("os") or "linux"
-    arch = str(doc.get("architecture") or "amd64")
-    return ImageManifest(DOCKER_SCHEMA1, raw, digest, None, layers, Platform(os_name, arch))
+    if doc.history:
+        compat = decode_document(doc.history[0].v1Compatibility, _V1CompatDoc, f"manifest {digest}: history[0]")
+        os_name = compat.os or "linux"
+    return ImageManifest(DOCKER_SCHEMA1, raw, digest, None, layers, Platform(os_name, doc.architecture or "amd64"))
 
 
 def select_platforms(index: IndexManifest, wanted: tuple[Platform, ...]) -> tuple[Descriptor, ...]:
@@ -266,6 +449,31 @@ def select_platforms(index: IndexManifest, wanted: tuple[Platform, ...]) -> tupl
     if not wanted:
         return index.manifests
     return tuple(d for d in index.manifests if d.platform and any(w.matches(d.platform) for w in wanted))
+
+
+def walk_index(
+    index: IndexManifest, load: Callable[[Descriptor], Manifest | None]
+) -> list[tuple[Descriptor, Manifest | None]]:
+    """Return every descriptor under `index` with its manifest (`load`'s answer; None: not at hand).
+
+    Nested indexes are followed down to MAX_INDEX_DEPTH levels (ManifestError past that);
+    each digest once; an index's children come before the index itself.
+    """
+    out: dict[Digest, tuple[Descriptor, Manifest | None]] = {}
+
+    def walk(ix: IndexManifest, depth: int) -> None:
+        if depth > MAX_INDEX_DEPTH:
+            raise ManifestError(f"indexes nested deeper than {MAX_INDEX_DEPTH} levels ({ix.digest})")
+        for d in ix.manifests:
+            if d.digest in out:
+                continue
+            child = load(d)
+            if isinstance(child, IndexManifest):
+                walk(child, depth + 1)
+            out[d.digest] = (d, child)
+
+    walk(index, 1)
+    return list(out.values())
 
 
 def descriptor_of(manifest: Manifest, platform: Platform | None = None) -> Descriptor:
@@ -278,7 +486,7 @@ def oci_entry(top: Manifest, children: Mapping[Digest, Manifest], config_platfor
 
     containers/image (skopeo, podman) looks refs up in index.json among OCI types only. A
     Docker schema2 or schema1 manifest is wrapped in a one-child OCI index; a Docker
-    manifest list becomes an OCI index of the same children (nested lists are not read).
+    manifest list becomes an OCI index of the same children.
     The original keeps its digest and is named in the SOURCE_* annotations.
     """
     if top.media_type in (OCI_MANIFEST, OCI_INDEX):
@@ -296,10 +504,10 @@ def oci_entry(top: Manifest, children: Mapping[Digest, Manifest], config_platfor
 def platform_of_config(raw: bytes) -> Platform | None:
     """Return the platform an image config blob declares, if it declares one."""
     try:
-        doc = json.loads(raw)
-        return Platform(str(doc["os"]), str(doc["architecture"]), str(doc.get("variant") or ""))
-    except (ValueError, KeyError, TypeError):
+        doc = msgspec.json.decode(raw, type=_ConfigPlatformDoc)
+    except (msgspec.MsgspecError, RecursionError):
         return None
+    return Platform(doc.os, doc.architecture, doc.variant or "")
 
 
 def choose_child(children: tuple[Descriptor, ...], cached: Container[Digest], platform: Platform) -> Descriptor | None:
@@ -321,13 +529,10 @@ def wrapped_source(top: Manifest) -> tuple[Digest, str] | None:
     """
     if not isinstance(top, IndexManifest):
         return None
-    try:
-        ann = json.loads(top.raw).get("annotations") or {}
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(ann, dict) or ann.get(WRAPPER) != "true" or SOURCE_DIGEST not in ann:
+    ann = top.annotations
+    if ann.get(WRAPPER) != "true" or SOURCE_DIGEST not in ann:
         return None
     try:
-        return Digest.parse(str(ann[SOURCE_DIGEST])), str(ann.get(SOURCE_MEDIA_TYPE, ""))
+        return Digest.parse(ann[SOURCE_DIGEST]), ann.get(SOURCE_MEDIA_TYPE, "")
     except DigestError:
         raise ManifestError(f"wrapper {top.digest} names a malformed source digest {ann[SOURCE_DIGEST]!r}") from None

@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from mirror.digest import Digest
+from mirror.errors import DigestError
 from mirror.manifest import OCI_INDEX
 from mirror.reference import Reference
 
@@ -70,19 +73,34 @@ def referrer_info(raw: bytes, media_type: str, digest: Digest) -> ReferrerInfo |
     if b'"subject"' not in raw:  # most manifests: no JSON parse needed
         return None
     try:
-        doc = json.loads(raw)
-        subject = Digest.parse(str(doc["subject"]["digest"]))
-    except (ValueError, KeyError, TypeError):
+        doc = msgspec.json.decode(raw, type=_ReferrerDoc)
+    except (msgspec.MsgspecError, RecursionError):
         return None
-    if not isinstance(doc, dict):
+    if doc.subject is None:
         return None
-    artifact = doc.get("artifactType")
-    if not isinstance(artifact, str) or not artifact:
-        config = doc.get("config")
-        artifact = str(config.get("mediaType", "")) if isinstance(config, dict) else ""
-    ann = doc.get("annotations")
-    annotations = {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
-    return ReferrerInfo(media_type, digest, len(raw), artifact, subject, annotations)
+    try:
+        subject = Digest.parse(doc.subject.digest)
+    except DigestError:
+        return None
+    artifact = doc.artifactType or (doc.config.mediaType if doc.config is not None else "") or ""
+    return ReferrerInfo(media_type, digest, len(raw), artifact, subject, doc.annotations or {})
+
+
+class _SubjectDoc(msgspec.Struct):
+    digest: str
+
+
+class _ConfigTypeDoc(msgspec.Struct):
+    mediaType: str | None = None
+
+
+class _ReferrerDoc(msgspec.Struct):
+    """The fields of a manifest that list it as a referrer."""
+
+    subject: _SubjectDoc | None = None
+    artifactType: str | None = None
+    config: _ConfigTypeDoc | None = None
+    annotations: dict[str, str] | None = None
 
 
 def referrers_index(referrers: Iterable[ReferrerInfo], artifact_type: str | None = None) -> bytes:

@@ -49,6 +49,7 @@ from mirror.manifest import (
     Platform,
     choose_child,
     parse_manifest,
+    walk_index,
     wrapped_source,
 )
 from mirror.reference import Reference
@@ -159,11 +160,16 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
             refer = [referrer_info(top.raw, top.media_type, top.digest)]
             if isinstance(top, IndexManifest):
                 stored[top.digest] = StoredManifest(top.digest, top.media_type, len(top.raw), top.manifests)
-                for child in top.manifests:
-                    if layout.blobs.has(child.digest):
-                        kid = reader.manifest(child.digest, child.media_type)
-                        if isinstance(kid, ImageManifest):
-                            images.append(kid)
+
+                def cached(d: Descriptor) -> Manifest | None:
+                    return reader.manifest(d.digest, d.media_type) if layout.blobs.has(d.digest) else None
+
+                for _, kid in walk_index(top, cached):  # nested indexes followed
+                    if isinstance(kid, ImageManifest):
+                        images.append(kid)
+                    elif isinstance(kid, IndexManifest):
+                        stored[kid.digest] = StoredManifest(kid.digest, kid.media_type, len(kid.raw), kid.manifests)
+                        reached.add(kid.digest)
             else:
                 images.append(top)
             for image in images:

@@ -37,6 +37,15 @@ def add_network(sp: argparse.ArgumentParser, blobs: str) -> None:
     sp.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for HOST")
 
 
+def add_foreign(sp: argparse.ArgumentParser) -> None:
+    """Add `--foreign-layers skip|fetch`: what becomes of layers the registry may not distribute."""
+    sp.add_argument(
+        "--foreign-layers",
+        choices=config.FOREIGN_LAYER_MODES,
+        help="foreign/non-distributable layers: keep as references (skip, default) or fetch from their urls",
+    )
+
+
 def load_config(args: argparse.Namespace) -> config.Config:
     """Return the config file's settings with the command line's overrides applied."""
     cfg = config.load(args.config) if getattr(args, "config", None) else config.Config()
@@ -49,6 +58,8 @@ def load_config(args: argparse.Namespace) -> config.Config:
         overrides["concurrency"] = args.concurrency
     if getattr(args, "per_host", None):
         overrides["per_host"] = args.per_host
+    if getattr(args, "foreign_layers", None):
+        overrides["foreign_layers"] = args.foreign_layers
     for host in getattr(args, "insecure", None) or []:
         # Plain HTTP for a host the config already knows keeps its other settings (credentials, api).
         regs: list[config.RegistryConfig] = overrides.setdefault("registries", list(cfg.registries))

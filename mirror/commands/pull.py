@@ -8,7 +8,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from mirror.commands.common import add_common, add_network, add_wait, exit_code, load_config
+from mirror.commands.common import add_common, add_foreign, add_network, add_wait, exit_code, load_config
 from mirror.commands.daemon_source import (
     COMPRESSIONS,
     add_daemon_option,
@@ -63,6 +63,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--platform", action="append", default=[], help="OS/ARCH[/VARIANT] to keep from an index")
     add_network(p, "downloaded")
+    add_foreign(p)
     p.add_argument(
         "--api", choices=API_CHOICES, default="auto", help="registry API: detect per host (default), v2 or v1"
     )
@@ -119,4 +120,11 @@ async def run(args: argparse.Namespace) -> int:
         f"{mb:.1f} MB in {secs:.2f}s ({mb / secs if secs else 0:.1f} MB/s)",
         file=sys.stderr,
     )
+    foreign = sum(r.foreign for r in results)
+    if foreign:
+        print(
+            f"{foreign} foreign layer{'s' if foreign != 1 else ''} kept as references, not fetched"
+            " (their manifests name URLs; --foreign-layers fetch downloads them)",
+            file=sys.stderr,
+        )
     return exit_code(results)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_wait, exit_code, load_config
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_foreign, add_wait, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
@@ -48,6 +48,7 @@ def register(sub: Any) -> None:
     add_common(p)
     p.add_argument("--job", action="append", default=[], metavar="NAME", help="run only this job (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="show what would be fetched; write nothing")
+    add_foreign(p)
     p.add_argument(
         "--report", type=Path, metavar="FILE", help="write a JSON report of every image to FILE (`-`: stdout)"
     )
@@ -145,6 +146,7 @@ def report_doc(
         "finished": time.time(),
         "exit_code": code,
         "counts": summarize(results),
+        "foreign_layers": sum(r.foreign for r in results),  # kept as references, not fetched
         "failed": [r.reference for r in results if r.status == FAILED],
         "images": [r.to_json() for r in results],
     }

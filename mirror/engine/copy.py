@@ -8,7 +8,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -20,6 +20,8 @@ from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
 from mirror.manifest import (
+    INDEX_TYPES,
+    MAX_INDEX_DEPTH,
     Descriptor,
     ImageManifest,
     IndexManifest,
@@ -40,6 +42,24 @@ log = logging.getLogger(__name__)
 
 
 FAILED = "failed"  # the status of an image (and of a synced tag) that could not be copied
+# Bound on a blob whose manifest gives no size (schema1 fsLayers, v1 layers) and whose
+# response gives no Content-Length either: a body longer than this is cut off and refused.
+UNSIZED_BLOB_LIMIT = 16 << 30
+MAX_CONFIG_BYTES = 16 << 20  # an image config read whole for its platform; a larger one is not read
+
+
+def body_bound(what: str, size: int, total: int, offset: int, limit: int = UNSIZED_BLOB_LIMIT) -> None:
+    """Raise IntegrityError when `offset` bytes of a blob of unknown `size` exceed its bound.
+
+    The bound is the response's own size (`total`, from Content-Length or Content-Range)
+    when it gives one, else `limit`. A blob of known size is bounded by its writer.
+    """
+    if size >= 0:
+        return
+    bound = total if total >= 0 else limit
+    if offset > bound:
+        why = "its response announced" if total >= 0 else "allowed for a blob whose size no one gives"
+        raise IntegrityError(f"{what}: body runs past the {bound} bytes {why}")
 
 
 class Progress(Protocol):
@@ -86,6 +106,7 @@ class ImageResult:
     seconds: float = 0.0
     error: str = ""
     entry: Descriptor | None = None  # what index.json now names the ref with
+    foreign: int = 0  # foreign layers kept as references (named by the manifest, not fetched)
 
 
 @dataclass(slots=True)
@@ -144,8 +165,16 @@ class Engine:
         progress: Progress | None = None,
         limits: HostLimits | None = None,
         retry: RetryPolicy | None = None,
+        unsized_limit: int = UNSIZED_BLOB_LIMIT,
+        foreign_layers: str = "skip",
+        foreign_source: ManifestSource | None = None,
     ) -> None:
         self.layout = layout
+        # Foreign (non-distributable, `urls`) layers: "skip" keeps them as references, as
+        # skopeo does; "fetch" downloads them from their URLs through `foreign_source`.
+        self.foreign_layers = foreign_layers
+        self.foreign_source = foreign_source
+        self.unsized_limit = unsized_limit  # bytes allowed for a blob neither manifest nor response sizes
         self.store = layout.blobs
         self.per_host = per_host
         self.progress: Progress = progress or NoProgress()
@@ -360,6 +389,7 @@ class Engine:
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 received += len(chunk)
+                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
                 self.progress.blob_advanced(desc.digest, len(chunk))
         if desc.size >= 0 and writer.offset < desc.size:
             # A body that ended cleanly but short (truncated): keep it and resume.
@@ -400,8 +430,14 @@ class Engine:
             top, children = await self._resolve(source, ref, platforms, top)
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
+            configs = {m.config.digest for m in images if isinstance(m, ImageManifest) and m.config is not None}
+            kept = [d for d in blobs if d.digest not in configs and self._kept_foreign(d)]  # layers only
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.fetch_blob(source, ref, desc)) for desc in blobs]
+                tasks = [
+                    tg.create_task(self.fetch_blob(self._blob_source(source, desc, configs), ref, desc))
+                    for desc in blobs
+                    if desc not in kept
+                ]
             fetched = sum(t.result() for t in tasks)
             entry, plats = await self._store_manifests(top, children)
             await self.layout.set_refs({str(ref): entry})
@@ -413,6 +449,7 @@ class Engine:
                 fetched,
                 time.monotonic() - t0,
                 entry=entry,
+                foreign=len(kept),
             )
         except* MirrorError as group:
             first = group.exceptions[0]
@@ -422,24 +459,63 @@ class Engine:
         self.progress.image_finished(result)
         return result
 
+    def _kept_foreign(self, desc: Descriptor) -> bool:
+        """Return whether the foreign layer `desc` stays a reference: not fetched, not in the cache."""
+        if not desc.foreign or self.store.has(desc.digest, desc.size):
+            return False
+        return self.foreign_layers != "fetch" or not desc.urls or self.foreign_source is None
+
+    def _blob_source(self, source: ManifestSource, desc: Descriptor, configs: Container[Digest]) -> ManifestSource:
+        """Return where blob `desc` is fetched from: a foreign layer's URLs, else the image's source."""
+        fetch = self.foreign_layers == "fetch" and self.foreign_source is not None
+        if fetch and desc.foreign and desc.urls and desc.digest not in configs and self.foreign_source is not None:
+            return self.foreign_source
+        return source
+
     async def _resolve(
         self, source: ManifestSource, ref: Reference, platforms: tuple[Platform, ...], top: Manifest | None = None
     ) -> tuple[Manifest, dict[Digest, Manifest]]:
+        """Return the top manifest and, for an index, every wanted manifest under it (nested indexes followed)."""
         if top is None:
             top = await self._manifest(source, ref)
         children: dict[Digest, Manifest] = {}
         if isinstance(top, IndexManifest):
-            chosen = select_platforms(top, platforms)
-            if not chosen:
+            await self._walk(source, ref, top, platforms, children, 1)
+            if not any(isinstance(m, ImageManifest) for m in children.values()):
                 have = ", ".join(str(d.platform) for d in top.manifests if d.platform) or "none"
                 want = ", ".join(str(p) for p in platforms)
                 raise ManifestError(f"{ref}: no manifest for platform {want} (index has {have})")
-            fetched = await fan_out(self._manifest(source, ref.with_digest(d.digest)) for d in chosen)
-            for desc, child in zip(chosen, fetched, strict=True):
-                if isinstance(child, IndexManifest):
-                    raise ManifestError(f"{ref}: nested index {desc.digest} is not supported")
-                children[desc.digest] = child
         return top, children
+
+    async def _walk(
+        self,
+        source: ManifestSource,
+        ref: Reference,
+        index: IndexManifest,
+        platforms: tuple[Platform, ...],
+        out: dict[Digest, Manifest],
+        depth: int,
+    ) -> None:
+        """Fetch the wanted children of `index` into `out`, an index's own children before it.
+
+        The OCI image spec lets an index name further indexes; they are followed (an index
+        child without a platform always, one with a platform when it is wanted) down to
+        MAX_INDEX_DEPTH levels.
+        """
+        if depth > MAX_INDEX_DEPTH:
+            raise ManifestError(f"{ref}: indexes nested deeper than {MAX_INDEX_DEPTH} levels ({index.digest})")
+        selected = set(select_platforms(index, platforms))
+        chosen = [
+            d
+            for d in index.manifests
+            if d.digest not in out and (d in selected or (d.media_type in INDEX_TYPES and d.platform is None))
+        ]
+        chosen = list({d.digest: d for d in chosen}.values())
+        fetched = await fan_out(self._manifest(source, ref.with_digest(d.digest)) for d in chosen)
+        for desc, child in zip(chosen, fetched, strict=True):
+            if isinstance(child, IndexManifest):
+                await self._walk(source, ref, child, platforms, out, depth + 1)
+            out[desc.digest] = child
 
     async def _put(self, data: bytes, digest: Digest) -> Digest:
         """Store a manifest once among concurrent images that share it (one temp file per digest)."""
@@ -454,10 +530,19 @@ class Engine:
         for child in children.values():
             await self._put(child.raw, child.digest)
         if isinstance(top, IndexManifest):
-            plats = [str(d.platform) for d in top.manifests if d.digest in children and d.platform]
+            indexes = [top, *(m for m in children.values() if isinstance(m, IndexManifest))]
+            found = (
+                d.platform for ix in indexes for d in ix.manifests if isinstance(children.get(d.digest), ImageManifest)
+            )
+            plats = list(dict.fromkeys(str(p) for p in found if p))
         elif isinstance(top, ImageManifest):
             config_platform = top.platform
-            if top.config is not None:
+            if (
+                top.config is not None
+                and self.store.has(top.config.digest)
+                and self.store.size(top.config.digest) <= MAX_CONFIG_BYTES
+            ):
+                # Read whole to learn the platform: only a config of sane size (an artifact's may be huge).
                 config_platform = platform_of_config(self.store.read(top.config.digest)) or top.platform
             plats = [str(config_platform)] if config_platform else []
         await self._put(top.raw, top.digest)

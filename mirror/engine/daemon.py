@@ -12,11 +12,21 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Annotated
+
+import msgspec
 
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult, Progress
 from mirror.errors import IntegrityError, MirrorError, UsageError
-from mirror.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, platform_of_config
+from mirror.manifest import (
+    MAX_DESCRIPTORS,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    decode_document,
+    platform_of_config,
+)
 from mirror.reference import Reference, daemon_reference
 from mirror.sources.daemon import DaemonClient, ImageInspect
 from mirror.sources.savetar import SaveContents, SavedImage, SaveFormatError, read_save
@@ -31,6 +41,16 @@ def oci_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
         "layers": [d.to_json() for d in layers],
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+class _RootFSDoc(msgspec.Struct):
+    diff_ids: Annotated[list[str], msgspec.Meta(max_length=MAX_DESCRIPTORS)]
+
+
+class _ConfigDoc(msgspec.Struct):
+    """The part of an image config the export is checked against."""
+
+    rootfs: _RootFSDoc
 
 
 def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info: ImageInspect) -> SavedImage:
@@ -55,11 +75,9 @@ def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info
 async def _store_image(engine: Engine, contents: SaveContents, image: SavedImage, info: ImageInspect) -> Descriptor:
     """Store config, layers and an OCI manifest of one saved image; return the manifest's descriptor."""
     config = contents.read(image.config)
-    try:
-        doc = json.loads(config)
-        diff_ids = [str(d) for d in doc["rootfs"]["diff_ids"]]
-    except (ValueError, KeyError, TypeError):
-        raise SaveFormatError(f"export tar: config {image.config} has no rootfs.diff_ids") from None
+    diff_ids = decode_document(
+        config, _ConfigDoc, f"export tar: config {image.config}", SaveFormatError
+    ).rootfs.diff_ids
     if info.diff_ids and tuple(diff_ids) != info.diff_ids:
         raise IntegrityError(f"config {image.config} lists other diff ids than the daemon's RootFS.Layers")
     if len(diff_ids) != len(image.layers):

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, replace
 from mirror.digest import Digest
 from mirror.engine.copy import Engine
 from mirror.engine.plan import plan_blobs
-from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, UsageError
+from mirror.errors import IntegrityError, MirrorError, StoreError, UsageError
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
 from mirror.reference import Reference
 from mirror.sinks import BlobSink, MountingSink
 from mirror.store.layout import Layout
-from mirror.store.tree import load_manifest
+from mirror.store.tree import load_manifest, load_tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,19 +79,19 @@ async def plan_push(layout: Layout, name: str) -> PushPlan:
         top = await load_manifest(store, *source)
     children: list[Manifest] = []
     if isinstance(top, IndexManifest):
-        for d in top.manifests:
-            if not store.has(d.digest):
+        # Nested indexes come before the index naming them: children are pushed in this order.
+        for d, child in await load_tree(store, top):
+            if child is None:
                 raise StoreError(
                     f"{name}: platform {d.platform or '?'} ({d.digest}) of its index is not cached;"
                     " the index cannot be pushed with its digest"
                 )
-            child = await load_manifest(store, d.digest, d.media_type)
-            if isinstance(child, IndexManifest):
-                raise ManifestError(f"{name}: nested index {d.digest} is not supported")
             children.append(child)
     images = [m for m in ([top, *children]) if isinstance(m, ImageManifest)]
     blobs: list[Descriptor] = []
     for b in plan_blobs(images):
+        if b.foreign and not store.has(b.digest):
+            continue  # kept as a reference: the target's clients fetch it from its urls, as from ours
         if not store.has(b.digest, b.size):
             raise StoreError(f"{name}: blob {b.digest} is missing or of the wrong size in the cache (`mirror verify`)")
         # schema1 gives no sizes: take the stored file's, which verify/pull checked against the digest.
@@ -129,7 +129,11 @@ class Pusher:
             # Children before their index: the registry checks that what an index names exists.
             async with asyncio.TaskGroup() as tg:
                 for child in plan.children:
-                    tg.create_task(self._manifest(dest.with_tag(None).with_digest(child.digest), child))
+                    if isinstance(child, ImageManifest):
+                        tg.create_task(self._manifest(dest.with_tag(None).with_digest(child.digest), child))
+            for child in plan.children:  # nested indexes, each after what it names
+                if isinstance(child, IndexManifest):
+                    await self._manifest(dest.with_tag(None).with_digest(child.digest), child)
             # The top document under the destination's tag (or digest, when it names only one).
             await self._manifest(dest.with_tag(dest.tag) if dest.tag else dest.with_digest(plan.top.digest), plan.top)
             result = PushResult(name, dest, "ok", plan.top.digest, time.monotonic() - t0)

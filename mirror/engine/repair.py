@@ -16,8 +16,10 @@ class RegistryRefetch:
         self.source = source
 
     async def blob(self, name: str, desc: Descriptor) -> None:
-        """Download blob `desc` from the repository `name` names into the store."""
-        await self.engine.fetch_blob(self.source, Reference.parse(name), desc)
+        """Download blob `desc` from the repository `name` names (a foreign layer: from its urls) into the store."""
+        foreign = self.engine.foreign_source
+        source = foreign if foreign is not None and desc.foreign and desc.urls else self.source
+        await self.engine.fetch_blob(source, Reference.parse(name), desc)
 
     async def manifest(self, name: str, desc: Descriptor) -> None:
         """GET manifest `desc` by digest from the repository `name` names; store its bytes (digest checked)."""

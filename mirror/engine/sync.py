@@ -107,10 +107,13 @@ class SyncResult:
     pushed: str = ""  # with a registry destination: a publish status (pushed, present, would push, failed)
     target: str = ""  # the destination reference it was pushed to
     referrer_of: str = ""  # for a referrer (signature, SBOM): the `HOST/R@DIGEST` it refers to
+    foreign: int = 0  # foreign layers kept as references, not fetched
 
     def to_json(self) -> dict[str, Any]:
         """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
-        extra = {"referrer_of": self.referrer_of} if self.referrer_of else {}
+        extra: dict[str, Any] = {"referrer_of": self.referrer_of} if self.referrer_of else {}
+        if self.foreign:
+            extra["foreign_layers"] = self.foreign
         return {
             "job": self.job,
             "reference": self.reference,
@@ -345,7 +348,16 @@ class Syncer:
         await self.state.record_tag(
             TagState(key, job.name, token or str(res.digest), str(desc.digest) if desc else "", plats, now, time.time())
         )
-        fetched = SyncResult(job.name, key, FETCHED, str(res.digest), res.platforms, res.bytes, time.monotonic() - t0)
+        fetched = SyncResult(
+            job.name,
+            key,
+            FETCHED,
+            str(res.digest),
+            res.platforms,
+            res.bytes,
+            time.monotonic() - t0,
+            foreign=res.foreign,
+        )
         found = await self._cache_referrers(job, source, ref, res.digest) if job.referrers else None
         image = await self._done(await self._publish(job, ref, fetched))
         await self._referrers_after(job, source, ref, image, found)

@@ -73,9 +73,9 @@ def _image_id(text: str) -> str:
     return text if ":" in text else f"sha256:{text}"
 
 
-def daemon_tags(images: list[DaemonImage]) -> dict[str, dict[str, tuple[str, str]]]:
-    """Return normalised repository -> tag -> (the name the daemon knows, image id), from `/images/json`."""
-    out: dict[str, dict[str, tuple[str, str]]] = {}
+def daemon_tags(images: list[DaemonImage]) -> dict[str, dict[str, tuple[str, DaemonImage]]]:
+    """Return normalised repository -> tag -> (the name the daemon knows, its image), from `/images/json`."""
+    out: dict[str, dict[str, tuple[str, DaemonImage]]] = {}
     for image in images:
         for name in image.repo_tags:
             try:
@@ -87,7 +87,7 @@ def daemon_tags(images: list[DaemonImage]) -> dict[str, dict[str, tuple[str, str
                 )
                 continue
             if ref.tag and ref.digest is None:
-                out.setdefault(ref.name, {})[ref.tag] = (name, _image_id(image.id))
+                out.setdefault(ref.name, {})[ref.tag] = (name, image)
     return out
 
 
@@ -115,7 +115,11 @@ async def sync_daemon_job(syncer: Syncer, job: SyncJob, source: DaemonJobSource)
                         err = f"{key}: not found in {client.where}"
                         results.append(await syncer.report(SyncResult(job.name, key, FAILED, error=err)))
                         continue
-                    daemon_name, image_id = found
+                    daemon_name, image = found
+                    if image.problem:  # its /images/json entry broke the schema: this image alone fails
+                        results.append(await syncer.report(SyncResult(job.name, key, FAILED, error=image.problem)))
+                        continue
+                    image_id = _image_id(image.id)
                     st = syncer.cached_state(key, "")
                     if st is not None and ref.tag and matches_any(ref.tag, job.immutable):
                         results.append(

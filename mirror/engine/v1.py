@@ -38,7 +38,7 @@ from mirror.convert_v1 import (
     parse_ancestry_record,
 )
 from mirror.digest import Digest
-from mirror.engine.copy import Engine, ImageResult
+from mirror.engine.copy import Engine, ImageResult, body_bound
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, TransportError, UsageError
 from mirror.manifest import OCI_MANIFEST, Descriptor, Manifest, Platform, platform_of_config
 from mirror.reference import Reference
@@ -358,6 +358,7 @@ async def _stream_layer(
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 downloaded[0] += len(chunk)
+                body_bound(f"v1 layer {image_id[:12]}", -1, body.total, writer.offset, engine.unsized_limit)
                 batch.append(chunk)
                 batched += len(chunk)
                 engine.progress.blob_advanced(progress_key, len(chunk))

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import msgspec
 
 from mirror import __version__
-from mirror.errors import NotFoundError, TransportError, UnreachableError, UsageError
+from mirror.errors import DocumentError, NotFoundError, TransportError, UnreachableError, UsageError
+from mirror.manifest import decode_document
 from mirror.transport import Timeouts
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 API_MAX = (1, 43)  # newest Engine API version asked for; only long-stable endpoints are used
 API_MIN = (1, 24)  # `/images/get?names=` with several names and `/images/json` as read here
 ERROR_BODY_LIMIT = 64 * 1024
+JSON_ANSWER_LIMIT = 64 * 1024 * 1024  # `/images/json` of a daemon with many thousand images fits
 CHUNK = 1 << 18
 # A daemon may prepare a large export for minutes before its first byte (podman does).
 DAEMON_TIMEOUTS = Timeouts(connect=30.0, read=600.0)
@@ -94,13 +100,76 @@ class DaemonEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class DaemonImage:
-    """One image as `/images/json` lists it."""
+    """One image as `/images/json` lists it; `problem` says what was wrong with its entry, if anything."""
 
     id: str
     repo_tags: tuple[str, ...]
     repo_digests: tuple[str, ...]
     created: int
     size: int
+    problem: str = ""
+
+
+# Engine API answers, decoded into typed structs at this boundary (see mirror/manifest.py).
+_Names = Annotated[list[str], msgspec.Meta(max_length=100_000)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+
+
+class _ImageSummaryDoc(msgspec.Struct):
+    Id: str = ""
+    RepoTags: _Names | None = None
+    RepoDigests: _Names | None = None
+    Created: _Count = 0
+    Size: Annotated[int, msgspec.Meta(ge=-1, le=(1 << 63) - 1)] = 0  # -1: unknown
+
+
+class _TagsOnlyDoc(msgspec.Struct):
+    RepoTags: _Names | None = None
+
+
+class _RootFSDoc(msgspec.Struct):
+    Layers: _Names | None = None
+
+
+class _InspectDoc(msgspec.Struct):
+    Id: str = ""
+    RepoTags: _Names | None = None
+    RootFS: _RootFSDoc | None = None
+
+
+class _VersionDoc(msgspec.Struct):
+    ApiVersion: str
+
+
+def parse_images(body: bytes, what: str) -> list[DaemonImage]:
+    """Return the images of an `/images/json` answer; DocumentError when it is not a list of objects.
+
+    Each entry is checked on its own: one with a wrong type is listed with its `problem`
+    (when its RepoTags can be read, so the images it names fail alone), or left out.
+    """
+    out = []
+    for i, item in enumerate(decode_document(body, list[msgspec.Raw], what, DocumentError)):
+        where = f"{what}[{i}]"
+        try:
+            doc = decode_document(item, _ImageSummaryDoc, where, DocumentError)
+        except DocumentError as exc:
+            try:
+                names = decode_document(item, _TagsOnlyDoc, where, DocumentError).RepoTags or ()
+            except DocumentError:
+                log.warning("%s (left out)", exc)
+                continue
+            out.append(DaemonImage("", _tags(names), (), 0, 0, problem=str(exc)))
+            continue
+        digests = tuple(d for d in doc.RepoDigests or () if d and d != "<none>@<none>")
+        out.append(DaemonImage(doc.Id, _tags(doc.RepoTags or ()), digests, doc.Created, max(doc.Size, 0)))
+    return out
+
+
+def parse_inspect(body: bytes, what: str) -> ImageInspect:
+    """Return what an image inspect answer (`/images/NAME/json`) says; DocumentError names a bad field."""
+    doc = decode_document(body, _InspectDoc, what, DocumentError)
+    layers = doc.RootFS.Layers if doc.RootFS is not None else None
+    return ImageInspect(doc.Id, tuple(doc.RepoTags or ()), tuple(layers or ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +190,11 @@ def daemon_message(body: bytes) -> str:
     if isinstance(doc, dict) and "message" in doc:
         return str(doc["message"]).strip()
     return body[:200].decode("utf-8", "replace").strip()
+
+
+def _tags(names: Sequence[str]) -> tuple[str, ...]:
+    """Return the real tags of a `RepoTags` list (without Docker's `<none>:<none>`)."""
+    return tuple(t for t in names if t and t != "<none>:<none>")
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -215,14 +289,18 @@ class DaemonClient:
         finally:
             resp.release()
 
-    async def _json(self, path: str, *, versioned: bool = True) -> Any:
+    async def _body(self, path: str, *, versioned: bool = True) -> bytes:
+        """GET `path` and return its body, at most JSON_ANSWER_LIMIT bytes (DocumentError past that)."""
         async with self._get(path, versioned=versioned) as resp:
             try:
-                return json.loads(await resp.read())
-            except ValueError as exc:
-                raise TransportError(f"GET {path} from {self.where}: answer is not JSON: {exc}") from None
+                body = await resp.content.read(JSON_ANSWER_LIMIT + 1)
+                while len(body) <= JSON_ANSWER_LIMIT and (chunk := await resp.content.read(JSON_ANSWER_LIMIT)):
+                    body += chunk
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise TransportError(f"GET {path} from {self.where}: {type(exc).__name__}: {exc}") from None
+        if len(body) > JSON_ANSWER_LIMIT:
+            raise DocumentError(f"GET {path} from {self.where}: answer over {JSON_ANSWER_LIMIT} bytes")
+        return body
 
     async def negotiate(self) -> str:
         """Settle on the lower of the daemon's Engine API version and ours; return it.
@@ -234,10 +312,8 @@ class DaemonClient:
         async with self._get("/_ping", versioned=False) as resp:
             text = resp.headers.get("Api-Version", "")
         if not text:
-            doc = await self._json("/version", versioned=False)
-            if not isinstance(doc, dict) or "ApiVersion" not in doc:
-                raise TransportError(f"{self.where} answered /version without an ApiVersion: not a Docker daemon?")
-            text = str(doc["ApiVersion"])
+            body = await self._body("/version", versioned=False)
+            text = decode_document(body, _VersionDoc, f"{self.where}: /version", DocumentError).ApiVersion
         theirs = _version(text)
         if theirs < API_MIN:
             need = f"{API_MIN[0]}.{API_MIN[1]}"
@@ -248,34 +324,12 @@ class DaemonClient:
 
     async def images(self) -> list[DaemonImage]:
         """Return the daemon's images (`GET /images/json`)."""
-        doc = await self._json("/images/json")
-        if not isinstance(doc, list):
-            raise TransportError(f"{self.where}: /images/json is not a list")
-        out = []
-        for item in doc:
-            if not isinstance(item, dict):
-                continue
-            tags = tuple(t for t in item.get("RepoTags") or () if t and t != "<none>:<none>")
-            digests = tuple(d for d in item.get("RepoDigests") or () if d and d != "<none>@<none>")
-            out.append(
-                DaemonImage(
-                    str(item.get("Id", "")), tags, digests, int(item.get("Created") or 0), int(item.get("Size") or 0)
-                )
-            )
-        return out
+        return parse_images(await self._body("/images/json"), f"{self.where}: /images/json")
 
     async def inspect(self, name: str) -> ImageInspect:
         """Return the inspect document of image `name` (`GET /images/NAME/json`); NotFoundError when absent."""
-        doc = await self._json(f"/images/{quote(name, safe='/:@')}/json")
-        if not isinstance(doc, dict):
-            raise TransportError(f"{self.where}: inspect of {name} is not a JSON object")
-        rootfs = doc.get("RootFS") or {}
-        layers = rootfs.get("Layers") if isinstance(rootfs, dict) else None
-        return ImageInspect(
-            str(doc.get("Id", "")),
-            tuple(str(t) for t in doc.get("RepoTags") or ()),
-            tuple(str(d) for d in layers or ()),
-        )
+        path = f"/images/{quote(name, safe='/:@')}/json"
+        return parse_inspect(await self._body(path), f"{self.where}: inspect of {name}")
 
     @asynccontextmanager
     async def export(self, names: list[str]) -> AsyncIterator[AsyncIterator[bytes]]:

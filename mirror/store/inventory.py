@@ -13,7 +13,7 @@ from mirror.manifest import (
     wrapped_source,
 )
 from mirror.store.layout import Layout
-from mirror.store.tree import load_manifest, read_blob
+from mirror.store.tree import load_manifest, load_tree, read_blob
 
 CONFIG_LIMIT = 16 << 20  # an image config is read whole to learn its platform
 
@@ -42,14 +42,13 @@ async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -
         platforms: list[str] = []
         images: list[ImageManifest] = []
         if isinstance(top, IndexManifest):
-            for d in top.manifests:
-                if layout.blobs.has(d.digest):
-                    child = await load_manifest(layout.blobs, d.digest, d.media_type)
-                    if isinstance(child, ImageManifest):
-                        images.append(child)
-                        size += len(child.raw)
-                        if d.platform:
-                            platforms.append(str(d.platform))
+            for d, child in await load_tree(layout.blobs, top):
+                if child is not None:
+                    size += len(child.raw)
+                if isinstance(child, ImageManifest):
+                    images.append(child)
+                    if d.platform:
+                        platforms.append(str(d.platform))
         else:
             images.append(top)
             if top.config is not None:

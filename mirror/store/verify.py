@@ -18,7 +18,7 @@ from typing import Protocol
 
 from mirror.digest import Digest
 from mirror.errors import DigestError, MirrorError
-from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
+from mirror.manifest import MAX_INDEX_DEPTH, Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
 from mirror.store.blobs import FLUSH_BYTES, BlobStore, fsync_dir, in_thread
 from mirror.store.gc import stored_blobs
 from mirror.store.layout import Entry, Layout
@@ -165,15 +165,28 @@ async def check_reference(
         top = await load(original) if await present(original, "manifest") else None
     images: list[ImageManifest] = []
     if isinstance(top, IndexManifest):
-        for child in top.manifests:
-            if await present(child, "manifest", required=False):
-                loaded = await load(child)
-                if isinstance(loaded, ImageManifest):
-                    images.append(loaded)
+        indexes = [top]
+        for depth in range(MAX_INDEX_DEPTH):  # nested indexes: their children are checked too
+            if not indexes:
+                break
+            nested = []
+            for ix in indexes:
+                for child in ix.manifests:
+                    if await present(child, "manifest", required=False):
+                        loaded = await load(child)
+                        if isinstance(loaded, ImageManifest):
+                            images.append(loaded)
+                        elif isinstance(loaded, IndexManifest):
+                            nested.append(loaded)
+            indexes = nested
+            if nested and depth + 1 == MAX_INDEX_DEPTH:
+                problems.append(f"indexes nested deeper than {MAX_INDEX_DEPTH} levels under {top.digest}")
     elif isinstance(top, ImageManifest):
         images.append(top)
     configs = {m.config.digest for m in images if m.config is not None}
     blobs = {b.digest: b for m in images for b in m.blobs}  # each digest once (schema1 repeats a3ed95...)
+    # A foreign layer not in the cache is kept as a reference (its urls serve it), not missing.
+    blobs = {d: b for d, b in blobs.items() if not b.foreign or store.has(d) or d in corrupt}
     try:
         async with asyncio.TaskGroup() as tg:  # a branch that fails takes its siblings down with it
             for d, b in blobs.items():

@@ -4,7 +4,10 @@ The transport-level code of the daemon source: aiohttp exceptions become MirrorE
 here. The endpoint is `--daemon URL`, else `$DOCKER_HOST`, else the default socket;
 `DOCKER_TLS_VERIFY` and `DOCKER_CERT_PATH` (`ca.pem`, `cert.pem`, `key.pem`) select TLS
 as the docker CLI does. The API version is negotiated once (`/_ping`, else `/version`):
-the lower of the daemon's and ours, and every path is prefixed with it.
+the lower of the daemon's and ours, and every path is prefixed with it. Daemons from
+Docker 1.6 (API 1.18) on are read: before API 1.22 (Docker 1.10) `/images/json` lists
+bare-hex v1 ids and the `VirtualSize` of the whole image, and `/images/get` streams the
+pre-1.10 save layout (see `mirror.sources.savetar`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import aiohttp
 
 from mirror import __version__
 from mirror.errors import NotFoundError, TransportError, UnreachableError, UsageError
+from mirror.text import printable
 from mirror.transport import Timeouts
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 API_MAX = (1, 43)  # newest Engine API version asked for; only long-stable endpoints are used
-API_MIN = (1, 24)  # `/images/get?names=` with several names and `/images/json` as read here
+API_MIN = (1, 18)  # Docker 1.6: `/images/get?names=` with several names, `/images/json` as read here
 ERROR_BODY_LIMIT = 64 * 1024
 CHUNK = 1 << 18
 # A daemon may prepare a large export for minutes before its first byte (podman does).
@@ -110,6 +114,26 @@ class ImageInspect:
     id: str
     repo_tags: tuple[str, ...]
     diff_ids: tuple[str, ...]
+
+
+def image_size(item: Mapping[str, Any]) -> int:
+    """Return an `/images/json` entry's size: the whole image's, as the docker CLI shows it.
+
+    Before API 1.22 (Docker 1.10) `Size` is the top layer's own size and `VirtualSize` the
+    image's; from then on both are the image's, and `VirtualSize` is gone in API 1.44.
+    """
+    value = item.get("VirtualSize") or item.get("Size") or 0
+    return max(int(value), 0) if isinstance(value, int) else 0
+
+
+def listed_image(item: Mapping[str, Any]) -> DaemonImage:
+    """Return one `/images/json` entry, of any API version from 1.18 (bare-hex `Id`, no `RepoDigests`) on."""
+    tags = tuple(str(t) for t in item.get("RepoTags") or () if t and t != "<none>:<none>")
+    digests = tuple(str(d) for d in item.get("RepoDigests") or () if d and d != "<none>@<none>")
+    created = item.get("Created")
+    return DaemonImage(
+        str(item.get("Id", "")), tags, digests, created if isinstance(created, int) else 0, image_size(item)
+    )
 
 
 def daemon_message(body: bytes) -> str:
@@ -233,15 +257,19 @@ class DaemonClient:
         """
         async with self._get("/_ping", versioned=False) as resp:
             text = resp.headers.get("Api-Version", "")
-        if not text:
+        product = ""
+        if not text:  # Docker before 1.13 answers `OK` without the header
             doc = await self._json("/version", versioned=False)
             if not isinstance(doc, dict) or "ApiVersion" not in doc:
                 raise TransportError(f"{self.where} answered /version without an ApiVersion: not a Docker daemon?")
             text = str(doc["ApiVersion"])
+            if isinstance(doc.get("Version"), str):
+                product = f" (Docker {printable(doc['Version'][:40])})"
         theirs = _version(text)
         if theirs < API_MIN:
-            need = f"{API_MIN[0]}.{API_MIN[1]}"
-            raise TransportError(f"{self.where} speaks Engine API {text}, older than the {need} needed")
+            need = f"{API_MIN[0]}.{API_MIN[1]} (Docker 1.6)"
+            said = f"{printable(text[:40])}{product}"
+            raise TransportError(f"{self.where} speaks Engine API {said}, older than the {need} needed")
         major, minor = min(theirs, API_MAX)
         self.api = f"{major}.{minor}"
         return self.api
@@ -251,18 +279,7 @@ class DaemonClient:
         doc = await self._json("/images/json")
         if not isinstance(doc, list):
             raise TransportError(f"{self.where}: /images/json is not a list")
-        out = []
-        for item in doc:
-            if not isinstance(item, dict):
-                continue
-            tags = tuple(t for t in item.get("RepoTags") or () if t and t != "<none>:<none>")
-            digests = tuple(d for d in item.get("RepoDigests") or () if d and d != "<none>@<none>")
-            out.append(
-                DaemonImage(
-                    str(item.get("Id", "")), tags, digests, int(item.get("Created") or 0), int(item.get("Size") or 0)
-                )
-            )
-        return out
+        return [listed_image(item) for item in doc if isinstance(item, dict)]
 
     async def inspect(self, name: str) -> ImageInspect:
         """Return the inspect document of image `name` (`GET /images/NAME/json`); NotFoundError when absent."""

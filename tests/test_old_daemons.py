@@ -1,0 +1,269 @@
+"""Docker daemons of the 1.x era (Engine API 1.18-1.23, the pre-1.10 save format), against tests/docker16.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.convert_v1 import V1_ANCESTRY, V1_ID, V1_IMAGES
+from mirror.engine.copy import Engine
+from mirror.engine.daemon import pull_from_daemon
+from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
+from mirror.sources.daemon import DaemonClient, DaemonEndpoint
+from mirror.store.layout import Layout
+from tests.conftest import ROOT
+from tests.docker16 import EMPTY_TAR, OldDocker, OldImage, chain
+from tests.test_daemon_jobs import run_sync, statuses, write_config
+from tools.imagebuild import layer_tar
+
+BASE = chain(
+    ("ADD base-1", layer_tar("base-1.bin", 300_000, 7001)), ("ADD base-2", layer_tar("base-2.bin", 2_000, 7002))
+)
+APP = chain(("ENV A=1", EMPTY_TAR), ("ADD app", layer_tar("app.bin", 150_000, 7003)), parent=BASE[-1])
+TOOL = chain(("ADD tool", layer_tar("tool.bin", 5_000, 7004)), ('CMD ["sh"]', EMPTY_TAR), parent=BASE[-1])
+LOOSE = chain(("ADD loose", layer_tar("loose.bin", 1_000, 7005)), parent=BASE[-1])
+
+
+def images() -> list[OldImage]:
+    """Two images sharing two base layers (each with a metadata-only step), and an untagged one."""
+    return [
+        OldImage([*BASE, *APP], ["ubuntu:15.10"], {"Env": ["A=1"], "Cmd": ["/bin/sh"]}),
+        OldImage([*BASE, *TOOL], ["myapp:2.0", "myapp:latest"], {"Cmd": ["sh"]}),
+        OldImage([*BASE, *LOOSE], [], {}),
+    ]
+
+
+async def start(tmp_path: Path, **kw: Any) -> AsyncIterator[tuple[OldDocker, str]]:
+    path = str(tmp_path / "docker.sock")
+    daemon = await OldDocker(images(), **kw).start(path)
+    try:
+        yield daemon, f"unix://{path}"
+    finally:
+        await daemon.stop()
+
+
+@pytest.fixture
+async def docker16(tmp_path: Path) -> AsyncIterator[tuple[OldDocker, str]]:
+    """A Docker 1.6 daemon (API 1.18); yields it and its `unix://` URL."""
+    async for pair in start(tmp_path):
+        yield pair
+
+
+@pytest.fixture
+async def docker110(tmp_path: Path) -> AsyncIterator[tuple[OldDocker, str]]:
+    """A Docker 1.10 daemon (API 1.22, `manifest.json`, `sha256:` ids); yields it and its `unix://` URL."""
+    async for pair in start(tmp_path, api="1.22", version="1.10.3"):
+        yield pair
+
+
+async def mirror(*args: str) -> tuple[int, str, str]:
+    """Run the CLI without blocking the loop the test daemon answers on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mirror",
+        *args,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob(cache: Path, digest: str) -> bytes:
+    algo, hexpart = digest.split(":")
+    return (cache / "blobs" / algo / hexpart).read_bytes()
+
+
+def cached(cache: Path) -> dict[str, dict[str, Any]]:
+    """Return reference -> OCI manifest of every image in the cache's index.json."""
+    index = json.loads((cache / "index.json").read_text())
+    return {
+        m["annotations"]["org.opencontainers.image.ref.name"]: json.loads(blob(cache, m["digest"]))
+        for m in index["manifests"]
+    }
+
+
+def check_layers(cache: Path, manifest: dict[str, Any]) -> list[str]:
+    """Check every layer blob unpacks to its diff id; return the diff ids."""
+    config = json.loads(blob(cache, manifest["config"]["digest"]))
+    diff_ids = list(config["rootfs"]["diff_ids"])
+    assert len(diff_ids) == len(manifest["layers"])
+    for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True):
+        data = blob(cache, layer["digest"])
+        assert sha256(data) == layer["digest"] and len(data) == layer["size"]
+        if layer["mediaType"] == OCI_LAYER_GZIP:
+            data = gzip.decompress(data)
+        else:
+            assert layer["mediaType"] == OCI_LAYER_TAR
+        assert sha256(data) == diff_id
+    return diff_ids
+
+
+async def test_ls_on_a_docker_16_host(docker16: tuple[OldDocker, str]) -> None:
+    daemon, url = docker16
+    code, out, err = await mirror("ls", "--daemon", url)
+    assert code == 0, err
+    # Negotiated from /version (no Api-Version on /_ping), then versioned paths at 1.18.
+    assert daemon.paths[:3] == ["/_ping", "/version", "/v1.18/images/json"]
+    rows = [line.split() for line in out.splitlines()[1:]]
+    app_size = sum(len(x.tar) for x in [*BASE, *APP])  # VirtualSize: the whole image, as `docker images` showed
+    assert [r[:3] for r in rows] == [
+        ["ubuntu", "15.10", APP[-1].id[:12]],
+        ["myapp", "2.0", TOOL[-1].id[:12]],
+        ["myapp", "latest", TOOL[-1].id[:12]],
+        ["<none>", "<none>", LOOSE[-1].id[:12]],
+    ]
+    assert rows[0][-1] == f"{app_size / 1000:.3g}kB"
+
+
+async def test_a_daemon_older_than_api_118_is_one_line(tmp_path: Path) -> None:
+    async for daemon, url in start(tmp_path, api="1.17", version="1.5.0"):
+        code, out, err = await mirror("ls", "--daemon", url)
+        assert code != 0 and out == ""
+        assert err.strip().count("\n") == 0, err
+        assert "speaks Engine API 1.17 (Docker 1.5.0), older than the 1.18 (Docker 1.6) needed" in err
+        assert not any("/images" in p for p in daemon.paths)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+async def test_pull_pre_110_export(docker16: tuple[OldDocker, str], tmp_path: Path, compress: bool) -> None:
+    daemon, url = docker16
+    cache = tmp_path / "cache"
+    engine = Engine(Layout.open(cache))
+    async with DaemonClient(DaemonEndpoint.resolve(url)) as client:
+        results = await pull_from_daemon(
+            engine, client, ["daemon://ubuntu:15.10", "daemon://myapp:2.0"], compress=compress
+        )
+    assert [r.status for r in results] == ["ok", "ok"], results
+    assert daemon.exports == 1
+    assert "/v1.18/images/get" in daemon.paths
+    got = cached(cache)
+    assert set(got) == {"docker.io/library/ubuntu:15.10", "docker.io/library/myapp:2.0"}
+    app, tool = got["docker.io/library/ubuntu:15.10"], got["docker.io/library/myapp:2.0"]
+    index = {
+        m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"]
+        for m in json.loads((cache / "index.json").read_text())["manifests"]
+    }
+    assert [str(r.digest) for r in results] == [
+        index["docker.io/library/ubuntu:15.10"],
+        index["docker.io/library/myapp:2.0"],
+    ]
+    # Layers base first; the metadata-only steps are no layers, only history entries.
+    assert check_layers(cache, app) == [x.diff_id for x in (*BASE, APP[1])]
+    assert check_layers(cache, tool) == [x.diff_id for x in (*BASE, TOOL[0])]
+    for manifest, top in ((app, APP), (tool, TOOL)):
+        config = json.loads(blob(cache, manifest["config"]["digest"]))
+        assert [bool(h.get("empty_layer")) for h in config["history"]] == [x.empty for x in (*BASE, *top)]
+        assert [h["created_by"] for h in config["history"]] == [f"/bin/sh -c {x.cmd}" for x in (*BASE, *top)]
+        assert manifest["annotations"][V1_ID] == top[-1].id
+        assert config["config"] == images()[0 if top is APP else 1].config
+    assert json.loads(blob(cache, app["config"]["digest"]))["config"]["Env"] == ["A=1"]
+    # The two base layers are shared: the same blobs in both, stored once; nothing else stored as a layer.
+    assert app["layers"][:2] == tool["layers"][:2]
+    layer_blobs = {layer["digest"] for m in (app, tool) for layer in m["layers"]}
+    assert len(layer_blobs) == 4
+    # Every stored blob is one the two images name: layers, configs, manifests, v1 jsons, ancestry records.
+    stored = list((cache / "blobs" / "sha256").iterdir())
+    named = set(layer_blobs) | {index[r] for r in got}
+    for m in (app, tool):
+        named |= {m["config"]["digest"], m["annotations"][V1_ANCESTRY], *m["annotations"][V1_IMAGES].split(",")}
+    assert {f"sha256:{p.name}" for p in stored} == named
+    assert len(named) == 4 + 2 + 2 + 2 + len({x.id for x in (*BASE, *APP, *TOOL)})
+    assert not any(p.read_bytes() == EMPTY_TAR for p in stored)  # an empty layer.tar is no blob
+
+
+async def test_skopeo_and_podman_read_what_a_docker_16_export_left(
+    docker16: tuple[OldDocker, str], tmp_path: Path
+) -> None:
+    _, url = docker16
+    cache = tmp_path / "cache"
+    code, _, err = await mirror(
+        "pull", "-q", "daemon://ubuntu:15.10", "daemon://myapp:2.0", "--daemon", url, "--cache", str(cache)
+    )
+    assert code == 0, err
+    got = cached(cache)
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", f"oci:{cache}:docker.io/library/ubuntu:15.10"], capture_output=True, check=True
+        ).stdout
+    )
+    assert info["Layers"] == [x["digest"] for x in got["docker.io/library/ubuntu:15.10"]["layers"]]
+    assert info["Env"] == ["A=1"]
+    name = f"localhost/mirrortest-old-{os.getpid()}:tool"
+    container = f"mirrortest-old-{os.getpid()}"
+    try:
+        subprocess.run(
+            ["skopeo", "copy", "-q", f"oci:{cache}:docker.io/library/myapp:2.0", f"containers-storage:{name}"],
+            capture_output=True,
+            check=True,
+        )
+        created = subprocess.run(["podman", "create", "--name", container, name], capture_output=True, text=True)
+        assert created.returncode == 0, created.stderr
+        out = subprocess.run(["podman", "image", "inspect", name], capture_output=True, check=True, text=True).stdout
+        assert json.loads(out)[0]["RootFS"]["Layers"] == [x.diff_id for x in (*BASE, TOOL[0])]
+    finally:
+        subprocess.run(["podman", "rm", "-f", container], capture_output=True)
+        subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
+
+
+JOB = """source = {type = "daemon"}
+repositories = ["ubuntu", "myapp"]
+tags = {include = [".*"]}
+"""
+
+
+async def test_daemon_job_against_docker_16(docker16: tuple[OldDocker, str], tmp_path: Path) -> None:
+    daemon, url = docker16
+    cache = tmp_path / "cache"
+    path = write_config(tmp_path, cache, url, JOB)
+    refs = ["docker.io/library/myapp:2.0", "docker.io/library/myapp:latest", "docker.io/library/ubuntu:15.10"]
+    results = await run_sync(path)
+    assert statuses(results) == dict.fromkeys(refs, "ok"), results
+    assert daemon.exports == 1
+    # The state token is the top v1 image id.
+    assert {r.reference: r.digest for r in results}["docker.io/library/ubuntu:15.10"] == f"sha256:{APP[-1].id}"
+    index = (cache / "index.json").read_bytes()
+    # Nothing changed on the daemon: no export, nothing written.
+    results = await run_sync(path)
+    assert statuses(results) == dict.fromkeys(refs, "unchanged"), results
+    assert daemon.exports == 1
+    assert (cache / "index.json").read_bytes() == index
+
+
+async def test_docker_110_listing_and_export(docker110: tuple[OldDocker, str], tmp_path: Path) -> None:
+    daemon, url = docker110
+    app, tool = images()[:2]
+    code, out, err = await mirror("ls", "--daemon", url)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[0][:3] == ["ubuntu", "15.10", app.config_id.removeprefix("sha256:")[:12]]
+    cache = tmp_path / "cache"
+    engine = Engine(Layout.open(cache))
+    async with DaemonClient(DaemonEndpoint.resolve(url)) as client:
+        assert client.api == "1.22"
+        results = await pull_from_daemon(engine, client, ["daemon://ubuntu:15.10", "daemon://myapp:2.0"])
+    assert [r.status for r in results] == ["ok", "ok"], results
+    assert daemon.exports == 1 and "/v1.22/images/get" in daemon.paths
+    got = cached(cache)
+    for image, ref in ((app, "docker.io/library/ubuntu:15.10"), (tool, "docker.io/library/myapp:2.0")):
+        manifest = got[ref]
+        assert manifest["config"]["digest"] == image.config_id  # the daemon's config, as it is
+        assert check_layers(cache, manifest) == [x.diff_id for x in image.chain if not x.empty]
+    assert got["docker.io/library/ubuntu:15.10"]["layers"][:2] == got["docker.io/library/myapp:2.0"]["layers"][:2]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,19 @@ import pytest
 
 from mirror.convert_v1 import V1_ANCESTRY, V1_ID, V1_IMAGES
 from mirror.engine.copy import Engine
-from mirror.engine.daemon import pull_from_daemon
+from mirror.engine.daemon import cache_saved_image, pull_from_daemon
+from mirror.engine.v1 import pull_v1
 from mirror.manifest import OCI_LAYER_GZIP, OCI_LAYER_TAR
-from mirror.sources.daemon import DaemonClient, DaemonEndpoint
+from mirror.reference import Reference
+from mirror.sources.daemon import DaemonClient, DaemonEndpoint, ImageInspect
+from mirror.sources.registry_v1 import RegistryV1Source
+from mirror.sources.savetar import SaveFormatError, read_save
 from mirror.store.layout import Layout
+from mirror.transport import HostConfig, Transport
 from tests.conftest import ROOT
 from tests.docker16 import EMPTY_TAR, OldDocker, OldImage, chain
 from tests.test_daemon_jobs import run_sync, statuses, write_config
+from tests.v1server import Image, Store, V1Registry
 from tools.imagebuild import layer_tar
 
 BASE = chain(
@@ -267,3 +275,96 @@ async def test_docker_110_listing_and_export(docker110: tuple[OldDocker, str], t
         assert manifest["config"]["digest"] == image.config_id  # the daemon's config, as it is
         assert check_layers(cache, manifest) == [x.diff_id for x in image.chain if not x.empty]
     assert got["docker.io/library/ubuntu:15.10"]["layers"][:2] == got["docker.io/library/myapp:2.0"]["layers"][:2]
+
+
+async def test_one_converter_for_v1_registries_and_pre_110_exports(
+    docker16: tuple[OldDocker, str], tmp_path: Path
+) -> None:
+    # The same v1 images, served by a v1 registry and exported by a Docker 1.6: the same OCI config.
+    app = images()[0]
+    store = Store()
+    for layer in app.chain:
+        store.images[layer.id] = Image(layer.id, layer.parent, json.loads(app.v1_json(layer)), layer.tar)
+    store.tag("library/ubuntu", "15.10", app.top.id)
+    reg = V1Registry(store).start()
+    try:
+        async with Transport({reg.host: HostConfig(insecure=True)}) as transport:
+            from_v1 = Engine(Layout.open(tmp_path / "v1"))
+            result = await pull_v1(from_v1, RegistryV1Source(transport), Reference.parse(f"{reg.host}/ubuntu:15.10"))
+        assert result.status == "ok", result.error
+    finally:
+        reg.stop()
+    _, url = docker16
+    async with DaemonClient(DaemonEndpoint.resolve(url)) as client:
+        (result,) = await pull_from_daemon(Engine(Layout.open(tmp_path / "daemon")), client, ["daemon://ubuntu:15.10"])
+    assert result.status == "ok", result.error
+    (v1_manifest,) = cached(tmp_path / "v1").values()
+    (daemon_manifest,) = cached(tmp_path / "daemon").values()
+    assert v1_manifest["config"] == daemon_manifest["config"]
+    assert v1_manifest["layers"] == daemon_manifest["layers"]
+
+
+def pre_110_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def v1_dir(image_id: str, parent: str | None, tar: bytes = EMPTY_TAR, **extra: Any) -> dict[str, bytes]:
+    doc: dict[str, Any] = {"id": image_id, "created": "2015-10-10T00:00:00Z", **extra}
+    if parent:
+        doc["parent"] = parent
+    return {f"{image_id}/VERSION": b"1.0", f"{image_id}/json": json.dumps(doc).encode(), f"{image_id}/layer.tar": tar}
+
+
+A, B, C = (hashlib.sha256(x).hexdigest() for x in (b"a", b"b", b"c"))
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"x/VERSION": b"1.0"}, "neither manifest.json, index.json nor repositories"),
+        (
+            {"repositories": b'{"ubuntu": {"15.10": "../etc"}}'},
+            "repositories names '../etc', which is not a v1 image id",
+        ),
+        ({"repositories": b'{"ubuntu": ["15.10"]}'}, "repositories entry 'ubuntu' is not an object of tags"),
+        ({"repositories": b"[]"}, "repositories is not a JSON object"),
+        ({"repositories": json.dumps({"u": {"1": A}}).encode(), **v1_dir(A, B)}, f"image {B[:12]} has no {B}/json"),
+        (
+            {"repositories": json.dumps({"u": {"1": A}}).encode(), **v1_dir(A, B), **v1_dir(B, A)},
+            f"the parent links from image {A[:12]} loop",
+        ),
+        ({"repositories": json.dumps({"u": {"1": A}}).encode(), **v1_dir(A, "x")}, f"{A}/json names 'x'"),
+    ],
+    ids=["nothing", "bad-id", "tags-not-object", "not-object", "missing-parent", "loop", "bad-parent"],
+)
+async def test_a_bad_pre_110_export_is_one_line(tmp_path: Path, files: dict[str, bytes], message: str) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    with pytest.raises(SaveFormatError) as err:
+        await read_save(one_chunk(pre_110_tar(files)), Engine(layout).store)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_a_json_naming_another_id_fails_its_image_alone(tmp_path: Path) -> None:
+    # C's json says it is B: the v1 conversion's check, reached through the export.
+    files = {
+        "repositories": json.dumps({"good": {"1": A}, "bad": {"1": C}}).encode(),
+        **v1_dir(A, None, layer_tar("a.bin", 100, 1)),
+        f"{C}/json": json.dumps({"id": B}).encode(),
+        f"{C}/layer.tar": layer_tar("c.bin", 100, 2),
+    }
+    engine = Engine(Layout.open(tmp_path / "cache"))
+    contents = await read_save(one_chunk(pre_110_tar(files)), engine.store)
+    entry, _ = await cache_saved_image(engine, contents, Reference.parse("good:1"), ImageInspect(A, (), ()))
+    assert entry.digest
+    with pytest.raises(SaveFormatError, match=f"v1 image {C[:12]}: its JSON names id '{B}'"):
+        await cache_saved_image(engine, contents, Reference.parse("bad:1"), ImageInspect(C, (), ()))

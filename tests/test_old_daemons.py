@@ -368,3 +368,21 @@ async def test_a_json_naming_another_id_fails_its_image_alone(tmp_path: Path) ->
     assert entry.digest
     with pytest.raises(SaveFormatError, match=f"v1 image {C[:12]}: its JSON names id '{B}'"):
         await cache_saved_image(engine, contents, Reference.parse("bad:1"), ImageInspect(C, (), ()))
+
+
+@pytest.mark.parametrize(
+    ("base", "tops", "message"),
+    [(1000, 1, "pass 1000"), (999, 120, "over 100000 layers in all")],
+    ids=["one-long-chain", "many-images-on-a-long-chain"],
+)
+async def test_pre_110_chains_are_bounded(tmp_path: Path, base: int, tops: int, message: str) -> None:
+    # A top on a chain of 1000 v1 images is one too many; 120 tops on 999 name 120,000 layers in all.
+    ids = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(base + tops)]
+    files: dict[str, bytes] = {}
+    for i in range(base):
+        files[f"{ids[i]}/json"] = json.dumps({"id": ids[i], "parent": ids[i - 1] if i else None}).encode()
+    for t in ids[base:]:
+        files[f"{t}/json"] = json.dumps({"id": t, "parent": ids[base - 1]}).encode()
+    files["repositories"] = json.dumps({"r": {str(i): t for i, t in enumerate(ids[base:])}}).encode()
+    with pytest.raises(SaveFormatError, match=message):
+        await read_save(one_chunk(pre_110_tar(files)), Engine(Layout.open(tmp_path / "cache")).store)

@@ -347,6 +347,7 @@ class SaveContents:
         self.held = 0  # bytes counted against MAX_HELD
         self._pending: dict[str, _Pending] = {}
         self.dropped: set[str] = set()  # large entries no image names as a layer: never stored
+        self._images: list[SavedImage] | None = None  # what images() read, once the archive is complete
 
     def hold(self, n: int, name: str) -> None:
         """Count `n` more bytes kept in memory for entry `name`; raise past MAX_HELD."""
@@ -359,6 +360,7 @@ class SaveContents:
 
     async def forget(self, name: str) -> None:
         """Drop what an earlier entry of the same name left (a tar may repeat a name: the last one counts)."""
+        self._images = None
         pending = self._pending.pop(name, None)
         if pending is not None:
             await _discard(pending)
@@ -450,7 +452,12 @@ class SaveContents:
         return stored
 
     def images(self) -> list[SavedImage]:
-        """Return the images of the export: from `manifest.json`, else from an OCI `index.json`."""
+        """Return the images of the export: from `manifest.json`, else an OCI `index.json`, else `repositories`."""
+        if self._images is None:
+            self._images = self._read_images()
+        return list(self._images)
+
+    def _read_images(self) -> list[SavedImage]:
         if self.has("manifest.json"):
             return _from_manifest_json(self.read("manifest.json"))
         if self.has("index.json"):
@@ -481,29 +488,42 @@ class SaveContents:
                 raise SaveFormatError(f"export tar: repositories entry {str(repo)[:80]!r} is not an object of tags")
             for tag, top in tags.items():
                 tops.setdefault(_v1_id(top, "repositories"), []).append(f"{repo}:{tag}")
-        return [
-            SavedImage(f"{top}/json", tuple(tags), tuple(f"{i}/layer.tar" for i in chain), chain)
-            for top, tags in tops.items()
-            for chain in [self._v1_chain(top)]
-        ]
+        parents: dict[str, str | None] = {}  # each json read once, however many images share it
+        out = []
+        links = 0
+        for top, tags in tops.items():
+            chain = self._v1_chain(top, parents)
+            links += len(chain)
+            if links > MAX_ENTRIES:  # a few shared chains must not add up to millions of names
+                raise SaveFormatError(f"export tar: the images of repositories have over {MAX_ENTRIES} layers in all")
+            out.append(SavedImage(f"{top}/json", tuple(tags), tuple(f"{i}/layer.tar" for i in chain), chain))
+        return out
 
-    def _v1_chain(self, top: str) -> tuple[str, ...]:
+    def _v1_parent(self, image_id: str) -> str | None:
+        """Return the parent `ID/json` names, None for a base image."""
+        name = f"{image_id}/json"
+        if not self.has(name):
+            raise SaveFormatError(f"export tar: image {image_id[:12]} has no {name} entry")
+        image = _json(self.read(name), name)
+        if not isinstance(image, dict):
+            raise SaveFormatError(f"export tar: {name} is not a JSON object")
+        parent = image.get("parent") or None
+        return None if parent is None else _v1_id(parent, name)
+
+    def _v1_chain(self, top: str, parents: dict[str, str | None]) -> tuple[str, ...]:
         """Return the v1 ids from the base to `top`, following each `ID/json`'s `parent`."""
         chain = [top]
+        seen = {top}
         while True:
-            name = f"{chain[-1]}/json"
-            if not self.has(name):
-                raise SaveFormatError(f"export tar: image {chain[-1][:12]} has no {name} entry")
-            image = _json(self.read(name), name)
-            if not isinstance(image, dict):
-                raise SaveFormatError(f"export tar: {name} is not a JSON object")
-            parent = image.get("parent") or None
+            if chain[-1] not in parents:
+                parents[chain[-1]] = self._v1_parent(chain[-1])
+            parent = parents[chain[-1]]
             if parent is None:
                 return tuple(reversed(chain))
-            parent = _v1_id(parent, name)
-            if parent in chain or len(chain) >= MAX_V1_CHAIN:
+            if parent in seen or len(chain) >= MAX_V1_CHAIN:
                 raise SaveFormatError(f"export tar: the parent links from image {top[:12]} loop or pass {MAX_V1_CHAIN}")
             chain.append(parent)
+            seen.add(parent)
 
     def _from_oci_index(self) -> list[SavedImage]:
         """Read an OCI image layout's `index.json` (a save without Docker's `manifest.json`)."""

@@ -237,22 +237,24 @@ tags = {include = [".*"]}
 """
 
 
-async def test_daemon_job_against_docker_16(docker16: tuple[OldDocker, str], tmp_path: Path) -> None:
-    daemon, url = docker16
-    cache = tmp_path / "cache"
-    path = write_config(tmp_path, cache, url, JOB)
-    refs = ["docker.io/library/myapp:2.0", "docker.io/library/myapp:latest", "docker.io/library/ubuntu:15.10"]
-    results = await run_sync(path)
-    assert statuses(results) == dict.fromkeys(refs, "ok"), results
-    assert daemon.exports == 1
-    # The state token is the top v1 image id.
-    assert {r.reference: r.digest for r in results}["docker.io/library/ubuntu:15.10"] == f"sha256:{APP[-1].id}"
-    index = (cache / "index.json").read_bytes()
-    # Nothing changed on the daemon: no export, nothing written.
-    results = await run_sync(path)
-    assert statuses(results) == dict.fromkeys(refs, "unchanged"), results
-    assert daemon.exports == 1
-    assert (cache / "index.json").read_bytes() == index
+@pytest.mark.parametrize("api", ["1.18", "1.22"], ids=["docker-1.6", "docker-1.10"])
+async def test_daemon_job_against_old_dockers(tmp_path: Path, api: str) -> None:
+    async for daemon, url in start(tmp_path, api=api):
+        cache = tmp_path / "cache"
+        path = write_config(tmp_path, cache, url, JOB)
+        refs = ["docker.io/library/myapp:2.0", "docker.io/library/myapp:latest", "docker.io/library/ubuntu:15.10"]
+        results = await run_sync(path)
+        assert statuses(results) == dict.fromkeys(refs, "ok"), results
+        assert daemon.exports == 1
+        # The state token is the image id: the top v1 image's before Docker 1.10, the config digest from then on.
+        token = images()[0].config_id if api == "1.22" else f"sha256:{APP[-1].id}"
+        assert {r.reference: r.digest for r in results}["docker.io/library/ubuntu:15.10"] == token
+        index = (cache / "index.json").read_bytes()
+        # Nothing changed on the daemon: no export, nothing written.
+        results = await run_sync(path)
+        assert statuses(results) == dict.fromkeys(refs, "unchanged"), results
+        assert daemon.exports == 1
+        assert (cache / "index.json").read_bytes() == index
 
 
 async def test_docker_110_listing_and_export(docker110: tuple[OldDocker, str], tmp_path: Path) -> None:

@@ -197,6 +197,7 @@ async def test_pull_pre_110_export(docker16: tuple[OldDocker, str], tmp_path: Pa
     assert not any(p.read_bytes() == EMPTY_TAR for p in stored)  # an empty layer.tar is no blob
 
 
+@pytest.mark.slow  # skopeo, podman create and three CLI runs: near 10 s on a loaded machine
 async def test_skopeo_and_podman_read_what_a_docker_16_export_left(
     docker16: tuple[OldDocker, str], tmp_path: Path
 ) -> None:
@@ -206,6 +207,9 @@ async def test_skopeo_and_podman_read_what_a_docker_16_export_left(
         "pull", "-q", "daemon://ubuntu:15.10", "daemon://myapp:2.0", "--daemon", url, "--cache", str(cache)
     )
     assert code == 0, err
+    for command in ("verify", "gc"):  # the converted images are whole, and gc keeps every blob they name
+        code, out, err = await mirror(command, "--cache", str(cache))
+        assert code == 0, out + err
     got = cached(cache)
     info = json.loads(
         subprocess.run(

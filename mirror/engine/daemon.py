@@ -4,6 +4,10 @@ Per image, the cache gets the daemon's config blob as it is (so the diff ids are
 daemon's `RootFS.Layers`), one blob per layer (shared layers once), an OCI manifest
 built here with deterministic bytes, and an `index.json` entry named by the image's
 normalised reference (`daemon://ubuntu:15.10` is cached as `docker.io/library/ubuntu:15.10`).
+
+The export of a Docker before 1.10 holds v1 images (no config, no `manifest.json`): each
+chain is converted by `mirror.convert_v1`, the very code a v1 registry's images go through,
+so the cache gets the same config, history and annotations either way in.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Annotated
 
 import msgspec
 
+from mirror.convert_v1 import V1Image, convert
 from mirror.digest import Digest
 from mirror.engine.copy import Engine, ImageResult, Progress
-from mirror.errors import IntegrityError, MirrorError, UsageError
+from mirror.engine.v1 import store_converted
+from mirror.errors import IntegrityError, ManifestError, MirrorError, UsageError
 from mirror.manifest import (
     MAX_DESCRIPTORS,
     OCI_CONFIG,
@@ -60,7 +66,10 @@ def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info
     podman). Else by `RepoTags` (Docker's containerd store, where the id names a manifest).
     """
     for image in saved:
-        if str(Digest.of(contents.read(image.config))) == info.id:
+        if image.v1_ids:  # pre-1.10: the id is the top v1 image's, bare hex
+            if image.v1_ids[-1] == info.id.removeprefix("sha256:"):
+                return image
+        elif str(Digest.of(contents.read(image.config))) == info.id:
             return image
     for image in saved:
         for tag in image.repo_tags:
@@ -74,6 +83,8 @@ def _match(saved: list[SavedImage], contents: SaveContents, ref: Reference, info
 
 async def _store_image(engine: Engine, contents: SaveContents, image: SavedImage, info: ImageInspect) -> Descriptor:
     """Store config, layers and an OCI manifest of one saved image; return the manifest's descriptor."""
+    if image.v1_ids:
+        return await _store_v1_image(engine, contents, image)
     config = contents.read(image.config)
     diff_ids = decode_document(
         config, _ConfigDoc, f"export tar: config {image.config}", SaveFormatError
@@ -95,6 +106,33 @@ async def _store_image(engine: Engine, contents: SaveContents, image: SavedImage
     return Descriptor(OCI_MANIFEST, await engine.store.put(raw), len(raw), platform_of_config(config))
 
 
+async def _v1_image(engine: Engine, contents: SaveContents, image_id: str) -> V1Image:
+    """Store one pre-1.10 image's json and layer; return it as the v1 conversion takes it.
+
+    A metadata-only image (an empty `layer.tar`) stores no layer, as a v1 registry's
+    image without bytes: the conversion marks it `empty_layer` in the history.
+    """
+    json_raw = contents.read(f"{image_id}/json")
+    json_digest = await engine.store.put(json_raw)
+    name = f"{image_id}/layer.tar"
+    if contents.is_empty_tar(name):
+        return V1Image(image_id, json_raw, json_digest, None, Digest.of(contents.read(name)), True)
+    stored = await contents.layer(name)
+    if stored.diff_id is None:
+        raise SaveFormatError(f"export tar: {name} is compressed; a pre-1.10 save holds plain tars")
+    return V1Image(image_id, json_raw, json_digest, stored.blob, stored.diff_id, False)
+
+
+async def _store_v1_image(engine: Engine, contents: SaveContents, image: SavedImage) -> Descriptor:
+    """Convert a pre-1.10 image (its chain of v1 images) to OCI, store it; return the manifest's descriptor."""
+    chain = [await _v1_image(engine, contents, i) for i in image.v1_ids]
+    try:
+        converted = convert(list(reversed(chain)))  # the v1 conversion takes the ancestry top first
+    except ManifestError as exc:
+        raise SaveFormatError(f"export tar: {exc}") from None
+    return await store_converted(engine, converted)
+
+
 async def cache_saved_image(
     engine: Engine, contents: SaveContents, ref: Reference, info: ImageInspect
 ) -> tuple[Descriptor, int]:
@@ -105,7 +143,8 @@ async def cache_saved_image(
     image = _match(contents.images(), contents, ref, info)
     entry = await _store_image(engine, contents, image, info)
     await engine.layout.set_refs({str(ref): entry})
-    return entry, sum(contents.layers[contents.resolve(n)].blob.size for n in image.layers)
+    stored = (contents.layers.get(contents.resolve(n)) for n in image.layers)  # a pre-1.10 empty tar is not
+    return entry, sum(layer.blob.size for layer in stored if layer is not None)
 
 
 async def _reported(chunks: AsyncIterator[bytes], progress: Progress, key: Digest) -> AsyncIterator[bytes]:

@@ -1,9 +1,10 @@
 """Sync jobs whose source is a Docker daemon: list once, compare image ids, export the changed in one call.
 
 A daemon has no manifest digests to HEAD: the image id (`Id` of `GET /images/json`, the
-digest of the image's config) stands in for it. Per wanted `NAME:TAG` the id is compared
-with the one the state recorded for that cache name; an unchanged image costs nothing
-more, and every new or changed image of the job comes from one `/images/get` export
+digest of the image's config; before Docker 1.10 the top v1 image's id) stands in for it.
+Per wanted `NAME:TAG` the id is compared with the one the state recorded for that cache
+name; an unchanged image costs nothing more, and every new or changed image of the job
+comes from one `/images/get` export
 (`engine.daemon.pull_from_daemon`). Names are normalised as `mirror pull daemon://` does
 (`redis` is `docker.io/library/redis`; podman's `localhost/app` stays so), and the cache
 names an image by that normalised reference.

@@ -31,6 +31,7 @@ from mirror.auth import backoff_delay
 from mirror.convert_v1 import (
     EMPTY_LAYER_GZIP,
     V1_ANCESTRY,
+    Converted,
     DiffIdHasher,
     V1Image,
     convert,
@@ -106,19 +107,27 @@ async def pull_v1(engine: Engine, source: RegistryV1Source, ref: Reference, top:
         for outcome in settled:
             if isinstance(outcome, BaseException):
                 raise outcome
-        converted = convert([i for i in settled if isinstance(i, V1Image)])
-        if converted.needs_empty_layer:
-            await engine.store.put(EMPTY_LAYER_GZIP)
-        await engine.store.put(converted.config)
-        await engine.store.put(converted.record)
-        digest = await engine.store.put(converted.manifest)
-        await engine.layout.set_refs({str(name): Descriptor(OCI_MANIFEST, digest, len(converted.manifest))})
-        plat = platform_of_config(converted.config)
-        result = ImageResult(name, "ok", digest, (str(plat),) if plat else (), fetched[0], time.monotonic() - t0)
+        entry = await store_converted(engine, convert([i for i in settled if isinstance(i, V1Image)]))
+        await engine.layout.set_refs({str(name): Descriptor(OCI_MANIFEST, entry.digest, entry.size)})
+        plat = entry.platform
+        result = ImageResult(name, "ok", entry.digest, (str(plat),) if plat else (), fetched[0], time.monotonic() - t0)
     except MirrorError as exc:
         result = ImageResult(name, "failed", seconds=time.monotonic() - t0, error=str(exc))
     engine.progress.image_finished(result)
     return result
+
+
+async def store_converted(engine: Engine, converted: Converted) -> Descriptor:
+    """Store a converted v1 image (config, record, manifest, empty layer it names); return the manifest's descriptor.
+
+    The one way a v1 conversion enters the cache, from a v1 registry or a pre-1.10 daemon export.
+    """
+    if converted.needs_empty_layer:
+        await engine.store.put(EMPTY_LAYER_GZIP)
+    await engine.store.put(converted.config)
+    await engine.store.put(converted.record)
+    digest = await engine.store.put(converted.manifest)
+    return Descriptor(OCI_MANIFEST, digest, len(converted.manifest), platform_of_config(converted.config))
 
 
 async def _kept_or_fetch(

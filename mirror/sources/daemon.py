@@ -4,7 +4,10 @@ The transport-level code of the daemon source: aiohttp exceptions become MirrorE
 here. The endpoint is `--daemon URL`, else `$DOCKER_HOST`, else the default socket;
 `DOCKER_TLS_VERIFY` and `DOCKER_CERT_PATH` (`ca.pem`, `cert.pem`, `key.pem`) select TLS
 as the docker CLI does. The API version is negotiated once (`/_ping`, else `/version`):
-the lower of the daemon's and ours, and every path is prefixed with it.
+the lower of the daemon's and ours, and every path is prefixed with it. Daemons from
+Docker 1.6 (API 1.18) on are read: before API 1.22 (Docker 1.10) `/images/json` lists
+bare-hex v1 ids and the `VirtualSize` of the whole image, and `/images/get` streams the
+pre-1.10 save layout (see `mirror.sources.savetar`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import msgspec
 from mirror import __version__
 from mirror.errors import DocumentError, NotFoundError, TransportError, UnreachableError, UsageError
 from mirror.manifest import decode_document
+from mirror.text import printable
 from mirror.transport import Timeouts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 API_MAX = (1, 43)  # newest Engine API version asked for; only long-stable endpoints are used
-API_MIN = (1, 24)  # `/images/get?names=` with several names and `/images/json` as read here
+API_MIN = (1, 18)  # Docker 1.6: `/images/get?names=` with several names, `/images/json` as read here
 ERROR_BODY_LIMIT = 64 * 1024
 JSON_ANSWER_LIMIT = 64 * 1024 * 1024  # `/images/json` of a daemon with many thousand images fits
 CHUNK = 1 << 18
@@ -121,6 +125,9 @@ class _ImageSummaryDoc(msgspec.Struct):
     RepoDigests: _Names | None = None
     Created: _Count = 0
     Size: Annotated[int, msgspec.Meta(ge=-1, le=(1 << 63) - 1)] = 0  # -1: unknown
+    # Before API 1.22 (Docker 1.10) `Size` is the top layer's own size and `VirtualSize` the
+    # image's, as the docker CLI showed it; from then on both are the image's (VirtualSize gone in 1.44).
+    VirtualSize: Annotated[int, msgspec.Meta(ge=-1, le=(1 << 63) - 1)] = 0
 
 
 class _TagsOnlyDoc(msgspec.Struct):
@@ -139,6 +146,7 @@ class _InspectDoc(msgspec.Struct):
 
 class _VersionDoc(msgspec.Struct):
     ApiVersion: str
+    Version: str = ""  # the product's version (Docker 1.6.2), named in an old daemon's error line
 
 
 def parse_images(body: bytes, what: str) -> list[DaemonImage]:
@@ -161,7 +169,8 @@ def parse_images(body: bytes, what: str) -> list[DaemonImage]:
             out.append(DaemonImage("", _tags(names), (), 0, 0, problem=str(exc)))
             continue
         digests = tuple(d for d in doc.RepoDigests or () if d and d != "<none>@<none>")
-        out.append(DaemonImage(doc.Id, _tags(doc.RepoTags or ()), digests, doc.Created, max(doc.Size, 0)))
+        size = max(doc.VirtualSize or doc.Size, 0)
+        out.append(DaemonImage(doc.Id, _tags(doc.RepoTags or ()), digests, doc.Created, size))
     return out
 
 
@@ -311,13 +320,18 @@ class DaemonClient:
         """
         async with self._get("/_ping", versioned=False) as resp:
             text = resp.headers.get("Api-Version", "")
-        if not text:
+        product = ""
+        if not text:  # Docker before 1.13 answers `OK` without the header
             body = await self._body("/version", versioned=False)
-            text = decode_document(body, _VersionDoc, f"{self.where}: /version", DocumentError).ApiVersion
+            version = decode_document(body, _VersionDoc, f"{self.where}: /version", DocumentError)
+            text = version.ApiVersion
+            if version.Version:
+                product = f" (Docker {printable(version.Version[:40])})"
         theirs = _version(text)
         if theirs < API_MIN:
-            need = f"{API_MIN[0]}.{API_MIN[1]}"
-            raise TransportError(f"{self.where} speaks Engine API {text}, older than the {need} needed")
+            need = f"{API_MIN[0]}.{API_MIN[1]} (Docker 1.6)"
+            said = f"{printable(text[:40])}{product}"
+            raise TransportError(f"{self.where} speaks Engine API {said}, older than the {need} needed")
         major, minor = min(theirs, API_MAX)
         self.api = f"{major}.{minor}"
         return self.api

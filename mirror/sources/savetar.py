@@ -8,9 +8,10 @@ at commit. Small entries (`manifest.json`, `repositories`, image configs, tiny l
 kept in memory until the archive ends, because `manifest.json` may come last and tells
 which entry is what. Only then are the large entries the save's images name committed as
 blobs; the others (junk a daemon should not send) are deleted as partial files, so nothing
-unreferenced is left in the store. Both save layouts are read: legacy (`ID.json`,
-`DIR/layer.tar`, the latter often a symlink, as podman writes it) and OCI (`index.json`,
-`blobs/sha256/HEX`, Docker >= 25).
+unreferenced is left in the store. Three save layouts are read: legacy (`manifest.json`,
+`ID.json`, `DIR/layer.tar`, the latter often a symlink, as podman writes it), OCI
+(`index.json`, `blobs/sha256/HEX`, Docker >= 25), and that of Docker before 1.10
+(`repositories` and one `ID/` directory per v1 image, `ID/json` naming its parent).
 
 Everything kept is bounded, because the stream comes from outside: the number of entries,
 the bytes held in memory (small entries and names), each JSON entry (the manifest cap), each
@@ -49,6 +50,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINK_HOPS = 16
 _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"2": "symlink", b"1": "hardlink", b"5": "dir"}
 _OCI_BLOB = re.compile(r"^blobs/([a-z0-9]+)/([a-f0-9]+)$")
+_V1_ID = re.compile(r"[0-9a-f]{64}")
+MAX_V1_CHAIN = 1000  # v1 images in one pre-1.10 chain (Docker itself stopped at 127 layers)
 
 
 class SaveFormatError(MirrorError):
@@ -76,11 +79,16 @@ class StoredLayer:
 
 @dataclass(frozen=True, slots=True)
 class SavedImage:
-    """One image of the export as `manifest.json` (or the OCI `index.json`) lists it."""
+    """One image of the export as `manifest.json`, the OCI `index.json` or the pre-1.10 `repositories` lists it.
+
+    A pre-1.10 image has no config of its own: `v1_ids` is its chain of v1 image ids, base
+    first, `layers` their `ID/layer.tar` and `config` the top image's `ID/json`.
+    """
 
     config: str
     repo_tags: tuple[str, ...]
     layers: tuple[str, ...]
+    v1_ids: tuple[str, ...] = ()
 
 
 def _norm(name: str) -> str:
@@ -339,6 +347,7 @@ class SaveContents:
         self.held = 0  # bytes counted against MAX_HELD
         self._pending: dict[str, _Pending] = {}
         self.dropped: set[str] = set()  # large entries no image names as a layer: never stored
+        self._images: list[SavedImage] | None = None  # what images() read, once the archive is complete
 
     def hold(self, n: int, name: str) -> None:
         """Count `n` more bytes kept in memory for entry `name`; raise past MAX_HELD."""
@@ -351,6 +360,7 @@ class SaveContents:
 
     async def forget(self, name: str) -> None:
         """Drop what an earlier entry of the same name left (a tar may repeat a name: the last one counts)."""
+        self._images = None
         pending = self._pending.pop(name, None)
         if pending is not None:
             await _discard(pending)
@@ -442,12 +452,78 @@ class SaveContents:
         return stored
 
     def images(self) -> list[SavedImage]:
-        """Return the images of the export: from `manifest.json`, else from an OCI `index.json`."""
+        """Return the images of the export: from `manifest.json`, else an OCI `index.json`, else `repositories`."""
+        if self._images is None:
+            self._images = self._read_images()
+        return list(self._images)
+
+    def _read_images(self) -> list[SavedImage]:
         if self.has("manifest.json"):
             return _from_manifest_json(self.read("manifest.json"))
         if self.has("index.json"):
             return self._from_oci_index()
-        raise SaveFormatError("export tar has neither manifest.json nor index.json: not a docker save stream")
+        if self.has("repositories"):
+            return self._from_repositories()
+        raise SaveFormatError(
+            "export tar has neither manifest.json, index.json nor repositories: not a docker save stream"
+        )
+
+    def is_empty_tar(self, name: str) -> bool:
+        """Return whether entry `name` is a tar with no files (only zero blocks), as a metadata-only v1 image has."""
+        data = self.files.get(self.resolve(name))
+        return data is not None and data.count(0) == len(data)
+
+    def _from_repositories(self) -> list[SavedImage]:
+        """Read the pre-1.10 layout: `repositories` names each tag's top v1 id; `ID/json` links each to its parent.
+
+        The chain is rebuilt top first by the `parent` links, then reversed to base first,
+        as a v1 registry's `ancestry` is read.
+        """
+        doc = _json(self.read("repositories"), "repositories")
+        if not isinstance(doc, dict):
+            raise SaveFormatError("export tar: repositories is not a JSON object")
+        tops: dict[str, list[str]] = {}
+        for repo, tags in doc.items():
+            if not isinstance(tags, dict):
+                raise SaveFormatError(f"export tar: repositories entry {str(repo)[:80]!r} is not an object of tags")
+            for tag, top in tags.items():
+                tops.setdefault(_v1_id(top, "repositories"), []).append(f"{repo}:{tag}")
+        parents: dict[str, str | None] = {}  # each json read once, however many images share it
+        out = []
+        links = 0
+        for top, tags in tops.items():
+            chain = self._v1_chain(top, parents)
+            links += len(chain)
+            if links > MAX_ENTRIES:  # a few shared chains must not add up to millions of names
+                raise SaveFormatError(f"export tar: the images of repositories have over {MAX_ENTRIES} layers in all")
+            out.append(SavedImage(f"{top}/json", tuple(tags), tuple(f"{i}/layer.tar" for i in chain), chain))
+        return out
+
+    def _v1_parent(self, image_id: str) -> str | None:
+        """Return the parent `ID/json` names, None for a base image."""
+        name = f"{image_id}/json"
+        if not self.has(name):
+            raise SaveFormatError(f"export tar: image {image_id[:12]} has no {name} entry")
+        image = _json(self.read(name), name)
+        if not isinstance(image, dict):
+            raise SaveFormatError(f"export tar: {name} is not a JSON object")
+        parent = image.get("parent") or None
+        return None if parent is None else _v1_id(parent, name)
+
+    def _v1_chain(self, top: str, parents: dict[str, str | None]) -> tuple[str, ...]:
+        """Return the v1 ids from the base to `top`, following each `ID/json`'s `parent`."""
+        chain = [top]
+        seen = {top}
+        while True:
+            if chain[-1] not in parents:
+                parents[chain[-1]] = self._v1_parent(chain[-1])
+            parent = parents[chain[-1]]
+            if parent is None:
+                return tuple(reversed(chain))
+            if parent in seen or len(chain) >= MAX_V1_CHAIN:
+                raise SaveFormatError(f"export tar: the parent links from image {top[:12]} loop or pass {MAX_V1_CHAIN}")
+            chain.append(parent)
+            seen.add(parent)
 
     def _from_oci_index(self) -> list[SavedImage]:
         """Read an OCI image layout's `index.json` (a save without Docker's `manifest.json`)."""
@@ -466,6 +542,13 @@ class SaveContents:
                 )
             )
         return out
+
+
+def _v1_id(value: object, what: str) -> str:
+    """Return `value` when it is a v1 image id (64 lowercase hex), else raise SaveFormatError."""
+    if not isinstance(value, str) or not _V1_ID.fullmatch(value):
+        raise SaveFormatError(f"export tar: {what} names {str(value)[:80]!r}, which is not a v1 image id")
+    return value
 
 
 def _blob_path(digest: Digest) -> str:

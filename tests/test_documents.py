@@ -117,7 +117,7 @@ def test_bad_documents_fail_alone_in_one_pull(fake: FakeRegistry, tmp_path: Path
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and "internal error" not in res.stderr
     for ref, expect in bad:
-        lines = [line for line in res.stderr.splitlines() if ref in line]
+        lines = [line for line in res.stdout.splitlines() if ref in line]  # FAILED lines are results
         assert len(lines) == 1, (ref, res.stderr)
         assert "FAILED" in lines[0] and expect in lines[0], (ref, lines[0])
     assert f"1/{len(bad) + 1} images cached" in res.stderr

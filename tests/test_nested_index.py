@@ -77,5 +77,5 @@ def test_nesting_past_the_bound_is_one_line(seeded: Seeded, tmp_path: Path) -> N
     tag = nest(seeded, "t/deepnest", MAX_INDEX_DEPTH)  # with t/index:1 itself: one level too many
     res = mirror("pull", "--cache", str(tmp_path / "cache"), seeded.ref(f"t/deepnest:{tag}"))
     assert res.returncode == 1
-    assert f"indexes nested deeper than {MAX_INDEX_DEPTH} levels" in res.stderr
+    assert f"indexes nested deeper than {MAX_INDEX_DEPTH} levels" in res.stdout  # its FAILED line
     assert "Traceback" not in res.stderr

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -42,6 +42,9 @@ from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
 from mirror.transport import Transport
+
+if TYPE_CHECKING:  # the registry side is imported only when the daemon serves the cache
+    from mirror.server import ConnectionGuard
 
 
 def _iso(ts: float | datetime | None) -> str | None:
@@ -212,7 +215,8 @@ class Daemon:
         self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
         self._listen_from_config = listen is None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
+        self._guard: ConnectionGuard | None = None  # serving the cache: the connection cap of `mirror serve`
         self._rebinding: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------
@@ -265,11 +269,30 @@ class Daemon:
         self.log.event("stopped")
         return ExitStatus.OK
 
-    async def _bind(self, listen: str) -> web.TCPSite:
-        """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound."""
+    async def _bind(self, listen: str) -> web.BaseSite:
+        """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound.
+
+        Serving the cache (`serve = true`), the port takes `mirror serve`'s connection cap
+        and idle/header timeout, so slow clients cannot lock out the probes or a pull.
+        """
         assert self._runner is not None
         host, _, port = listen.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        site: web.BaseSite
+        if self.serve:
+            from mirror.server import (
+                ConnectionGuard,
+                GuardedSite,
+                ServeLimits,
+                default_max_connections,
+                raise_nofile_limit,
+            )
+
+            if self._guard is None:
+                limits = ServeLimits(max_connections=default_max_connections(raise_nofile_limit()))
+                self._guard = ConnectionGuard(self._runner, limits, logging.getLogger("mirror.serve.http"))
+            site = GuardedSite(self._runner, host.strip("[]"), int(port), self._guard)
+        else:
+            site = web.TCPSite(self._runner, host.strip("[]"), int(port))
         try:
             await site.start()
         except OSError as exc:

@@ -106,5 +106,5 @@ def test_daemon_repo_tags_the_grammar_refuses_are_skipped_with_one_warning_each(
     image = DaemonImage("sha256:" + "c" * 64, (*bad, "app:1"), (), 0, 0)
     with caplog.at_level(logging.WARNING, logger="mirror.engine.sync_daemon"):
         listed = daemon_tags([image])
-    assert listed == {"docker.io/library/app": {"1": ("app:1", image.id)}}
+    assert listed == {"docker.io/library/app": {"1": ("app:1", image)}}
     assert len([r for r in caplog.records if "skipping RepoTag" in r.getMessage()]) == len(bad)

@@ -106,10 +106,13 @@ class SyncResult:
     pushed: str = ""  # with a registry destination: a publish status (pushed, present, would push, failed)
     target: str = ""  # the destination reference it was pushed to
     referrer_of: str = ""  # for a referrer (signature, SBOM): the `HOST/R@DIGEST` it refers to
+    subset_index: str = ""  # pushed as a new index of the cached platforms: its digest (`digest` is the source's)
 
     def to_json(self) -> dict[str, Any]:
         """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
         extra = {"referrer_of": self.referrer_of} if self.referrer_of else {}
+        if self.subset_index:
+            extra["subset_index"] = self.subset_index
         return {
             "job": self.job,
             "reference": self.reference,
@@ -426,7 +429,13 @@ class Syncer:
         t0 = time.monotonic()
         cut = bool(job.platforms) if filtered is None else filtered  # referrers are cached whole
         got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=cut)
-        result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
+        result = replace(
+            result,
+            pushed=got.status,
+            target=got.target,
+            seconds=result.seconds + time.monotonic() - t0,
+            subset_index=got.digest if got.subset_of else "",
+        )
         return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
 
     # --- what other job kinds (engine.sync_daemon) build on ---------------------------------

@@ -1,0 +1,267 @@
+"""Bundle create: a consistent snapshot of cached references and the blobs they need, as one tar.
+
+`plan_bundle` reads `index.json` once and holds what it needs (the entries chosen, and
+by marking from them, exactly the blobs they reach, the same walk `gc` does); the caller
+holds the cache's shared lock while planning and writing, so `gc` cannot remove a blob
+under it while pulls go on adding others. Blobs are content-addressed and never change, so
+what was planned is what is written; `write_tar` hashes each blob on its way out.
+
+The output goes through `VolumeWriter`: optionally zstd-compressed, optionally cut into
+numbered volumes of at most `--split` bytes, each landing under a temp name and renamed
+when the whole bundle is written, with a `sha256sum`-style checksum file beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mirror import __version__
+from mirror.bundle import BUNDLE_JSON, BundleInfo, Inventory
+from mirror.digest import Digest
+from mirror.errors import MirrorError, StoreError, UsageError
+from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve, write_tar
+from mirror.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, REF_NAME, Descriptor, parse_manifest, wrapped_source
+from mirror.progress import iso_time
+from mirror.store.gc import mark, stored_blobs
+from mirror.store.layout import Entry, Layout
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class BundlePlan:
+    """What a bundle holds: its `bundle.json` and the `index.json` of its references."""
+
+    info: BundleInfo
+    index: bytes
+
+    def export_plan(self) -> ExportPlan:
+        """Return the tar's members in order: oci-layout, bundle.json, blobs, index.json."""
+        head = [
+            Member("oci-layout", data=LAYOUT_MARKER),
+            Member(BUNDLE_JSON, data=self.info.to_json()),
+            Member("blobs/", is_dir=True),
+            Member("blobs/sha256/", is_dir=True),
+        ]
+        blobs = [Member(f"blobs/{d.algorithm}/{d.hex}", blob=d, size=n) for d, n in self.info.blobs.items()]
+        return ExportPlan((*head, *blobs, Member("index.json", data=self.index)), tuple(self.info.references))
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    """What the far side holds, as a previous bundle or an inventory says: blobs, or references."""
+
+    id: str
+    blobs: frozenset[Digest] = frozenset()
+    references: Mapping[str, Digest] | None = None  # from `mirror ls --json`: name -> source digest
+
+
+def reached(layout: Layout, roots: Sequence[Descriptor], stored: Collection[Digest]) -> set[Digest]:
+    """Return the stored blobs `roots` reach; StoreError when a manifest on the way is missing or bad."""
+
+    def load(digest: Digest) -> bytes | None:
+        try:
+            with open(layout.blobs.path(digest), "rb") as f:
+                return f.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            return None
+
+    marked = mark(roots, load, stored)
+    if marked.broken:
+        more = f" (and {len(marked.broken) - 1} more)" if len(marked.broken) > 1 else ""
+        raise StoreError(f"cannot bundle: {marked.broken[0]}{more}; run `mirror verify`")
+    return {d for d in marked.reachable if d in stored}
+
+
+def _source_digest(layout: Layout, desc: Descriptor) -> Digest:
+    """Return the digest `mirror ls` shows for an entry: the wrapped source document's, else its own."""
+    try:
+        source = wrapped_source(parse_manifest(layout.blobs.read(desc.digest), desc.media_type, desc.digest))
+    except (MirrorError, OSError):
+        return desc.digest
+    return source[0] if source is not None else desc.digest
+
+
+def plan_bundle(layout: Layout, entries: Sequence[Entry], names: Sequence[str] | None, base: Base | None) -> BundlePlan:
+    """Return the bundle of `names` (None: every cached reference), leaving out what `base` says is there.
+
+    Blocking (reads manifests and lists the store): run it in a worker thread.
+    """
+    if names is None:
+        chosen = list(entries)
+    else:
+        by_name = {e.name: e for e in entries}
+        picked = dict.fromkeys(resolve(list(by_name), n) for n in names)
+        chosen = [by_name[n] for n in picked]
+    if not chosen:
+        raise UsageError(f"the cache {layout.root} holds no reference to bundle")
+    stored = stored_blobs(layout.blobs)
+    needed = reached(layout, [e.descriptor for e in chosen], stored)
+    present: set[Digest] = set()
+    if base is not None:
+        present = set(base.blobs)
+        if base.references is not None:
+            same = [
+                e.descriptor
+                for e in entries
+                if base.references.get(e.name) in (e.descriptor.digest, _source_digest(layout, e.descriptor))
+            ]
+            present |= reached(layout, same, stored)
+    info = BundleInfo(
+        id=uuid.uuid4().hex,
+        created=iso_time(timespec="seconds"),
+        tool=f"mirror {__version__}",
+        references={e.name: e.descriptor for e in chosen},
+        blobs={d: stored[d] for d in sorted(needed - present, key=str)},
+        base=base.id if base is not None else "",
+        assumed=tuple(sorted(needed & present, key=str)),
+    )
+    return BundlePlan(info, index_json(chosen))
+
+
+def index_json(entries: Sequence[Entry]) -> bytes:
+    """Return an OCI layout `index.json` naming `entries` as the cache does."""
+    items: list[dict[str, Any]] = []
+    for e in entries:
+        item = e.descriptor.to_json()
+        item["annotations"] = {**e.descriptor.annotations, REF_NAME: e.name}
+        items.append(item)
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": items}, indent=1).encode()
+
+
+def inventory_of(layout: Layout, entries: Sequence[Entry]) -> Inventory:
+    """Return what the cache holds: every stored blob and every named reference. Blocking."""
+    blobs = frozenset(stored_blobs(layout.blobs))
+    refs = {e.name: e.descriptor.digest for e in entries}
+    return Inventory(uuid.uuid4().hex, iso_time(timespec="seconds"), blobs, refs)
+
+
+def split_size(text: str) -> int:
+    """Return the bytes of `--split SIZE` (`700M`, `4G`, `4.7GB`, plain bytes); UsageError when bad."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise UsageError(f"--split {text!r}: expected a size such as 700M or 4G") from None
+    size = int(value * units[unit])
+    if size < 4096:
+        raise UsageError(f"--split {text!r}: volumes must be at least 4K")
+    return size
+
+
+class VolumeWriter:
+    """A write-only file for tarfile: compresses (zstd) when asked, cuts volumes, hashes each for the checksum file.
+
+    Volumes are written as `.NAME.tmp` files beside the output and renamed by `finish()`;
+    `abort()` removes them.
+    """
+
+    def __init__(self, out: Path, *, split: int = 0, zstd: bool = False) -> None:
+        self.out = out
+        self.split = split
+        self.volumes: list[tuple[Path, Path, str]] = []  # (final path, temp path, sha256)
+        self.bytes = 0
+        self._file: Any = None
+        self._hash: Any = None
+        self._left = 0
+        self._compressor: Any = None
+        if zstd:
+            import zstandard  # an optional dependency: only bundles named .zst use it
+
+            self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+
+    def _name(self, n: int) -> Path:
+        return self.out if not self.split else self.out.with_name(f"{self.out.name}.{n + 1:03d}")
+
+    def _next_volume(self) -> None:
+        self._close_volume()
+        final = self._name(len(self.volumes))
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self._file = open(tmp, "wb")  # noqa: SIM115 - closed in _close_volume
+        self._hash = hashlib.sha256()
+        self.volumes.append((final, tmp, ""))
+        self._left = self.split or -1
+
+    def _close_volume(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final, tmp, _ = self.volumes[-1]
+            self.volumes[-1] = (final, tmp, self._hash.hexdigest())
+            self._file = None
+
+    def _emit(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._file is None or self._left == 0:
+                self._next_volume()
+            n = len(view) if self._left < 0 else min(len(view), self._left)
+            part = view[:n]
+            self._file.write(part)
+            self._hash.update(part)
+            self.bytes += n
+            if self._left > 0:
+                self._left -= n
+            view = view[n:]
+
+    def write(self, data: bytes) -> int:
+        """Take the next bytes of the tar."""
+        self._emit(self._compressor.compress(data) if self._compressor is not None else data)
+        return len(data)
+
+    def finish(self) -> list[Path]:
+        """Flush, write the checksum file, rename every volume into place; return the volumes."""
+        if self._compressor is not None:
+            self._emit(self._compressor.flush())
+        if self._file is None and not self.volumes:
+            self._next_volume()
+        self._close_volume()
+        sums = "".join(f"{digest}  {final.name}\n" for final, _, digest in self.volumes)
+        check = self.out.with_name(f"{self.out.name}.sha256")
+        tmp = check.with_name(f".{check.name}.{os.getpid()}.tmp")
+        tmp.write_text(sums)
+        for final, part, _ in self.volumes:
+            os.replace(part, final)
+        os.replace(tmp, check)
+        return [final for final, _, _ in self.volumes]
+
+    def abort(self) -> None:
+        """Remove every temp volume written so far."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for _, tmp, _ in self.volumes:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bundle(layout: Layout, plan: BundlePlan, out: Path, *, split: int = 0, zstd: bool = False) -> list[Path]:
+    """Write the bundle to `out` (or its numbered volumes); return the files written. Blocking."""
+    writer = VolumeWriter(out, split=split, zstd=zstd)
+    try:
+        write_tar(layout, plan.export_plan(), writer)  # type: ignore[arg-type]
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+async def create(
+    layout: Layout, names: Sequence[str] | None, base: Base | None, out: Path, *, split: int = 0, zstd: bool = False
+) -> tuple[BundlePlan, list[Path]]:
+    """Plan and write a bundle from one read of `index.json`; return the plan and the files written."""
+    entries = await layout.entries()
+    plan = await asyncio.to_thread(plan_bundle, layout, entries, names, base)
+    files = await asyncio.to_thread(write_bundle, layout, plan, out, split=split, zstd=zstd)
+    return plan, files

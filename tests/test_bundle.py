@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from mirror.sinks.bundle import plan_bundle, snapshot, write_bundle
+from mirror.store.layout import Layout
 from tests.conftest import Seeded, inspect_digest
 from tests.served_cache import Server
 from tests.test_cli import mirror
@@ -203,3 +206,21 @@ def test_bad_bundles_and_arguments_are_one_line(tmp_path: Path) -> None:
         res = mirror(*args)
         assert res.returncode == code, (args, res.stderr)
         assert message in res.stderr and len(errors(res)) == 1, (args, res.stderr)
+
+
+@pytest.mark.slow
+async def test_the_snapshot_outlives_a_gc_run_once_the_lock_is_let_go(near: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(near, cache)
+    layout = Layout.open(cache)
+    plan = plan_bundle(layout, await layout.entries(), None, None)
+    snap = snapshot(layout, plan)
+    # What other processes may do while the bundle is written: drop every image, collect its blobs.
+    ok("rm", "--cache", str(cache), *index_names(cache))
+    ok("gc", "--cache", str(cache))
+    assert not any((cache / "blobs" / "sha256").iterdir())
+    out = tmp_path / "carry.tar"
+    assert write_bundle(snap, plan, out) == [out]
+    far = tmp_path / "far"
+    ok("bundle", "import", str(out), "--cache", str(far))
+    assert index_names(far) == index_names(near)

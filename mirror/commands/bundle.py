@@ -99,8 +99,8 @@ async def run_create(args: argparse.Namespace) -> int:
     zstd = args.zstd or out.name.endswith((".zst", ".zstd"))
     split = split_size(args.split) if args.split else 0
     base = await load_base(args.since) if args.since else None
-    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):
-        plan, files = await create(layout, None if args.all else args.refs, base, out, split=split, zstd=zstd)
+    lock = CacheLock(cfg.cache, exclusive=False, wait=args.wait)  # held while planning and snapshotting only
+    plan, files = await create(layout, None if args.all else args.refs, base, out, lock, split=split, zstd=zstd)
     info = plan.info
     size = sum(info.blobs.values())
     line = (

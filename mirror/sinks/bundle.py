@@ -1,10 +1,13 @@
 """Bundle create: a consistent snapshot of cached references and the blobs they need, as one tar.
 
 `plan_bundle` reads `index.json` once and holds what it needs (the entries chosen, and
-by marking from them, exactly the blobs they reach, the same walk `gc` does); the caller
-holds the cache's shared lock while planning and writing, so `gc` cannot remove a blob
-under it while pulls go on adding others. Blobs are content-addressed and never change, so
-what was planned is what is written; `write_tar` hashes each blob on its way out.
+by marking from them, exactly the blobs they reach, the same walk `gc` does). Under the
+cache's shared lock, held only that long, `snapshot` hard-links those blobs under
+`.mirror/snapshots/`: a link is a lease no `gc` can break (removing the name in `blobs/`
+leaves the linked bytes), so the lock is let go before the long write and pulls, `rm` and
+`gc` go on meanwhile. Blobs are content-addressed and never change, so what was planned is
+what is written; `write_tar` hashes each blob on its way out. Where hard links cannot be
+made, the lock is held for the whole write instead.
 
 The output goes through `VolumeWriter`: optionally zstd-compressed, optionally cut into
 numbered volumes of at most `--split` bytes, each landing under a temp name and renamed
@@ -14,11 +17,14 @@ when the whole bundle is written, with a `sha256sum`-style checksum file beside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,11 +263,65 @@ def write_bundle(layout: Layout, plan: BundlePlan, out: Path, *, split: int = 0,
         raise
 
 
+def snapshot(layout: Layout, plan: BundlePlan) -> Layout:
+    """Hard-link the plan's blobs under `.mirror/snapshots/PID-ID/` and return a layout reading them there.
+
+    Snapshots of processes that are gone (killed mid-write) are removed first. OSError
+    when a link cannot be made (nothing is left behind then). Blocking.
+    """
+    top = layout.meta / "snapshots"
+    if top.is_dir():
+        for old in top.iterdir():
+            pid = old.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    root = top / f"{os.getpid()}-{plan.info.id}"
+    try:
+        for d in plan.info.blobs:
+            dst = root / "blobs" / d.algorithm / d.hex
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(layout.blobs.path(d), dst)
+    except OSError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return Layout(root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def create(
-    layout: Layout, names: Sequence[str] | None, base: Base | None, out: Path, *, split: int = 0, zstd: bool = False
+    layout: Layout,
+    names: Sequence[str] | None,
+    base: Base | None,
+    out: Path,
+    hold: AbstractAsyncContextManager[object],
+    *,
+    split: int = 0,
+    zstd: bool = False,
 ) -> tuple[BundlePlan, list[Path]]:
-    """Plan and write a bundle from one read of `index.json`; return the plan and the files written."""
-    entries = await layout.entries()
-    plan = await asyncio.to_thread(plan_bundle, layout, entries, names, base)
-    files = await asyncio.to_thread(write_bundle, layout, plan, out, split=split, zstd=zstd)
+    """Plan a bundle from one read of `index.json` and snapshot its blobs within `hold` (the cache lock), then write it.
+
+    Returns the plan and the files written.
+    """
+    async with hold:
+        entries = await layout.entries()
+        plan = await asyncio.to_thread(plan_bundle, layout, entries, names, base)
+        try:
+            snap = await asyncio.to_thread(snapshot, layout, plan)
+        except OSError:  # no hard links here: write while holding the lock
+            files = await asyncio.to_thread(write_bundle, layout, plan, out, split=split, zstd=zstd)
+            return plan, files
+    try:
+        files = await asyncio.to_thread(write_bundle, snap, plan, out, split=split, zstd=zstd)
+    finally:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(shutil.rmtree, snap.root)
     return plan, files

@@ -224,3 +224,28 @@ async def test_the_snapshot_outlives_a_gc_run_once_the_lock_is_let_go(near: Path
     far = tmp_path / "far"
     ok("bundle", "import", str(out), "--cache", str(far))
     assert index_names(far) == index_names(near)
+
+
+@pytest.mark.slow
+def test_a_reference_naming_another_digest_is_replaced_and_reported(seeded: Seeded, near: Path, tmp_path: Path) -> None:
+    far = tmp_path / "far"
+    first = tmp_path / "first.tar"
+    ok("bundle", "create", "--cache", str(near), "-o", str(first), "--all")
+    ok("bundle", "import", str(first), "--cache", str(far))
+    # The connected side's t/schema2:1 now names what t/oci:1 does (a tag moved upstream).
+    moved = tmp_path / "moved"
+    shutil.copytree(near, moved)
+    doc = json.loads((moved / "index.json").read_text())
+    by_name = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in doc["manifests"]}
+    old, new = by_name[seeded.ref("t/schema2:1")], by_name[seeded.ref("t/oci:1")]
+    old_digest = old["digest"]
+    old.update({k: new[k] for k in ("mediaType", "digest", "size")})
+    (moved / "index.json").write_text(json.dumps(doc))
+    second = tmp_path / "second.tar"
+    res = ok("bundle", "create", "--cache", str(moved), "-o", str(second), "--all", "--since", str(first))
+    assert ", 0 blob(s)" in res.stderr
+    res = ok("bundle", "import", str(second), "--cache", str(far))
+    assert f"replaced\t{seeded.ref('t/schema2:1')}\t{old_digest} -> {new['digest']}" in res.stdout.splitlines()
+    assert "1 replaced" in res.stderr
+    listed = {i["name"]: i["digest"] for i in json.loads(ok("ls", "--json", "--cache", str(far)).stdout)}
+    assert listed[seeded.ref("t/schema2:1")] == listed[seeded.ref("t/oci:1")]

@@ -190,6 +190,9 @@ def test_split_volumes_import_in_order(near: Path, tmp_path: Path) -> None:
     far = tmp_path / "far"
     ok("bundle", "import", str(out), "--cache", str(far))
     assert index_names(far) == index_names(near)
+    info = json.loads(ok("bundle", "ls", "--json", str(vols[0])).stdout)
+    res = ok("bundle", "import", str(vols[0]), "--cache", str(tmp_path / "far2"))
+    assert f"imported bundle {info['id']}: {len(info['blobs'])} blob(s) written" in res.stderr
 
 
 def test_bad_bundles_and_arguments_are_one_line(tmp_path: Path) -> None:

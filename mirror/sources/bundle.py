@@ -46,10 +46,10 @@ class ImportResult:
 
 def volumes(path: Path) -> list[Path]:
     """Return the files of the bundle at `path`: itself, or its volumes `PATH.001`, `PATH.002`... in order."""
-    if path.is_file():
-        return [path]
     if path.name.endswith(".001") and path.is_file():
-        path = path.with_name(path.name[:-4])
+        path = path.with_name(path.name[:-4])  # the first volume names them all
+    elif path.is_file():
+        return [path]
     found: list[Path] = []
     while (vol := path.with_name(f"{path.name}.{len(found) + 1:03d}")).is_file():
         found.append(vol)

@@ -23,7 +23,9 @@ import json
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from mirror.store.layout import Entry, Layout
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
+MAX_HASHING = 8  # chunks (1 MiB each) written but not hashed yet for the checksum file
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,10 @@ class VolumeWriter:
         self.bytes = 0
         self._file: Any = None
         self._hash: Any = None
+        # The checksum file's sha256 runs in a thread of its own (hashlib lets go of the GIL),
+        # beside the blob's own check in the writing thread: two cores, not one twice.
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="bundle-sha256")
+        self._hashing: deque[Future[None]] = deque()
         self._left = 0
         self._compressor: Any = None
         if zstd:
@@ -204,6 +211,7 @@ class VolumeWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            self._drain(0)
             final, tmp, _ = self.volumes[-1]
             self.volumes[-1] = (final, tmp, self._hash.hexdigest())
             self._file = None
@@ -216,11 +224,17 @@ class VolumeWriter:
             n = len(view) if self._left < 0 else min(len(view), self._left)
             part = view[:n]
             self._file.write(part)
-            self._hash.update(part)
+            self._hashing.append(self._hasher.submit(self._hash.update, part))
+            self._drain(MAX_HASHING)
             self.bytes += n
             if self._left > 0:
                 self._left -= n
             view = view[n:]
+
+    def _drain(self, keep: int) -> None:
+        """Wait until at most `keep` chunks are still being hashed (they hold memory)."""
+        while len(self._hashing) > keep:
+            self._hashing.popleft().result()
 
     def write(self, data: bytes) -> int:
         """Take the next bytes of the tar."""
@@ -238,6 +252,7 @@ class VolumeWriter:
         check = self.out.with_name(f"{self.out.name}.sha256")
         tmp = check.with_name(f".{check.name}.{os.getpid()}.tmp")
         tmp.write_text(sums)
+        self._hasher.shutdown()
         for final, part, _ in self.volumes:
             os.replace(part, final)
         os.replace(tmp, check)
@@ -248,6 +263,8 @@ class VolumeWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._hashing.clear()
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         for _, tmp, _ in self.volumes:
             tmp.unlink(missing_ok=True)
 

@@ -118,6 +118,20 @@ def test_a_delta_carries_only_new_blobs_and_needs_its_base(seeded: Seeded, near:
     assert not {b["digest"] for b in info["blobs"]} & {b["digest"] for b in base["blobs"]}
     assert set(info["assumed"]) <= {b["digest"] for b in base["blobs"]}
     assert seeded.ref("shared/app0:1") in info["references"]
+    # Its bundle.json alone (carried back, say) is as good a base as the bundle.
+    (tmp_path / "first.json").write_text(json.dumps(base))
+    res = ok(
+        "bundle",
+        "create",
+        "--cache",
+        str(cache),
+        "-o",
+        str(tmp_path / "again.tar"),
+        "--all",
+        "--since",
+        str(tmp_path / "first.json"),
+    )
+    assert ", 4 blob(s)" in res.stderr
     text = ok("bundle", "ls", str(second)).stdout
     assert f"needs\t{base['id']}" in text and "blobs\t4 " in text
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mirror.bundle import INVENTORY_TYPE, BundleInfo, Inventory, parse_ls_json
+from mirror.bundle import BUNDLE_TYPE, INVENTORY_TYPE, BundleInfo, Inventory, parse_ls_json
 from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_config
 from mirror.digest import Digest
 from mirror.errors import BundleError, UsageError
@@ -81,6 +81,9 @@ async def load_base(path: Path) -> Base:
     if raw.lstrip().startswith(b"["):
         refs = parse_ls_json(raw, where)
         return Base(f"ls:{hashlib.sha256(raw).hexdigest()[:16]}", references=refs)
+    if BUNDLE_TYPE.encode() in raw[:4096]:  # a bundle.json taken out of its bundle
+        info = BundleInfo.parse(raw, where)
+        return Base(info.id, frozenset(info.present_after()))
     if INVENTORY_TYPE.encode() in raw[:4096] or b"mediaType" in raw[:4096]:
         inv = Inventory.parse(raw, where)
         return Base(inv.id, inv.blobs)

@@ -133,12 +133,22 @@ async def run_import(args: argparse.Namespace) -> int:
     layout = Layout.open(cfg.cache)
     log = None if sys.stderr.isatty() else JsonLog(sys.stderr)
 
+    seen = [0, 0]
+
     def progress(what: str, digest: Digest, size: int) -> None:
         if log is not None:
             log.event("blob", status=what, digest=str(digest), bytes=size)
+        else:  # a terminal: one line, rewritten per blob
+            seen[0] += 1
+            seen[1] += size
+            print(f"\r{seen[0]} blob(s) checked in, {human(seen[1])}", end="", file=sys.stderr, flush=True)
 
-    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):
-        result = await import_bundle(layout, files, progress)
+    try:
+        async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):
+            result = await import_bundle(layout, files, progress)
+    finally:
+        if log is None and seen[0]:
+            print(file=sys.stderr)
     for name in result.added:
         print(f"added\t{printable(name)}")
     for name, old, new in result.replaced:

@@ -14,6 +14,7 @@ write, a name that pointed elsewhere is replaced and reported.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from mirror.store.layout import Layout
 READ_BYTES = 1 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_LIST = 20  # digests named in one error line
+MAX_ENTRIES = 10_000_000  # tar entries of one bundle: a blob each (a docker save has far fewer)
 
 
 @dataclass(slots=True)
@@ -128,8 +130,6 @@ async def _small(tar: TarReader, size: int) -> bytes:
 
 def _index_refs(raw: bytes, where: str) -> dict[str, Descriptor]:
     """Return name -> descriptor of a bundle's `index.json`."""
-    import json
-
     try:
         items = json.loads(raw)["manifests"]
         out: dict[str, Descriptor] = {}
@@ -161,7 +161,7 @@ async def import_bundle(
     """
     where = str(paths[0])
     store = layout.blobs
-    tar = TarReader(chunks(paths))
+    tar = TarReader(chunks(paths), max_entries=MAX_ENTRIES)
     info: BundleInfo | None = None
     refs: dict[str, Descriptor] | None = None
     got: set[Digest] = set()

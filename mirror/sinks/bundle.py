@@ -28,6 +28,7 @@ from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,6 @@ from mirror.digest import Digest
 from mirror.errors import MirrorError, StoreError, UsageError
 from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve, write_tar
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, REF_NAME, Descriptor, parse_manifest, wrapped_source
-from mirror.progress import iso_time
 from mirror.store.gc import mark, stored_blobs
 from mirror.store.layout import Entry, Layout
 
@@ -127,7 +127,7 @@ def plan_bundle(layout: Layout, entries: Sequence[Entry], names: Sequence[str] |
             present |= reached(layout, same, stored)
     info = BundleInfo(
         id=uuid.uuid4().hex,
-        created=iso_time(timespec="seconds"),
+        created=_now(),
         tool=f"mirror {__version__}",
         references={e.name: e.descriptor for e in chosen},
         blobs={d: stored[d] for d in sorted(needed - present, key=str)},
@@ -151,7 +151,12 @@ def inventory_of(layout: Layout, entries: Sequence[Entry]) -> Inventory:
     """Return what the cache holds: every stored blob and every named reference. Blocking."""
     blobs = frozenset(stored_blobs(layout.blobs))
     refs = {e.name: e.descriptor.digest for e in entries}
-    return Inventory(uuid.uuid4().hex, iso_time(timespec="seconds"), blobs, refs)
+    return Inventory(uuid.uuid4().hex, _now(), blobs, refs)
+
+
+def _now() -> str:
+    """Return the time now, ISO 8601 in UTC with a `Z`, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def split_size(text: str) -> int:

@@ -75,6 +75,20 @@ def test_full_bundle_is_served_from_a_second_cache_with_source_digests(
     assert (
         "sha256:" + hashlib.sha256((copied / "manifest.json").read_bytes()).hexdigest() == seeded.digests["t/index:1"]
     )
+    # ... and podman, through the cache's OCI wrapper of a schema2 image.
+    res = subprocess.run(
+        ["podman", "pull", "-q", f"oci:{unpacked}:{seeded.ref('t/schema2:1')}"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    image_id = res.stdout.strip().splitlines()[-1]
+    try:
+        info = json.loads(
+            subprocess.run(["podman", "image", "inspect", image_id], capture_output=True, check=True).stdout
+        )
+        schema2 = json.loads((near / "blobs" / "sha256" / seeded.digests["t/schema2:1"].split(":")[1]).read_text())
+        assert "sha256:" + info[0]["Id"] == schema2["config"]["digest"]
+    finally:
+        subprocess.run(["podman", "rmi", "-f", image_id], capture_output=True)
 
     far = tmp_path / "far"
     res = ok("bundle", "import", str(out), "--cache", str(far))

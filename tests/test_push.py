@@ -230,6 +230,11 @@ async def test_an_index_missing_platforms_is_refused_with_source_digests_only(
     res = mirror("push", "--cache", str(tmp_path / "cache"), "--source-digests-only", "--to", target.host, "--all")
     assert res.returncode == 1 and "cannot be pushed with its digest" in res.stderr
     assert writes(target) == Counter()
+    # Without it, the single form pushes the subset and prints both digests.
+    res = mirror("push", "--cache", str(tmp_path / "cache"), str(ref), f"{target.host}/part/index:1")
+    assert res.returncode == 0, res.stderr
+    subset = registry_digest(target.host, "part/index:1")
+    assert res.stdout == f"{target.host}/part/index:1\t{subset}\tsubset of {seeded.digests['t/index:1']}\n"
 
 
 def podman_ok(*args: str) -> str:

@@ -375,6 +375,8 @@ TABLES: tuple[Table, ...] = (
             one_of(*DESTINATION_TYPES)),
         Key("host", STRING, REQUIRED, "type registry: the registry to push to, HOST[:PORT].", only="registry"),
         Key("prefix", STRING, "", "type registry: path put before each repository at the target.", only="registry"),
+        Key("source_digests_only", BOOLEAN, False, "type registry: refuse an index cached with a platform filter "
+            "instead of pushing its cached platforms as a new index.", only="registry"),
     )),
     Table("jobs.repositories", "Which repositories (a plain array is `list`); list or catalog is required.", (
         Key("list", STRINGS, [], "Names always wanted."),
@@ -893,7 +895,7 @@ def _destination(d: _Doc, raw: object, at: KeyPath) -> RegistryTarget | None:
         raise d.error((*at, "host"), 'missing; the registry to push to, e.g. "registry.internal:5000"')
     d.checked((*at, "host"), RegistryTarget.of, host)
     target: RegistryTarget = d.checked((*at, "prefix"), RegistryTarget.of, host, dest["prefix"])
-    return target
+    return target.with_source_digests_only(bool(dest["source_digests_only"]))
 
 
 def reference() -> str:

@@ -13,13 +13,23 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mirror.digest import EMPTY_LAYER, Digest
 from mirror.errors import DigestError, ManifestError
-from mirror.manifest import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor
+from mirror.manifest import (
+    DOCKER_SCHEMA1,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_MANIFEST,
+    SOURCE_DIGEST,
+    SOURCE_MEDIA_TYPE,
+    Descriptor,
+    ImageManifest,
+)
 
 # The 32-byte gzip'd empty tar (1024 zero bytes) that v1 serves for an image with no
 # filesystem change and schema1 repeats as blobSum `sha256:a3ed95...`.
@@ -286,6 +296,55 @@ def parse_ancestry_record(raw: bytes) -> list[ImageRecord]:
         return out
     except (ValueError, KeyError, TypeError, DigestError) as exc:
         raise ManifestError(f"v1 ancestry record unreadable: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFacts:
+    """What reading a stored layer taught: its size, diff_id, whether it is empty and gzip'd."""
+
+    size: int
+    diff_id: Digest
+    empty: bool
+    gzip: bool
+
+
+def convert_schema1(image: ImageManifest, layers: Mapping[Digest, LayerFacts]) -> Converted:
+    """Return a schema1 image as an OCI image: config from the v1Compatibility history, diff_ids from `layers`.
+
+    schema1 `history[i].v1Compatibility` is the v1 JSON of the image whose layer is
+    `fsLayers[i]` (both top first), so this is the v1 conversion (`convert`) fed from the
+    manifest: one way of building the config, two ways in. Layers marked `throwaway` or
+    holding an empty tar become `empty_layer` history. The manifest names the schema1
+    document in the SOURCE_* annotations; `layers` maps every blobSum to its facts.
+    """
+    try:
+        doc = json.loads(image.raw)
+        fs_layers = [Digest.parse(str(f["blobSum"])) for f in doc.get("fsLayers") or []]
+        compat = [str(h["v1Compatibility"]) for h in doc.get("history") or []]
+    except (ValueError, KeyError, TypeError, AttributeError, DigestError) as exc:
+        raise ManifestError(f"schema1 {image.digest}: fsLayers/history unreadable: {exc}") from None
+    if not fs_layers or len(fs_layers) != len(compat):
+        raise ManifestError(f"schema1 {image.digest}: {len(fs_layers)} fsLayers for {len(compat)} history entries")
+    ancestry: list[V1Image] = []
+    for blob_sum, text in zip(fs_layers, compat, strict=True):
+        raw = text.encode()
+        try:
+            v1 = json.loads(raw)
+        except ValueError as exc:
+            raise ManifestError(f"schema1 {image.digest}: v1Compatibility unreadable: {exc}") from None
+        if not isinstance(v1, dict):
+            raise ManifestError(f"schema1 {image.digest}: v1Compatibility is not an object")
+        image_id = check_image_id(v1.get("id"), f"schema1 {image.digest} v1Compatibility")
+        facts = layers[blob_sum]
+        layer = Descriptor(layer_media_type(facts.gzip), blob_sum, facts.size)
+        empty = bool(v1.get("throwaway")) or facts.empty
+        ancestry.append(V1Image(image_id, raw, Digest.of(raw), layer, facts.diff_id, empty))
+    out = convert(ancestry)
+    manifest = json.loads(out.manifest)
+    manifest["annotations"] = {SOURCE_DIGEST: str(image.digest), SOURCE_MEDIA_TYPE: DOCKER_SCHEMA1}
+    for layer_doc in manifest["layers"]:
+        layer_doc.pop("annotations", None)
+    return Converted(out.config, _canonical(manifest), b"", out.needs_empty_layer)
 
 
 def _canonical(doc: Any) -> bytes:

@@ -48,6 +48,10 @@ class StoreError(MirrorError):
     """The cache on disk is unusable: not a layout, unreadable, locked."""
 
 
+class BundleError(MirrorError):
+    """A bundle or inventory that cannot be used: unreadable, corrupted, or missing what it builds on."""
+
+
 class CacheBusyError(StoreError):
     """Another process holds the cache's lock (exit status BUSY)."""
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from mirror.convert_v1 import DiffIdHasher, LayerFacts, convert_schema1
 from mirror.digest import Digest
 from mirror.errors import IntegrityError, ManifestError, MirrorError, ReferenceError_, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     OCI_INDEX,
+    OCI_MANIFEST,
     REF_NAME,
     Descriptor,
     ImageManifest,
@@ -39,6 +41,7 @@ from mirror.manifest import (
     oci_entry,
     parse_manifest,
     platform_of_config,
+    subset_index,
     walk_index,
     wrapped_source,
 )
@@ -198,6 +201,9 @@ class _Members:
             self.items.append(Member(path, blob=digest, size=layout.blobs.size(digest)))
         return path
 
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._blobs
+
     def made(self, data: bytes) -> Digest:
         """Add a document made here (a wrapper index) as a blob."""
         digest = Digest.of(data)
@@ -217,19 +223,35 @@ def plan_oci(layout: Layout, entries: Sequence[Entry], refs: Sequence[str]) -> E
     index: list[dict[str, Any]] = []
     images = _cached(layout, entries, refs)
     for img in images:
+        entry = img.entry.to_json()
         members.blob(layout, img.entry.digest)
         members.blob(layout, img.top.digest)
         for digest in img.nested:
             members.blob(layout, digest)
         for image, _ in img.images:
             members.blob(layout, image.digest)
+            if image.media_type == DOCKER_SCHEMA1:
+                # What podman and skopeo can create an image from: the converted OCI image,
+                # named in index.json; the schema1 document stays beside it.
+                oci, config = _from_schema1(layout, image)
+                members.made(config)
+                entry = descriptor_of(oci).to_json()
+                members.made(oci.raw)
+                image = oci
             for b in image.blobs:
                 if b.foreign and not layout.blobs.has(b.digest):
                     continue  # kept as a reference: the layout names it, its urls serve it (as skopeo writes it)
-                members.blob(layout, b.digest)
-        entry = img.entry.to_json()
+                if b.digest not in members:
+                    members.blob(layout, b.digest)
+        if isinstance(img.top, IndexManifest) and img.wrapper is None:
+            # An index cached with a platform filter: name a subset index of the cached
+            # platforms (as `mirror push` sends it), so `skopeo copy --all` finds every child.
+            cut = subset_index(img.top, {m.digest for m, _ in img.images})
+            if cut is not None:
+                entry = descriptor_of(cut).to_json()
+                members.made(cut.raw)
         entry.pop("platform", None)
-        entry["annotations"] = {**img.entry.annotations, REF_NAME: img.name}
+        entry["annotations"] = {**entry.get("annotations", {}), REF_NAME: img.name}
         index.append(entry)
     tail = [Member("index.json", data=_index(index))]
     return ExportPlan((*_HEAD, *members.items, *tail), tuple(i.name for i in images))
@@ -253,7 +275,7 @@ def plan_docker(
     """Return a `docker load` tar plan: OCI layout plus `manifest.json`, `repositories` and v1 dirs.
 
     From an index the image for `platform` is exported (the only cached one when there is
-    one). Schema1 images are refused: `manifest.json` needs an image config, schema1 has none.
+    one). A schema1 image goes as its OCI conversion (`_from_schema1`), the original beside it.
     """
     members = _Members()
     index: list[dict[str, Any]] = []
@@ -272,13 +294,23 @@ def plan_docker(
             image, plat = next((m, p) for m, p in img.images if m.digest == child.digest)
         else:
             image, plat = img.images[0]
-        if image.media_type == DOCKER_SCHEMA1 or image.config is None:
-            raise ManifestError(
-                f"{img.name} is a schema1 image: it has no image config for docker load's manifest.json;"
-                " serve it with `mirror serve` or export it with --format oci"
-            )
-        config_raw = layout.blobs.read(image.config.digest)
-        config = json.loads(config_raw)
+        if image.media_type == DOCKER_SCHEMA1:
+            # schema1 has no image config: export the converted OCI image, the original beside it.
+            members.blob(layout, image.digest)
+            image, config_raw = _from_schema1(layout, image)
+            config_path = f"blobs/sha256/{members.made(config_raw).hex}"
+            members.made(image.raw)
+        elif image.config is None:
+            raise ManifestError(f"{img.name}: its manifest names no image config")
+        else:
+            config_raw = layout.blobs.read(image.config.digest)
+            config_path = members.blob(layout, image.config.digest)
+            members.blob(layout, image.digest)
+        assert image.config is not None
+        try:
+            config = json.loads(config_raw)
+        except ValueError as exc:
+            raise ManifestError(f"{img.name}: image config unreadable: {exc}") from None
         diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
         if len(diff_ids) != len(image.layers):
             raise ManifestError(f"{img.name}: config lists {len(diff_ids)} diff ids for {len(image.layers)} layers")
@@ -288,9 +320,7 @@ def plan_docker(
                     f"{img.name}: layer {d.digest} is a foreign layer kept as a reference, and docker load needs"
                     " its bytes; pull it with --foreign-layers fetch, or export with --format oci"
                 )
-        config_path = members.blob(layout, image.config.digest)
         layer_paths = [members.blob(layout, d.digest) for d in image.layers]
-        members.blob(layout, image.digest)
         # The OCI half names an OCI type in index.json (what skopeo and podman look up):
         # an OCI manifest directly, a schema2 one through a one-child wrapper of ours.
         wrapper = oci_entry(image, {}, plat)
@@ -336,6 +366,39 @@ def plan_docker(
     return ExportPlan((*_HEAD, *members.items, *v1_dirs, *tail), tuple(c.name for c in cached))
 
 
+def _from_schema1(layout: Layout, image: ImageManifest) -> tuple[ImageManifest, bytes]:
+    """Return the OCI image (manifest, config bytes) a cached schema1 image converts to.
+
+    Each layer is read once from the cache to learn its diff_id (the sha256 of its
+    uncompressed tar), checking its digest on the way.
+    """
+    facts: dict[Digest, LayerFacts] = {}
+    for layer in image.layers:
+        if layer.digest not in facts:
+            facts[layer.digest] = _layer_facts(layout, layer.digest)
+    converted = convert_schema1(image, facts)
+    oci = parse_manifest(converted.manifest, OCI_MANIFEST, converted.digest)
+    if not isinstance(oci, ImageManifest):
+        raise ManifestError(f"schema1 {image.digest}: its conversion is not an image manifest")
+    return oci, converted.config
+
+
+def _layer_facts(layout: Layout, digest: Digest) -> LayerFacts:
+    """Return size, diff_id, emptiness and compression of a cached layer, checking its digest."""
+    if not layout.blobs.has(digest):
+        raise ManifestError(f"blob {digest} is missing from the cache")
+    hasher, check, size = DiffIdHasher(), digest.hasher(), 0
+    with open(layout.blobs.path(digest), "rb") as f:
+        while chunk := f.read(READ_BYTES):
+            hasher.update(chunk)
+            check.update(chunk)
+            size += len(chunk)
+    if check.hexdigest() != digest.hex:
+        raise IntegrityError(f"blob {digest} in the cache does not match its digest: run `mirror verify`")
+    diff_id, empty = hasher.finish()
+    return LayerFacts(size, diff_id, empty, hasher.gzip)
+
+
 # --- Writing -----------------------------------------------------------------------------------
 
 
@@ -376,30 +439,49 @@ def _check(m: Member, reader: _HashingReader) -> None:
 def write_tar(layout: Layout, plan: ExportPlan, out: IO[bytes]) -> int:
     """Stream the plan as a tar to `out` (a file or a pipe, never seeked); return the bytes written.
 
-    Blocking: run it in a worker thread.
+    Headers come from tarfile (PAX); bodies are copied here in 1 MiB reads straight to
+    `out`, hashed on the way: tarfile's stream mode copies in 16 KiB pieces through a
+    growing buffer, several times slower. Blocking: run it in a worker thread.
     """
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=READ_BYTES) as tar:
-        for m in plan.members:
-            info = tarfile.TarInfo(m.path.rstrip("/"))
-            info.mtime = 0
-            info.uname = info.gname = ""
-            if m.is_dir:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            elif m.link:
-                info.type, info.linkname, info.mode = tarfile.SYMTYPE, m.link, 0o777
-                tar.addfile(info)
-            elif m.data is not None:
-                info.size, info.mode = len(m.data), 0o644
-                tar.addfile(info, io.BytesIO(m.data))
-            else:
-                info.size, info.mode = m.size, 0o644
-                f, reader = _open_blob(layout, m)
-                with f:
-                    tar.addfile(info, reader)
-                _check(m, reader)
-        offset: int = tar.offset
-    return offset
+    written = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        out.write(data)
+        written += len(data)
+
+    for m in plan.members:
+        info = tarfile.TarInfo(m.path.rstrip("/"))
+        info.mtime = 0
+        info.uname = info.gname = ""
+        if m.is_dir:
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            emit(info.tobuf(tarfile.PAX_FORMAT))
+        elif m.link:
+            info.type, info.linkname, info.mode = tarfile.SYMTYPE, m.link, 0o777
+            emit(info.tobuf(tarfile.PAX_FORMAT))
+        elif m.data is not None:
+            info.size, info.mode = len(m.data), 0o644
+            emit(info.tobuf(tarfile.PAX_FORMAT))
+            emit(m.data + bytes(-len(m.data) % tarfile.BLOCKSIZE))
+        else:
+            info.size, info.mode = m.size, 0o644
+            emit(info.tobuf(tarfile.PAX_FORMAT))
+            f, reader = _open_blob(layout, m)
+            with f:
+                left = m.size
+                while left and (chunk := reader.read(min(READ_BYTES, left))):
+                    emit(chunk)
+                    left -= len(chunk)
+            if left:
+                raise IntegrityError(f"blob {m.blob} changed size in the cache while exporting")
+            _check(m, reader)
+            emit(bytes(-m.size % tarfile.BLOCKSIZE))
+    # The end-of-archive marker (two zero blocks), padded to a whole record as tar writes it.
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(written + end) % tarfile.RECORDSIZE
+    emit(bytes(end))
+    return written
 
 
 def write_dir(layout: Layout, plan: ExportPlan, root: Path) -> int:

@@ -56,6 +56,8 @@ REF_NAME = "org.opencontainers.image.ref.name"
 SOURCE_DIGEST = "dev.mirror.source.digest"
 SOURCE_MEDIA_TYPE = "dev.mirror.source.mediaType"
 WRAPPER = "dev.mirror.wrapper"
+# On an index of the project's own listing only the cached platforms of a source index.
+SUBSET_OF = "dev.mirror.subset.of"
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,3 +538,42 @@ def wrapped_source(top: Manifest) -> tuple[Digest, str] | None:
         return Digest.parse(ann[SOURCE_DIGEST]), ann.get(SOURCE_MEDIA_TYPE, "")
     except DigestError:
         raise ManifestError(f"wrapper {top.digest} names a malformed source digest {ann[SOURCE_DIGEST]!r}") from None
+
+
+def subset_index(top: IndexManifest, cached: Container[Digest]) -> IndexManifest | None:
+    """Return a new index of `top`'s children in `cached` only, or None when every child is cached.
+
+    The children keep the source's order and its descriptor objects byte for byte (so
+    the same cached platforms always give the same digest); the source index's digest is
+    named in the SUBSET_OF annotation. ManifestError when no child is cached.
+    """
+    doc = json.loads(top.raw)  # parsed and checked once already: `top` is a valid index
+    if not isinstance(doc, dict):
+        raise ManifestError(f"index {top.digest} is not a JSON object")
+    entries = doc.get("manifests") or []
+    if not isinstance(entries, list) or len(entries) != len(top.manifests):
+        raise ManifestError(f"index {top.digest}: its manifests are not a list")
+    kept = [raw for raw, d in zip(entries, top.manifests, strict=True) if d.digest in cached]
+    if len(kept) == len(entries):
+        return None
+    if not kept:
+        raise ManifestError(f"index {top.digest}: none of its platforms is cached")
+    ann = doc.get("annotations")
+    doc["annotations"] = {**(ann if isinstance(ann, dict) else {}), SUBSET_OF: str(top.digest)}
+    doc["manifests"] = kept
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    subset = parse_manifest(raw, top.media_type)
+    if not isinstance(subset, IndexManifest):
+        raise ManifestError(f"index {top.digest}: its subset does not parse as an index")
+    return subset
+
+
+def subset_source(top: Manifest) -> Digest | None:
+    """Return the source index digest a subset index of the project's own names, else None."""
+    if not isinstance(top, IndexManifest):
+        return None
+    try:
+        ann = json.loads(top.raw).get("annotations") or {}
+        return Digest.parse(str(ann[SUBSET_OF])) if isinstance(ann, dict) and SUBSET_OF in ann else None
+    except (ValueError, AttributeError, DigestError):
+        return None

@@ -16,6 +16,7 @@ import pytest
 from mirror.cli import main
 from mirror.errors import UsageError
 from mirror.export import resolve
+from tests.conftest import Seeded
 from tests.served_cache import MIRROR, PREFIX, Cache, mirror_cache, mirror_env, run_mirror  # noqa: F401
 
 
@@ -165,8 +166,8 @@ def test_refusals_are_one_line_and_leave_no_file(
     assert code == 2 and "is ambiguous" in err and "localhost:" in err
     code, err = export(capsys, "--cache", cache, "-o", str(out), PREFIX + "nothing:1")
     assert code == 2 and "is not in the cache" in err
-    res = run_mirror("export", "--cache", cache, "-o", str(out), PREFIX + "schema1:1")
-    assert res.returncode == 1 and b"is a schema1 image" in res.stderr
+    res = run_mirror("export", "--cache", cache, "-o", str(out), "--platform", "linux/s390x", PREFIX + "index:1")
+    assert res.returncode == 2 and b"no image for platform linux/s390x" in res.stderr
     assert len(res.stderr.decode().strip().splitlines()) == 1
     assert not out.exists()
     # A blob that went bad in the cache stops the export; no half tar is left under OUT.
@@ -195,3 +196,68 @@ def test_short_names_resolve_when_unambiguous() -> None:
         resolve(cached, "ubuntu:16.04")
     with pytest.raises(UsageError, match="not in the cache"):
         resolve(cached, "other.example/coreos/etcd:v3")
+
+
+@pytest.mark.slow
+def test_schema1_exports_as_an_image_podman_creates(mirror_cache: Cache, tmp_path: Path) -> None:
+    """schema1 has no image config: the export converts it (config from v1Compatibility, diff_ids from layers)."""
+    ref = mirror_cache.ref("schema1:1")
+    _, config = cached_image(mirror_cache, "schema2:1")  # the same image, as schema2
+    schema1 = blob(mirror_cache, mirror_cache.digests["schema1:1"])
+    for fmt in ("docker", "oci"):
+        out = tmp_path / f"schema1-{fmt}.tar"
+        res = run_mirror("export", "--format", fmt, "--cache", str(mirror_cache.path), "-o", str(out), ref)
+        assert res.returncode == 0, res.stderr.decode()
+        with tarfile.open(out) as tar:
+            # The original document is carried beside its conversion.
+            assert tar.extractfile(f"blobs/sha256/{mirror_cache.digests['schema1:1'].split(':')[1]}").read() == schema1  # type: ignore[union-attr]
+            index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        (entry,) = index["manifests"]
+        assert entry["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+        name = ref if fmt == "docker" else f"{fmt}-schema1:latest"
+        try:
+            src = str(out) if fmt == "docker" else f"oci-archive:{out}:{ref}"
+            res = podman("load", "-q", "-i", src) if fmt == "docker" else podman("pull", "-q", src)
+            assert res.returncode == 0, res.stderr.decode()
+            if fmt == "oci":
+                image_id = res.stdout.decode().strip().splitlines()[-1]
+                assert podman("tag", image_id, name).returncode == 0
+            info = json.loads(podman("image", "inspect", name).stdout)[0]
+            # Throwaway (a3ed95) layers of schema1 are history only: the layers are the image's own.
+            assert info["RootFS"]["Layers"] == config["rootfs"]["diff_ids"]
+            assert (info["Os"], info["Architecture"]) == ("linux", "amd64")
+            res = podman("create", "--name", f"mirror-schema1-{fmt}-{tmp_path.name}", name, "/bin/true")
+            assert res.returncode == 0, res.stderr.decode()
+        finally:
+            podman("rm", "-f", f"mirror-schema1-{fmt}-{tmp_path.name}")
+            podman("rmi", "-f", name)
+
+
+@pytest.mark.slow
+def test_a_platform_subset_exports_in_both_formats(seeded: Seeded, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ref = seeded.ref("t/index:1")
+    res = run_mirror("pull", "-q", "--cache", str(cache), "--platform", "linux/arm64", ref)
+    assert res.returncode == 0, res.stderr.decode()
+    layout = tmp_path / "layout"
+    res = run_mirror("export", "--format", "oci", "--cache", str(cache), "-o", str(layout), ref)
+    assert res.returncode == 0, res.stderr.decode()
+    # index.json names a subset index of the cached platform: `skopeo copy --all` finds every child.
+    (entry,) = json.loads((layout / "index.json").read_text())["manifests"]
+    subset = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":")[1]).read_text())
+    assert subset["annotations"]["dev.mirror.subset.of"] == seeded.digests["t/index:1"]
+    assert [m["platform"]["architecture"] for m in subset["manifests"]] == ["arm64"]
+    out = tmp_path / "copied"
+    res = subprocess.run(["skopeo", "copy", "-q", "--all", f"oci:{layout}:{ref}", f"dir:{out}"], capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()
+    # The docker format takes the only cached platform.
+    tar = tmp_path / "arm.tar"
+    res = run_mirror("export", "--cache", str(cache), "-o", str(tar), ref)
+    assert res.returncode == 0, res.stderr.decode()
+    try:
+        res = podman("load", "-q", "-i", str(tar))
+        assert res.returncode == 0, res.stderr.decode()
+        info = json.loads(podman("image", "inspect", ref).stdout)[0]
+        assert info["Architecture"] == "arm64"
+    finally:
+        podman("rmi", "-f", ref)

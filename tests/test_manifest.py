@@ -19,6 +19,8 @@ from mirror.manifest import (
     Platform,
     parse_manifest,
     schema1_payload,
+    subset_index,
+    subset_source,
 )
 
 
@@ -98,3 +100,31 @@ def test_garbage_is_a_manifest_error() -> None:
         parse_manifest(b"<html>", "text/html")
     with pytest.raises(ManifestError, match="missing required field config"):
         parse_manifest(b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}', "")
+
+
+def test_a_subset_index_keeps_the_source_entries_in_order_and_its_digest_is_stable() -> None:
+    kids = [
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": "sha256:" + c * 64,
+            "size": 10 + i,
+            "platform": {"os": "linux", "architecture": arch},
+            "annotations": {"x": str(i)},
+        }
+        for i, (c, arch) in enumerate([("a", "amd64"), ("b", "arm64"), ("c", "s390x")])
+    ]
+    raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kids, "annotations": {"k": "v"}})
+    top = parse_manifest(raw.encode(), OCI_INDEX)
+    assert isinstance(top, IndexManifest)
+    cached = {Digest.parse("sha256:" + "c" * 64), Digest.parse("sha256:" + "a" * 64)}
+    cut = subset_index(top, cached)
+    assert cut is not None and cut.digest != top.digest
+    doc = json.loads(cut.raw)
+    assert doc["manifests"] == [kids[0], kids[2]]
+    assert doc["annotations"] == {"k": "v", "dev.mirror.subset.of": str(top.digest)}
+    assert subset_source(cut) == top.digest and subset_source(top) is None
+    again = subset_index(top, set(reversed(list(cached))))
+    assert again is not None and again.digest == cut.digest
+    assert subset_index(top, {d.digest for d in top.manifests}) is None
+    with pytest.raises(ManifestError, match="none of its platforms is cached"):
+        subset_index(top, set())

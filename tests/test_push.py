@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import subprocess
 from collections import Counter
@@ -213,17 +214,93 @@ async def test_large_blobs_go_up_in_chunks(seeded: Seeded, cache: Path, target: 
 
 
 @pytest.mark.slow
-async def test_an_index_missing_platforms_is_refused(seeded: Seeded, tmp_path: Path, target: Registry) -> None:
+async def test_an_index_missing_platforms_is_refused_with_source_digests_only(
+    seeded: Seeded, tmp_path: Path, target: Registry
+) -> None:
     layout = Layout.open(tmp_path / "cache")
     async with Transport() as transport:
         ref = Reference.parse(seeded.ref("t/index:1"))
         result = await Engine(layout).pull(RegistryV2Source(transport), ref, (Platform.parse("linux/arm64"),))
         assert result.status == "ok", result.error
         pusher = Pusher(Engine(layout), RegistryV2Sink(transport))
-        pushed = await pusher.push(str(ref), Reference.parse(f"{target.host}/part/index:1"))
+        pushed = await pusher.push(str(ref), Reference.parse(f"{target.host}/part/index:1"), subset=False)
     assert pushed.status == "failed"
     assert "platform linux/amd64" in pushed.error and "cannot be pushed with its digest" in pushed.error
     assert writes(target) == Counter()
+    res = mirror("push", "--cache", str(tmp_path / "cache"), "--source-digests-only", "--to", target.host, "--all")
+    assert res.returncode == 1 and "cannot be pushed with its digest" in res.stderr
+    assert writes(target) == Counter()
+    # Without it, the single form pushes the subset and prints both digests.
+    res = mirror("push", "--cache", str(tmp_path / "cache"), str(ref), f"{target.host}/part/index:1")
+    assert res.returncode == 0, res.stderr
+    subset = registry_digest(target.host, "part/index:1")
+    assert res.stdout == f"{target.host}/part/index:1\t{subset}\tsubset of {seeded.digests['t/index:1']}\n"
+
+
+def podman_ok(*args: str) -> str:
+    res = subprocess.run(["podman", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_a_platform_subset_is_pushed_as_a_new_index_podman_pulls(
+    seeded: Seeded, tmp_path: Path, target: Registry
+) -> None:
+    """`mirror pull --platform linux/arm64` then `mirror push --to --all`: an index of the cached platform."""
+    cache = tmp_path / "cache"
+    names = ["t/index:1", "t/list:1"]  # an OCI index kept as it is, a Docker list behind a wrapper
+    res = mirror("pull", "-q", "--cache", str(cache), "--platform", "linux/arm64", *(seeded.ref(n) for n in names))
+    assert res.returncode == 0, res.stderr
+    ls = {i["name"]: i for i in json.loads(mirror("ls", "--json", "--cache", str(cache)).stdout)}
+    res = mirror("push", "--cache", str(cache), "--to", target.host, "--all")
+    assert res.returncode == 0, res.stderr
+    lines = sorted(res.stdout.splitlines())
+    for n, line in zip(names, lines, strict=True):
+        source = json.loads(
+            subprocess.run(
+                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{seeded.ref(n)}"],
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+        )
+        raw = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{target.host}/{n}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        pushed = json.loads(raw)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        # The push line, `mirror ls` and the index itself name both digests.
+        assert line == f"pushed\t{seeded.ref(n)} -> {target.host}/{n} (subset index {digest} of {seeded.digests[n]})"
+        assert ls[seeded.ref(n)]["digest"] == seeded.digests[n] and ls[seeded.ref(n)]["subsetIndex"] == digest
+        assert registry_digest(target.host, n) == digest != seeded.digests[n]
+        assert pushed["annotations"]["dev.mirror.subset.of"] == seeded.digests[n]
+        assert pushed["mediaType"] == source["mediaType"]
+        # The source's own entry for the cached platform, nothing else.
+        assert pushed["manifests"] == [m for m in source["manifests"] if m["platform"]["architecture"] == "arm64"]
+    image = f"{target.host}/t/index:1"
+    try:
+        podman_ok("pull", "-q", "--tls-verify=false", "--platform", "linux/arm64", image)
+        info = json.loads(podman_ok("image", "inspect", image))[0]
+        assert (info["Os"], info["Architecture"]) == ("linux", "arm64")
+        assert info["Digest"] == registry_digest(target.host, "t/index:1")
+        # The platform that was not cached is not there.
+        res_amd = subprocess.run(
+            ["podman", "pull", "-q", "--tls-verify=false", "--platform", "linux/amd64", f"{target.host}/t/list:1"],
+            capture_output=True,
+            text=True,
+        )
+        assert res_amd.returncode != 0
+    finally:
+        subprocess.run(["podman", "rmi", "-f", image, f"{target.host}/t/list:1"], capture_output=True)
+    # The subset's digest is the same each time: a second push is one HEAD each, nothing written.
+    before = target.requests()
+    res = mirror("push", "--cache", str(cache), "--to", target.host, "--all")
+    assert res.returncode == 0, res.stderr
+    assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["present"] * 2
+    assert writes(target, before) == Counter()
 
 
 def test_push_of_an_uncached_reference_fails_clearly(tmp_path: Path) -> None:

@@ -250,23 +250,55 @@ def test_unreachable_destination_fails_those_images_only(source: SyncRegistry, t
 
 
 @pytest.mark.slow
-def test_platform_filtered_index_cannot_be_pushed(seeded: Seeded, target: Registry, tmp_path: Path) -> None:
+def test_platform_filtered_index_is_pushed_as_a_subset_and_a_rerun_is_one_head(
+    seeded: Seeded, target: Registry, tmp_path: Path
+) -> None:
     text = (
         f'[cache]\npath = "{tmp_path / "cache"}"\n[[jobs]]\nname = "arm"\n'
         f'source = {{type = "registry", host = "{seeded.registry.host}"}}\n'
         'repositories = ["t/index", "t/schema2"]\ntags = ["1"]\nplatforms = ["linux/amd64"]\n'
-        f'destination = {{type = "registry", host = "{target.host}"}}\n'
+        f'destination = {{type = "registry", host = "{target.host}"EXTRA}}\n'
     )
-    code, images, err = sync(write_config(tmp_path, text))
+    path = write_config(tmp_path, text.replace("EXTRA", ""))
+    code, images, err = sync(path)
+    assert code == 0, err
+    index = images[f"{seeded.registry.host}/t/index:1"]
+    assert (index["status"], index["push"]) == ("ok", "pushed")
+    # The report names the source digest and the subset index's own, which the target serves.
+    assert index["digest"] == seeded.digests["t/index:1"]
+    subset = inspect_digest(f"docker://{target.host}/t/index:1")
+    assert index["subset_index"] == subset != seeded.digests["t/index:1"]
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{target.host}/t/index:1"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert [m["platform"]["architecture"] for m in json.loads(raw)["manifests"]] == ["amd64"]
+    single = images[f"{seeded.registry.host}/t/schema2:1"]
+    assert (single["status"], single["push"]) == ("ok", "pushed")
+    assert inspect_digest(f"docker://{target.host}/t/schema2:1") == seeded.digests["t/schema2:1"]
+    # A run with nothing new: one HEAD of the tag at the destination, nothing written.
+    before = target.requests()
+    code, images, err = sync(path)
+    assert code == 0, err
+    assert images[f"{seeded.registry.host}/t/index:1"]["push"] == "present"
+    done = delta(target.requests(), before)
+    assert manifest_requests(done, "HEAD")["t/index:1"] == 1
+    assert sum(n for (m, _), n in done.items() if m != "HEAD") == 0
+
+    # `source_digests_only = true` keeps the refusal.
+    other = tmp_path / "only"
+    other.mkdir()
+    text = text.replace(str(tmp_path / "cache"), str(other / "cache")).replace(
+        f'"{target.host}"', f'"{target.host}", prefix = "o"'
+    )
+    code, images, err = sync(write_config(other, text.replace("EXTRA", ", source_digests_only = true")))
     assert code == 1, err
     index = images[f"{seeded.registry.host}/t/index:1"]
     assert index["status"] == "failed" and index["push"] == "failed"
     assert "cannot be pushed with its digest" in str(index["error"])
-    assert "platforms filter" in str(index["error"])
-    single = images[f"{seeded.registry.host}/t/schema2:1"]
-    assert (single["status"], single["push"]) == ("ok", "pushed")
-    assert inspect_digest(f"docker://{target.host}/t/schema2:1") == seeded.digests["t/schema2:1"]
-    assert not [k for k in target.requests() if k[0] == "PUT" and "/t/index/manifests/" in k[1]]
+    assert "source_digests_only" in str(index["error"])
+    assert not [k for k in target.requests() if k[0] == "PUT" and "/o/t/index/manifests/" in k[1]]
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ async def run(args: argparse.Namespace) -> int:
                 "platforms": list(img.platforms),
                 "size": img.size,
                 "problem": img.problem or None,
+                **({"subsetIndex": str(img.subset)} if img.subset else {}),
             }
             for img in rows
         ]
@@ -48,5 +49,6 @@ async def run(args: argparse.Namespace) -> int:
     for img in rows:
         plats = ",".join(img.platforms) or "-"
         extra = f"  PROBLEM: {printable(img.problem)}" if img.problem else ""
+        extra += f"  (pushed as subset index {img.subset})" if img.subset else ""
         print(f"{printable(img.name)}\t{img.digest}\t{printable(plats)}\t{human(img.size)}{extra}")
     return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK

@@ -1,6 +1,8 @@
 """`mirror push SRC DEST`, `mirror push --to HOST[/PREFIX] SRC... | --all`: cached images into a v2 registry.
 
-Digests are unchanged. The bulk form keeps each image's repository path under the target
+Digests are unchanged, but for an index cached with a platform filter: it goes as a new
+index of the cached platforms (the line shows both digests) unless --source-digests-only
+refuses it. The bulk form keeps each image's repository path under the target
 (the source host dropped, as a sync job's registry destination does), skips an image whose
 tag at the target already names the cached digest (one HEAD), and pushes the rest
 concurrently through one Pusher, so a blob shared by many images is uploaded once and
@@ -64,6 +66,11 @@ def register(sub: Any) -> None:
         metavar="REPO",
         help="a repository of the destination registry that may hold the blobs already (cross-repository mount)",
     )
+    p.add_argument(
+        "--source-digests-only",
+        action="store_true",
+        help="refuse an index cached with a platform filter instead of pushing its cached platforms as a new index",
+    )
     p.add_argument("--chunk-threshold", type=int, default=CHUNK_THRESHOLD, metavar="BYTES", help="chunked upload above")
     p.add_argument("--chunk-size", type=int, default=CHUNK_BYTES, metavar="BYTES", help="bytes per PATCH chunk")
     add_network(p, "uploaded")
@@ -108,9 +115,10 @@ async def run(args: argparse.Namespace) -> int:
         engine = cfg.engine(layout, transport)
         sink = RegistryV2Sink(transport, chunk_threshold=args.chunk_threshold, chunk_bytes=args.chunk_size)
         pusher = Pusher(engine, sink, mount_from=tuple(args.mount_from))
-        result = await pusher.push(source, dest)
+        result = await pusher.push(source, dest, subset=not args.source_digests_only)
     if result.status == "ok":
-        print(f"{printable(dest)}\t{result.digest}")
+        note = f"\tsubset of {result.subset_of}" if result.subset_of else ""
+        print(f"{printable(dest)}\t{result.digest}{note}")
     else:
         print(printable(f"FAILED {source} -> {dest}: {result.error}"))
     print(_stats_line(pusher, time.monotonic() - t0), file=sys.stderr)
@@ -121,7 +129,7 @@ async def run(args: argparse.Namespace) -> int:
 
 async def run_bulk(args: argparse.Namespace) -> int:
     """Push many cached references to one registry target; a line per image, then the totals."""
-    target = parse_target(args.to)
+    target = parse_target(args.to).with_source_digests_only(args.source_digests_only)
     if args.all and args.refs:
         raise UsageError("give cached references or --all, not both")
     if not args.all and not args.refs:
@@ -146,7 +154,7 @@ async def run_bulk(args: argparse.Namespace) -> int:
         if out.status == PUSH_FAILED:
             print(printable(f"FAILED {name} -> {out.error}"))
         else:
-            print(f"{out.status}\t{printable(f'{name} -> {out.target}')}")
+            print(f"{out.status}\t{printable(f'{name} -> {out.target}')}{out.subset_note()}")
     failed = [o for o in outcomes if o.status == PUSH_FAILED]
     summary = f"{len(outcomes) - len(failed)}/{len(outcomes)} images "
     summary += "checked" if args.dry_run else "at the target"

@@ -6,11 +6,13 @@ mounted from another repository of the target pushed to in this run, else upload
 manifests last, so digests match the source). Whether the target is up to date is decided
 by one `HEAD /v2/NAME/manifests/TAG` at the target (distribution spec "Checking if content
 exists"), not by the state file: a target that lost the image, or was reset, gets it again.
+An index cached with a platform filter is pushed as a new index of the cached platforms
+(`plan_push`); its digest is deterministic, so the same HEAD finds a no-op run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mirror.engine.push import Pusher, plan_push
 from mirror.errors import MirrorError, StoreError, UsageError
@@ -29,6 +31,7 @@ class RegistryTarget:
 
     host: str
     prefix: str = ""
+    source_digests_only: bool = False  # refuse an index cached with a platform filter (no subset index)
 
     @classmethod
     def of(cls, host: str, prefix: str = "") -> RegistryTarget:
@@ -40,6 +43,10 @@ class RegistryTarget:
         if prefix:
             Reference.parse(f"{host}/{prefix}/x")
         return cls(parsed.registry, prefix)
+
+    def with_source_digests_only(self, only: bool) -> RegistryTarget:
+        """Return this target refusing (True) or pushing as subsets (False) indexes cached with a platform filter."""
+        return replace(self, source_digests_only=only)
 
     def reference(self, ref: Reference) -> Reference:
         """Return where the cached `ref` goes: `HOST/PREFIX/REPOSITORY:TAG` (the source host dropped)."""
@@ -57,6 +64,12 @@ class PushOutcome:
     status: str
     target: str
     error: str = ""
+    digest: str = ""  # what the target's tag names (pushed or found present)
+    subset_of: str = ""  # the pushed index lists only the cached platforms of this source index
+
+    def subset_note(self) -> str:
+        """Return ` (subset index DIGEST of SOURCE)` for a subset index, else ""."""
+        return f" (subset index {self.digest} of {self.subset_of})" if self.subset_of else ""
 
 
 class Publisher:
@@ -71,7 +84,8 @@ class Publisher:
         """Push the cached `ref` to `target` unless the target's tag already names its digest.
 
         `filtered`: the job keeps only some platforms, so an index may be cached incomplete;
-        such an index cannot be pushed under its digest and fails with a message saying so.
+        such an index goes as a new index of the cached platforms, or, when the target asks
+        for source digests only, fails with a message saying so.
         """
         sink = self.pusher.sink
         try:
@@ -79,7 +93,9 @@ class Publisher:
         except MirrorError as exc:
             return PushOutcome(PUSH_FAILED, "", f"push to {target}: {exc}")
         try:
-            plan = await plan_push(self.pusher.engine.layout, str(ref))
+            subset = not target.source_digests_only
+            plan = await plan_push(self.pusher.engine.layout, str(ref), subset=subset)
+            digest, subset_of = str(plan.top.digest), str(plan.subset_of or "")
             async with self.pusher.engine.host_slot(sink.host(dest)):
                 present = await sink.manifest_digest(dest)
             if present == plan.top.digest:
@@ -89,15 +105,15 @@ class Publisher:
                 known = self.pusher.known.setdefault(sink.host(dest), {})
                 for blob in plan.blobs:
                     known.setdefault(blob.digest, dest.repository)
-                return PushOutcome(PRESENT, str(dest))
+                return PushOutcome(PRESENT, str(dest), digest=digest, subset_of=subset_of)
         except StoreError as exc:
-            hint = " (the job's platforms filter: pushing needs every platform of an index)" if filtered else ""
+            hint = " (the job's platforms filter with source_digests_only)" if filtered else ""
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {exc}{hint}")
         except MirrorError as exc:
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {exc}")
         if dry_run:
-            return PushOutcome(WOULD_PUSH, str(dest))
-        result = await self.pusher.push(str(ref), dest)
+            return PushOutcome(WOULD_PUSH, str(dest), digest=digest, subset_of=subset_of)
+        result = await self.pusher.push(str(ref), dest, subset=subset)
         if result.status != "ok":
             return PushOutcome(PUSH_FAILED, str(dest), f"push to {dest}: {result.error}")
-        return PushOutcome(PUSHED, str(dest))
+        return PushOutcome(PUSHED, str(dest), digest=str(result.digest), subset_of=str(result.subset_of or ""))

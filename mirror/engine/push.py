@@ -15,7 +15,7 @@ from mirror.digest import Digest
 from mirror.engine.copy import Engine
 from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, MirrorError, StoreError, UsageError
-from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, wrapped_source
+from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, subset_index, wrapped_source
 from mirror.reference import Reference
 from mirror.sinks import BlobSink, MountingSink
 from mirror.store.layout import Layout
@@ -30,6 +30,7 @@ class PushPlan:
     top: Manifest
     children: tuple[Manifest, ...]
     blobs: tuple[Descriptor, ...]
+    subset_of: Digest | None = None  # `top` is a new index of the cached platforms of this source index
 
 
 @dataclass(slots=True)
@@ -55,13 +56,17 @@ class PushResult:
     digest: Digest | None = None
     seconds: float = 0.0
     error: str = ""
+    subset_of: Digest | None = None  # the pushed index is a subset of this source index
 
 
-async def plan_push(layout: Layout, name: str) -> PushPlan:
+async def plan_push(layout: Layout, name: str, *, subset: bool = True) -> PushPlan:
     """Return what pushing the cached reference `name` sends, or raise StoreError when it is incomplete.
 
     A wrapper index of the project's own is resolved to the original document it names,
-    so the destination gets the source's bytes and digest.
+    so the destination gets the source's bytes and digest. An index cached with a platform
+    filter (some children not cached) becomes, with `subset`, a new index of the cached
+    children (`subset_index`: new digest, the source's named in an annotation); without
+    it, it is refused, since it cannot be pushed under the source's digest.
     """
     desc = await layout.find(name)
     if desc is None:
@@ -78,13 +83,18 @@ async def plan_push(layout: Layout, name: str) -> PushPlan:
     if source is not None:
         top = await load_manifest(store, *source)
     children: list[Manifest] = []
+    subset_of: Digest | None = None
+    if isinstance(top, IndexManifest) and subset:
+        cut = subset_index(top, {d.digest for d in top.manifests if store.has(d.digest)})
+        if cut is not None:
+            subset_of, top = top.digest, cut
     if isinstance(top, IndexManifest):
         # Nested indexes come before the index naming them: children are pushed in this order.
         for d, child in await load_tree(store, top):
             if child is None:
                 raise StoreError(
                     f"{name}: platform {d.platform or '?'} ({d.digest}) of its index is not cached;"
-                    " the index cannot be pushed with its digest"
+                    " the index cannot be pushed with its digest (asked for source digests only)"
                 )
             children.append(child)
     images = [m for m in ([top, *children]) if isinstance(m, ImageManifest)]
@@ -96,7 +106,7 @@ async def plan_push(layout: Layout, name: str) -> PushPlan:
             raise StoreError(f"{name}: blob {b.digest} is missing or of the wrong size in the cache (`mirror verify`)")
         # schema1 gives no sizes: take the stored file's, which verify/pull checked against the digest.
         blobs.append(b if b.size >= 0 else replace(b, size=store.size(b.digest)))
-    return PushPlan(name, top, tuple(children), tuple(blobs))
+    return PushPlan(name, top, tuple(children), tuple(blobs), subset_of)
 
 
 class Pusher:
@@ -116,11 +126,15 @@ class Pusher:
     def _remember(self, host: str, digest: Digest, repository: str) -> None:
         self.known.setdefault(host, {})[digest] = repository
 
-    async def push(self, name: str, dest: Reference) -> PushResult:
-        """Push the cached reference `name` to `dest`; failures come back in the result, not raised."""
+    async def push(self, name: str, dest: Reference, *, subset: bool = True) -> PushResult:
+        """Push the cached reference `name` to `dest`; failures come back in the result, not raised.
+
+        `subset`: an index cached with a platform filter goes as a new index of the cached
+        platforms (see `plan_push`); False refuses it.
+        """
         t0 = time.monotonic()
         try:
-            plan = await plan_push(self.engine.layout, name)
+            plan = await plan_push(self.engine.layout, name, subset=subset)
             if dest.digest is not None and dest.digest != plan.top.digest:
                 raise UsageError(f"{dest}: the cached {name} is {plan.top.digest}, not the digest named")
             async with asyncio.TaskGroup() as tg:
@@ -136,7 +150,7 @@ class Pusher:
                     await self._manifest(dest.with_tag(None).with_digest(child.digest), child)
             # The top document under the destination's tag (or digest, when it names only one).
             await self._manifest(dest.with_tag(dest.tag) if dest.tag else dest.with_digest(plan.top.digest), plan.top)
-            result = PushResult(name, dest, "ok", plan.top.digest, time.monotonic() - t0)
+            result = PushResult(name, dest, "ok", plan.top.digest, time.monotonic() - t0, subset_of=plan.subset_of)
         except* MirrorError as group:
             first: BaseException = group.exceptions[0]
             while isinstance(first, BaseExceptionGroup):

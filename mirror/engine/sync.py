@@ -108,12 +108,15 @@ class SyncResult:
     target: str = ""  # the destination reference it was pushed to
     referrer_of: str = ""  # for a referrer (signature, SBOM): the `HOST/R@DIGEST` it refers to
     foreign: int = 0  # foreign layers kept as references, not fetched
+    subset_index: str = ""  # pushed as a new index of the cached platforms: its digest (`digest` is the source's)
 
     def to_json(self) -> dict[str, Any]:
         """Return the report entry: reference, digest, status, bytes, seconds, error (and job)."""
         extra: dict[str, Any] = {"referrer_of": self.referrer_of} if self.referrer_of else {}
         if self.foreign:
             extra["foreign_layers"] = self.foreign
+        if self.subset_index:
+            extra["subset_index"] = self.subset_index
         return {
             "job": self.job,
             "reference": self.reference,
@@ -446,7 +449,13 @@ class Syncer:
         t0 = time.monotonic()
         cut = bool(job.platforms) if filtered is None else filtered  # referrers are cached whole
         got = await self.publisher.publish(target, ref, dry_run=self.dry_run, filtered=cut)
-        result = replace(result, pushed=got.status, target=got.target, seconds=result.seconds + time.monotonic() - t0)
+        result = replace(
+            result,
+            pushed=got.status,
+            target=got.target,
+            seconds=result.seconds + time.monotonic() - t0,
+            subset_index=got.digest if got.subset_of else "",
+        )
         return replace(result, status=FAILED, error=got.error) if got.status == PUSH_FAILED else result
 
     # --- what other job kinds (engine.sync_daemon) build on ---------------------------------

@@ -189,8 +189,9 @@ class TarReader:
     An entry's unread content is skipped by the following `next()`.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], *, max_entries: int = MAX_ENTRIES) -> None:
         self.reader = ChunkReader(chunks)
+        self.max_entries = max_entries
         self._left = 0  # content bytes of the current entry not yet read
         self._pad = 0  # padding after it, up to the next 512-byte block
         self.current: TarHeader | None = None
@@ -261,8 +262,8 @@ class TarReader:
             if entry_kind in ("symlink", "hardlink"):
                 size = 0  # links carry no content
             self.entries += 1
-            if self.entries > MAX_ENTRIES:
-                raise SaveFormatError(f"export tar: more than {MAX_ENTRIES} entries (not a docker save stream?)")
+            if self.entries > self.max_entries:
+                raise SaveFormatError(f"export tar: more than {self.max_entries} entries (not a docker save stream?)")
             self.current = TarHeader(_norm(name), entry_kind, size, link)
             self._left = size
             self._pad = -size % BLOCK

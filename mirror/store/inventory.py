@@ -10,6 +10,7 @@ from mirror.manifest import (
     ImageManifest,
     IndexManifest,
     platform_of_config,
+    subset_index,
     wrapped_source,
 )
 from mirror.store.layout import Layout
@@ -28,6 +29,7 @@ class CachedImage:
     platforms: tuple[str, ...]
     size: int
     problem: str = ""
+    subset: Digest | None = None  # an index cached with a platform filter: the digest it is pushed under
 
 
 async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> CachedImage:
@@ -56,13 +58,17 @@ async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -
                 platforms.append(str(plat) if plat else "?")
             elif top.platform:
                 platforms.append(str(top.platform))
+        subset = None
+        if isinstance(top, IndexManifest) and images:
+            cut = subset_index(top, {i.digest for i in images})
+            subset = cut.digest if cut is not None else None
         seen: set[Digest] = set()
         for image in images:
             for b in image.blobs:
                 if b.digest not in seen:
                     seen.add(b.digest)
                     size += layout.blobs.size(b.digest)
-        return CachedImage(name, top.digest, top.media_type, tuple(platforms), size)
+        return CachedImage(name, top.digest, top.media_type, tuple(platforms), size, subset=subset)
     except (MirrorError, OSError, ValueError, KeyError) as exc:
         return CachedImage(name, digest, media_type, (), 0, problem=str(exc))
 

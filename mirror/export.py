@@ -246,7 +246,7 @@ def plan_oci(layout: Layout, entries: Sequence[Entry], refs: Sequence[str]) -> E
         if isinstance(img.top, IndexManifest) and img.wrapper is None:
             # An index cached with a platform filter: name a subset index of the cached
             # platforms (as `mirror push` sends it), so `skopeo copy --all` finds every child.
-            cut = subset_index(img.top, {m.digest for m, _ in img.images})
+            cut = subset_index(img.top, {m.digest for m, _ in img.images} | set(img.nested))
             if cut is not None:
                 entry = descriptor_of(cut).to_json()
                 members.made(cut.raw)

@@ -43,9 +43,11 @@ async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -
         size = len(top.raw)
         platforms: list[str] = []
         images: list[ImageManifest] = []
+        cached: set[Digest] = set()  # manifests under the index that the cache holds, nested indexes too
         if isinstance(top, IndexManifest):
             for d, child in await load_tree(layout.blobs, top):
                 if child is not None:
+                    cached.add(d.digest)
                     size += len(child.raw)
                 if isinstance(child, ImageManifest):
                     images.append(child)
@@ -60,7 +62,7 @@ async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -
                 platforms.append(str(top.platform))
         subset = None
         if isinstance(top, IndexManifest) and images:
-            cut = subset_index(top, {i.digest for i in images})
+            cut = subset_index(top, cached)
             subset = cut.digest if cut is not None else None
         seen: set[Digest] = set()
         for image in images:

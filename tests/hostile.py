@@ -7,7 +7,7 @@ one is set, else answered 404. Every request is recorded with its raw path and q
 the client sent them, and its headers.
 
 `run_mirror` runs `python -m mirror ARGS...` and reports its exit code, output, wall time
-and peak resident memory (the kernel's `ru_maxrss` of the child, from `os.wait4`).
+and peak resident memory (the kernel's `ru_maxrss` of the mirror process, spawned from a small parent).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -221,31 +222,47 @@ class Run:
         return [line for line in (self.out + self.err).splitlines() if line.strip()]
 
 
+# The measured run starts from this small parent: the kernel's ru_maxrss of a process
+# counts the memory of the one it was forked from (pytest, hundreds of MiB late in a full
+# run), so `mirror` is spawned from here and its own peak reported back.
+_SPAWN = """
+import os, sys
+pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "mirror", *sys.argv[2:]], dict(os.environ))
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def run_mirror(*args: str, timeout: float = 300.0, cwd: Path | None = None) -> Run:
     """Run `python -m mirror ARGS...`; return its exit code, output, time and peak RSS (killed past `timeout`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_PROXY": "*", "no_proxy": "*"}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result"
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mirror", *args], stdout=out, stderr=err, env=env, cwd=cwd or ROOT
+            [sys.executable, "-c", _SPAWN, str(result), *args],
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=cwd or ROOT,
+            start_new_session=True,
         )
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-            time.sleep(0.05)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         seconds = time.monotonic() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, rss = result.read_text().split() if result.exists() else (str(proc.returncode), "0")
         out.seek(0)
         err.seek(0)
         return Run(
-            proc.returncode,
+            int(code),
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
             seconds,
-            usage.ru_maxrss,
+            int(rss),
         )
 
 

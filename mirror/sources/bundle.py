@@ -24,7 +24,7 @@ from mirror.digest import Digest
 from mirror.errors import BundleError, DigestError, IntegrityError, ManifestError, MirrorError
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, REF_NAME, Descriptor, ImageManifest, parse_manifest
 from mirror.sources.savetar import SaveFormatError, TarReader
-from mirror.store.gc import mark
+from mirror.store.gc import manifest_loader, mark
 from mirror.store.layout import Layout
 
 READ_BYTES = 1 << 20
@@ -244,14 +244,7 @@ async def import_bundle(
 def _check_complete(layout: Layout, roots: list[Descriptor], where: str) -> None:
     """Raise BundleError unless every manifest the references reach, and every blob of their images, is stored."""
     store = layout.blobs
-
-    def load(digest: Digest) -> bytes | None:
-        try:
-            with open(store.path(digest), "rb") as f:
-                return f.read(MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            return None
-
+    load = manifest_loader(store)
     marked = mark(roots, load, _Stored(layout))
     if marked.broken:
         raise BundleError(f"{where}: {marked.broken[0]}; nothing was merged")

@@ -154,7 +154,9 @@ def stored_blobs(store: BlobStore) -> dict[Digest, int]:
     return out
 
 
-def _loader(store: BlobStore) -> Callable[[Digest], bytes | None]:
+def manifest_loader(store: BlobStore) -> Callable[[Digest], bytes | None]:
+    """Return a function reading a stored manifest's bytes (at most the manifest cap), None when absent."""
+
     def load(digest: Digest) -> bytes | None:
         try:
             with open(store.path(digest), "rb") as f:
@@ -224,7 +226,7 @@ async def collect(
     async with CacheLock(layout.root, exclusive=True, wait=wait):
         roots = await index_roots(layout)
         stored = await asyncio.to_thread(stored_blobs, layout.blobs)
-        marked = await asyncio.to_thread(mark, roots, _loader(layout.blobs), stored.keys())
+        marked = await asyncio.to_thread(mark, roots, manifest_loader(layout.blobs), stored.keys())
         if marked.broken:
             more = f" (and {len(marked.broken) - 1} more)" if len(marked.broken) > 1 else ""
             raise StoreError(f"gc refused: {marked.broken[0]}{more}; run `mirror verify --repair` first")

@@ -15,8 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from mirror.commands.common import EXIT_OK, add_common, load_config
+from mirror.config import Config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
+from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_upstream, ttl_seconds
 from mirror.server import (
     DEFAULT_PLATFORM,
     IDLE_TIMEOUT,
@@ -29,9 +31,13 @@ from mirror.server import (
     default_max_connections,
     make_app,
     parse_listen,
+    pull_through_metrics,
     raise_nofile_limit,
 )
+from mirror.sources.registry_v1 import RegistryV1Source
+from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
+from mirror.transport import Transport
 
 PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
 
@@ -65,6 +71,17 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="close a connection that sends no complete request headers, or reads nothing, this long (default 30)",
     )
+    p.add_argument(
+        "--upstream",
+        metavar="HOST",
+        help="pull-through: fetch what the cache lacks from this v2 registry (registry-1.docker.io for Docker Hub)",
+    )
+    p.add_argument(
+        "--tag-ttl",
+        metavar="SECONDS|never",
+        help=f"pull-through: revalidate a cached tag upstream once older than this (default {DEFAULT_TTL:g}; 0 always)",
+    )
+    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for upstream HOST")
     p.set_defaults(run=run)
 
 
@@ -102,15 +119,51 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
+    if args.upstream:
+        return [parse_upstream(args.upstream)]
+    return []
+
+
+def _pull_through(args: argparse.Namespace, cfg: Config, layout: Layout, transport: Transport) -> PullThrough | None:
+    upstreams = _upstreams(args, cfg)
+    if not upstreams:
+        if args.tag_ttl is not None:
+            raise UsageError("--tag-ttl needs an upstream (--upstream HOST)")
+        return None
+    ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else DEFAULT_TTL
+    engine = cfg.engine(layout, transport)
+    return PullThrough(layout, engine, RegistryV2Source(transport), upstreams, ttl=ttl, v1=RegistryV1Source(transport))
+
+
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; print the address once listening."""
     cfg = load_config(args)
     host, port = parse_listen(args.listen)
-    layout = Layout.open(cfg.cache, create=False)
+    pulling = bool(_upstreams(args, cfg))
+    layout = Layout.open(cfg.cache, create=pulling)
     tls = _tls(args)
     limits = _limits(args)
     auth = _authenticator(args)
-    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform))
+    async with cfg.transport() as transport:
+        pull = _pull_through(args, cfg, layout, transport)
+        return await _serve(args, cfg, layout, host, port, tls, limits, auth, pull)
+
+
+async def _serve(
+    args: argparse.Namespace,
+    cfg: Config,
+    layout: Layout,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    limits: ServeLimits,
+    auth: Authenticator | None,
+    pull: PullThrough | None,
+) -> int:
+    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform), pull=pull)
+    if pull is not None:
+        app.router.add_get("/metrics", pull_through_metrics(pull.stats))
     logging.basicConfig(level=logging.WARNING, format="mirror serve: %(message)s", stream=sys.stderr)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

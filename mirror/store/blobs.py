@@ -197,6 +197,9 @@ class BlobWriter:
         self._buffered = 0
         self._pending: asyncio.Future[None] | None = None
         self._flushed = 0  # bytes handed to the kernel and asked to be written back
+        # Bytes in the partial file that another open file reads (a pull-through tee's
+        # clients): full batches, then everything once committed.
+        self.landed = 0
 
     async def io(self, func: Callable[..., T], *args: object) -> T:
         """Run file work for this blob in the store's threads; an OSError (a full disk, say) becomes a StoreError."""
@@ -221,7 +224,7 @@ class BlobWriter:
             while block := self._file.read(FLUSH_BYTES):
                 self._hash.update(block)
                 self.offset += len(block)
-            self._flushed = self.offset
+            self._flushed = self.landed = self.offset
             if 0 <= self.expected_size < self.offset:
                 self._reset_sync()
 
@@ -231,7 +234,7 @@ class BlobWriter:
             self._file.truncate()
         self._hash = hashlib.new(self.digest.algorithm)
         self.offset = 0
-        self._flushed = 0
+        self._flushed = self.landed = 0
 
     async def reset(self) -> None:
         """Drop everything written so far (the server ignored our Range request)."""
@@ -255,6 +258,9 @@ class BlobWriter:
             with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
                 os.posix_fadvise(self._file.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = end
+        if writeback:
+            self._file.flush()
+            self.landed = self._file.tell()
 
     async def _drain(self) -> None:
         if self._pending is not None:
@@ -287,6 +293,7 @@ class BlobWriter:
         elif got != self.digest.hex:
             raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
         self._file.flush()
+        self.landed = self.offset
         os.fdatasync(self._file.fileno())  # data and size on disk before the name points at them
         self._file.close()
         target = self.store.path(self.digest)

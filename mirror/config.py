@@ -106,6 +106,21 @@ class DockerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One `[[upstreams]]` table: repository names starting with `prefix` are pulled through from `host`."""
+
+    host: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """The `[serve]` table: how long a pulled-through tag is served before it is revalidated (None: never)."""
+
+    tag_ttl: float | None = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration of a run."""
 
@@ -124,6 +139,8 @@ class Config:
     certs_dirs: tuple[Path, ...] = DEFAULT_CERTS_DIRS
     docker_config: Path | None = None
     use_docker_config: bool = True
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    serve: ServeConfig = ServeConfig()
 
     def host_limits(self) -> HostLimits:
         """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
@@ -255,6 +272,20 @@ class Table:
         return tuple(k.name for k in self.keys if k.only is None or variant is None or k.only == variant)
 
 
+def _tag_ttl(value: object) -> str | None:
+    if value == "never" or value == 0:
+        return None
+    try:
+        parse_duration(value)  # type: ignore[arg-type]
+    except UsageError:
+        return 'expected seconds, a duration such as 90s or 5m, 0 (always revalidate) or "never"'
+    return None
+
+
+def _prefix(value: str) -> str | None:
+    return None if value == "" or (value.endswith("/") and not value.startswith("/")) else 'end it with "/"'
+
+
 def _duration(value: object) -> str | None:
     try:
         parse_duration(value)  # type: ignore[arg-type]
@@ -318,6 +349,16 @@ TABLES: tuple[Table, ...] = (
         Key("concurrency", INTEGER, None, "Requests in flight to this host (default: [engine] per_host).", at_least(1)),
         Key("proxy", STRING, None, '"http://[USER[:PASS]@]HOST:PORT", or "none" (default: the environment decides).'),
         Key("proxy_password_env", STRING, None, "Environment variable holding the proxy's password."),
+    ), array=True),
+    Table("serve", "`mirror serve` pulling through from [[upstreams]].", (
+        Key("tag_ttl", DURATION, 300, 'Seconds (or 5m, 1h) a cached tag is served before one HEAD upstream checks it; '
+            '0: every time; "never": tags never change.', _tag_ttl),
+    )),
+    Table("upstreams", "A registry `mirror serve` pulls through from; its [[registries]] table gives credentials, "
+          "TLS, proxy and `api` (v2 or v1).", (
+        Key("host", STRING, REQUIRED, "The upstream registry: HOST[:PORT]; registry-1.docker.io for Docker Hub."),
+        Key("prefix", STRING, "", 'Repository names starting with this are fetched here, without it ("": every name; '
+            "the longest matching prefix wins).", _prefix),
     ), array=True),
     Table("jobs", "One sync job (`mirror sync`, `mirror daemon`); every job copies into the cache.", (
         Key("name", STRING, REQUIRED, "Unique; `mirror sync --job NAME` runs only this one."),
@@ -626,7 +667,21 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         registries=regs,
         jobs=_v1_jobs(_jobs(d, top["jobs"], docker), {r.host for r in regs if r.api == "v1"}, d),
         daemon=DaemonConfig(**d.read(SCHEMA["daemon"], top["daemon"], ("daemon",))),
+        upstreams=tuple(_upstream(d, u, ("upstreams", i)) for i, u in enumerate(top["upstreams"])),
+        serve=_serve(d.read(SCHEMA["serve"], top["serve"], ("serve",))),
     )
+
+
+def _serve(raw: dict[str, Any]) -> ServeConfig:
+    ttl = raw["tag_ttl"]
+    return ServeConfig(None if ttl == "never" else 0.0 if ttl == 0 else parse_duration(ttl))
+
+
+def _upstream(doc: _Doc, raw: object, at: KeyPath) -> UpstreamConfig:
+    u = doc.read(SCHEMA["upstreams"], raw, at)
+    if not u["host"]:
+        raise doc.error((*at, "host"), 'missing; the upstream registry, e.g. host = "registry-1.docker.io"')
+    return UpstreamConfig(u["host"], u["prefix"])
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------

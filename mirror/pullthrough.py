@@ -33,13 +33,13 @@ from mirror.errors import (
     IntegrityError,
     MirrorError,
     NotFoundError,
-    ReferenceError_,
     StreamError,
     TransportError,
     UsageError,
 )
 from mirror.manifest import Descriptor, IndexManifest, Manifest, descriptor_of, oci_entry
 from mirror.reference import DOCKER_HUB, Reference
+from mirror.sources.registry_v1 import RegistryV1Source, v1_repository
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.blobs import BlobWriter
 from mirror.store.layout import Layout
@@ -77,7 +77,7 @@ def parse_upstream(text: str) -> Upstream:
     host = text.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
     try:
         Reference.parse(f"{host}/probe/name")
-    except ReferenceError_:
+    except UsageError:
         host = ""
     if not host or "/" in host:
         raise UsageError(f"invalid --upstream {text!r}: expected a registry HOST[:PORT], e.g. registry-1.docker.io")
@@ -202,7 +202,7 @@ class PullThrough:
         upstreams: Sequence[Upstream],
         *,
         ttl: float | None = DEFAULT_TTL,
-        v1: object | None = None,
+        v1: RegistryV1Source | None = None,
     ) -> None:
         self.layout = layout
         self.engine = engine
@@ -223,9 +223,10 @@ class PullThrough:
                 try:
                     # Reference.parse maps a one-component Docker Hub name to `library/NAME`.
                     ref = Reference.parse(f"{up.registry}/{path}")
-                except ReferenceError_:
+                    repository = v1_repository(ref.repository) if up.api == "v1" else ref.repository
+                except UsageError:  # ReferenceError_ too; a v1 name has at most one '/'
                     return None
-                return up, Reference(ref.registry, ref.repository)
+                return up, Reference(ref.registry, repository)
         return None
 
     # --- manifests ---------------------------------------------------------------------------
@@ -319,16 +320,15 @@ class PullThrough:
     async def _fetch_v1(self, ref: Reference) -> None:
         """Pull a v1 image (tags, ancestry, json, layers), converted as `mirror pull --api v1` does."""
         from mirror.engine.v1 import pull_v1
-        from mirror.sources.registry_v1 import RegistryV1Source
 
         if ref.digest is not None:
             raise NotFoundError(f"{ref}: a v1 registry names images by tag only", status=404)
-        if not isinstance(self.v1, RegistryV1Source):
+        if self.v1 is None:
             raise UsageError("no v1 source configured")
-        result = await pull_v1(self.engine, self.v1, ref)
+        async with self.engine.host_slot(self.v1.host(ref)):
+            top = await self.v1.tag_id(ref)  # a missing tag is NotFoundError here: 404 to the client
+        result = await pull_v1(self.engine, self.v1, ref, top)
         if result.status != "ok":
-            if "not found" in result.error.lower() or "404" in result.error:
-                raise NotFoundError(result.error, status=404)
             raise TransportError(result.error)
         self._checked[str(ref)] = time.monotonic()
 

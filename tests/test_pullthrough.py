@@ -1,4 +1,5 @@
 """`mirror serve --upstream`: pull-through from a real docker-registry, with skopeo and podman as clients."""
+# ruff: noqa: F811 - pytest fixtures imported from test_v1 are named as test arguments
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from tests.conftest import ROOT, registry_digest
 from tests.faultproxy import Fault, FaultProxy, start_site
 from tests.served_cache import Server
 from tests.syncfixtures import blob_gets, delta, manifest_requests
+from tests.test_airgap_v1 import cached_diff_ids
+from tests.test_v1 import seed, v1reg  # noqa: F401 - the v1 seed and its test server, as fixtures
+from tests.v1server import V1Registry
 from tools.imagebuild import Layout as SrcLayout
 from tools.imagebuild import random_layer
 from tools.registry import Registry, free_port, skopeo_copy
@@ -389,3 +393,38 @@ async def test_unknown_names_and_blobs_not_in_a_cached_manifest_are_404(
     status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/big/blobs/{upstream.big_layer}")
     assert status == 404
     assert srv.pull.stats.blob_fetches == 0
+
+
+# --- several upstreams by prefix, one of them v1 (serve -c serve.toml) ------------------------
+
+
+@pytest.mark.slow
+def test_podman_pulls_a_v1_only_image_and_a_v2_one_through_one_mirror_by_prefix(
+    upstream: Upstream_, v1reg: V1Registry, tmp_path: Path
+) -> None:
+    conf = tmp_path / "serve.toml"
+    conf.write_text(
+        f'[serve]\ntag_ttl = "never"\n'
+        f'[[upstreams]]\nprefix = "legacy/"\nhost = "{v1reg.host}"\n'
+        f'[[upstreams]]\nprefix = "v2/"\nhost = "{upstream.host}"\n'
+        f'[[registries]]\nhost = "{v1reg.host}"\napi = "v1"\n'
+    )
+    cache = tmp_path / "cache"
+    srv = Server(cache, "-c", str(conf))
+    refs = [f"{srv.host}/legacy/ubuntu:15.10", f"{srv.host}/v2/t/schema2:1"]
+    try:
+        for ref in refs:
+            res = subprocess.run(["podman", "pull", "-q", "--tls-verify=false", ref], capture_output=True)
+            assert res.returncode == 0, res.stderr.decode()
+        # The v1 image, converted as `mirror pull --api v1` does: podman has its layers' diff ids.
+        layers = json.loads(subprocess.run(["podman", "image", "inspect", refs[0]], capture_output=True).stdout)[0]
+        assert layers["RootFS"]["Layers"] == cached_diff_ids(cache, f"{v1reg.host}/library/ubuntu:15.10")
+        got = subprocess.run(["podman", "image", "inspect", "--format", "{{.Digest}}", refs[1]], capture_output=True)
+        assert got.stdout.decode().strip() == upstream.digests["t/schema2:1"]
+        # Names under no prefix are not routed: 404 from the cache.
+        status, _ = http(f"{srv.base}/v2/other/app/manifests/1")
+        assert status == 404
+    finally:
+        for ref in refs:
+            subprocess.run(["podman", "rmi", "-f", ref], capture_output=True)
+        srv.stop()

@@ -120,9 +120,19 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
-    if args.upstream:
-        return [parse_upstream(args.upstream)]
-    return []
+    """Return `--upstream HOST` (every name), else the config's `[[upstreams]]`, each with its registry's API."""
+    apis = {r.host: r.api for r in cfg.registries}
+    wanted = [(args.upstream, "")] if args.upstream else [(u.host, u.prefix) for u in cfg.upstreams]
+    out: list[Upstream] = []
+    for host, prefix in wanted:
+        up = parse_upstream(host)
+        api = apis.get(up.host) or apis.get(up.registry) or "auto"
+        out.append(Upstream(up.host, prefix, "v1" if api == "v1" else "v2"))
+    prefixes = [u.prefix for u in out]
+    for prefix in prefixes:
+        if prefixes.count(prefix) > 1:
+            raise UsageError(f"two [[upstreams]] have the prefix {prefix!r}: each prefix goes to one upstream")
+    return out
 
 
 def _pull_through(args: argparse.Namespace, cfg: Config, layout: Layout, transport: Transport) -> PullThrough | None:
@@ -131,7 +141,7 @@ def _pull_through(args: argparse.Namespace, cfg: Config, layout: Layout, transpo
         if args.tag_ttl is not None:
             raise UsageError("--tag-ttl needs an upstream (--upstream HOST)")
         return None
-    ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else DEFAULT_TTL
+    ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else cfg.serve.tag_ttl
     engine = cfg.engine(layout, transport)
     return PullThrough(layout, engine, RegistryV2Source(transport), upstreams, ttl=ttl, v1=RegistryV1Source(transport))
 

@@ -36,7 +36,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, ManifestError, MirrorError, NotFoundError, UsageError
+from mirror.errors import AuthError, DigestError, ManifestError, MirrorError, NotFoundError, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
@@ -688,9 +688,11 @@ async def _pull_manifest(
     have = repo is not None and not by_tag and wanted in repo.manifests
     try:
         await asyncio.shield(pull.ensure_manifest(up, base, reference, cached, have))
-    except NotFoundError:
-        detail = {"name": request.match_info["name"], "reference": reference}
-        return error(404, "MANIFEST_UNKNOWN", "manifest unknown", detail)
+    except (NotFoundError, AuthError) as exc:
+        # Docker Hub answers 401 for a repository that does not exist: unknown, either way.
+        # A 404 lets a client with a mirror configured fall back to the origin registry.
+        detail = {"name": request.match_info["name"], "reference": reference, "upstream": str(exc)}
+        return error(404, "MANIFEST_UNKNOWN", "manifest unknown to the upstream registry", detail)
     except MirrorError as exc:
         _request_log.warning("%s %s: upstream %s: %s", request.method, request.path, up.host, exc)
         return error(502, "UNAVAILABLE", f"the upstream registry {up.host} did not answer", str(exc))
@@ -741,17 +743,16 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     if digest not in repo.blobs:
         return unknown
     path = _view(request).blob_path(digest)
-    if routed is not None:
-        routed[0].stats.blob_hits += 1  # taken back below on a miss
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         if routed is None:
             return unknown
         pull, up, base, _ = routed
-        pull.stats.blob_hits -= 1
         pull.stats.blob_misses += 1
         return await _pull_blob(request, pull, up, base, digest, repo.sizes.get(digest, -1))
+    if routed is not None:
+        routed[0].stats.blob_hits += 1
     if f'"{digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={hdrs.ETAG: f'"{digest}"', "Docker-Content-Digest": str(digest)})
     header = request.headers.get(hdrs.RANGE)
@@ -802,7 +803,7 @@ async def _pull_blob(
         async for data in fetch.chunks(_view(request).blob_path(digest)):
             await resp.write(data)
             pull.stats.bytes_served += len(data)
-    except MirrorError as exc:
+    except (MirrorError, OSError) as exc:
         _request_log.warning("%s %s: cut short: %s", request.method, request.path, exc)
         resp.force_close()
         raise _CutShort(str(exc)) from None

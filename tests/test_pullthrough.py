@@ -44,6 +44,7 @@ from tools.registry import Registry, free_port, skopeo_copy
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05, max_wait=5.0)
 SKOPEO_COPY = ("skopeo", "copy", "-q", "--all", "--src-tls-verify=false")
 BIG = 8 * 1024 * 1024  # the streamed layer of t/big:1 (random, so gzip keeps its size)
+HUGE = 64 * 1024 * 1024  # the layer 20 clients ask for at once
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Upstream_:
     digests: dict[str, str]
     big_layer: str  # digest of t/big:1's large layer
     big_size: int
+    huge_layer: str  # digest of t/huge:1's 64 MiB layer
 
     @property
     def host(self) -> str:
@@ -72,13 +74,16 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream_]:
     big = random_layer(BIG, 7004)
     src.tag("big", src.image([big]))
     src.tag("other", src.image([base, random_layer(30_000, 7005)]))
+    huge = random_layer(HUGE, 7006)
+    src.tag("huge", src.image([huge]))
     skopeo_copy(f"oci:{src.root}:single", f"docker://{reg.host}/t/schema2:1", "--format", "v2s2")
     skopeo_copy(f"oci:{src.root}:multi", f"docker://{reg.host}/t/index:1", "--all")
     skopeo_copy(f"oci:{src.root}:multi", f"docker://{reg.host}/t/list:1", "--all", "--format", "v2s2")
     skopeo_copy(f"oci:{src.root}:big", f"docker://{reg.host}/t/big:1")
     skopeo_copy(f"oci:{src.root}:other", f"docker://{reg.host}/t/moving:1", "--format", "v2s2")
+    skopeo_copy(f"oci:{src.root}:huge", f"docker://{reg.host}/t/huge:1")
     digests = {n: registry_digest(reg.host, n) for n in ("t/schema2:1", "t/index:1", "t/list:1", "t/big:1")}
-    yield Upstream_(reg, digests, big.digest, len(big.blob))
+    yield Upstream_(reg, digests, big.digest, len(big.blob), huge.digest)
     reg.stop()
 
 
@@ -229,25 +234,29 @@ def big_manifest(base: str, upstream: Upstream_) -> None:
 
 
 @pytest.mark.slow
-def test_twenty_clients_of_one_uncached_blob_share_one_upstream_get(upstream: Upstream_, tmp_path: Path) -> None:
+def test_twenty_clients_of_one_uncached_64_mib_blob_share_one_upstream_get(upstream: Upstream_, tmp_path: Path) -> None:
     srv = Server(tmp_path / "cache", "--upstream", upstream.host)
     try:
-        big_manifest(srv.base, upstream)
+        status, body = http(f"{srv.base}/v2/t/huge/manifests/1", headers={"Accept": ACCEPT})
+        assert status == 200 and upstream.huge_layer in body.decode()
         before = upstream.registry.requests()
-        url = f"{srv.base}/v2/t/big/blobs/{upstream.big_layer}"
+        url = f"{srv.base}/v2/t/huge/blobs/{upstream.huge_layer}"
 
         def fetch(_: int) -> str:
             h = hashlib.sha256()
-            with urllib.request.urlopen(url, timeout=120) as resp:
+            with urllib.request.urlopen(url, timeout=300) as resp:
                 while block := resp.read(1 << 20):
                     h.update(block)
             return "sha256:" + h.hexdigest()
 
         with ThreadPoolExecutor(20) as pool:
             got = list(pool.map(fetch, range(20)))
-        assert got == [upstream.big_layer] * 20
-        assert blob_gets(delta(upstream.registry.requests(), before)) == {upstream.big_layer: 1}
-        assert cached_blob(tmp_path / "cache", upstream.big_layer).stat().st_size == upstream.big_size
+        assert got == [upstream.huge_layer] * 20
+        assert blob_gets(delta(upstream.registry.requests(), before)) == {upstream.huge_layer: 1}
+        assert (
+            hashlib.sha256(cached_blob(tmp_path / "cache", upstream.huge_layer).read_bytes()).hexdigest()
+            == (upstream.huge_layer.split(":")[1])
+        )
     finally:
         srv.stop()
 

@@ -420,20 +420,30 @@ def test_podman_pulls_a_v1_only_image_and_a_v2_one_through_one_mirror_by_prefix(
     )
     cache = tmp_path / "cache"
     srv = Server(cache, "-c", str(conf))
-    refs = [f"{srv.host}/legacy/ubuntu:15.10", f"{srv.host}/v2/t/schema2:1"]
+    # The v2 image through a registries.conf mirror whose location has the prefix as its path.
+    registries = tmp_path / "registries.conf"
+    registries.write_text(
+        'unqualified-search-registries = []\n[[registry]]\nlocation = "origin.invalid"\n'
+        f'[[registry.mirror]]\nlocation = "{srv.host}/v2"\ninsecure = true\n'
+    )
+    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registries)}
+    refs = [f"{srv.host}/legacy/ubuntu:15.10", "origin.invalid/t/schema2:1"]
     try:
         for ref in refs:
-            res = subprocess.run(["podman", "pull", "-q", "--tls-verify=false", ref], capture_output=True)
+            res = subprocess.run(["podman", "pull", "-q", "--tls-verify=false", ref], capture_output=True, env=env)
             assert res.returncode == 0, res.stderr.decode()
         # The v1 image, converted as `mirror pull --api v1` does: podman has its layers' diff ids.
-        layers = json.loads(subprocess.run(["podman", "image", "inspect", refs[0]], capture_output=True).stdout)[0]
+        inspect = subprocess.run(["podman", "image", "inspect", refs[0]], capture_output=True, env=env)
+        layers = json.loads(inspect.stdout)[0]
         assert layers["RootFS"]["Layers"] == cached_diff_ids(cache, f"{v1reg.host}/library/ubuntu:15.10")
-        got = subprocess.run(["podman", "image", "inspect", "--format", "{{.Digest}}", refs[1]], capture_output=True)
+        got = subprocess.run(
+            ["podman", "image", "inspect", "--format", "{{.Digest}}", refs[1]], capture_output=True, env=env
+        )
         assert got.stdout.decode().strip() == upstream.digests["t/schema2:1"]
         # Names under no prefix are not routed: 404 from the cache.
         status, _ = http(f"{srv.base}/v2/other/app/manifests/1")
         assert status == 404
     finally:
         for ref in refs:
-            subprocess.run(["podman", "rmi", "-f", ref], capture_output=True)
+            subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, env=env)
         srv.stop()

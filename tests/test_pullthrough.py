@@ -253,6 +253,15 @@ def test_twenty_clients_of_one_uncached_64_mib_blob_share_one_upstream_get(upstr
             got = list(pool.map(fetch, range(20)))
         assert got == [upstream.huge_layer] * 20
         assert blob_gets(delta(upstream.registry.requests(), before)) == {upstream.huge_layer: 1}
+        status, text = http(f"{srv.base}/metrics")
+        assert status == 200
+        metrics = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#"))
+        assert float(metrics["mirror_serve_upstream_blob_fetches_total"]) == 1
+        # A client that comes late finds the blob cached (a hit); the first one streams it.
+        hits, misses = (float(metrics[f"mirror_serve_blob_{k}_total"]) for k in ("hits", "misses"))
+        assert hits + misses == 20 and misses >= 1
+        size = cached_blob(tmp_path / "cache", upstream.huge_layer).stat().st_size
+        assert float(metrics["mirror_serve_upstream_bytes_total"]) == size
         assert (
             hashlib.sha256(cached_blob(tmp_path / "cache", upstream.huge_layer).read_bytes()).hexdigest()
             == (upstream.huge_layer.split(":")[1])

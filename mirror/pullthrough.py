@@ -18,6 +18,7 @@ each client's connection is cut short and nothing is named in the cache.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -122,6 +123,7 @@ class BlobFetch:
     partial: Path | None = None  # the store's partial file, once created
     landed: int = 0  # bytes in the partial file that readers may take
     total: int = -1  # the blob's size, known once the upstream answered (or from the manifest)
+    checked: bool = False  # every byte is in the file and the digest checked: readers take the last one
     done: bool = False
     error: MirrorError | None = None
     opened: asyncio.Event = field(default_factory=asyncio.Event)
@@ -137,7 +139,14 @@ class BlobFetch:
         """Mark the download over, successful when `error` is None, and wake every reader."""
         self.done = True
         self.error = error
+        self.checked = self.checked or error is None
         self.opened.set()
+        self.notify()
+
+    def verified(self, landed: int) -> None:
+        """The digest checked and all `landed` bytes are in the file (the fsync may still run): release them."""
+        self.landed = landed
+        self.checked = True
         self.notify()
 
     async def chunks(self, path_after: Path) -> AsyncIterator[bytes]:
@@ -156,7 +165,7 @@ class BlobFetch:
                 changed = self._changed
                 # Hold the last byte back until the digest is checked: a client whose
                 # download turns out bad is cut short, never handed every byte.
-                limit = self.landed if self.done and self.error is None else self.landed - 1
+                limit = self.landed if self.checked else self.landed - 1
                 if sent < limit:
                     if f is None:
                         f = await asyncio.to_thread(_open_either, self.partial, path_after)
@@ -166,10 +175,10 @@ class BlobFetch:
                     sent += len(data)
                     yield data
                     continue
+                if self.checked:
+                    return  # every byte sent, and the digest checked
                 if self.done:
-                    if self.error is not None:
-                        raise self.error
-                    return
+                    raise self.error or IntegrityError(f"blob {self.digest}: the download ended unchecked")
                 await changed.wait()
         finally:
             if f is not None:
@@ -384,7 +393,7 @@ class PullThrough:
                     if fetch.total >= 0 and writer.offset < fetch.total:
                         got = f"{writer.offset} of {fetch.total} bytes"
                         raise StreamError(f"blob {fetch.digest}: body ended after {got}")
-                    await writer.commit()
+                    await writer.commit(on_verified=functools.partial(fetch.verified, writer.offset))
                     fetch.landed = writer.landed
                     fetch.total = writer.offset
                     fetch.finish(None)

@@ -283,8 +283,11 @@ class BlobWriter:
         if self._buffered >= FLUSH_BYTES:
             await self._flush()
 
-    def _commit_sync(self, chunks: list[bytes]) -> Path:
-        """Write the last chunks, check digest, fdatasync and rename; return the blob's directory."""
+    def _commit_sync(self, chunks: list[bytes], verified: Callable[[], None] | None = None) -> Path:
+        """Write the last chunks, check digest, fdatasync and rename; return the blob's directory.
+
+        `verified` is called (from this thread) once the digest checked and every byte is in the file.
+        """
         self._absorb(chunks)  # opens the file if no batch has yet
         assert self._file is not None
         got = self._hash.hexdigest()
@@ -294,6 +297,8 @@ class BlobWriter:
             raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
         self._file.flush()
         self.landed = self.offset
+        if verified is not None:
+            verified()
         os.fdatasync(self._file.fileno())  # data and size on disk before the name points at them
         self._file.close()
         target = self.store.path(self.digest)
@@ -301,8 +306,12 @@ class BlobWriter:
         os.replace(self._partial, target)
         return target.parent
 
-    async def commit(self) -> int:
-        """Check size and digest, fsync, and rename into place; return the blob's size."""
+    async def commit(self, on_verified: Callable[[], None] | None = None) -> int:
+        """Check size and digest, fsync, and rename into place; return the blob's size.
+
+        `on_verified` runs on the event loop as soon as the digest checked, before the
+        fsync (a pull-through tee hands its clients the last bytes then).
+        """
         await self._drain()
         if 0 <= self.expected_size != self.offset:
             raise IntegrityError(
@@ -310,7 +319,11 @@ class BlobWriter:
             )
         # One trip to a thread for the last batch, the check, the fsync and the rename.
         chunks, self._buf, self._buffered = self._buf, [], 0
-        directory = await self.io(self._commit_sync, chunks)
+        verified = None
+        if on_verified is not None:
+            loop = asyncio.get_running_loop()
+            verified = partial(loop.call_soon_threadsafe, on_verified)
+        directory = await self.io(self._commit_sync, chunks, verified)
         await self.store.sync_dir(directory)
         return self.offset
 

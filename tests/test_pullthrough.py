@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -85,6 +86,14 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream_]:
     digests = {n: registry_digest(reg.host, n) for n in ("t/schema2:1", "t/index:1", "t/list:1", "t/big:1")}
     yield Upstream_(reg, digests, big.digest, len(big.blob), huge.digest)
     reg.stop()
+
+
+@pytest.fixture(scope="module")
+def seeded_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI layout with one small image tagged `single`."""
+    src = SrcLayout(tmp_path_factory.mktemp("authsrc"))
+    src.tag("single", src.image([random_layer(50_000, 7101)]))
+    return src.root
 
 
 def http(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -456,3 +465,49 @@ def test_podman_pulls_a_v1_only_image_and_a_v2_one_through_one_mirror_by_prefix(
         for ref in refs:
             subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, env=env)
         srv.stop()
+
+
+# --- upstream credentials ---------------------------------------------------------------------
+
+
+async def test_upstream_credentials_come_from_the_config_and_never_from_the_client(
+    tmp_path: Path, seeded_layout: Path
+) -> None:
+    user, password = "puller", "s3cret-upstream"
+    htpasswd = tmp_path / "htpasswd"
+    line = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, check=True).stdout
+    htpasswd.write_text(line.strip() + "\n")
+    reg = Registry(tmp_path / "reg", auth=f"auth: {{htpasswd: {{realm: r, path: {htpasswd}}}}}\n").start()
+    proxy = await FaultProxy(reg.host).start()
+    srv: Server | None = None
+    try:
+        await asyncio.to_thread(
+            skopeo_copy,
+            f"oci:{seeded_layout}:single",
+            f"docker://{reg.host}/t/app:1",
+            "--dest-creds",
+            f"{user}:{password}",
+        )
+        conf = tmp_path / "serve.toml"
+        conf.write_text(
+            f'[[upstreams]]\nhost = "{proxy.host}"\n'
+            f'[[registries]]\nhost = "{proxy.host}"\nusername = "{user}"\npassword_env = "MIRROR_TEST_UPSTREAM_PW"\n'
+        )
+        conf.chmod(0o600)
+        env = {"MIRROR_TEST_UPSTREAM_PW": password, "MIRROR_SERVE_PASSWORD": "client-pw"}
+        srv = await asyncio.to_thread(Server, tmp_path / "cache", "-c", str(conf), "--user", "client", env=env)
+        res = await asyncio.to_thread(
+            subprocess.run,
+            [*SKOPEO_COPY, "--src-creds", "client:client-pw", f"docker://{srv.host}/t/app:1", f"oci:{tmp_path}/out:x"],
+            capture_output=True,
+        )
+        assert res.returncode == 0, res.stderr.decode()
+        sent = {header for _, header in proxy.auth_seen}
+        assert sent, "the upstream was asked without credentials"
+        basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        assert sent == {basic}  # the configured pair only: never the client's `client:client-pw`
+    finally:
+        if srv is not None:
+            srv.stop()
+        await proxy.stop()
+        reg.stop()

@@ -118,6 +118,7 @@ class ServeConfig:
     """The `[serve]` table: how long a pulled-through tag is served before it is revalidated (None: never)."""
 
     tag_ttl: float | None = 300.0
+    max_size: int | None = None  # bytes the cache may hold; past it, least recently served images are evicted
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,7 @@ ARRAY_OF_TABLES = Kind("an array of tables", (list,), (dict,))
 STRINGS = Kind("an array of strings", (list,), (str,))
 STRINGS_OR_TABLE = Kind("an array of strings or a table", (list, dict), (str,))
 DURATION = Kind("a number or a string", (int, float, str))
+SIZE = Kind("an integer or a string", (int, str))
 
 Check = Callable[[Any], "str | None"]
 
@@ -279,6 +281,16 @@ def _tag_ttl(value: object) -> str | None:
         parse_duration(value)  # type: ignore[arg-type]
     except UsageError:
         return 'expected seconds, a duration such as 90s or 5m, 0 (always revalidate) or "never"'
+    return None
+
+
+def _size(value: int | str) -> str | None:
+    from mirror.pullthrough import parse_size
+
+    try:
+        parse_size(value)
+    except UsageError:
+        return 'expected bytes, or a size such as "500MB" or "20GiB"'
     return None
 
 
@@ -353,6 +365,8 @@ TABLES: tuple[Table, ...] = (
     Table("serve", "`mirror serve` pulling through from [[upstreams]].", (
         Key("tag_ttl", DURATION, 300, 'Seconds (or 5m, 1h) a cached tag is served before one HEAD upstream checks it; '
             '0: every time; "never": tags never change.', _tag_ttl),
+        Key("max_size", SIZE, None, 'Cap of the cache (bytes, or "50GB", "20GiB"): past it the least recently '
+            "served images are evicted (default: no cap).", _size),
     )),
     Table("upstreams", "A registry `mirror serve` pulls through from; its [[registries]] table gives credentials, "
           "TLS, proxy and `api` (v2 or v1).", (
@@ -673,8 +687,13 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
 
 
 def _serve(raw: dict[str, Any]) -> ServeConfig:
-    ttl = raw["tag_ttl"]
-    return ServeConfig(None if ttl == "never" else 0.0 if ttl == 0 else parse_duration(ttl))
+    from mirror.pullthrough import parse_size
+
+    ttl, size = raw["tag_ttl"], raw["max_size"]
+    return ServeConfig(
+        None if ttl == "never" else 0.0 if ttl == 0 else parse_duration(ttl),
+        None if size is None else parse_size(size),
+    )
 
 
 def _upstream(doc: _Doc, raw: object, at: KeyPath) -> UpstreamConfig:

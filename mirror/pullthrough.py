@@ -22,7 +22,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +38,7 @@ from mirror.errors import (
     TransportError,
     UsageError,
 )
-from mirror.manifest import Descriptor, IndexManifest, Manifest, descriptor_of, oci_entry
+from mirror.manifest import MAX_MANIFEST_BYTES, Descriptor, IndexManifest, Manifest, descriptor_of, oci_entry
 from mirror.reference import DOCKER_HUB, Reference
 from mirror.sources.registry_v1 import RegistryV1Source, v1_repository
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -48,6 +48,7 @@ from mirror.store.layout import Layout
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 300.0  # seconds a cached tag is served before one HEAD upstream revalidates it
+IN_USE = 60.0  # seconds after a client asked for a ref during which eviction leaves it alone
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
 READ_BYTES = 1 << 20  # bytes a client's tee reads from the partial file at a time
 _HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -85,6 +86,27 @@ def parse_upstream(text: str) -> Upstream:
     return Upstream(host)
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
+_UNITS |= {"tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    """Return bytes from an integer or a text such as `500MB`, `20GiB`, `1TB`; raise UsageError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        try:
+            number = float(digits)
+        except ValueError:
+            number = -1.0
+    if unit not in _UNITS or not number > 0:
+        raise UsageError(f"invalid size {value!r}: bytes, or a number with KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+    return int(number * _UNITS[unit])
+
+
 def ttl_seconds(text: str) -> float | None:
     """Return a tag TTL given as seconds (`0`: always revalidate) or `never` (None: tags are immutable)."""
     if text.strip().lower() == "never":
@@ -112,6 +134,8 @@ class PullStats:
     revalidations: int = 0
     stale_served: int = 0
     upstream_errors: int = 0
+    evicted_refs: int = 0
+    evicted_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -185,6 +209,20 @@ class BlobFetch:
                 f.close()
 
 
+def _reach_of(layout: Layout, roots: Sequence[Descriptor], stored: Mapping[Digest, int]) -> list[frozenset[Digest]]:
+    """Return the blobs each root reaches (blocking reads of stored manifests: run it in a thread)."""
+    from mirror.store.gc import mark
+
+    def load(digest: Digest) -> bytes | None:
+        try:
+            with open(layout.blobs.path(digest), "rb") as f:
+                return f.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            return None
+
+    return [mark([root], load, stored.keys()).reachable for root in roots]
+
+
 def _open_either(partial: Path | None, final: Path) -> BinaryIO:
     """Open the partial file, or the committed blob when the partial one was renamed already."""
     if partial is not None:
@@ -212,6 +250,8 @@ class PullThrough:
         *,
         ttl: float | None = DEFAULT_TTL,
         v1: RegistryV1Source | None = None,
+        max_size: int | None = None,
+        in_use: float = IN_USE,
     ) -> None:
         self.layout = layout
         self.engine = engine
@@ -223,6 +263,13 @@ class PullThrough:
         self.stats = PullStats()
         self._checked: dict[str, float] = {}  # tag ref -> monotonic time it was fetched or revalidated
         self._fetches: dict[Digest, BlobFetch] = {}
+        self.max_size = max_size
+        self._served: dict[str, float] = {}  # index.json ref name -> monotonic time a client last asked for it
+        self._evicting: asyncio.Task[None] | None = None
+        self.in_use = in_use
+        self._fetching = 0  # manifest fetches between storing their blobs and naming them
+        self._not_sweeping = asyncio.Event()  # cleared while eviction collects: manifest fetches wait
+        self._not_sweeping.set()
 
     def route(self, name: str) -> tuple[Upstream, Reference] | None:
         """Return the upstream and the reference (tag `latest`) a requested repository name maps to, if any."""
@@ -249,6 +296,9 @@ class PullThrough:
         whether a digest reference is already served. Raises the upstream's error only
         when nothing cached can answer.
         """
+        selected = Reference(base.registry, base.repository, None if ":" in reference else reference)
+        name = f"{base.name}@{reference}" if ":" in reference else str(selected)
+        self._served[name] = time.monotonic()
         if ":" in reference:
             if have_digest:
                 self.stats.manifest_hits += 1
@@ -297,9 +347,18 @@ class PullThrough:
 
     async def _fetch(self, up: Upstream, ref: Reference) -> None:
         """Fetch `ref`'s manifest (an index with its children), store it and name it in `index.json`."""
-        if up.api == "v1":
-            await self._fetch_v1(ref)
-            return
+        await self._not_sweeping.wait()
+        self._fetching += 1
+        try:
+            if up.api == "v1":
+                await self._fetch_v1(ref)
+            else:
+                await self._fetch_v2(ref)
+        finally:
+            self._fetching -= 1
+        self.evict_soon()
+
+    async def _fetch_v2(self, ref: Reference) -> None:
         async with self.engine.host_slot(ref.api_host):
             top = await self.source.fetch_manifest(ref)
         children: dict[Digest, Manifest] = {}
@@ -397,6 +456,7 @@ class PullThrough:
                     fetch.landed = writer.landed
                     fetch.total = writer.offset
                     fetch.finish(None)
+                    self.evict_soon()
                     return
                 except StreamError as exc:
                     attempt += 1
@@ -417,8 +477,69 @@ class PullThrough:
             fetch.finish(TransportError(f"blob {fetch.digest}: the download was stopped"))
             raise
 
+    # --- the size cap ---------------------------------------------------------------------------
+
+    def evict_soon(self) -> None:
+        """Start an eviction pass when the cache has a size cap and none runs."""
+        if self.max_size is not None and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.create_task(self._evict(self.max_size), name="pull-through eviction")
+
+    async def _evict(self, cap: int) -> None:
+        """Drop least-recently-served refs until what the rest reach fits `cap`, then collect unreached blobs.
+
+        Refs asked for in the last `in_use` seconds (a client may still be fetching their
+        blobs) and the one most recently served are never dropped; blobs being downloaded
+        are partial files, which gc leaves alone.
+        """
+        from mirror.store.gc import collect, stored_blobs
+
+        try:
+            stored = await asyncio.to_thread(stored_blobs, self.layout.blobs)
+            if sum(stored.values()) <= cap:
+                return
+            entries = await self.layout.entries()
+            reach = await asyncio.to_thread(_reach_of, self.layout, [e.descriptor for e in entries], stored)
+            now = time.monotonic()
+            # Never served by this process first (in index.json order), then the least recently served.
+            order = sorted(range(len(entries)), key=lambda i: self._served.get(entries[i].name, float("-inf")))
+            kept = set(range(len(entries)))
+            dropped: list[str] = []
+            for i in order[:-1]:
+                if now - self._served.get(entries[i].name, float("-inf")) < self.in_use:
+                    break
+                used = set().union(*(reach[k] for k in kept))
+                if sum(stored.get(d, 0) for d in used) <= cap:
+                    break
+                kept.discard(i)
+                dropped.append(entries[i].name)
+            if not dropped:
+                return
+            await self.layout.remove_refs(set(dropped))
+            for name in dropped:
+                self._served.pop(name, None)
+                self._checked.pop(name, None)
+            self._not_sweeping.clear()
+            try:
+                while self._fetching:  # a manifest stored but not yet named would look unreached
+                    await asyncio.sleep(0.05)
+                garbage = await collect(self.layout, wait=5.0)
+            finally:
+                self._not_sweeping.set()
+            self.stats.evicted_refs += len(dropped)
+            self.stats.evicted_bytes += garbage.bytes
+            log.warning(
+                "cache over its %d byte cap: evicted %d least recently served refs, %d bytes",
+                cap,
+                len(dropped),
+                garbage.bytes,
+            )
+        except MirrorError as exc:
+            log.warning("cache over its %d byte cap, but eviction failed: %s", cap, exc)
+
     async def close(self) -> None:
         """Stop every download still running (the server is shutting down)."""
+        if self._evicting is not None:
+            await asyncio.gather(self._evicting, return_exceptions=True)
         tasks = [f.task for f in self._fetches.values() if f.task is not None]
         for task in tasks:
             task.cancel()

@@ -946,6 +946,8 @@ _PULL_METRICS = (
     ("mirror_serve_revalidations", "Cached tags revalidated upstream.", "revalidations"),
     ("mirror_serve_stale_served", "Cached tags served because the upstream did not answer.", "stale_served"),
     ("mirror_serve_upstream_errors", "Upstream requests that failed.", "upstream_errors"),
+    ("mirror_serve_evicted_refs", "Cached references evicted to keep the cache under max_size.", "evicted_refs"),
+    ("mirror_serve_evicted_bytes", "Bytes of blobs removed by those evictions.", "evicted_bytes"),
 )
 
 

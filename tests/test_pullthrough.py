@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -126,11 +127,11 @@ async def serve_factory() -> AsyncIterator[object]:
     """Start in-process pull-through servers; stop them (and their transports) at the end."""
     stack: list[tuple[web.AppRunner, Transport]] = []
 
-    async def start(cache: Path, upstream_host: str, ttl: float | None = 300.0) -> InProcess:
+    async def start(cache: Path, upstream_host: str, ttl: float | None = 300.0, **opts: Any) -> InProcess:
         transport = await Transport(retry=FAST).__aenter__()
         layout = Layout.open(cache)
         engine = Engine(layout, limits=transport.limits, retry=FAST)
-        pull = PullThrough(layout, engine, RegistryV2Source(transport), [Upstream(upstream_host)], ttl=ttl)
+        pull = PullThrough(layout, engine, RegistryV2Source(transport), [Upstream(upstream_host)], ttl=ttl, **opts)
         runner, port = await start_site(make_app(layout, pull=pull))
         stack.append((runner, transport))
         return InProcess(f"http://127.0.0.1:{port}", cache, pull)
@@ -511,3 +512,41 @@ async def test_upstream_credentials_come_from_the_config_and_never_from_the_clie
             srv.stop()
         await proxy.stop()
         reg.stop()
+
+
+# --- the size cap -----------------------------------------------------------------------------
+
+
+def index_names(cache: Path) -> set[str]:
+    doc = json.loads((cache / "index.json").read_text())
+    return {m["annotations"]["org.opencontainers.image.ref.name"] for m in doc["manifests"]}
+
+
+async def test_past_max_size_the_least_recently_served_image_is_evicted(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path
+) -> None:
+    cap = upstream.big_size + 200_000  # t/big fits; t/big with t/schema2 (~430 kB) does not
+    srv: InProcess = await serve_factory(tmp_path / "cache", upstream.host, max_size=cap, in_use=0.0)  # type: ignore[operator]
+    _, raw = await asyncio.to_thread(http, f"{srv.base}/v2/t/schema2/manifests/1", "GET", {"Accept": ACCEPT})
+    small = json.loads(raw)
+    small_blobs = [small["config"]["digest"], *(layer["digest"] for layer in small["layers"])]
+    for digest in small_blobs:
+        status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/schema2/blobs/{digest}")
+        assert status == 200
+    await asyncio.to_thread(big_manifest, srv.base, upstream)
+    status, body = await asyncio.to_thread(http, f"{srv.base}/v2/t/big/blobs/{upstream.big_layer}")
+    assert status == 200 and len(body) == upstream.big_size
+    small_ref, big_ref = f"{upstream.host}/t/schema2:1", f"{upstream.host}/t/big:1"
+    deadline = time.monotonic() + 60
+    while small_ref in index_names(srv.cache) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert small_ref not in index_names(srv.cache) and big_ref in index_names(srv.cache)
+    # The evicted image's blobs are gone; the one served last stays whole.
+    deadline = time.monotonic() + 60
+    while cached_blob(srv.cache, small_blobs[1]).exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(cached_blob(srv.cache, d).exists() for d in small_blobs)
+    assert cached_blob(srv.cache, upstream.big_layer).stat().st_size == upstream.big_size
+    # Asked for again, it comes back from upstream.
+    status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/schema2/manifests/1", "GET", {"Accept": ACCEPT})
+    assert status == 200 and small_ref in index_names(srv.cache)

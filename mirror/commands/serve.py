@@ -18,7 +18,7 @@ from mirror.commands.common import EXIT_OK, add_common, load_config
 from mirror.config import Config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
-from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_upstream, ttl_seconds
+from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_size, parse_upstream, ttl_seconds
 from mirror.server import (
     DEFAULT_PLATFORM,
     IDLE_TIMEOUT,
@@ -81,6 +81,11 @@ def register(sub: Any) -> None:
         metavar="SECONDS|never",
         help=f"pull-through: revalidate a cached tag upstream once older than this (default {DEFAULT_TTL:g}; 0 always)",
     )
+    p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="pull-through: cap the cache (e.g. 50GB); past it the least recently served images are evicted",
+    )
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for upstream HOST")
     p.set_defaults(run=run)
 
@@ -138,12 +143,14 @@ def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
 def _pull_through(args: argparse.Namespace, cfg: Config, layout: Layout, transport: Transport) -> PullThrough | None:
     upstreams = _upstreams(args, cfg)
     if not upstreams:
-        if args.tag_ttl is not None:
-            raise UsageError("--tag-ttl needs an upstream (--upstream HOST)")
+        if args.tag_ttl is not None or args.max_size is not None:
+            raise UsageError("--tag-ttl and --max-size need an upstream (--upstream HOST, or [[upstreams]])")
         return None
     ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else cfg.serve.tag_ttl
+    max_size = parse_size(args.max_size) if args.max_size is not None else cfg.serve.max_size
     engine = cfg.engine(layout, transport)
-    return PullThrough(layout, engine, RegistryV2Source(transport), upstreams, ttl=ttl, v1=RegistryV1Source(transport))
+    source = RegistryV2Source(transport)
+    return PullThrough(layout, engine, source, upstreams, ttl=ttl, v1=RegistryV1Source(transport), max_size=max_size)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -146,6 +146,14 @@ def cached_blob(cache: Path, digest: str) -> Path:
     return cache / "blobs" / "sha256" / digest.split(":", 1)[1]
 
 
+def landed(path: Path, deadline: float = 60.0) -> Path:
+    """Return `path` once it exists (clients get the last bytes once checked, before the fsync and rename)."""
+    end = time.monotonic() + deadline
+    while not path.exists() and time.monotonic() < end:
+        time.sleep(0.05)
+    return path
+
+
 def no_partials(cache: Path) -> bool:
     return not list((cache / ".mirror" / "ingest").glob("*.partial"))
 
@@ -270,7 +278,7 @@ def test_twenty_clients_of_one_uncached_64_mib_blob_share_one_upstream_get(upstr
         # A client that comes late finds the blob cached (a hit); the first one streams it.
         hits, misses = (float(metrics[f"mirror_serve_blob_{k}_total"]) for k in ("hits", "misses"))
         assert hits + misses == 20 and misses >= 1
-        size = cached_blob(tmp_path / "cache", upstream.huge_layer).stat().st_size
+        size = landed(cached_blob(tmp_path / "cache", upstream.huge_layer)).stat().st_size
         assert float(metrics["mirror_serve_upstream_bytes_total"]) == size
         assert (
             hashlib.sha256(cached_blob(tmp_path / "cache", upstream.huge_layer).read_bytes()).hexdigest()
@@ -321,7 +329,7 @@ async def test_a_client_gets_bytes_before_the_download_ends_and_a_leaving_one_ca
             body = await resp.read()
     assert body[: len(first)] == first
     assert "sha256:" + hashlib.sha256(body).hexdigest() == upstream.big_layer
-    assert stored.stat().st_size == upstream.big_size
+    assert (await asyncio.to_thread(landed, stored)).stat().st_size == upstream.big_size
     assert srv.pull.stats.blob_fetches == 1
 
 

@@ -48,6 +48,7 @@ from mirror.store.layout import Layout
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 300.0  # seconds a cached tag is served before one HEAD upstream revalidates it
+REVALIDATE_WAIT = 5.0  # seconds a client waits for a tag's revalidation before the cached tag is served
 IN_USE = 60.0  # seconds after a client asked for a ref during which eviction leaves it alone
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
 READ_BYTES = 1 << 20  # bytes a client's tee reads from the partial file at a time
@@ -252,6 +253,7 @@ class PullThrough:
         v1: RegistryV1Source | None = None,
         max_size: int | None = None,
         in_use: float = IN_USE,
+        revalidate_wait: float = REVALIDATE_WAIT,
     ) -> None:
         self.layout = layout
         self.engine = engine
@@ -267,6 +269,8 @@ class PullThrough:
         self._served: dict[str, float] = {}  # index.json ref name -> monotonic time a client last asked for it
         self._evicting: asyncio.Task[None] | None = None
         self.in_use = in_use
+        self.revalidate_wait = revalidate_wait
+        self._background: set[asyncio.Future[None]] = set()  # revalidations a client stopped waiting for
         self._fetching = 0  # manifest fetches between storing their blobs and naming them
         self._not_sweeping = asyncio.Event()  # cleared while eviction collects: manifest fetches wait
         self._not_sweeping.set()
@@ -317,7 +321,18 @@ class PullThrough:
         checked = self._checked.get(key)
         if self.ttl is None or (checked is not None and time.monotonic() - checked < self.ttl):
             return
-        await self.engine.once(("pull-through head", key), lambda: self._revalidate(up, ref, cached))
+        check = asyncio.ensure_future(
+            self.engine.once(("pull-through head", key), lambda: self._revalidate(up, ref, cached))
+        )
+        self._background.add(check)
+        check.add_done_callback(self._background.discard)
+        try:
+            # A slow or retrying upstream does not hold the client: past the wait the cached
+            # tag is served and the check goes on (shared by the next requests).
+            await asyncio.wait_for(asyncio.shield(check), self.revalidate_wait)
+        except TimeoutError:
+            self.stats.stale_served += 1
+            log.warning("serving cached %s: upstream %s has not answered in %.0f s", ref, up.host, self.revalidate_wait)
 
     async def _revalidate(self, up: Upstream, ref: Reference, cached: Digest) -> None:
         """Ask the upstream (one HEAD) whether `ref` still names `cached`; fetch the new manifest when not."""
@@ -540,6 +555,9 @@ class PullThrough:
         """Stop every download still running (the server is shutting down)."""
         if self._evicting is not None:
             await asyncio.gather(self._evicting, return_exceptions=True)
+        for check in list(self._background):
+            check.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         tasks = [f.task for f in self._fetches.values() if f.task is not None]
         for task in tasks:
             task.cancel()

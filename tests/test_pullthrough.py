@@ -558,3 +558,26 @@ async def test_past_max_size_the_least_recently_served_image_is_evicted(
     # Asked for again, it comes back from upstream.
     status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/schema2/manifests/1", "GET", {"Accept": ACCEPT})
     assert status == 200 and small_ref in index_names(srv.cache)
+
+
+async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_client(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path
+) -> None:
+    proxy = await FaultProxy(upstream.host).start()
+    try:
+        srv: InProcess = await serve_factory(  # type: ignore[operator]
+            tmp_path / "cache", proxy.host, ttl=0.0, revalidate_wait=0.5
+        )
+        url = f"{srv.base}/v2/t/schema2/manifests/1"
+        status, first = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
+        assert status == 200
+        # The HEAD gets 503 with Retry-After: the transport waits (5 s at most here) before each retry.
+        busy = Fault("status", match="/manifests/", method="HEAD", status=503, headers={"Retry-After": "30"})
+        proxy.add(busy, busy, busy)
+        status, again = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
+        assert status == 200 and again == first
+        # Answered from the cache while the revalidation still waits for its first retry.
+        assert proxy.statuses(503) == 1
+        assert srv.pull.stats.stale_served == 1
+    finally:
+        await proxy.stop()

@@ -22,7 +22,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -174,7 +174,7 @@ class BlobFetch:
         self.checked = True
         self.notify()
 
-    async def chunks(self, path_after: Path) -> AsyncIterator[bytes]:
+    async def chunks(self, path_after: Path) -> AsyncGenerator[bytes, None]:
         """Yield the blob's bytes as they land; raise the download's error (after all but the last byte, at most).
 
         `path_after` is where the blob lives once committed (the partial file is renamed

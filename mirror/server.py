@@ -26,6 +26,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -789,7 +790,7 @@ async def _pull_blob(
     if fetch.error is not None and fetch.partial is None:
         if isinstance(fetch.error, NotFoundError):
             return error(404, "BLOB_UNKNOWN", "blob unknown to upstream registry", {"digest": str(digest)})
-        return error(502, "UNAVAILABLE", f"the upstream registry {up.host} did not answer", str(fetch.error))
+        return error(502, "UNAVAILABLE", f"blob could not be fetched from {up.host}", str(fetch.error))
     if request.method == "HEAD":
         if fetch.total >= 0:
             headers[hdrs.CONTENT_LENGTH] = str(fetch.total)
@@ -800,9 +801,13 @@ async def _pull_blob(
         resp.content_length = fetch.total
     await resp.prepare(request)
     try:
-        async for data in fetch.chunks(_view(request).blob_path(digest)):
-            await resp.write(data)
-            pull.stats.bytes_served += len(data)
+        async with aclosing(fetch.chunks(_view(request).blob_path(digest))) as chunks:
+            async for data in chunks:
+                try:
+                    await resp.write(data)
+                except ConnectionError:
+                    return resp  # the client went away; the download goes on for the others and the cache
+                pull.stats.bytes_served += len(data)
     except (MirrorError, OSError) as exc:
         _request_log.warning("%s %s: cut short: %s", request.method, request.path, exc)
         resp.force_close()

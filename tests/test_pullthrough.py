@@ -34,7 +34,7 @@ from mirror.store.layout import Layout
 from mirror.transport import Transport
 from tests.conftest import ROOT, registry_digest
 from tests.faultproxy import Fault, FaultProxy, start_site
-from tests.served_cache import Server
+from tests.served_cache import Server, run_mirror
 from tests.syncfixtures import blob_gets, delta, manifest_requests
 from tests.test_airgap_v1 import cached_diff_ids
 from tests.test_v1 import seed, v1reg  # noqa: F401 - the v1 seed and its test server, as fixtures
@@ -581,3 +581,19 @@ async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_clie
         assert srv.pull.stats.stale_served == 1
     finally:
         await proxy.stop()
+
+
+def test_bad_pull_through_options_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.toml"
+    dup.write_text('[[upstreams]]\nhost = "a.example"\n[[upstreams]]\nhost = "b.example"\n')
+    cases = [
+        (["--tag-ttl", "5"], "--tag-ttl and --max-size need an upstream"),
+        (["--upstream", "not a host"], "invalid --upstream"),
+        (["--upstream", "r.example", "--tag-ttl", "soon"], "invalid tag TTL"),
+        (["--upstream", "r.example", "--max-size", "lots"], "invalid size"),
+        (["-c", str(dup)], "two [[upstreams]] have the prefix ''"),
+    ]
+    for args, message in cases:
+        res = run_mirror("serve", "--cache", str(tmp_path / "cache"), "--listen", "127.0.0.1:0", *args, timeout=60)
+        err = res.stderr.decode()
+        assert res.returncode == 2 and err.count("\n") == 1 and message in err, (args, err)

@@ -37,7 +37,6 @@ from mirror.server import (
 from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
-from mirror.transport import Transport
 
 PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
 
@@ -140,30 +139,33 @@ def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
     return out
 
 
-def _pull_through(args: argparse.Namespace, cfg: Config, layout: Layout, transport: Transport) -> PullThrough | None:
+def _pull_options(args: argparse.Namespace, cfg: Config) -> tuple[list[Upstream], float | None, int | None]:
+    """Return the upstreams, tag TTL and size cap of pull-through (no upstreams: plain serving), checked."""
     upstreams = _upstreams(args, cfg)
-    if not upstreams:
-        if args.tag_ttl is not None or args.max_size is not None:
-            raise UsageError("--tag-ttl and --max-size need an upstream (--upstream HOST, or [[upstreams]])")
-        return None
+    if not upstreams and (args.tag_ttl is not None or args.max_size is not None):
+        raise UsageError("--tag-ttl and --max-size need an upstream (--upstream HOST, or [[upstreams]])")
     ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else cfg.serve.tag_ttl
     max_size = parse_size(args.max_size) if args.max_size is not None else cfg.serve.max_size
-    engine = cfg.engine(layout, transport)
-    source = RegistryV2Source(transport)
-    return PullThrough(layout, engine, source, upstreams, ttl=ttl, v1=RegistryV1Source(transport), max_size=max_size)
+    return upstreams, ttl, max_size
 
 
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; print the address once listening."""
     cfg = load_config(args)
     host, port = parse_listen(args.listen)
-    pulling = bool(_upstreams(args, cfg))
-    layout = Layout.open(cfg.cache, create=pulling)
+    upstreams, ttl, max_size = _pull_options(args, cfg)
     tls = _tls(args)
     limits = _limits(args)
     auth = _authenticator(args)
+    layout = Layout.open(cfg.cache, create=bool(upstreams))
     async with cfg.transport() as transport:
-        pull = _pull_through(args, cfg, layout, transport)
+        pull: PullThrough | None = None
+        if upstreams:
+            engine = cfg.engine(layout, transport)
+            v1 = RegistryV1Source(transport)
+            pull = PullThrough(
+                layout, engine, RegistryV2Source(transport), upstreams, ttl=ttl, v1=v1, max_size=max_size
+            )
         return await _serve(args, cfg, layout, host, port, tls, limits, auth, pull)
 
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 300.0  # seconds a cached tag is served before one HEAD upstream revalidates it
 REVALIDATE_WAIT = 5.0  # seconds a client waits for a tag's revalidation before the cached tag is served
 IN_USE = 60.0  # seconds after a client asked for a ref during which eviction leaves it alone
+MAX_UNSIZED_BLOB = 1 << 36  # bytes taken of a blob whose size neither manifest nor upstream gave (schema1)
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
 READ_BYTES = 1 << 20  # bytes a client's tee reads from the partial file at a time
 _HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -461,6 +462,10 @@ class PullThrough:
                                     continue
                             await writer.write(chunk)
                             self.stats.bytes_upstream += len(chunk)
+                            if fetch.total < 0 and writer.offset > MAX_UNSIZED_BLOB:
+                                raise IntegrityError(
+                                    f"blob {fetch.digest}: no size given, and over {MAX_UNSIZED_BLOB} bytes"
+                                )
                             if writer.landed > fetch.landed:
                                 fetch.landed = writer.landed
                                 fetch.notify()

@@ -277,7 +277,7 @@ class PullThrough:
         self._not_sweeping.set()
 
     def route(self, name: str) -> tuple[Upstream, Reference] | None:
-        """Return the upstream and the reference (tag `latest`) a requested repository name maps to, if any."""
+        """Return the upstream and the repository (a Reference without tag) a requested name maps to, if any."""
         for up in self.upstreams:
             if name.startswith(up.prefix):
                 path = name[len(up.prefix) :]
@@ -301,9 +301,15 @@ class PullThrough:
         whether a digest reference is already served. Raises the upstream's error only
         when nothing cached can answer.
         """
-        selected = Reference(base.registry, base.repository, None if ":" in reference else reference)
-        name = f"{base.name}@{reference}" if ":" in reference else str(selected)
-        self._served[name] = time.monotonic()
+        await self._ensure(up, base, reference, cached, have_digest)
+        if self.max_size is not None:
+            # Remembered once cached (a name asked for in vain costs no memory): the order of eviction.
+            name = f"{base.name}@{reference}" if ":" in reference else str(base.with_tag(reference))
+            self._served[name] = time.monotonic()
+
+    async def _ensure(
+        self, up: Upstream, base: Reference, reference: str, cached: Digest | None, have_digest: bool
+    ) -> None:
         if ":" in reference:
             if have_digest:
                 self.stats.manifest_hits += 1
@@ -532,6 +538,9 @@ class PullThrough:
                     break
                 kept.discard(i)
                 dropped.append(entries[i].name)
+            names = {e.name for e in entries}
+            for gone in [n for n in self._served if n not in names]:
+                del self._served[gone]  # dropped by `mirror rm` or by another eviction
             if not dropped:
                 return
             await self.layout.remove_refs(set(dropped))

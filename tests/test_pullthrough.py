@@ -81,6 +81,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream_]:
     skopeo_copy(f"oci:{src.root}:single", f"docker://{reg.host}/t/schema2:1", "--format", "v2s2")
     skopeo_copy(f"oci:{src.root}:multi", f"docker://{reg.host}/t/index:1", "--all")
     skopeo_copy(f"oci:{src.root}:multi", f"docker://{reg.host}/t/list:1", "--all", "--format", "v2s2")
+    skopeo_copy(f"oci:{src.root}:single", f"docker://{reg.host}/t/schema1:1", "--format", "v2s1")
     skopeo_copy(f"oci:{src.root}:big", f"docker://{reg.host}/t/big:1")
     skopeo_copy(f"oci:{src.root}:other", f"docker://{reg.host}/t/moving:1", "--format", "v2s2")
     skopeo_copy(f"oci:{src.root}:huge", f"docker://{reg.host}/t/huge:1")
@@ -229,18 +230,21 @@ def test_podman_pulls_and_creates_through_a_registries_conf_mirror(upstream: Ups
         f'[[registry.mirror]]\nlocation = "{srv.host}"\ninsecure = true\n'
     )
     env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
-    ref = "origin.invalid/t/list:1"
+    refs = ["origin.invalid/t/list:1", "origin.invalid/t/schema1:1"]
     try:
-        for args in (["pull", "-q", ref], ["create", "--name", "mirrortest-pullthrough", ref, "true"]):
-            res = subprocess.run(["podman", *args], capture_output=True, env=env)
-            assert res.returncode == 0, res.stderr.decode()
+        for i, ref in enumerate(refs):
+            # A schema1 image too: the mirror serves it signed, so podman can use it.
+            for args in (["pull", "-q", ref], ["create", "--name", f"mirrortest-pullthrough{i}", ref, "true"]):
+                res = subprocess.run(["podman", *args], capture_output=True, env=env)
+                assert res.returncode == 0, res.stderr.decode()
         got = subprocess.run(
-            ["podman", "image", "inspect", "--format", "{{.Digest}}", ref], capture_output=True, env=env
+            ["podman", "image", "inspect", "--format", "{{.Digest}}", refs[0]], capture_output=True, env=env
         ).stdout
         assert got.decode().strip() == upstream.digests["t/list:1"]
     finally:
-        subprocess.run(["podman", "rm", "-f", "mirrortest-pullthrough"], capture_output=True, env=env)
-        subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, env=env)
+        for i, ref in enumerate(refs):
+            subprocess.run(["podman", "rm", "-f", f"mirrortest-pullthrough{i}"], capture_output=True, env=env)
+            subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, env=env)
         srv.stop()
 
 

@@ -22,6 +22,7 @@ import functools
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from mirror.auth import backoff_delay
 from mirror.digest import Digest
 from mirror.engine.copy import Engine
 from mirror.errors import (
+    AuthError,
     IntegrityError,
     MirrorError,
     NotFoundError,
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 300.0  # seconds a cached tag is served before one HEAD upstream revalidates it
 REVALIDATE_WAIT = 5.0  # seconds a client waits for a tag's revalidation before the cached tag is served
+NEGATIVE_TTL = 30.0  # seconds a manifest the upstream answered 404 for is answered 404 without asking again
+NEGATIVE_MAX = 4096  # such answers remembered at most
 IN_USE = 60.0  # seconds after a client asked for a ref during which eviction leaves it alone
 MAX_UNSIZED_BLOB = 1 << 36  # bytes taken of a blob whose size neither manifest nor upstream gave (schema1)
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
@@ -255,6 +259,7 @@ class PullThrough:
         max_size: int | None = None,
         in_use: float = IN_USE,
         revalidate_wait: float = REVALIDATE_WAIT,
+        negative_ttl: float = NEGATIVE_TTL,
     ) -> None:
         self.layout = layout
         self.engine = engine
@@ -271,6 +276,9 @@ class PullThrough:
         self._evicting: asyncio.Task[None] | None = None
         self.in_use = in_use
         self.revalidate_wait = revalidate_wait
+        self.negative_ttl = negative_ttl
+        # Manifests the upstream does not have, by ref: (until when that answer stands, the error).
+        self._unknown: OrderedDict[str, tuple[float, TransportError]] = OrderedDict()
         self._background: set[asyncio.Future[None]] = set()  # revalidations a client stopped waiting for
         self._fetching = 0  # manifest fetches between storing their blobs and naming them
         self._not_sweeping = asyncio.Event()  # cleared while eviction collects: manifest fetches wait
@@ -361,11 +369,22 @@ class PullThrough:
             log.warning("serving cached %s (%s): upstream %s did not answer: %s", ref, cached, up.host, exc)
 
     async def _once_fetch(self, up: Upstream, ref: Reference) -> None:
+        key = str(ref)
+        unknown = self._unknown.get(key)
+        if unknown is not None and unknown[0] > time.monotonic():
+            raise unknown[1]  # the upstream said so a moment ago: not asked again until NEGATIVE_TTL passes
         try:
-            await self.engine.once(("pull-through manifest", str(ref)), lambda: self._fetch(up, ref))
+            await self.engine.once(("pull-through manifest", key), lambda: self._fetch(up, ref))
+        except (NotFoundError, AuthError) as exc:  # Docker Hub answers 401 for a repository it does not have
+            self._unknown[key] = (time.monotonic() + self.negative_ttl, exc)
+            self._unknown.move_to_end(key)
+            while len(self._unknown) > NEGATIVE_MAX:
+                self._unknown.popitem(last=False)
+            raise
         except MirrorError:
             self.stats.upstream_errors += 1
             raise
+        self._unknown.pop(key, None)
 
     async def _fetch(self, up: Upstream, ref: Reference) -> None:
         """Fetch `ref`'s manifest (an index with its children), store it and name it in `index.json`."""

@@ -427,8 +427,12 @@ async def test_unknown_names_and_blobs_not_in_a_cached_manifest_are_404(
     upstream: Upstream_, serve_factory: object, tmp_path: Path
 ) -> None:
     srv: InProcess = await serve_factory(tmp_path / "cache", upstream.host)  # type: ignore[operator]
-    status, body = await asyncio.to_thread(http, f"{srv.base}/v2/t/nothing/manifests/1")
-    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    before = upstream.registry.requests()
+    for _ in range(3):
+        status, body = await asyncio.to_thread(http, f"{srv.base}/v2/t/nothing/manifests/1")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    # The upstream's 404 stands for a while: asked once, not once per client request.
+    assert manifest_requests(delta(upstream.registry.requests(), before), "GET") == {"t/nothing:1": 1}
     # A blob is fetched only for a repository whose cached manifest names it.
     status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/big/blobs/{upstream.big_layer}")
     assert status == 404

@@ -385,7 +385,7 @@ async def test_an_upstream_sending_a_corrupted_blob_fails_the_client_and_caches_
 
 
 async def test_a_cached_tag_is_revalidated_with_one_head_and_served_when_the_upstream_is_gone(
-    upstream: Upstream_, serve_factory: object, tmp_path: Path
+    upstream: Upstream_, serve_factory: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = await FaultProxy(upstream.host).start()
     srv: InProcess = await serve_factory(tmp_path / "cache", proxy.host, ttl=0.0)  # type: ignore[operator]
@@ -403,6 +403,9 @@ async def test_a_cached_tag_is_revalidated_with_one_head_and_served_when_the_ups
     status, stale = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
     assert status == 200 and stale == first
     assert srv.pull.stats.stale_served == 1
+    # The log says so, in one line naming the tag.
+    said = [r.getMessage() for r in caplog.records if r.name == "mirror.pullthrough" and r.levelname == "WARNING"]
+    assert len(said) == 1 and said[0].startswith(f"serving cached {proxy.host}/t/schema2:1")
     # A tag never cached cannot be served while the upstream is gone: 502, one line.
     status, body = await asyncio.to_thread(http, f"{srv.base}/v2/t/index/manifests/1")
     assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -57,6 +58,7 @@ IN_USE = 60.0  # seconds after a client asked for a ref during which eviction le
 MAX_UNSIZED_BLOB = 1 << 36  # bytes taken of a blob whose size neither manifest nor upstream gave (schema1)
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
 READ_BYTES = 1 << 20  # bytes a client's tee reads from the partial file at a time
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
 _HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
@@ -440,6 +442,17 @@ class PullThrough:
         if result.status != "ok":
             raise TransportError(result.error)
         self._checked[str(ref)] = time.monotonic()
+
+    async def tags(self, up: Upstream, base: Reference) -> list[str]:
+        """Return the tags the upstream lists for `base`'s repository (v2 upstreams; v1 ones list none)."""
+        if up.api != "v2":
+            raise NotFoundError(f"{base.name}: tags of a v1 upstream are not listed", status=404)
+        try:
+            async with self.engine.host_slot(base.api_host):
+                found = await self.source.tags(base)
+        except (ValueError, AttributeError, TypeError):  # not JSON, or not {"tags": [...]}
+            raise TransportError(f"{base.name}: the upstream's tag list is unreadable") from None
+        return [t for t in found if isinstance(t, str) and _TAG.fullmatch(t)]
 
     # --- blobs -------------------------------------------------------------------------------
 

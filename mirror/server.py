@@ -603,9 +603,19 @@ async def _catalog(request: web.Request) -> web.Response:
 
 
 async def _tags(request: web.Request) -> web.Response:
-    """`GET /v2/NAME/tags/list`: the repository's (cached) tags, paged with `n` and `last`."""
+    """`GET /v2/NAME/tags/list`: the repository's tags (and the upstream's, under pull-through), paged."""
     routed = _routed(request)
     repo = await _repository(request, routed[3] if routed is not None else None)
+    cached = set(repo.tags) if isinstance(repo, Repository) else set()
+    if routed is not None:
+        # The upstream's list with the cached tags; the cached ones alone when it cannot answer.
+        pull, up, base, _ = routed
+        try:
+            cached.update(await asyncio.shield(pull.tags(up, base)))
+        except MirrorError as exc:
+            if not cached:
+                return error(404, "NAME_UNKNOWN", "repository name not known to the upstream registry", str(exc))
+        return _paged(request, sorted(cached), "tags", {"name": request.match_info["name"]})
     if isinstance(repo, web.Response):
         return repo
     return _paged(request, sorted(repo.tags), "tags", {"name": request.match_info["name"]})

@@ -608,3 +608,19 @@ def test_bad_pull_through_options_are_one_line_and_exit_2(tmp_path: Path) -> Non
         res = run_mirror("serve", "--cache", str(tmp_path / "cache"), "--listen", "127.0.0.1:0", *args, timeout=60)
         err = res.stderr.decode()
         assert res.returncode == 2 and err.count("\n") == 1 and message in err, (args, err)
+
+
+async def test_tags_list_through_the_mirror_is_the_upstreams(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path
+) -> None:
+    srv: InProcess = await serve_factory(tmp_path / "cache", upstream.host)  # type: ignore[operator]
+    # Nothing of t/index is cached: the list is the upstream's.
+    res = await asyncio.to_thread(
+        subprocess.run,
+        ["skopeo", "list-tags", "--tls-verify=false", f"docker://{srv.base[7:]}/t/index"],
+        capture_output=True,
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    assert json.loads(res.stdout)["Tags"] == ["1"]
+    status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/nothing/tags/list")
+    assert status == 404

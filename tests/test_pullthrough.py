@@ -615,11 +615,8 @@ async def test_tags_list_through_the_mirror_is_the_upstreams(
 ) -> None:
     srv: InProcess = await serve_factory(tmp_path / "cache", upstream.host)  # type: ignore[operator]
     # Nothing of t/index is cached: the list is the upstream's.
-    res = await asyncio.to_thread(
-        subprocess.run,
-        ["skopeo", "list-tags", "--tls-verify=false", f"docker://{srv.base[7:]}/t/index"],
-        capture_output=True,
-    )
+    cmd = ["skopeo", "list-tags", "--tls-verify=false", f"docker://{srv.base.removeprefix('http://')}/t/index"]
+    res = await asyncio.to_thread(subprocess.run, cmd, capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
     assert json.loads(res.stdout)["Tags"] == ["1"]
     status, _ = await asyncio.to_thread(http, f"{srv.base}/v2/t/nothing/tags/list")

@@ -11,8 +11,9 @@ the log says so. Digest references are never revalidated.
 A blob missing from the cache is downloaded once (one `BlobFetch` per digest, in a task
 of its own, so a client that goes away cancels nothing) into the store's partial file;
 every client asking for it meanwhile reads that file as it grows. The last byte is held
-back until the store has checked the digest and size: if the upstream sent wrong bytes,
-each client's connection is cut short and nothing is named in the cache.
+back until the store has checked the digest and size (not until its fsync): if the
+upstream sent wrong bytes, each client's connection is cut short and nothing is named in
+the cache. With a size cap, least recently served references are evicted (see `_evict`).
 """
 
 from __future__ import annotations

@@ -416,9 +416,13 @@ class PullThrough:
             for desc, kid in zip(kids, await asyncio.gather(*(child(d) for d in kids)), strict=True):
                 if not isinstance(kid, IndexManifest):  # a nested index is not served
                     children[desc.digest] = kid
-        for kid in children.values():
-            await self.layout.blobs.put(kid.raw, kid.digest)
-        await self.layout.blobs.put(top.raw, top.digest)
+        # At once: their directory fsyncs are shared (the store's group commit), not one after another.
+        put = self.layout.blobs.put
+        docs = (*children.values(), top)
+        stored = await asyncio.gather(*(put(m.raw, m.digest) for m in docs), return_exceptions=True)
+        for outcome in stored:
+            if isinstance(outcome, BaseException):
+                raise outcome
         wrapper = oci_entry(top, children, None)
         if wrapper is None:
             entry = descriptor_of(top)

@@ -15,8 +15,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import bench.cases_bundle  # registers case 9 in CASES
-import bench.cases_more  # noqa: F401 - registers cases 6-8 in CASES
+import bench.cases_bundle  # registers case 9 (bundles) in CASES
+import bench.cases_more  # registers cases 6-8 in CASES
+import bench.cases_pull  # noqa: F401 - registers case 10 (pull-through) in CASES
 from bench.cases import CASES, FULL, QUICK, Context
 from bench.measure import ROOT, RegistryLog
 from bench.report import merge, note_run

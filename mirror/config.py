@@ -112,6 +112,22 @@ class DockerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One `[[upstreams]]` table: repository names starting with `prefix` are pulled through from `host`."""
+
+    host: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """The `[serve]` table: how long a pulled-through tag is served before it is revalidated (None: never)."""
+
+    tag_ttl: float | None = 300.0
+    max_size: int | None = None  # bytes the cache may hold; past it, least recently served images are evicted
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration of a run."""
 
@@ -134,6 +150,8 @@ class Config:
     docker_config: Path | None = None
     use_docker_config: bool = True
     foreign_layers: str = "skip"  # [engine] foreign_layers: "skip" (keep as references) or "fetch" (from urls)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    serve: ServeConfig = ServeConfig()
 
     def host_limits(self) -> HostLimits:
         """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
@@ -227,6 +245,7 @@ ARRAY_OF_TABLES = Kind("an array of tables", (list,), (dict,))
 STRINGS = Kind("an array of strings", (list,), (str,))
 STRINGS_OR_TABLE = Kind("an array of strings or a table", (list, dict), (str,))
 DURATION = Kind("a number or a string", (int, float, str))
+SIZE = Kind("an integer or a string", (int, str))
 
 Check = Callable[[Any], "str | None"]
 
@@ -277,6 +296,30 @@ class Table:
     def names(self, variant: str | None = None) -> tuple[str, ...]:
         """Return the keys this table knows (for a `type` variant: its own and the shared ones)."""
         return tuple(k.name for k in self.keys if k.only is None or variant is None or k.only == variant)
+
+
+def _tag_ttl(value: object) -> str | None:
+    if value == "never" or value == 0:
+        return None
+    try:
+        parse_duration(value)  # type: ignore[arg-type]
+    except UsageError:
+        return 'expected seconds, a duration such as 90s or 5m, 0 (always revalidate) or "never"'
+    return None
+
+
+def _size(value: int | str) -> str | None:
+    from mirror.pullthrough import parse_size
+
+    try:
+        parse_size(value)
+    except UsageError:
+        return 'expected bytes, or a size such as "500MB" or "20GiB"'
+    return None
+
+
+def _prefix(value: str) -> str | None:
+    return None if value == "" or (value.endswith("/") and not value.startswith("/")) else 'end it with "/"'
 
 
 def _duration(value: object) -> str | None:
@@ -351,6 +394,18 @@ TABLES: tuple[Table, ...] = (
         Key("concurrency", INTEGER, None, "Requests in flight to this host (default: [engine] per_host).", at_least(1)),
         Key("proxy", STRING, None, '"http://[USER[:PASS]@]HOST:PORT", or "none" (default: the environment decides).'),
         Key("proxy_password_env", STRING, None, "Environment variable holding the proxy's password."),
+    ), array=True),
+    Table("serve", "`mirror serve` pulling through from [[upstreams]].", (
+        Key("tag_ttl", DURATION, 300, 'Seconds (or 5m, 1h) a cached tag is served before one HEAD upstream checks it; '
+            '0: every time; "never": tags never change.', _tag_ttl),
+        Key("max_size", SIZE, None, 'Cap of the cache (bytes, or "50GB", "20GiB"): past it the least recently '
+            "served images are evicted (default: no cap).", _size),
+    )),
+    Table("upstreams", "A registry `mirror serve` pulls through from; its [[registries]] table gives credentials, "
+          "TLS, proxy and `api` (v2 or v1).", (
+        Key("host", STRING, REQUIRED, "The upstream registry: HOST[:PORT]; registry-1.docker.io for Docker Hub."),
+        Key("prefix", STRING, "", 'Repository names starting with this are fetched here, without it ("": every name; '
+            "the longest matching prefix wins).", _prefix),
     ), array=True),
     Table("jobs", "One sync job (`mirror sync`, `mirror daemon`); every job copies into the cache.", (
         Key("name", STRING, REQUIRED, "Unique; `mirror sync --job NAME` runs only this one."),
@@ -661,7 +716,26 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         registries=regs,
         jobs=_v1_jobs(_jobs(d, top["jobs"], docker), {r.host for r in regs if r.api == "v1"}, d),
         daemon=DaemonConfig(**d.read(SCHEMA["daemon"], top["daemon"], ("daemon",))),
+        upstreams=tuple(_upstream(d, u, ("upstreams", i)) for i, u in enumerate(top["upstreams"])),
+        serve=_serve(d.read(SCHEMA["serve"], top["serve"], ("serve",))),
     )
+
+
+def _serve(raw: dict[str, Any]) -> ServeConfig:
+    from mirror.pullthrough import parse_size
+
+    ttl, size = raw["tag_ttl"], raw["max_size"]
+    return ServeConfig(
+        None if ttl == "never" else 0.0 if ttl == 0 else parse_duration(ttl),
+        None if size is None else parse_size(size),
+    )
+
+
+def _upstream(doc: _Doc, raw: object, at: KeyPath) -> UpstreamConfig:
+    u = doc.read(SCHEMA["upstreams"], raw, at)
+    if not u["host"]:
+        raise doc.error((*at, "host"), 'missing; the upstream registry, e.g. host = "registry-1.docker.io"')
+    return UpstreamConfig(u["host"], u["prefix"])
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------

@@ -26,9 +26,10 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import aiofiles
 import bcrypt
@@ -36,7 +37,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from mirror.digest import Digest
-from mirror.errors import DigestError, ManifestError, MirrorError, UsageError
+from mirror.errors import AuthError, DigestError, ManifestError, MirrorError, NotFoundError, UsageError
 from mirror.manifest import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
@@ -56,6 +57,9 @@ from mirror.reference import Reference
 from mirror.referrers import ReferrerInfo, referrer_info, referrers_index
 from mirror.store.layout import Entry, Layout
 
+if TYPE_CHECKING:
+    from mirror.pullthrough import PullThrough, Upstream
+
 log = logging.getLogger(__name__)
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -72,6 +76,7 @@ _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 _SIGNED_MAX = 256  # signed schema1 manifests remembered (a few KiB each)
 
 APP_KEY: web.AppKey[CacheView] = web.AppKey("mirror.cache_view")
+PULL_KEY: web.AppKey[PullThrough] = web.AppKey("mirror.pull_through")
 
 
 # --- What the cache offers: a catalog rebuilt from index.json ------------------------------
@@ -97,6 +102,7 @@ class Repository:
     blobs: frozenset[Digest]
     # subject digest -> the cached manifests of this repository that refer to it (signatures, SBOMs)
     referrers: Mapping[Digest, tuple[ReferrerInfo, ...]] = field(default_factory=dict)
+    sizes: Mapping[Digest, int] = field(default_factory=dict)  # each layer's and config's size, from the manifests
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +151,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
     tags: dict[str, dict[str, Digest]] = {}
     manifests_of: dict[str, set[Digest]] = {}
     blobs_of: dict[str, set[Digest]] = {}
+    sizes_of: dict[str, dict[Digest, int]] = {}
     hosts_of_short: dict[str, set[str]] = {}
     stored: dict[Digest, StoredManifest] = {}
     referrers_of: dict[str, dict[Digest, dict[Digest, ReferrerInfo]]] = {}
@@ -192,6 +199,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
                     referrers_of.setdefault(name, {}).setdefault(info.subject, {})[info.digest] = info
             # A manifest is a blob too (distribution serves both through /blobs/).
             blobs_of.setdefault(name, set()).update(reached, (b.digest for m in images for b in m.blobs))
+            sizes_of.setdefault(name, {}).update((b.digest, b.size) for m in images for b in m.blobs if b.size >= 0)
     repos = {
         name: Repository(
             name,
@@ -199,6 +207,7 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
             frozenset(manifests_of[name]),
             frozenset(blobs_of[name]),
             {subject: tuple(found.values()) for subject, found in referrers_of.get(name, {}).items()},
+            sizes_of.get(name, {}),
         )
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
@@ -555,8 +564,21 @@ def _view(request: web.Request) -> CacheView:
     return request.app[APP_KEY]
 
 
-async def _repository(request: web.Request) -> Repository | web.Response:
-    name = request.match_info["name"]
+def _routed(request: web.Request) -> tuple[PullThrough, Upstream, Reference, str] | None:
+    """Return the pull-through, upstream, repository reference and served name of the URL's name, if routed."""
+    pull = request.app.get(PULL_KEY)
+    if pull is None:
+        return None
+    found = pull.route(request.match_info["name"])
+    if found is None:
+        return None
+    up, base = found
+    # The cache names what an upstream gave under `HOST/REPO`, whatever prefix routed it.
+    return pull, up, base, served_names(base)[1] or base.repository
+
+
+async def _repository(request: web.Request, name: str | None = None) -> Repository | web.Response:
+    name = name or request.match_info["name"]
     repo = (await _view(request).catalog()).repositories.get(name)
     if repo is None:
         return error(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
@@ -587,20 +609,38 @@ async def _catalog(request: web.Request) -> web.Response:
 
 
 async def _tags(request: web.Request) -> web.Response:
-    """`GET /v2/NAME/tags/list`: the repository's tags, paged with `n` and `last`."""
-    repo = await _repository(request)
+    """`GET /v2/NAME/tags/list`: the repository's tags (and the upstream's, under pull-through), paged."""
+    routed = _routed(request)
+    repo = await _repository(request, routed[3] if routed is not None else None)
+    cached = set(repo.tags) if isinstance(repo, Repository) else set()
+    if routed is not None:
+        # The upstream's list with the cached tags; the cached ones alone when it cannot answer.
+        pull, up, base, _ = routed
+        try:
+            cached.update(await asyncio.shield(pull.tags(up, base)))
+        except MirrorError as exc:
+            if not cached:
+                return error(404, "NAME_UNKNOWN", "repository name not known to the upstream registry", str(exc))
+        return _paged(request, sorted(cached), "tags", {"name": request.match_info["name"]})
     if isinstance(repo, web.Response):
         return repo
-    return _paged(request, sorted(repo.tags), "tags", {"name": repo.name})
+    return _paged(request, sorted(repo.tags), "tags", {"name": request.match_info["name"]})
 
 
 async def _manifest(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/manifests/REFERENCE`: the stored bytes, negotiated on `Accept`."""
-    repo = await _repository(request)
+    reference = request.match_info["reference"]
+    routed = _routed(request)
+    served: str | None = None
+    if routed is not None:
+        pull, up, base, served = routed
+        failed = await _pull_manifest(request, pull, up, base, served, reference)
+        if failed is not None:
+            return failed
+    repo = await _repository(request, served)
     if isinstance(repo, web.Response):
         return repo
     catalog = await _view(request).catalog()
-    reference = request.match_info["reference"]
     by_tag = ":" not in reference
     unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": repo.name, "reference": reference})
     if by_tag:
@@ -648,9 +688,39 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _repository_and_digest(request: web.Request) -> tuple[Repository, Digest] | web.Response:
+async def _pull_manifest(
+    request: web.Request, pull: PullThrough, up: Upstream, base: Reference, served: str, reference: str
+) -> web.Response | None:
+    """Fetch what a routed manifest request lacks from the upstream; return the error answer when it cannot."""
+    by_tag = ":" not in reference
+    if by_tag and not _TAG.fullmatch(reference):
+        return None  # the cache's lookup answers 404
+    if not by_tag:
+        try:
+            wanted = Digest.parse(reference)
+        except DigestError as exc:
+            return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    repo = (await _view(request).catalog()).repositories.get(served)
+    cached = repo.tags.get(reference) if repo is not None and by_tag else None
+    have = repo is not None and not by_tag and wanted in repo.manifests
+    try:
+        await asyncio.shield(pull.ensure_manifest(up, base, reference, cached, have))
+    except (NotFoundError, AuthError) as exc:
+        # Docker Hub answers 401 for a repository that does not exist: unknown, either way.
+        # A 404 lets a client with a mirror configured fall back to the origin registry.
+        detail = {"name": request.match_info["name"], "reference": reference, "upstream": str(exc)}
+        return error(404, "MANIFEST_UNKNOWN", "manifest unknown to the upstream registry", detail)
+    except MirrorError as exc:
+        _request_log.warning("%s %s: upstream %s: %s", request.method, request.path, up.host, exc)
+        return error(502, "UNAVAILABLE", f"the upstream registry {up.host} did not answer", str(exc))
+    return None
+
+
+async def _repository_and_digest(
+    request: web.Request, name: str | None = None
+) -> tuple[Repository, Digest] | web.Response:
     """Return the served repository and the `{digest}` of the URL, or the error response for either."""
-    repo = await _repository(request)
+    repo = await _repository(request, name)
     if isinstance(repo, web.Response):
         return repo
     try:
@@ -666,7 +736,8 @@ async def _referrers(request: web.Request) -> web.Response:
     empty index when nothing refers to DIGEST), 400 for a malformed digest, and the header
     `OCI-Filters-Applied: artifactType` when the filter was applied.
     """
-    found = await _repository_and_digest(request)
+    routed = _routed(request)
+    found = await _repository_and_digest(request, routed[3] if routed is not None else None)
     if isinstance(found, web.Response):
         return found
     repo, digest = found
@@ -680,7 +751,8 @@ async def _referrers(request: web.Request) -> web.Response:
 
 async def _blob(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/blobs/DIGEST`: the file with sendfile, `Range` answered with 206."""
-    found = await _repository_and_digest(request)
+    routed = _routed(request)
+    found = await _repository_and_digest(request, routed[3] if routed is not None else None)
     if isinstance(found, web.Response):
         return found
     repo, digest = found
@@ -691,7 +763,13 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return unknown
+        if routed is None:
+            return unknown
+        pull, up, base, _ = routed
+        pull.stats.blob_misses += 1
+        return await _pull_blob(request, pull, up, base, digest, repo.sizes.get(digest, -1))
+    if routed is not None:
+        routed[0].stats.blob_hits += 1
     if f'"{digest}"' in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={hdrs.ETAG: f'"{digest}"', "Docker-Content-Digest": str(digest)})
     header = request.headers.get(hdrs.RANGE)
@@ -704,6 +782,53 @@ async def _blob(request: web.Request) -> web.StreamResponse:
         return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
     resp = BlobResponse(path, digest, ignore_range=wanted is None)
     resp.headers["Docker-Content-Digest"] = str(digest)
+    return resp
+
+
+class _CutShort(Exception):
+    """A pull-through blob whose download failed after its headers went out: the connection is dropped."""
+
+
+async def _pull_blob(
+    request: web.Request, pull: PullThrough, up: Upstream, base: Reference, digest: Digest, size: int
+) -> web.StreamResponse:
+    """Answer a blob the cache lacks while it downloads: one upstream fetch, every client reading it as it lands."""
+    headers = {
+        hdrs.CONTENT_TYPE: "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        hdrs.ETAG: f'"{digest}"',
+        API_VERSION[0]: API_VERSION[1],
+    }
+    if request.method == "HEAD" and size >= 0:
+        return web.Response(headers={**headers, hdrs.CONTENT_LENGTH: str(size)})
+    fetch = pull.fetch_blob(up, base, digest, size)
+    await asyncio.shield(fetch.opened.wait())
+    if fetch.error is not None and fetch.partial is None:
+        if isinstance(fetch.error, NotFoundError):
+            return error(404, "BLOB_UNKNOWN", "blob unknown to upstream registry", {"digest": str(digest)})
+        return error(502, "UNAVAILABLE", f"blob could not be fetched from {up.host}", str(fetch.error))
+    if request.method == "HEAD":
+        if fetch.total >= 0:
+            headers[hdrs.CONTENT_LENGTH] = str(fetch.total)
+        return web.Response(headers=headers)
+    # A Range is ignored (RFC 9110, 14.2): the whole blob goes with 200 while it downloads.
+    resp = web.StreamResponse(headers=headers)
+    if fetch.total >= 0:
+        resp.content_length = fetch.total
+    await resp.prepare(request)
+    try:
+        async with aclosing(fetch.chunks(_view(request).blob_path(digest))) as chunks:
+            async for data in chunks:
+                try:
+                    await resp.write(data)
+                except ConnectionError:
+                    return resp  # the client went away; the download goes on for the others and the cache
+                pull.stats.bytes_served += len(data)
+    except (MirrorError, OSError) as exc:
+        _request_log.warning("%s %s: cut short: %s", request.method, request.path, exc)
+        resp.force_close()
+        raise _CutShort(str(exc)) from None
+    await resp.write_eof()
     return resp
 
 
@@ -789,14 +914,15 @@ def make_app(
     auth: Authenticator | None = None,
     realm: str = "mirror",
     default_platform: Platform = DEFAULT_PLATFORM,
+    pull: PullThrough | None = None,
 ) -> web.Application:
     """Return an aiohttp application serving `layout` read-only under `/v2/`.
 
     Other routes (the daemon's `/metrics`) can be added to it; auth and the read-only
-    rule apply to `/v2/` only.
+    rule apply to `/v2/` only. With `pull`, what the cache lacks is fetched from upstream.
     """
     app = web.Application()
-    install(app, layout, auth=auth, realm=realm, default_platform=default_platform)
+    install(app, layout, auth=auth, realm=realm, default_platform=default_platform, pull=pull)
     return app
 
 
@@ -807,11 +933,19 @@ def install(
     auth: Authenticator | None = None,
     realm: str = "mirror",
     default_platform: Platform = DEFAULT_PLATFORM,
+    pull: PullThrough | None = None,
 ) -> None:
     """Add the read-only registry under `/v2/` to `app` (the daemon's own, on its port)."""
     app.middlewares.append(_middleware(auth, realm))
     app[APP_KEY] = CacheView(layout)
     app[PLATFORM_KEY] = default_platform
+    if pull is not None:
+        app[PULL_KEY] = pull
+
+        async def stop_downloads(_app: web.Application) -> None:
+            await pull.close()
+
+        app.on_shutdown.append(stop_downloads)
     app.on_response_prepare.append(_blob_etag)
     app.on_startup.append(_load_catalog)
     app.router.add_get("/v2/", _base)
@@ -820,6 +954,42 @@ def install(
     app.router.add_get(r"/v2/{name:.+}/manifests/{reference}", _manifest)
     app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", _blob)
     app.router.add_get(r"/v2/{name:.+}/referrers/{digest}", _referrers)
+
+
+_PULL_METRICS = (
+    ("mirror_serve_manifest_hits", "Manifest requests answered from the cache.", "manifest_hits"),
+    ("mirror_serve_manifest_misses", "Manifest requests fetched from upstream.", "manifest_misses"),
+    ("mirror_serve_blob_hits", "Blob requests answered from the cache.", "blob_hits"),
+    ("mirror_serve_blob_misses", "Blob requests the cache lacked (streamed while downloading).", "blob_misses"),
+    ("mirror_serve_upstream_blob_fetches", "Blob downloads started from upstream.", "blob_fetches"),
+    ("mirror_serve_upstream_bytes", "Bytes of blob received from upstream.", "bytes_upstream"),
+    ("mirror_serve_streamed_bytes", "Bytes of blob sent to clients while downloading.", "bytes_served"),
+    ("mirror_serve_revalidations", "Cached tags revalidated upstream.", "revalidations"),
+    ("mirror_serve_stale_served", "Cached tags served because the upstream did not answer.", "stale_served"),
+    ("mirror_serve_upstream_errors", "Upstream requests that failed.", "upstream_errors"),
+    ("mirror_serve_evicted_refs", "Cached references evicted to keep the cache under max_size.", "evicted_refs"),
+    ("mirror_serve_evicted_bytes", "Bytes of blobs removed by those evictions.", "evicted_bytes"),
+)
+
+
+def pull_through_metrics(stats: Any) -> Handler:
+    """Return the `/metrics` handler of `mirror serve --upstream`: its PullStats as Prometheus counters."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    class _Stats(Collector):
+        def collect(self) -> Iterable[Metric]:
+            for name, doc, attr in _PULL_METRICS:
+                yield CounterMetricFamily(name, doc, value=getattr(stats, attr))
+
+    registry = CollectorRegistry()
+    registry.register(_Stats())
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: "text/plain; version=0.0.4"})
+
+    return metrics
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -100,8 +100,8 @@ def test_an_unknown_key_of_the_other_source_type_is_refused() -> None:
 def place(table: str, key: str, value: Any) -> dict[str, Any]:
     """Return a valid document with `key = value` written in `table` (a schema table name)."""
     job: dict[str, Any] = {"name": "j", "source": {"type": "registry", "host": "h.example"}, "repositories": ["a"]}
-    if table == "registries":
-        return {"registries": [{"host": "r.example", key: value}]}
+    if table in ("registries", "upstreams"):
+        return {table: [{"host": "r.example", key: value}]}
     if table == "jobs":
         return {"jobs": [{**job, key: value}]}
     if table.startswith("jobs."):

@@ -15,8 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from mirror.commands.common import EXIT_OK, add_common, load_config
+from mirror.config import Config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
+from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_size, parse_upstream, ttl_seconds
 from mirror.server import (
     DEFAULT_PLATFORM,
     IDLE_TIMEOUT,
@@ -29,8 +31,11 @@ from mirror.server import (
     default_max_connections,
     make_app,
     parse_listen,
+    pull_through_metrics,
     raise_nofile_limit,
 )
+from mirror.sources.registry_v1 import RegistryV1Source
+from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 
 PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
@@ -65,6 +70,22 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="close a connection that sends no complete request headers, or reads nothing, this long (default 30)",
     )
+    p.add_argument(
+        "--upstream",
+        metavar="HOST",
+        help="pull-through: fetch what the cache lacks from this v2 registry (registry-1.docker.io for Docker Hub)",
+    )
+    p.add_argument(
+        "--tag-ttl",
+        metavar="SECONDS|never",
+        help=f"pull-through: revalidate a cached tag upstream once older than this (default {DEFAULT_TTL:g}; 0 always)",
+    )
+    p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="pull-through: cap the cache (e.g. 50GB); past it the least recently served images are evicted",
+    )
+    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="use plain HTTP for upstream HOST")
     p.set_defaults(run=run)
 
 
@@ -102,15 +123,66 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
+    """Return `--upstream HOST` (every name), else the config's `[[upstreams]]`, each with its registry's API."""
+    apis = {r.host: r.api for r in cfg.registries}
+    wanted = [(args.upstream, "")] if args.upstream else [(u.host, u.prefix) for u in cfg.upstreams]
+    out: list[Upstream] = []
+    for host, prefix in wanted:
+        up = parse_upstream(host)
+        api = apis.get(up.host) or apis.get(up.registry) or "auto"
+        out.append(Upstream(up.host, prefix, "v1" if api == "v1" else "v2"))
+    prefixes = [u.prefix for u in out]
+    for prefix in prefixes:
+        if prefixes.count(prefix) > 1:
+            raise UsageError(f"two [[upstreams]] have the prefix {prefix!r}: each prefix goes to one upstream")
+    return out
+
+
+def _pull_options(args: argparse.Namespace, cfg: Config) -> tuple[list[Upstream], float | None, int | None]:
+    """Return the upstreams, tag TTL and size cap of pull-through (no upstreams: plain serving), checked."""
+    upstreams = _upstreams(args, cfg)
+    if not upstreams and (args.tag_ttl is not None or args.max_size is not None):
+        raise UsageError("--tag-ttl and --max-size need an upstream (--upstream HOST, or [[upstreams]])")
+    ttl = ttl_seconds(args.tag_ttl) if args.tag_ttl is not None else cfg.serve.tag_ttl
+    max_size = parse_size(args.max_size) if args.max_size is not None else cfg.serve.max_size
+    return upstreams, ttl, max_size
+
+
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; print the address once listening."""
     cfg = load_config(args)
     host, port = parse_listen(args.listen)
-    layout = Layout.open(cfg.cache, create=False)
+    upstreams, ttl, max_size = _pull_options(args, cfg)
     tls = _tls(args)
     limits = _limits(args)
     auth = _authenticator(args)
-    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform))
+    layout = Layout.open(cfg.cache, create=bool(upstreams))
+    async with cfg.transport() as transport:
+        pull: PullThrough | None = None
+        if upstreams:
+            engine = cfg.engine(layout, transport)
+            v1 = RegistryV1Source(transport)
+            pull = PullThrough(
+                layout, engine, RegistryV2Source(transport), upstreams, ttl=ttl, v1=v1, max_size=max_size
+            )
+        return await _serve(args, cfg, layout, host, port, tls, limits, auth, pull)
+
+
+async def _serve(
+    args: argparse.Namespace,
+    cfg: Config,
+    layout: Layout,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    limits: ServeLimits,
+    auth: Authenticator | None,
+    pull: PullThrough | None,
+) -> int:
+    app = make_app(layout, auth=auth, default_platform=Platform.parse(args.default_platform), pull=pull)
+    if pull is not None:
+        app.router.add_get("/metrics", pull_through_metrics(pull.stats))
     logging.basicConfig(level=logging.WARNING, format="mirror serve: %(message)s", stream=sys.stderr)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -233,6 +233,9 @@ class BlobWriter:
         self._owned = unique or (digest is None and key is None)
         self._resumed = False  # bytes came from the disk, not from this writer: commit re-reads them
         self.present = False  # the blob was stored by another writer while this one waited to claim
+        # Bytes in the partial file that another open file reads (a pull-through tee's
+        # clients): full batches, then everything once committed.
+        self.landed = 0
 
     async def io(self, func: Callable[..., T], *args: object) -> T:
         """Run file work for this blob in the store's threads; an OSError (a full disk, say) becomes a StoreError."""
@@ -293,7 +296,7 @@ class BlobWriter:
         while block := self._file.read(FLUSH_BYTES):
             self._hash.update(block)
             self.offset += len(block)
-        self._flushed = self.offset
+        self._flushed = self.landed = self.offset
         self._resumed = self.offset > 0
         if 0 <= self.expected_size < self.offset:
             self._reset_sync()
@@ -323,7 +326,7 @@ class BlobWriter:
             self._file.truncate()
         self._hash = hashlib.new(self.digest.algorithm)
         self.offset = 0
-        self._flushed = 0
+        self._flushed = self.landed = 0
         self._resumed = False
 
     async def reset(self) -> None:
@@ -348,6 +351,9 @@ class BlobWriter:
             with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
                 os.posix_fadvise(self._file.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = end
+        if writeback:
+            self._file.flush()
+            self.landed = self._file.tell()
 
     async def _drain(self) -> None:
         pending = self._pending
@@ -375,8 +381,11 @@ class BlobWriter:
         if self._buffered >= FLUSH_BYTES:
             await self._flush()
 
-    def _commit_sync(self, chunks: list[bytes]) -> Path:
-        """Write the last chunks, check digest, fdatasync and rename; return the blob's directory."""
+    def _commit_sync(self, chunks: list[bytes], verified: Callable[[], None] | None = None) -> Path:
+        """Write the last chunks, check digest, fdatasync and rename; return the blob's directory.
+
+        `verified` is called (from this thread) once the digest checked and every byte is in the file.
+        """
         self._absorb(chunks)  # opens the file if no batch has yet
         assert self._file is not None
         got = self._hash.hexdigest()
@@ -396,6 +405,9 @@ class BlobWriter:
                 h.update(block)
             if h.hexdigest() != got:
                 raise IntegrityError(f"blob {self.digest}: the partial file on disk does not hash to it")
+        self.landed = self.offset
+        if verified is not None:
+            verified()
         os.fdatasync(self._file.fileno())  # data and size on disk before the name points at them
         target = self.store.path(self.digest)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -404,8 +416,12 @@ class BlobWriter:
         self._file.close()
         return target.parent
 
-    async def commit(self) -> int:
-        """Check size and digest, fsync, and rename into place; return the blob's size."""
+    async def commit(self, on_verified: Callable[[], None] | None = None) -> int:
+        """Check size and digest, fsync, and rename into place; return the blob's size.
+
+        `on_verified` runs on the event loop as soon as the digest checked, before the
+        fsync (a pull-through tee hands its clients the last bytes then).
+        """
         await self._drain()
         if 0 <= self.expected_size != self.offset:
             raise IntegrityError(
@@ -413,7 +429,11 @@ class BlobWriter:
             )
         # One trip to a thread for the last batch, the check, the fsync and the rename.
         chunks, self._buf, self._buffered = self._buf, [], 0
-        directory = await self.io(self._commit_sync, chunks)
+        verified = None
+        if on_verified is not None:
+            loop = asyncio.get_running_loop()
+            verified = partial(loop.call_soon_threadsafe, on_verified)
+        directory = await self.io(self._commit_sync, chunks, verified)
         await self.store.sync_dir(directory)
         return self.offset
 

@@ -42,7 +42,7 @@ from mirror.errors import (
     TransportError,
     UsageError,
 )
-from mirror.manifest import MAX_MANIFEST_BYTES, Descriptor, IndexManifest, Manifest, descriptor_of, oci_entry
+from mirror.manifest import Descriptor, IndexManifest, Manifest, descriptor_of, oci_entry
 from mirror.reference import DOCKER_HUB, Reference
 from mirror.sources.registry_v1 import RegistryV1Source, v1_repository
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -220,15 +220,9 @@ class BlobFetch:
 
 def _reach_of(layout: Layout, roots: Sequence[Descriptor], stored: Mapping[Digest, int]) -> list[frozenset[Digest]]:
     """Return the blobs each root reaches (blocking reads of stored manifests: run it in a thread)."""
-    from mirror.store.gc import mark
+    from mirror.store.gc import manifest_loader, mark
 
-    def load(digest: Digest) -> bytes | None:
-        try:
-            with open(layout.blobs.path(digest), "rb") as f:
-                return f.read(MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            return None
-
+    load = manifest_loader(layout.blobs)
     return [mark([root], load, stored.keys()).reachable for root in roots]
 
 
@@ -490,8 +484,14 @@ class PullThrough:
                         if writer is None:
                             if fetch.total < 0 and body.offset == 0:
                                 fetch.total = body.total
+                            # The store's writer owns the partial file (another engine or process
+                            # writing the same blob is waited for); it may find the blob stored.
                             writer = await self.layout.blobs.writer(fetch.digest, fetch.total, resume=False)
-                            await writer.io(writer.open_sync, False)
+                            if writer.present:
+                                fetch.verified(self.layout.blobs.size(fetch.digest))
+                                fetch.total = fetch.landed
+                                fetch.finish(None)
+                                return
                             fetch.partial = writer.partial
                             fetch.opened.set()
                         if body.offset not in (0, writer.offset):

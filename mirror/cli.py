@@ -15,7 +15,7 @@ from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableEr
 from mirror.text import printable
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
-COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc"]
+COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc", "worker"]
 
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:

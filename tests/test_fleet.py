@@ -1,0 +1,315 @@
+"""The fleet: real redis-server, two real docker-registry processes, `mirror worker` subprocesses, `sync --queue`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.syncfixtures import blob_gets, delta, manifest_requests
+from tools.registry import Registry, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+REPOS = 30
+TAGS = ("1.0", "1.1", "2.0")
+WRITES = ("POST", "PUT", "PATCH")
+
+
+class Redis:
+    """A redis-server on a free loopback port, nothing kept on disk unless `appendonly`."""
+
+    def __init__(self, root: Path, *, appendonly: bool = False) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Redis:
+        """Start the server and wait until it answers PING."""
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.root)]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if (
+                subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip()
+                == b"PONG"
+            ):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start in 15 s")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: it writes its append-only file first)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _request(
+    method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, dict(resp.headers)
+
+
+def _blob(host: str, repo: str, data: bytes, mount_from: str | None = None) -> str:
+    """Put `data` as a blob of `repo` (mounted from `mount_from` when given); return its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if mount_from:
+        status, _ = _request("POST", f"http://{host}/v2/{repo}/blobs/uploads/?mount={digest}&from={mount_from}")
+        if status == 201:
+            return digest
+    _, h = _request("POST", f"http://{host}/v2/{repo}/blobs/uploads/")
+    loc = h["Location"]
+    loc = loc if loc.startswith("http") else f"http://{host}{loc}"
+    sep = "&" if "?" in loc else "?"
+    _request("PUT", f"{loc}{sep}digest={digest}", data, {"Content-Type": "application/octet-stream"})
+    return digest
+
+
+@dataclass
+class Source:
+    """The seeded source registry: what each repo:tag is, and every blob digest."""
+
+    registry: Registry
+    digests: dict[str, str] = field(default_factory=dict)  # "repo:tag" -> manifest digest
+    blobs: set[str] = field(default_factory=set)
+
+    @property
+    def host(self) -> str:
+        return self.registry.host
+
+
+def seed(root: Path) -> Source:
+    """Start a source registry: REPOS repositories x TAGS tags, every image two shared base layers and its own."""
+    src = Source(Registry(root / "src").start())
+    bases = [os.urandom(300_000), os.urandom(200_000)]
+    first_repo = None
+    for i in range(REPOS):
+        repo = f"proj{i:02d}/app"
+        base_desc = []
+        for b in bases:
+            d = _blob(src.host, repo, b, mount_from=first_repo)
+            base_desc.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": len(b)})
+        first_repo = first_repo or repo
+        for tag in TAGS:
+            own = os.urandom(20_000)
+            cfg = json.dumps(
+                {"architecture": "amd64", "os": "linux", "config": {"Labels": {"image": f"{repo}:{tag}"}}}
+            ).encode()
+            layers = [*base_desc, {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": len(own)}]
+            layers[-1]["digest"] = _blob(src.host, repo, own)
+            config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": len(cfg)}
+            config["digest"] = _blob(src.host, repo, cfg)
+            manifest = json.dumps(
+                {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers}
+            ).encode()
+            _request("PUT", f"http://{src.host}/v2/{repo}/manifests/{tag}", manifest, {"Content-Type": OCI_MANIFEST})
+            src.digests[f"{repo}:{tag}"] = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            src.blobs.update(str(x["digest"]) for x in [config, *layers])
+    return src
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
+    src = seed(tmp_path_factory.mktemp("fleet-src"))
+    yield src
+    src.registry.stop()
+
+
+CONFIG = """
+[cache]
+path = "{root}/enqueuer-cache"
+
+[retry]
+attempts = 3
+base = 0.2
+
+[fleet]
+per_host = {per_host}
+tasks = 4
+heartbeat = 2
+lease = 4
+
+[[jobs]]
+name = "fleet"
+source = {{type = "registry", host = "{src}"}}
+repositories = {{catalog = true, include = ["proj.*"]}}
+destination = {{type = "registry", host = "{dst}", prefix = "mirror"}}
+"""
+
+
+@dataclass
+class Fleet:
+    """A redis-server, a destination registry and `mirror worker` processes, all for one test."""
+
+    root: Path
+    source: Source
+    redis: Redis
+    dest: Registry
+    config: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """Start one more `mirror worker` with a spool of its own."""
+        n = len(self.workers)
+        log = open(self.root / f"worker{n}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(log)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mirror",
+                "worker",
+                "-c",
+                str(self.config),
+                "--queue",
+                self.redis.url,
+                "--cache",
+                str(self.root / f"spool{n}"),
+                "--grace",
+                "2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.workers.append(p)
+        return p
+
+    def sync(self, *extra: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+        """Run `mirror sync --queue URL --wait`; return the process and its report."""
+        report = self.root / "report.json"
+        report.unlink(missing_ok=True)
+        with open(self.root / "sync.log", "w") as err:
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mirror",
+                    "sync",
+                    "-c",
+                    str(self.config),
+                    "--queue",
+                    self.redis.url,
+                    "--wait",
+                    "--report",
+                    str(report),
+                    *extra,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                timeout=timeout,
+            )
+        res.stderr = (self.root / "sync.log").read_text()
+        doc = json.loads(report.read_text()) if report.exists() else {}
+        return res, doc
+
+    def stop(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL), the registry and Redis."""
+        for p in self.workers:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.workers:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            log.close()
+        self.dest.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def fleet(source: Source, tmp_path: Path) -> Iterator[Fleet]:
+    f = make_fleet(source, tmp_path)
+    yield f
+    f.stop()
+
+
+def make_fleet(source: Source, root: Path, *, per_host: int = 8, appendonly: bool = False) -> Fleet:
+    """Start Redis and a destination registry; write the config (no workers yet)."""
+    redis = Redis(root / "redis", appendonly=appendonly).start()
+    dest = Registry(root / "dst").start()
+    cfg = root / "fleet.toml"
+    cfg.write_text(CONFIG.format(root=root, src=source.host, dst=dest.host, per_host=per_host))
+    return Fleet(root, source, redis, dest, cfg)
+
+
+def dest_digest(dest: Registry, name: str) -> str | None:
+    """Return the digest the destination names `REPO:TAG` with (HEAD), None when it has none."""
+    repo, _, tag = name.partition(":")
+    try:
+        _, h = _request("HEAD", f"http://{dest.host}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
+    except urllib.error.HTTPError:
+        return None
+    return h.get("Docker-Content-Digest")
+
+
+def writes(requests: Counter[tuple[str, str]]) -> Counter[tuple[str, str]]:
+    """Return the requests that write."""
+    return Counter({k: n for k, n in requests.items() if k[0] in WRITES})
+
+
+def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run_costs_two_heads(
+    fleet: Fleet,
+) -> None:
+    for _ in range(3):
+        fleet.start_worker()
+    before = fleet.source.registry.requests()
+    res, doc = fleet.sync()
+    assert res.returncode == 0, res.stderr[-3000:]
+    images = {e["reference"]: e for e in doc["images"]}  # type: ignore[union-attr]
+    assert len(images) == REPOS * len(TAGS)
+    for name, digest in fleet.source.digests.items():
+        entry = images[f"{fleet.source.host}/{name}"]
+        assert entry["status"] == "ok" and entry["digest"] == digest and entry["push"] == "pushed", entry
+        assert dest_digest(fleet.dest, f"mirror/{name}") == digest
+    # Every source blob fetched exactly once across the three workers.
+    gets = blob_gets(delta(fleet.source.registry.requests(), before))
+    assert set(gets) == fleet.source.blobs
+    assert {d: n for d, n in gets.items() if n != 1} == {}
+    # The work was shared: each worker ran tasks.
+    for n in range(3):
+        assert ": ok" in (fleet.root / f"worker{n}.log").read_text(), f"worker {n} ran no task"
+
+    # A second run: nothing fetched, nothing written, one HEAD per tag on each side.
+    src_before, dst_before = fleet.source.registry.requests(), fleet.dest.requests()
+    res, doc = fleet.sync()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {e["status"] for e in doc["images"]} == {"unchanged"}  # type: ignore[union-attr]
+    src_delta = delta(fleet.source.registry.requests(), src_before)
+    dst_delta = delta(fleet.dest.requests(), dst_before)
+    assert blob_gets(src_delta) == Counter()
+    assert writes(dst_delta) == Counter()
+    assert set(manifest_requests(src_delta, "HEAD").values()) == {1}
+    assert len(manifest_requests(src_delta, "HEAD")) == REPOS * len(TAGS)
+    assert set(manifest_requests(dst_delta, "HEAD").values()) == {1}
+    assert len(manifest_requests(dst_delta, "HEAD")) == REPOS * len(TAGS)
+    assert manifest_requests(src_delta, "GET") == Counter()

@@ -6,15 +6,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -170,7 +171,7 @@ class Fleet:
     dest: Registry
     config: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    logs: list[IO[bytes]] = field(default_factory=list)
+    logs: list[IO[Any]] = field(default_factory=list)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """Start one more `mirror worker` with a spool of its own."""
@@ -229,6 +230,21 @@ class Fleet:
         doc = json.loads(report.read_text()) if report.exists() else {}
         return res, doc
 
+    def start_sync(self) -> subprocess.Popen[str]:
+        """Start `mirror sync --queue URL --wait` in the background (its stderr in sync.log)."""
+        err = open(self.root / "sync.log", "w")  # noqa: SIM115 - closed in stop()
+        self.logs.append(err)
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "mirror", "sync", "-c", str(self.config), "--queue", self.redis.url, "--wait"),
+                *("--report", str(self.root / "report.json")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
     def stop(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL), the registry and Redis."""
         for p in self.workers:
@@ -277,6 +293,7 @@ def writes(requests: Counter[tuple[str, str]]) -> Counter[tuple[str, str]]:
     return Counter({k: n for k, n in requests.items() if k[0] in WRITES})
 
 
+@pytest.mark.slow
 def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run_costs_two_heads(
     fleet: Fleet,
 ) -> None:
@@ -313,3 +330,32 @@ def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run
     assert set(manifest_requests(dst_delta, "HEAD").values()) == {1}
     assert len(manifest_requests(dst_delta, "HEAD")) == REPOS * len(TAGS)
     assert manifest_requests(src_delta, "GET") == Counter()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing_its_tasks_run_on_the_others(fleet: Fleet) -> None:
+    victim = fleet.start_worker()
+    for _ in range(2):
+        fleet.start_worker()
+    sync = fleet.start_sync()
+    log = fleet.root / "worker0.log"
+    # Once the victim has finished a task it is busy with its next ones: kill it there.
+    wait_for("the first worker's first task", lambda: ": ok" in log.read_text())
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    assert sync.wait(240) == 0, (fleet.root / "sync.log").read_text()[-3000:]
+    doc = json.loads((fleet.root / "report.json").read_text())
+    assert doc["counts"] == {"ok": REPOS * len(TAGS)}
+    for name, digest in fleet.source.digests.items():
+        assert dest_digest(fleet.dest, f"mirror/{name}") == digest, name
+    # The survivors ran what the victim held (its log stops at the kill; theirs hold the rest).
+    done = sum((fleet.root / f"worker{n}.log").read_text().count(": ok") for n in range(3))
+    assert done >= REPOS * len(TAGS)

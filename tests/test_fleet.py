@@ -269,12 +269,14 @@ def fleet(source: Source, tmp_path: Path) -> Iterator[Fleet]:
     f.stop()
 
 
-def make_fleet(source: Source, root: Path, *, per_host: int = 8, appendonly: bool = False) -> Fleet:
-    """Start Redis and a destination registry; write the config (no workers yet)."""
+def make_fleet(
+    source: Source, root: Path, *, per_host: int = 8, appendonly: bool = False, via: str | None = None
+) -> Fleet:
+    """Start Redis and a destination registry; write the config (no workers yet); `via`: the source's proxy."""
     redis = Redis(root / "redis", appendonly=appendonly).start()
     dest = Registry(root / "dst").start()
     cfg = root / "fleet.toml"
-    cfg.write_text(CONFIG.format(root=root, src=source.host, dst=dest.host, per_host=per_host))
+    cfg.write_text(CONFIG.format(root=root, src=via or source.host, dst=dest.host, per_host=per_host))
     return Fleet(root, source, redis, dest, cfg)
 
 
@@ -359,3 +361,30 @@ def test_a_worker_killed_mid_run_loses_nothing_its_tasks_run_on_the_others(fleet
     # The survivors ran what the victim held (its log stops at the kill; theirs hold the rest).
     done = sum((fleet.root / f"worker{n}.log").read_text().count(": ok") for n in range(3))
     assert done >= REPOS * len(TAGS)
+
+
+@pytest.mark.slow
+def test_per_host_holds_across_the_whole_fleet(source: Source, tmp_path: Path) -> None:
+    port, peak = free_port(), tmp_path / "peak"
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.countproxy", source.host, str(port), "2000000", str(peak)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    fleet = make_fleet(source, tmp_path, per_host=2, via=f"127.0.0.1:{port}")
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        for _ in range(3):
+            fleet.start_worker()  # 3 workers x 4 tasks: 12 images at once
+        res, doc = fleet.sync()
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert doc["counts"] == {"ok": REPOS * len(TAGS)}
+        # Never more than [fleet] per_host requests at the source at once, over the enqueuer and every worker.
+        assert 1 <= int(peak.read_text()) <= 2
+    finally:
+        fleet.stop()
+        proxy.terminate()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()

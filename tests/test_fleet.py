@@ -388,3 +388,29 @@ def test_per_host_holds_across_the_whole_fleet(source: Source, tmp_path: Path) -
         proxy.wait(10)
         if proxy.stdout is not None:
             proxy.stdout.close()
+
+
+@pytest.mark.slow
+def test_redis_stopped_for_a_while_mid_run_the_run_still_completes(source: Source, tmp_path: Path) -> None:
+    fleet = make_fleet(source, tmp_path, appendonly=True)  # Redis keeps the queue across its restart
+    try:
+        for _ in range(3):
+            fleet.start_worker()
+        sync = fleet.start_sync()
+        logs = [fleet.root / f"worker{n}.log" for n in range(3)]
+        wait_for("a first image copied", lambda: any(": ok" in p.read_text() for p in logs))
+        fleet.redis.stop()
+        # Every worker notices, says so in one line, and keeps trying.
+        wait_for("the workers to notice", lambda: all("queue unreachable" in p.read_text() for p in logs))
+        fleet.redis.start()
+        assert sync.wait(240) == 0, (fleet.root / "sync.log").read_text()[-3000:]
+        doc = json.loads((fleet.root / "report.json").read_text())
+        assert doc["counts"] == {"ok": REPOS * len(TAGS)}
+        for name, digest in fleet.source.digests.items():
+            assert dest_digest(fleet.dest, f"mirror/{name}") == digest, name
+        for p in logs:
+            text = p.read_text()
+            assert "queue unreachable" in text and "Traceback" not in text, text[-2000:]
+            assert "queue reachable again" in text
+    finally:
+        fleet.stop()

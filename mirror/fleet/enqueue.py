@@ -6,9 +6,12 @@ import asyncio
 import sys
 import time
 
+from redis.exceptions import RedisError
+
 from mirror.config import Config, JobConfig
 from mirror.engine.sync import SyncObserver, SyncResult, summarize
-from mirror.fleet.leases import token
+from mirror.errors import UnreachableError
+from mirror.fleet.leases import describe, token
 from mirror.fleet.planner import Planner, check_jobs, wait_results
 from mirror.fleet.queue import open_queue
 from mirror.progress import ERROR, INFO, JsonLog
@@ -45,6 +48,8 @@ async def enqueue_run(
                     observer.result(r)
                     results.append(r)
             return results, len(planned.tasks)
+    except (RedisError, OSError) as exc:  # a Redis call outside the waited-out ones: the run cannot go on
+        raise UnreachableError(f"queue: {describe(exc)}") from None
     finally:
         await queue.disconnect()
 

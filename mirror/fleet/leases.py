@@ -12,18 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mirror.auth import RetryPolicy, backoff_delay
 from mirror.errors import UnreachableError
+from mirror.text import printable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mirror:"
+_BACKOFF = RetryPolicy(base=0.5, cap=5.0)  # waits between tries while Redis is unreachable
 
 # Renew the key's expiry only while it still holds our token.
 _RENEW = """
@@ -52,6 +57,26 @@ return 0
 """
 
 
+class Outage:
+    """Says once on stderr that Redis is unreachable, and once that it is back, however many callers notice."""
+
+    down = False
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> None:
+        """A Redis call failed: say so unless already said."""
+        if not cls.down:
+            cls.down = True
+            print(f"mirror: queue unreachable ({printable(describe(exc))}); retrying", file=sys.stderr, flush=True)
+
+    @classmethod
+    def ok(cls) -> None:
+        """A Redis call worked: say Redis is back if it was said to be away."""
+        if cls.down:
+            cls.down = False
+            print("mirror: queue reachable again", file=sys.stderr, flush=True)
+
+
 def connect(url: str) -> Redis:
     """Return a Redis client for `url` (`redis://HOST:PORT/DB`); it connects on first use."""
     try:
@@ -65,21 +90,35 @@ def token() -> str:
     return secrets.token_hex(12)
 
 
-async def _renew_loop(redis: Redis, key: str, tok: str, ttl: float) -> None:
-    """Renew `key` every third of `ttl` while it holds `tok`; a Redis error is retried at the next turn."""
-    while True:
-        await asyncio.sleep(ttl / 3)
-        try:
-            await redis.eval(_RENEW, 1, key, tok, str(int(ttl * 1000)))
-        except RedisError as exc:
-            log.warning("lease %s: cannot renew (%s); retrying", key, exc)
+@contextlib.asynccontextmanager
+async def repeating(period: float, what: str, call: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """Run `call()` every `period` seconds while the block runs (a lease's renewal, a task's heartbeat).
 
+    A failed call (Redis away) is logged and tried again at the next turn. On the way out the
+    loop is stopped by a flag as well as cancelled, and waited for at most 5 s: a cancellation
+    swallowed inside the Redis client must not keep the block from ending (nor keep renewing
+    a lease whose work is over).
+    """
+    stopped = asyncio.Event()
 
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel a renewing task and wait for it to end."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async def loop() -> None:
+        while not stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), period)
+            if stopped.is_set():
+                return
+            try:
+                await call()
+            except (RedisError, OSError) as exc:
+                log.info("%s: %s; trying again", what, describe(exc))
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        stopped.set()
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
 
 
 class BlobFlight:
@@ -117,11 +156,11 @@ class BlobFlight:
         if not got:
             yield False
             return
-        renew = asyncio.create_task(_renew_loop(self.redis, key, tok, self.ttl))
+        ms = str(int(self.ttl * 1000))
         try:
-            yield True
+            async with repeating(self.ttl / 3, f"lease {key}", lambda: self.redis.eval(_RENEW, 1, key, tok, ms)):
+                yield True
         finally:
-            await _stop(renew)
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.eval(_RELEASE, 1, key, tok)
 
@@ -147,25 +186,30 @@ class HostSemaphore:
         """Hold one place for the duration of the block (waiting, polling, for one to be free)."""
         tok = token()
         ms = int(self.ttl * 1000)
+        attempt = 0
         while True:
             now = int(time.time() * 1000)
             args = (tok, str(now), str(self.limit), str(now + ms), str(ms * 4))
-            if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *args):
-                break
+            try:
+                if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *args):
+                    Outage.ok()
+                    break
+            except (RedisError, OSError) as exc:
+                # Redis away: wait for it (the caller's own patience, if any, bounds this).
+                Outage.failed(exc)
+                attempt += 1
+                await asyncio.sleep(backoff_delay(_BACKOFF, min(attempt, 8), random.random()))
+                continue
             await asyncio.sleep(self.poll)
-        renew = asyncio.create_task(self._renew(tok))
         try:
-            yield
+            async with repeating(self.ttl / 3, f"place {self.key}", lambda: self._renew(tok)):
+                yield
         finally:
-            await _stop(renew)
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.key, tok)
 
     async def _renew(self, tok: str) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            with contextlib.suppress(RedisError):
-                await self.redis.zadd(self.key, {tok: int((time.time() + self.ttl) * 1000)}, xx=True)
+        await self.redis.zadd(self.key, {tok: int((time.time() + self.ttl) * 1000)}, xx=True)
 
 
 class Leader:

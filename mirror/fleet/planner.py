@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -27,12 +26,11 @@ from mirror.engine.publish import PRESENT, WOULD_PUSH
 from mirror.engine.select import matches_any
 from mirror.engine.sync import CANCELLED, IMMUTABLE, PLANNED, UNCHANGED, SyncObserver, SyncResult
 from mirror.errors import MirrorError, NotFoundError, UnreachableError, UsageError
-from mirror.fleet.leases import HostSemaphore, describe
+from mirror.fleet.leases import HostSemaphore, Outage, describe
 from mirror.fleet.queue import FleetQueue, fetch_tasks, new_job, result_of
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
 from mirror.sources.registry_v2 import RegistryV2Source
-from mirror.text import printable
 from mirror.transport import Transport
 
 T = TypeVar("T")
@@ -179,12 +177,14 @@ async def with_redis(call: Callable[[], Awaitable[T]], patience: float = REDIS_P
     first: float | None = None
     while True:
         try:
-            return await call()
+            got = await call()
+            Outage.ok()
+            return got
         except (RedisError, OSError) as exc:
             now = time.monotonic()
+            Outage.failed(exc)
             if first is None:
                 first = now
-                print(f"mirror: queue unreachable ({printable(describe(exc))}); retrying", file=sys.stderr, flush=True)
             if now - first > patience:
                 raise UnreachableError(f"queue unreachable for {patience:g}s: {describe(exc)}") from None
             await asyncio.sleep(backoff_delay(RetryPolicy(base=0.5, cap=5.0), attempt, random.random()))

@@ -9,9 +9,9 @@ has the whole comparison.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,8 +25,7 @@ from mirror.config import FleetConfig
 from mirror.engine.copy import FAILED
 from mirror.engine.sync import SyncResult
 from mirror.errors import UnreachableError
-from mirror.fleet.leases import PREFIX, connect, describe
-from mirror.text import printable
+from mirror.fleet.leases import PREFIX, Outage, connect, describe
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,18 @@ class FleetQueue(RedisQueue):
         try:
             job = await super().dequeue(timeout, poll_interval)
         except (RedisError, OSError) as exc:
-            if self._down == 0:
-                print(f"mirror: queue unreachable ({printable(describe(exc))}); retrying", file=sys.stderr, flush=True)
-            await asyncio.sleep(backoff_delay(RetryPolicy(base=0.5, cap=5.0), self._down, random.random()))
             self._down += 1
+            Outage.failed(exc)
+            await asyncio.sleep(backoff_delay(RetryPolicy(base=0.5, cap=5.0), min(self._down, 8), random.random()))
             return None
-        if self._down:
-            print("mirror: queue reachable again", file=sys.stderr, flush=True)
-            self._down = 0
+        self._down = 0
+        Outage.ok()
         return job
+
+    async def disconnect(self) -> None:
+        """Close the connections; a Redis already gone is no error."""
+        with contextlib.suppress(RedisError, OSError):
+            await super().disconnect()
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
         """Hand the tasks of dead workers (no heartbeat for the task's period) back to the queue.

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import signal
 import sys
 from typing import Any
 
@@ -27,7 +28,7 @@ from mirror.engine.copy import FAILED, Engine
 from mirror.engine.sync import SyncResult
 from mirror.errors import MirrorError, UnreachableError
 from mirror.fleet.copy import FleetCopier
-from mirror.fleet.leases import BlobFlight, HostSemaphore, describe
+from mirror.fleet.leases import BlobFlight, HostSemaphore, describe, repeating
 from mirror.fleet.queue import QUEUE, TASK, FleetQueue, open_queue, to_json
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
@@ -38,6 +39,18 @@ from mirror.text import printable
 from mirror.transport import Transport
 
 log = logging.getLogger(__name__)
+
+
+class FleetWorker(Worker[Context]):
+    """saq's Worker, whose task loop outlives Redis going away mid-task (the sweep re-runs that task later)."""
+
+    async def process(self) -> bool:
+        """Run one task; a Redis error while saq records its outcome ends this round quietly."""
+        try:
+            return await super().process()
+        except (RedisError, OSError) as exc:
+            log.info("task outcome not recorded: %s", describe(exc))
+            return False
 
 
 class Runtime:
@@ -78,16 +91,17 @@ class Runtime:
     async def task(self, ctx: Context, *, job: str, reference: str) -> dict[str, Any]:
         """The saq task: copy `reference` of job `job`; return its SyncResult as JSON (failures included)."""
         saq_job: Job | None = ctx.get("job")
-        beat = asyncio.create_task(self._heartbeat(saq_job)) if saq_job is not None else None
         self.running += 1
         try:
-            result = await self._copy(job, reference)
+            if saq_job is None:
+                result = await self._copy(job, reference)
+            else:
+                # Touch the task every third of its heartbeat period, so a sweep knows this worker lives.
+                period = max(1.0, (saq_job.heartbeat or 10) / 3)
+                async with repeating(period, f"heartbeat of {saq_job.key}", saq_job.update):
+                    result = await self._copy(job, reference)
         finally:
             self.running -= 1
-            if beat is not None:
-                beat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beat
         line = f"{result.reference}: {result.status}" + (f" ({result.error})" if result.error else "")
         print(f"mirror: {printable(line)}", file=sys.stderr, flush=True)
         return to_json(result)
@@ -111,16 +125,6 @@ class Runtime:
         else:
             copier.stats.tasks_done += 1
         return result
-
-    async def _heartbeat(self, job: Job) -> None:
-        """Touch the task every third of its heartbeat period, so a sweep knows this worker lives."""
-        period = max(1.0, (job.heartbeat or 10) / 3)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await job.update()
-            except (RedisError, OSError) as exc:
-                log.info("heartbeat of %s: %s", job.key, describe(exc))
 
 
 async def connect_patiently(url: str, patience: float | None) -> FleetQueue:
@@ -216,7 +220,7 @@ async def run_worker(cfg: Config, url: str, *, listen: str | None = None, grace:
         if listen:
             runner = await _endpoints(runtime, listen)
             stack.push_async_callback(runner.cleanup)
-        worker = Worker(
+        worker = FleetWorker(
             queue,
             functions=[(TASK, runtime.task)],
             concurrency=fleet.tasks,
@@ -230,5 +234,21 @@ async def run_worker(cfg: Config, url: str, *, listen: str | None = None, grace:
             file=sys.stderr,
             flush=True,
         )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
         await worker.start()
     return 0
+
+
+def dump_tasks() -> None:
+    """Print where each of the worker's asyncio tasks waits (SIGUSR1: what is a stuck worker doing?)."""
+    for t in asyncio.all_tasks():
+        chain: list[str] = []
+        obj: Any = t.get_coro()
+        while obj is not None and len(chain) < 20:
+            frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None) or getattr(obj, "gi_frame", None)
+            if frame is None:
+                chain.append(type(obj).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None) or getattr(obj, "gi_yieldfrom", None)
+        print(f"mirror: task {t.get_name()}: {' -> '.join(chain)}", file=sys.stderr, flush=True)

@@ -173,7 +173,7 @@ class Fleet:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[IO[Any]] = field(default_factory=list)
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, *extra: str) -> subprocess.Popen[bytes]:
         """Start one more `mirror worker` with a spool of its own."""
         n = len(self.workers)
         log = open(self.root / f"worker{n}.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -192,6 +192,7 @@ class Fleet:
                 str(self.root / f"spool{n}"),
                 "--grace",
                 "2",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -299,7 +300,9 @@ def writes(requests: Counter[tuple[str, str]]) -> Counter[tuple[str, str]]:
 def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run_costs_two_heads(
     fleet: Fleet,
 ) -> None:
-    for _ in range(3):
+    listen = f"127.0.0.1:{free_port()}"
+    fleet.start_worker("--listen", listen)
+    for _ in range(2):
         fleet.start_worker()
     before = fleet.source.registry.requests()
     res, doc = fleet.sync()
@@ -317,6 +320,15 @@ def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run
     # The work was shared: each worker ran tasks.
     for n in range(3):
         assert ": ok" in (fleet.root / f"worker{n}.log").read_text(), f"worker {n} ran no task"
+
+    # The worker's endpoints: alive, and what it did.
+    with urllib.request.urlopen(f"http://{listen}/healthz", timeout=10) as resp:
+        assert resp.read() == b"ok\n"
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    done = int(metrics.split('mirror_fleet_tasks_total{outcome="done"} ')[1].split()[0])
+    assert done == (fleet.root / "worker0.log").read_text().count(": ok") > 0
+    assert "mirror_fleet_queue_depth 0" in metrics
 
     # A second run: nothing fetched, nothing written, one HEAD per tag on each side.
     src_before, dst_before = fleet.source.registry.requests(), fleet.dest.requests()

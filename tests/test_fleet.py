@@ -426,3 +426,49 @@ def test_redis_stopped_for_a_while_mid_run_the_run_still_completes(source: Sourc
             assert "queue reachable again" in text
     finally:
         fleet.stop()
+
+
+def events(path: Path, name: str) -> list[dict[str, object]]:
+    """Return the JSON log lines of event `name` in `path`."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("event") == name:
+                out.append(doc)
+    return out
+
+
+@pytest.mark.slow
+def test_daemon_replicas_elect_one_leader_and_another_takes_over_when_it_dies(fleet: Fleet) -> None:
+    with fleet.config.open("a") as f:
+        f.write('schedule = {interval = "1h"}\n')
+    replicas, logs = [], []
+    for n in range(2):
+        log = fleet.root / f"daemon{n}.log"
+        logs.append(log)
+        out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        fleet.logs.append(out)
+        replicas.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mirror", "daemon", "-c", str(fleet.config), "--queue", fleet.redis.url],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        )
+    fleet.workers += replicas  # stopped with the fleet
+    wait_for("a leader", lambda: any(events(p, "fleet_leader") for p in logs))
+    wait_for("the first run enqueued", lambda: any(events(p, "fleet_run") for p in logs))
+    leader = next(n for n, p in enumerate(logs) if events(p, "fleet_leader"))
+    other = 1 - leader
+    assert events(logs[other], "fleet_leader") == []
+    [run] = events(logs[leader], "fleet_run")
+    assert run["tasks"] == REPOS * len(TAGS)
+    assert events(logs[leader], "fleet_leader")[0]["started"] == ["fleet"]
+    replicas[leader].send_signal(signal.SIGKILL)
+    replicas[leader].wait(10)
+    # The other replica leads within about one lease period ([fleet] lease = 4 s here).
+    wait_for("the other replica to lead", lambda: bool(events(logs[other], "fleet_leader")), timeout=60)
+    # It goes on with the schedule kept in Redis: the hourly job is not enqueued again.
+    assert events(logs[other], "fleet_leader")[0]["started"] == []

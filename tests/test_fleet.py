@@ -472,3 +472,34 @@ def test_daemon_replicas_elect_one_leader_and_another_takes_over_when_it_dies(fl
     wait_for("the other replica to lead", lambda: bool(events(logs[other], "fleet_leader")), timeout=60)
     # It goes on with the schedule kept in Redis: the hourly job is not enqueued again.
     assert events(logs[other], "fleet_leader")[0]["started"] == []
+
+
+def ops_commands() -> list[tuple[str, list[str], list[str]]]:
+    """Return (where, mirror arguments, environment names) of every container in docs/ops/fleet's manifests."""
+    yaml = pytest.importorskip("yaml")
+    out = []
+    folder = ROOT / "docs" / "ops" / "fleet"
+    for doc in yaml.safe_load_all((folder / "k8s.yaml").read_text()):
+        for c in doc["spec"].get("template", {}).get("spec", {}).get("containers", []):
+            if "mirror" in c["image"]:
+                out.append((f"k8s.yaml {c['name']}", c["args"], [e["name"] for e in c.get("env", [])]))
+    for name, svc in yaml.safe_load((folder / "compose.yaml").read_text())["services"].items():
+        if "mirror" in svc["image"]:
+            out.append((f"compose.yaml {name}", svc["command"], svc.get("environment", [])))
+    return out
+
+
+def test_ops_manifests_run_commands_that_parse_with_a_config_that_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mirror import cli, config
+
+    monkeypatch.setenv("MIRROR_SITE_PASSWORD", "from-the-secret")
+    cfg = config.load(ROOT / "docs" / "ops" / "fleet" / "fleet.toml")
+    assert cfg.jobs and all(j.spec.destination is not None for j in cfg.jobs)
+    secrets = {"MIRROR_SITE_PASSWORD"}  # fleet.toml's password_env
+    commands = ops_commands()
+    assert {args[0] for _, args, _ in commands} == {"worker", "daemon", "sync"}
+    for where, args, env in commands:
+        parsed = cli.parser(args[0]).parse_args(args)
+        assert parsed.queue == "redis://redis:6379/0", where
+        assert str(parsed.config) == "/etc/mirror/fleet.toml", where
+        assert secrets <= set(env), f"{where}: the config's password_env is not set"

@@ -503,3 +503,19 @@ def test_ops_manifests_run_commands_that_parse_with_a_config_that_loads(monkeypa
         assert parsed.queue == "redis://redis:6379/0", where
         assert str(parsed.config) == "/etc/mirror/fleet.toml", where
         assert secrets <= set(env), f"{where}: the config's password_env is not set"
+
+
+def test_sync_queue_with_redis_unreachable_exits_3_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text(CONFIG.format(root=tmp_path, src="127.0.0.1:1", dst="127.0.0.1:2", per_host=2))
+    url = f"redis://:secret-pw@127.0.0.1:{free_port()}/0"
+    res = subprocess.run(
+        [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--queue", url, "--wait"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert res.returncode == 3, res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("mirror: queue redis://***@127.0.0.1:") and "secret-pw" not in line, line

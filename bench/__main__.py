@@ -15,7 +15,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import bench.cases_more  # noqa: F401 - registers cases 6-8 in CASES
+import bench.cases_more  # registers cases 6-8 in CASES
+import bench.fleet  # noqa: F401 - registers case 9 in CASES
 from bench.cases import CASES, FULL, QUICK, Context
 from bench.measure import ROOT, RegistryLog
 from bench.report import merge, note_run

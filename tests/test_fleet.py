@@ -519,3 +519,20 @@ def test_sync_queue_with_redis_unreachable_exits_3_with_one_line(tmp_path: Path)
     assert res.returncode == 3, res.stderr
     [line] = res.stderr.strip().splitlines()
     assert line.startswith("mirror: queue redis://***@127.0.0.1:") and "secret-pw" not in line, line
+
+
+@pytest.mark.slow
+def test_sigterm_hands_a_workers_tasks_back_and_it_exits_0(fleet: Fleet) -> None:
+    first = fleet.start_worker()  # --grace 2
+    sync = fleet.start_sync()
+    wait_for("a first image copied", lambda: ": ok" in (fleet.root / "worker0.log").read_text())
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0
+    # What it had not finished went back to the queue: a new worker finishes the run.
+    fleet.start_worker()
+    assert sync.wait(240) == 0, (fleet.root / "sync.log").read_text()[-3000:]
+    doc = json.loads((fleet.root / "report.json").read_text())
+    assert doc["counts"] == {"ok": REPOS * len(TAGS)}
+    for name, digest in fleet.source.digests.items():
+        assert dest_digest(fleet.dest, f"mirror/{name}") == digest, name
+    assert "Traceback" not in (fleet.root / "worker0.log").read_text()

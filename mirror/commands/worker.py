@@ -31,5 +31,14 @@ async def run(args: argparse.Namespace) -> int:
     from mirror.fleet.planner import check_jobs  # redis and saq load only for fleet commands
     from mirror.fleet.worker import run_worker
 
-    check_jobs(list(cfg.jobs))
+    fleet_jobs = []
+    for j in cfg.jobs:  # jobs a fleet cannot run are never enqueued: a worker need not refuse to start over them
+        try:
+            check_jobs([j])
+            fleet_jobs.append(j)
+        except UsageError:
+            continue
+    if not fleet_jobs:
+        check_jobs(list(cfg.jobs))  # says what is wrong with the first
+        raise UsageError("worker: the config has no [[jobs]] (a fleet copies registry to registry)")
     return await run_worker(cfg, args.queue, listen=args.listen, grace=args.grace)

@@ -109,7 +109,7 @@ async def open_queue(url: str) -> FleetQueue:
         await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
-        raise UnreachableError(f"queue {_safe(url)}: {describe(exc)}") from None
+        raise UnreachableError(f"queue {_safe(url)}: {describe(exc).rstrip('.')}") from None
     queue = FleetQueue(redis)
     await queue.connect()
     return queue

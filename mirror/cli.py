@@ -24,7 +24,7 @@ from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableEr
 from mirror.text import printable
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
-COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc", "bundle"]
+COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc", "bundle", "worker"]
 
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `mirror ls | head` ends like `ls | head`.
 EXIT_BROKEN_PIPE = 141

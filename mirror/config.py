@@ -140,6 +140,7 @@ class Config:
     docker: DockerConfig = DockerConfig()
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
+    fleet: FleetConfig = field(default_factory=lambda: FleetConfig())
     first_byte_timeout: float = 60.0
     document_deadline: float = DEFAULT_DOCUMENT_DEADLINE
     blob_deadline: float = DEFAULT_BLOB_DEADLINE
@@ -378,6 +379,16 @@ TABLES: tuple[Table, ...] = (
         Key("listen", STRING, DEFAULT_LISTEN, "HOST:PORT of /healthz, /metrics and /status.", _host_port),
         Key("grace", NUMBER, DEFAULT_GRACE, "Seconds in-flight downloads get after SIGTERM/SIGINT.", at_least(0)),
         Key("serve", BOOLEAN, False, "Also serve the cache read-only under /v2/ on `listen`."),
+    )),
+    Table("fleet", "Workers sharing jobs through Redis (`mirror worker`, `--queue`): see docs/fleet.md.", (
+        Key("per_host", INTEGER, 8, "Requests in flight to one source host, over every worker.", at_least(1)),
+        Key("tasks", INTEGER, 4, "Images one worker copies at once.", at_least(1)),
+        Key("heartbeat", NUMBER, 10.0, "Seconds without a worker's heartbeat before its task runs elsewhere.",
+            at_least(1)),
+        Key("lease", NUMBER, 30.0, "Seconds a blob's or a host slot's lease outlives a dead holder.", at_least(1)),
+        Key("timeout", NUMBER, 3600.0, "Seconds one image's task may run.", at_least(1)),
+        Key("retries", INTEGER, 3, "Runs of a task that crashed or whose worker died, the first included.",
+            at_least(1)),
     )),
     Table("registries", "Settings of one registry host (one table per host).", (
         Key("host", STRING, REQUIRED, "The registry host as in references: HOST[:PORT], docker.io for Docker Hub."),
@@ -718,6 +729,7 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         daemon=DaemonConfig(**d.read(SCHEMA["daemon"], top["daemon"], ("daemon",))),
         upstreams=tuple(_upstream(d, u, ("upstreams", i)) for i, u in enumerate(top["upstreams"])),
         serve=_serve(d.read(SCHEMA["serve"], top["serve"], ("serve",))),
+        fleet=FleetConfig(**d.read(SCHEMA["fleet"], top["fleet"], ("fleet",))),
     )
 
 
@@ -793,6 +805,18 @@ class DaemonConfig:
     listen: str = DEFAULT_LISTEN
     grace: float = DEFAULT_GRACE
     serve: bool = False  # also serve the cache read-only under /v2/ on `listen`
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The `[fleet]` table: fleet-wide limits and the lease periods of `mirror worker` and `--queue`."""
+
+    per_host: int = 8
+    tasks: int = 4
+    heartbeat: float = 10.0
+    lease: float = 30.0
+    timeout: float = 3600.0
+    retries: int = 3
 
 
 def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[JobConfig, ...]:

@@ -4,7 +4,7 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need=()
-for pair in docker-registry:docker-registry skopeo:skopeo podman:podman htpasswd:apache2-utils tinyproxy:tinyproxy; do
+for pair in docker-registry:docker-registry skopeo:skopeo podman:podman htpasswd:apache2-utils tinyproxy:tinyproxy redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

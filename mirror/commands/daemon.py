@@ -21,6 +21,9 @@ def register(sub: Any) -> None:
     add_wait(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log only failures and life-cycle events")
     p.add_argument("--serve", action="store_true", help="also serve the cache read-only under /v2/ on --listen")
+    p.add_argument(
+        "--queue", metavar="URL", help="enqueue scheduled runs for `mirror worker`s (Redis); one replica leads"
+    )
     p.set_defaults(run=run)
 
 
@@ -36,6 +39,11 @@ async def run(args: argparse.Namespace) -> int:
     from mirror.daemon import run_daemon
 
     log = JsonLog(sys.stderr, quiet=args.quiet)
+    if args.queue:
+        from mirror.commands.common import load_config
+        from mirror.fleet.daemon import run_fleet_daemon  # redis and saq load only for fleet runs
+
+        return await run_fleet_daemon(load_config(args), args.queue, log)
     return await run_daemon(
         args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log, serve=args.serve
     )

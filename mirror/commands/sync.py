@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_foreign, add_wait, exit_code, load_config
+from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_foreign, exit_code, load_config
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
 from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
@@ -54,7 +54,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     p.add_argument("--json", action="store_true", help="log JSON lines even on a terminal")
-    add_wait(p)
+    p.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=float("inf"),
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a busy cache (bare: as long as it takes); with --queue: wait for the fleet's results",
+    )
+    p.add_argument("--queue", metavar="URL", help="hand the images to `mirror worker`s through Redis (docs/fleet.md)")
     p.add_argument(
         "--grace", type=float, metavar="SECONDS", help="after SIGTERM/SIGINT, time downloads in flight get to finish"
     )
@@ -179,6 +188,8 @@ async def run(args: argparse.Namespace) -> int:
     else:
         progress, observer = BlobsOnly(JsonProgress(sys.stderr, quiet=True)), PlainSyncView(results, args.quiet)
     started, t0 = time.time(), time.monotonic()
+    if args.queue:
+        return await _run_queued(args, cfg, jobs, observer, log, report, started, t0)
     async with AsyncExitStack() as stack:
         if args.dry_run:
             # Read what is there; create nothing, lock nothing.
@@ -221,6 +232,29 @@ async def run(args: argparse.Namespace) -> int:
         code = ExitStatus.SIGNAL + signalled[0].value  # the shell's convention for "ended by a signal"
     doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
     code = _summary(log, results, jobs, engine, publisher, secs, code, interrupted)
+    if report is not None and doc is not None:
+        code = await _write_report(report, doc, code)
+    return code
+
+
+async def _run_queued(
+    args: argparse.Namespace,
+    cfg: Config,
+    jobs: list[JobConfig],
+    observer: SyncObserver,
+    log: JsonLog | None,
+    report: Path | None,
+    started: float,
+    t0: float,
+) -> int:
+    """`sync --queue`: plan and enqueue for the fleet; with `--wait`, report as a sync does."""
+    from mirror.fleet.enqueue import enqueue_run, fleet_summary  # redis and saq load only for fleet runs
+
+    wait = args.wait is not None and args.wait > 0
+    results, tasks = await enqueue_run(cfg, jobs, args.queue, observer, wait=wait, dry_run=args.dry_run)
+    code = exit_code(results) if results else EXIT_OK
+    doc = report_doc(0, started, results, code, args.dry_run) if report is not None else None
+    fleet_summary(log, results, len(jobs), tasks, time.monotonic() - t0, code)
     if report is not None and doc is not None:
         code = await _write_report(report, doc, code)
     return code

@@ -38,6 +38,7 @@ from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
 from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
+from mirror.store import leases
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -241,7 +242,7 @@ class Daemon:
         await self._runner.setup()
         try:
             self._site = await self._bind(self.listen)
-            async with CacheLock(self.cfg.cache, wait=wait):
+            async with CacheLock(self.cfg.cache, exclusive=False, wait=wait):
                 self._state = await StateDB.open(self.cfg.cache)
                 self._new_runtime(self.cfg)
                 loop = asyncio.get_running_loop()
@@ -452,6 +453,9 @@ class Daemon:
         job = st.config
         rt = self.runtimes[-1]
         rt.users += 1
+        assert self._layout is not None
+        lease_root = self._layout.root
+        leases.acquire(lease_root)  # what the job fetches, gc keeps until index.json names it
         started, t0 = time.time(), time.monotonic()
         self.log.event("job_started", job=job.name)
         outcome, counts, error = "error", {}, ""
@@ -474,6 +478,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
+            leases.release(lease_root)
             rt.users -= 1
             self._retire_unused()
             seconds = time.monotonic() - t0

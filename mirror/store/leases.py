@@ -1,0 +1,164 @@
+"""Leases: the blobs a writing process uses before `index.json` names them, which `gc` keeps.
+
+A writing process (pull, sync, a daemon job, verify --repair, bundle import) owns one
+lease file, `.mirror/leases/<pid>-<random>.lease`, while it works: an exclusive `flock`
+held for its life, and one digest per line for every blob it has looked up, read or
+written. `gc` reads every lease whose lock is held as roots; a lease whose lock it can
+take belongs to a dead process and is removed. The file is made and locked under a temp
+name and only then renamed to `*.lease`, so gc never takes a live lease for a dead one.
+
+Lines are added under a shared `flock` on `.mirror/sweep.lock`; gc re-reads the leases
+and removes blobs under the exclusive one. So a digest leased before gc's sweep is kept,
+and a process that leases it after the sweep then looks at the disk and finds it gone
+(and fetches it again). The lease file goes when the last user of it in the process lets
+go (the end of a command, or of the daemon's last running job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from mirror.digest import Digest
+from mirror.errors import DigestError
+
+LEASES = "leases"
+SWEEP_LOCK = "sweep.lock"
+
+
+@contextlib.contextmanager
+def sweep_lock(root: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold `.mirror/sweep.lock`: shared while a lease grows, exclusive while gc removes blobs."""
+    meta = root / ".mirror"
+    meta.mkdir(parents=True, exist_ok=True)
+    fd = os.open(meta / SWEEP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
+class Lease:
+    """One process's lease on a cache: the digests it holds, in a file gc reads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.users = 0
+        self._held: set[Digest] = set()
+        self._mutex = threading.Lock()  # worker threads add too; close must not race a write
+        folder = root / ".mirror" / LEASES
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{os.urandom(6).hex()}"
+        tmp = folder / f".{name}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for the lease's life; the kernel drops it if we die
+        self.path = folder / f"{name}.lease"
+        os.replace(tmp, self.path)
+        self._fd = fd
+
+    def add(self, digests: Iterable[Digest]) -> None:
+        """Record `digests` as held (each once); returns once gc can see them."""
+        new = [d for d in digests if d not in self._held]
+        if not new:
+            return
+        data = "".join(f"{d}\n" for d in new).encode()
+        with self._mutex:
+            if self._fd < 0:
+                return
+            with sweep_lock(self.root, exclusive=False):
+                os.write(self._fd, data)  # only this process writes it, at its end
+            self._held.update(new)
+
+    def close(self) -> None:
+        """Remove the lease file and let go of its lock."""
+        with self._mutex:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                os.close(self._fd)
+                self._fd = -1
+            self._held.clear()
+
+
+_active: dict[Path, Lease] = {}
+
+
+def _key(root: Path) -> Path:
+    return Path(os.path.abspath(root))
+
+
+def acquire(root: Path) -> Lease:
+    """Return this process's lease on the cache at `root` (made on first use); pair with `release`."""
+    key = _key(root)
+    lease = _active.get(key)
+    if lease is None:
+        lease = _active[key] = Lease(key)
+    lease.users += 1
+    return lease
+
+
+def release(root: Path) -> None:
+    """Let go of one use of the lease on `root`; the last one removes the lease file."""
+    key = _key(root)
+    lease = _active.get(key)
+    if lease is None:
+        return
+    lease.users -= 1
+    if lease.users <= 0:
+        del _active[key]
+        lease.close()
+
+
+@contextlib.contextmanager
+def held(root: Path) -> Iterator[Lease]:
+    """Hold this process's lease on `root` for the `with` block."""
+    lease = acquire(root)
+    try:
+        yield lease
+    finally:
+        release(root)
+
+
+def current(root: Path) -> Lease | None:
+    """Return this process's lease on `root` while one is held, else None."""
+    return _active.get(_key(root)) if _active else None
+
+
+def leased(root: Path) -> set[Digest]:
+    """Return every digest a live process's lease names; remove the leases of dead processes."""
+    folder = root / ".mirror" / LEASES
+    out: set[Digest] = set()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if not entry.name.endswith(".lease"):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its owner let go meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # alive: its digests are roots
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)  # its owner died: nothing holds it
+                continue
+            with os.fdopen(os.dup(fd), "rb") as f:
+                for line in f:
+                    try:
+                        out.add(Digest.parse(line.strip().decode("ascii", "replace")))
+                    except DigestError:
+                        continue  # a line cut short by a crash
+        finally:
+            os.close(fd)
+    return out

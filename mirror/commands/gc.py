@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Collect garbage beside any writers (a second gc is refused as busy); print one line per removed file and a summary."""
+    """Collect garbage beside any writers (a second gc is busy); print each removed file and a summary."""
     cfg = load_config(args)
     if args.partial_age < 0:
         raise UsageError("--partial-age must be at least 0")

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mirror.errors import DigestError
 
 LEASES = "leases"
 SWEEP_LOCK = "sweep.lock"
+TEMP_AGE = 3600.0
 
 
 @contextlib.contextmanager
@@ -129,6 +131,15 @@ def current(root: Path) -> Lease | None:
     return _active.get(_key(root)) if _active else None
 
 
+def _drop_stale_temp(entry: os.DirEntry[str]) -> None:
+    """Remove a lease's temp file a process died making (an hour old: a live one is renamed at once)."""
+    if not entry.name.endswith(".tmp"):
+        return
+    with contextlib.suppress(OSError):
+        if entry.stat().st_mtime < time.time() - TEMP_AGE:
+            os.unlink(entry.path)
+
+
 def leased(root: Path) -> set[Digest]:
     """Return every digest a live process's lease names; remove the leases of dead processes."""
     folder = root / ".mirror" / LEASES
@@ -139,6 +150,7 @@ def leased(root: Path) -> set[Digest]:
         return out
     for entry in entries:
         if not entry.name.endswith(".lease"):
+            _drop_stale_temp(entry)
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -107,7 +107,10 @@ async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tup
 
     async def one(digest: Digest) -> None:
         async with limit:
-            got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
+            try:
+                got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
+            except FileNotFoundError:
+                return  # gc removed it meanwhile: unreferenced, or the reference check says it is missing
             if got != digest.hex:
                 await in_thread(_quarantine, store, digest)  # ends before the cache lock can go
                 corrupt.append(digest)
@@ -199,11 +202,22 @@ async def check_reference(
 async def verify(layout: Layout, *, concurrency: int = 4, refetch: Refetch | None = None) -> VerifyReport:
     """Re-hash every blob, quarantine the corrupt ones, then check (and with `refetch`, repair) each reference.
 
-    The caller holds the cache lock exclusively: blobs are moved and written.
+    Runs beside writers and gc: a reference found incomplete is checked again as index.json
+    names it now, since a sync may have moved it (and gc removed what it named) meanwhile;
+    one removed meanwhile is left out.
     """
     count, size, corrupt = await check_blobs(layout.blobs, concurrency)
     # Quarantined by an earlier run counts too: an index child that is gone is otherwise
     # indistinguishable from a platform left out by --platform.
     bad = frozenset(corrupt) | await asyncio.to_thread(quarantined, layout.blobs)
-    refs = [await check_reference(layout, e, bad, refetch) for e in await layout.entries()]
+    refs = []
+    for e in await layout.entries():
+        report = await check_reference(layout, e, bad, refetch)
+        if report.problems:
+            now = await layout.find(e.name)
+            if now is None:
+                continue  # removed meanwhile (`mirror rm`)
+            if now.digest != e.descriptor.digest:
+                report = await check_reference(layout, Entry(e.name, now), bad, refetch)
+        refs.append(report)
     return VerifyReport(count, size, corrupt, tuple(sorted(refs, key=lambda r: r.name)))

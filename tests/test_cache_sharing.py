@@ -218,3 +218,32 @@ def test_pulls_gc_verify_and_rm_run_at_once_on_one_cache(seeded: Seeded, tmp_pat
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert mirror("verify", "--cache", cache).returncode == 0
+
+
+STATE_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from mirror.store.state import StateDB, TagState
+
+async def main(root, prefix, n):
+    async with await StateDB.open(root) as state:
+        run = await state.start_run([prefix])
+        for i in range(n):
+            await state.record_tag(TagState(f"{prefix}{i}", prefix, "sha256:x", "sha256:y", "", 1.0, 1.0))
+            await state.record_error(run, prefix, f"{prefix}{i}", "boom")
+        await state.finish_run(run, "ok", n, 0, 0)
+asyncio.run(main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_three_processes_write_the_state_database_at_once(tmp_path: Path) -> None:
+    from mirror.store.state import StateDB
+
+    layout = Layout.open(tmp_path / "cache")
+    procs = [spawn(STATE_WRITER, str(layout.root), prefix, "30") for prefix in ("a", "b", "c")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    async with await StateDB.open(layout.root, readonly=True) as state:
+        assert set(await state.tags()) == {f"{p}{i}" for p in "abc" for i in range(30)}
+        assert sorted(r.outcome for r in await state.runs()) == ["ok", "ok", "ok"]

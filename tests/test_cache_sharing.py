@@ -114,6 +114,15 @@ def test_two_processes_adding_different_references_lose_none(tmp_path: Path) -> 
     assert names(layout) == {f"{p}{i}" for p in "ab" for i in range(60)}
 
 
+def test_processes_starting_at_once_on_a_new_cache_make_it_once(tmp_path: Path) -> None:
+    root = tmp_path / "new"
+    procs = [spawn(ADDER, str(root), prefix, "5") for prefix in "abcd"]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert names(Layout.open(root, create=False)) == {f"{p}{i}" for p in "abcd" for i in range(5)}
+
+
 async def test_one_process_adding_while_another_removes_keeps_every_addition(tmp_path: Path) -> None:
     layout = Layout.open(tmp_path / "cache")
     await layout.set_refs({f"old{i}": Descriptor(OCI_MANIFEST, Digest.of(b"%d" % i), 10) for i in range(60)})

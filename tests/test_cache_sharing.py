@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mirror.digest import Digest
-from mirror.errors import CacheBusyError, ExitStatus
+from mirror.errors import CacheBusyError, ExitStatus, StoreError
 from mirror.manifest import OCI_MANIFEST, Descriptor
 from mirror.store.gc import collect
 from mirror.store.layout import Layout
@@ -256,3 +256,20 @@ async def test_three_processes_write_the_state_database_at_once(tmp_path: Path) 
     async with await StateDB.open(layout.root, readonly=True) as state:
         assert set(await state.tags()) == {f"{p}{i}" for p in "abc" for i in range(30)}
         assert sorted(r.outcome for r in await state.runs()) == ["ok", "ok", "ok"]
+
+
+async def test_unreadable_leases_stop_gc_and_a_lease_that_cannot_be_made_stops_no_writer(tmp_path: Path) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    loose = await layout.blobs.put(b"garbage")
+    age(layout.blobs.path(loose), 3600)
+    (layout.root / ".mirror" / "leases").write_bytes(b"not a folder")
+    # A writer goes on without a lease (the grace age alone then protects its blobs)...
+    async with CacheLock(layout.root, exclusive=False, lease=True):
+        assert layout.blobs.has(loose)
+    # ...and gc, not knowing what writers hold, removes nothing and says why in one line.
+    with pytest.raises(StoreError, match=r"cannot read the writers' leases in .*leases: "):
+        await collect(layout, grace=0)
+    assert layout.blobs.has(loose)
+    res = mirror("gc", "--cache", str(layout.root), "--grace", "0")
+    assert res.returncode == ExitStatus.FAILED and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -25,11 +26,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mirror.digest import Digest
-from mirror.errors import DigestError
+from mirror.errors import DigestError, StoreError, os_reason
 
 LEASES = "leases"
 SWEEP_LOCK = "sweep.lock"
 TEMP_AGE = 3600.0
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -54,26 +56,40 @@ class Lease:
         self._held: set[Digest] = set()
         self._mutex = threading.Lock()  # worker threads add too; close must not race a write
         folder = root / ".mirror" / LEASES
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"{os.getpid()}-{os.urandom(6).hex()}"
         tmp = folder / f".{name}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for the lease's life; the kernel drops it if we die
         self.path = folder / f"{name}.lease"
-        os.replace(tmp, self.path)
+        self._fd = fd = -1
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for the lease's life; the kernel drops it if we die
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            # Work goes on; gc's grace age alone then protects what this process writes.
+            log.warning("cache %s: cannot make a lease (%s); gc keeps only young blobs of this process", root, exc)
+            if fd >= 0:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            return
         self._fd = fd
 
     def add(self, digests: Iterable[Digest]) -> None:
         """Record `digests` as held (each once); returns once gc can see them."""
         new = [d for d in digests if d not in self._held]
-        if not new:
+        if not new or self._fd < 0:
             return
         data = "".join(f"{d}\n" for d in new).encode()
         with self._mutex:
             if self._fd < 0:
                 return
-            with sweep_lock(self.root, exclusive=False):
-                os.write(self._fd, data)  # only this process writes it, at its end
+            try:
+                with sweep_lock(self.root, exclusive=False):
+                    os.write(self._fd, data)  # only this process writes it, at its end
+            except OSError as exc:  # a full disk: the grace age still protects a new blob
+                log.warning("cache %s: cannot extend the lease %s: %s", self.root, self.path.name, exc)
+                return
             self._held.update(new)
 
     def close(self) -> None:
@@ -148,6 +164,8 @@ def leased(root: Path) -> set[Digest]:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return out
+    except OSError as exc:  # unknown leases: removing anything could remove what a writer holds
+        raise StoreError(f"cache {root}: cannot read the writers' leases in {folder}: {os_reason(exc)}") from None
     for entry in entries:
         if not entry.name.endswith(".lease"):
             _drop_stale_temp(entry)
@@ -156,6 +174,8 @@ def leased(root: Path) -> set[Digest]:
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue  # its owner let go meanwhile
+        except OSError as exc:
+            raise StoreError(f"cache {root}: cannot read the lease {entry.path}: {os_reason(exc)}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -33,6 +33,7 @@ from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
 from mirror.sources.foreign import ForeignSource
 from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.gc import GRACE_AGE, PARTIAL_AGE
 from mirror.store.layout import Layout
 from mirror.tomlscan import KeyPath, key_lines
 from mirror.transport import (
@@ -124,6 +125,7 @@ class Config:
     docker: DockerConfig = DockerConfig()
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
+    gc: GcConfig = field(default_factory=lambda: GcConfig())
     first_byte_timeout: float = 60.0
     document_deadline: float = DEFAULT_DOCUMENT_DEADLINE
     blob_deadline: float = DEFAULT_BLOB_DEADLINE
@@ -335,6 +337,13 @@ TABLES: tuple[Table, ...] = (
         Key("listen", STRING, DEFAULT_LISTEN, "HOST:PORT of /healthz, /metrics and /status.", _host_port),
         Key("grace", NUMBER, DEFAULT_GRACE, "Seconds in-flight downloads get after SIGTERM/SIGINT.", at_least(0)),
         Key("serve", BOOLEAN, False, "Also serve the cache read-only under /v2/ on `listen`."),
+    )),
+    Table("gc", "`mirror daemon` collects garbage on a schedule (cron or interval), as `mirror gc` does.", (
+        Key("cron", STRING, None, '5 fields, UTC, e.g. "30 3 * * *" (none: the daemon does not collect).'),
+        Key("interval", DURATION, None, 'Seconds, or "90s", "5m", "6h", "1d" (instead of cron).', _duration),
+        Key("grace", NUMBER, GRACE_AGE, "Never remove a blob younger than this many seconds.", at_least(0)),
+        Key("partial_age", NUMBER, PARTIAL_AGE, "Remove partial downloads older than this many seconds.",
+            at_least(0)),
     )),
     Table("registries", "Settings of one registry host (one table per host).", (
         Key("host", STRING, REQUIRED, "The registry host as in references: HOST[:PORT], docker.io for Docker Hub."),
@@ -661,7 +670,17 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         registries=regs,
         jobs=_v1_jobs(_jobs(d, top["jobs"], docker), {r.host for r in regs if r.api == "v1"}, d),
         daemon=DaemonConfig(**d.read(SCHEMA["daemon"], top["daemon"], ("daemon",))),
+        gc=_gc(d, top["gc"]),
     )
+
+
+def _gc(d: _Doc, raw: object) -> GcConfig:
+    g = d.read(SCHEMA["gc"], raw, ("gc",))
+    schedule = None
+    if g["cron"] is not None or g["interval"] is not None:
+        when = {k: g[k] for k in ("cron", "interval") if g[k] is not None}
+        schedule = _schedule(d, when, ("gc",))
+    return GcConfig(schedule, g["grace"], g["partial_age"])
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
@@ -719,6 +738,15 @@ class DaemonConfig:
     listen: str = DEFAULT_LISTEN
     grace: float = DEFAULT_GRACE
     serve: bool = False  # also serve the cache read-only under /v2/ on `listen`
+
+
+@dataclass(frozen=True, slots=True)
+class GcConfig:
+    """The `[gc]` table: when the daemon collects garbage (None: never), and how (`mirror gc`'s options)."""
+
+    schedule: Schedule | None = None
+    grace: float = GRACE_AGE
+    partial_age: float = PARTIAL_AGE
 
 
 def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[JobConfig, ...]:

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from mirror import config
 from mirror.config import Config, JobConfig
+from mirror.daemon_gc import DaemonGc
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
@@ -212,6 +213,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._stop = asyncio.Event()
         self._layout: Layout | None = None
+        self._gc: DaemonGc | None = None  # [gc]'s schedule, once the cache is open
         self._state: StateDB | None = None
         self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
         self._listen_from_config = listen is None
@@ -253,6 +255,8 @@ class Daemon:
                 self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
                 try:
                     self._apply_jobs(self.cfg)
+                    self._gc = DaemonGc(self._layout, self.log, self.metrics.registry)
+                    self._gc.apply(self.cfg.gc)
                     await self._stop.wait()
                     await self._shutdown()
                 finally:
@@ -325,6 +329,8 @@ class Daemon:
         return [self._retired, *(rt.engine.stats for rt in self.runtimes)]
 
     async def _shutdown(self) -> None:
+        if self._gc is not None:
+            self._gc.stop()
         for st in self.jobs.values():
             if st.scheduler is not None:
                 st.scheduler.cancel()
@@ -397,6 +403,8 @@ class Daemon:
             self.grace = new.daemon.grace
         self.cfg = new
         self._apply_jobs(new)
+        if self._gc is not None:
+            self._gc.apply(new.gc)
         self.reload_status = Reload(time.time(), True)
         self.log.event("reloaded", jobs=[j.name for j in new.jobs])
 
@@ -536,6 +544,7 @@ class Daemon:
             "bytes_fetched": sum(s.bytes_fetched for s in stats),
             # Before the cache is open (not ready) the config's jobs are listed, none run yet.
             "jobs": [st.to_json() for st in (self.jobs.values() if self.ready else map(JobState, self.cfg.jobs))],
+            "gc": self._gc.to_json() if self._gc is not None else None,
         }
 
 

@@ -19,6 +19,7 @@ from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from tests.conftest import Seeded
 from tests.test_cli import mirror
+from tools.registry import Registry, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,3 +274,39 @@ async def test_unreadable_leases_stop_gc_and_a_lease_that_cannot_be_made_stops_n
     res = mirror("gc", "--cache", str(layout.root), "--grace", "0")
     assert res.returncode == ExitStatus.FAILED and res.stderr.count("\n") == 1, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_the_daemon_collects_garbage_on_its_schedule_beside_other_processes(registry: Registry, tmp_path: Path) -> None:
+    from tests.test_mirror_daemon import DaemonProc, job, metric_samples
+
+    layout = Layout.open(tmp_path / "cache")
+    old, young = Digest.of(b"old garbage"), Digest.of(b"young garbage")
+    for d, data in ((old, b"old garbage"), (young, b"young garbage")):
+        layout.blobs.path(d).write_bytes(data)
+    age(layout.blobs.path(old), 3600)
+    port, cfg = free_port(), tmp_path / "mirror.toml"
+    cfg.write_text(
+        f'[cache]\npath = "{layout.root}"\n[daemon]\nlisten = "127.0.0.1:{port}"\n'
+        "[gc]\ninterval = 1\ngrace = 600\n" + job("j", registry.host, ["none/here"], '"1h"')
+    )
+    d = DaemonProc(cfg, port, tmp_path)
+    try:
+        st = d.wait_for(lambda s: s["gc"] is not None and s["gc"]["runs"] >= 1)
+        assert st["gc"]["schedule"] == "every 1s" and st["gc"]["last"]["outcome"] == "ok", st["gc"]
+        assert not layout.blobs.has(old) and layout.blobs.has(young)  # the grace age kept the young one
+        m = metric_samples(d.get("/metrics").decode())
+        assert m[("mirror_gc_runs_total", (("outcome", "ok"),))] >= 1
+        assert m[("mirror_gc_removed_bytes_total", ())] == len(b"old garbage")
+        # Another gc at work: the daemon's slot is `busy`, said in one log line, and it goes on.
+        holder = spawn(GC_HOLDER, str(layout.root))
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            st = d.wait_for(lambda s: s["gc"]["last"]["outcome"] == "busy")
+            assert f"the cache {layout.root} is busy: another mirror gc" in st["gc"]["last"]["error"]
+        finally:
+            stop(holder)
+        d.wait_for(lambda s: s["gc"]["last"]["outcome"] == "ok")
+        assert any(e["event"] == "gc_finished" and e["outcome"] == "busy" for e in d.events())
+    finally:
+        d.stop()

@@ -2,7 +2,8 @@
 
 A real docker-registry whose tag keeps moving; `mirror daemon` syncs it every second or
 two while other processes loop `mirror pull`, `mirror gc --grace 0` (leases are all that
-protect a writer's blobs), `mirror verify` and `mirror export`. At the end: no process
+protect a writer's blobs), `mirror verify` and `mirror export`, and a client reads an
+image from the daemon's /v2/ (`serve = true`). At the end: no process
 was refused as busy, every command but the killed one succeeded, every reference
 verifies and every image a pull reported `ok` is still cached. MIRROR_STRESS_SECONDS
 runs it longer; MIRROR_STRESS_SEED picks other random moments.
@@ -10,6 +11,8 @@ runs it longer; MIRROR_STRESS_SEED picks other random moments.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import signal
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +82,26 @@ def loop(runs: Runs, stop: threading.Event, commands: list[list[str]], kill_at: 
         n += 1
 
 
+ACCEPT = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+
+
+def serve_reads(base: str, repo: str, tag: str, stop: threading.Event, errors: list[str], reads: list[int]) -> None:
+    """Read `repo:tag` from the daemon's /v2/ (manifest, config, layers, each hashed) until `stop`."""
+    while not stop.is_set():
+        try:
+            req = urllib.request.Request(f"{base}/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                doc = json.loads(resp.read())
+            for blob in [doc["config"], *doc["layers"]]:
+                with urllib.request.urlopen(f"{base}/v2/{repo}/blobs/{blob['digest']}", timeout=30) as resp:
+                    got = "sha256:" + hashlib.sha256(resp.read()).hexdigest()
+                if got != blob["digest"]:
+                    errors.append(f"{blob['digest']} served as {got}")
+        except OSError as exc:
+            errors.append(f"{repo}:{tag}: {exc}")
+        reads.append(1)
+
+
 @pytest.mark.slow
 def test_daemon_pulls_gc_verify_export_share_one_cache(tmp_path: Path) -> None:
     rng = random.Random(SEED)
@@ -85,7 +109,7 @@ def test_daemon_pulls_gc_verify_export_share_one_cache(tmp_path: Path) -> None:
     try:
         h, port, cache = reg.host, free_port(), tmp_path / "cache"
         cfg = tmp_path / "mirror.toml"
-        head = f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\n'
+        head = f'[cache]\npath = "{cache}"\n[daemon]\nlisten = "127.0.0.1:{port}"\ngrace = 5\nserve = true\n'
         cfg.write_text(head + job("moving", h, ["s/moving", "s/steady"], "1") + job("a", h, ["p/a"], "2"))
         d = DaemonProc(cfg, port, tmp_path)
         try:
@@ -103,6 +127,10 @@ def test_daemon_pulls_gc_verify_export_share_one_cache(tmp_path: Path) -> None:
                 threading.Thread(target=loop, args=(runs, stop, cmds, kill, random.Random(rng.random())))
                 for cmds, kill in loops.values()
             ]
+            served: list[str] = []
+            reads: list[int] = []
+            base = f"http://127.0.0.1:{port}"
+            threads.append(threading.Thread(target=serve_reads, args=(base, "s/steady", "1", stop, served, reads)))
             for t in threads:
                 t.start()
             try:
@@ -127,6 +155,7 @@ def test_daemon_pulls_gc_verify_export_share_one_cache(tmp_path: Path) -> None:
         for j in status["jobs"]:
             assert j["last"]["outcome"] == "ok", j
         assert runs.killed, "the random kill never happened"
+        assert served == [] and len(reads) > 10, (served[:3], len(reads))
         kinds = {args[0] for args, _, _ in runs.done}
         assert kinds == {"pull", "gc", "verify", "export"}, kinds
         for args, code, err in runs.done:

@@ -208,12 +208,42 @@ def _owned(partial: Path) -> bool:
     return False
 
 
+def _remove_partial(path: Path, older_than: float) -> bool:
+    """Remove a partial file no writer holds (under its lock, so none takes it over meanwhile); return whether."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a writer took it over since it was listed
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        if (named.st_ino, named.st_dev) != (mine.st_ino, mine.st_dev) or mine.st_mtime >= older_than:
+            return False  # committed, replaced or written again meanwhile
+        os.unlink(path)  # a writer that opened it meanwhile finds the name gone once it gets the lock
+        return True
+    finally:
+        os.close(fd)
+
+
 def _sweep(
-    layout: Layout, candidates: dict[Digest, int], partials: Iterable[Path], marked: Marked, ident: object, grace: float
-) -> dict[Digest, int]:
+    layout: Layout,
+    candidates: dict[Digest, int],
+    partials: Iterable[tuple[Path, int]],
+    marked: Marked,
+    ident: object,
+    grace: float,
+    partial_before: float,
+) -> tuple[dict[Digest, int], list[tuple[Path, int]]]:
     """Under the exclusive sweep lock: drop candidates leased, newly referenced or young; remove the rest.
 
-    Return what was removed. Writers cannot lease meanwhile, so a digest leased before this
+    Return the blobs and partial files removed. Writers cannot lease meanwhile, so a digest leased before this
     is kept and one leased after it is looked up on the disk afresh by its writer.
     """
     store = layout.blobs
@@ -243,9 +273,8 @@ def _sweep(
                 continue
             path.unlink(missing_ok=True)
             removed[d] = n
-        for p in partials:
-            p.unlink(missing_ok=True)
-    return removed
+    gone = [(p, n) for p, n in partials if _remove_partial(p, partial_before)]
+    return removed, gone
 
 
 def _index_ident(layout: Layout) -> object:
@@ -312,12 +341,14 @@ async def collect(
             raise StoreError(f"gc refused: {marked.broken[0]}{more}; run `mirror verify --repair` first")
         keep = await asyncio.to_thread(leased, layout.root)
         candidates = await asyncio.to_thread(_unreached, layout.blobs, stored, marked, keep, grace)
-        partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
+        partial_before = time.time() - partial_age
+        partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, partial_before))
         if dry_run:
             removed = candidates
         else:
             # Run to its end even when cancelled: the locks must not go while files are removed.
-            removed = await in_thread(_sweep, layout, candidates, [p for p, _ in partials], marked, ident, grace)
+            removed, gone = await in_thread(_sweep, layout, candidates, partials, marked, ident, grace, partial_before)
+            partials = tuple(gone)
         blobs = tuple(sorted(removed.items()))
 
         def present(digest: Digest, size: int) -> bool:

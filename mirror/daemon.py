@@ -462,8 +462,7 @@ class Daemon:
         rt = self.runtimes[-1]
         rt.users += 1
         assert self._layout is not None
-        lease_root = self._layout.root
-        leases.acquire(lease_root)  # what the job fetches, gc keeps until index.json names it
+        lease = leases.acquire(self._layout.root)  # what the job fetches, gc keeps until index.json names it
         started, t0 = time.time(), time.monotonic()
         self.log.event("job_started", job=job.name)
         outcome, counts, error = "error", {}, ""
@@ -486,7 +485,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
-            leases.release(lease_root)
+            leases.release(lease)
             rt.users -= 1
             self._retire_unused()
             seconds = time.monotonic() - t0

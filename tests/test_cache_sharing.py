@@ -310,3 +310,21 @@ def test_the_daemon_collects_garbage_on_its_schedule_beside_other_processes(regi
         assert any(e["event"] == "gc_finished" and e["outcome"] == "busy" for e in d.events())
     finally:
         d.stop()
+
+
+def test_each_daemon_job_holds_a_lease_of_its_own_that_ends_with_it(tmp_path: Path) -> None:
+    from mirror.store import leases
+
+    layout = Layout.open(tmp_path / "cache")
+    first, both, second = (Digest.of(x) for x in (b"first", b"both", b"second"))
+    a = leases.acquire(layout.root)  # job a starts
+    layout.blobs.lease(first)
+    b = leases.acquire(layout.root)  # job b starts while a runs
+    layout.blobs.has(both)
+    assert leases.leased(layout.root) == {first, both}
+    leases.release(a)  # a ends: what only it used is free; what b used too stays leased
+    layout.blobs.lease(second)
+    assert leases.leased(layout.root) == {both, second}
+    leases.release(b)  # a daemon between jobs holds nothing
+    assert leases.leased(layout.root) == set()
+    assert list((layout.root / ".mirror" / "leases").iterdir()) == []

@@ -100,10 +100,8 @@ class BlobStore:
         return self.ingest / f"{digest.algorithm}-{digest.hex}.partial"
 
     def lease(self, digest: Digest) -> None:
-        """Record `digest` in this process's lease on the cache, while a writer holds one (gc keeps it)."""
-        lease = leases.current(self.root)
-        if lease is not None:
-            lease.add((digest,))
+        """Record `digest` in the leases this process holds on the cache, if any (gc keeps it)."""
+        leases.record(self.root, (digest,))
 
     def has(self, digest: Digest, size: int = -1) -> bool:
         """Return whether the blob is present (and of `size` bytes, when size is known).

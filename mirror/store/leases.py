@@ -1,17 +1,17 @@
 """Leases: the blobs a writing process uses before `index.json` names them, which `gc` keeps.
 
-A writing process (pull, sync, a daemon job, verify --repair, bundle import) owns one
-lease file, `.mirror/leases/<pid>-<random>.lease`, while it works: an exclusive `flock`
-held for its life, and one digest per line for every blob it has looked up, read or
-written. `gc` reads every lease whose lock is held as roots; a lease whose lock it can
+A writing command (pull, sync, verify --repair, bundle import, push) or daemon job owns
+a lease file, `.mirror/leases/<pid>-<random>.lease`, while it works: an exclusive `flock`
+held for its life, and one digest per line for every blob the process looked up, read or
+wrote meanwhile. `gc` reads every lease whose lock is held as roots; a lease whose lock it can
 take belongs to a dead process and is removed. The file is made and locked under a temp
 name and only then renamed to `*.lease`, so gc never takes a live lease for a dead one.
 
 Lines are added under a shared `flock` on `.mirror/sweep.lock`; gc re-reads the leases
 and removes blobs under the exclusive one. So a digest leased before gc's sweep is kept,
 and a process that leases it after the sweep then looks at the disk and finds it gone
-(and fetches it again). The lease file goes when the last user of it in the process lets
-go (the end of a command, or of the daemon's last running job).
+(and fetches it again). A lease file goes when its command or job ends, so what a
+long-lived daemon touched does not stay leased for its life.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class Lease:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.users = 0
         self._held: set[Digest] = set()
         self._mutex = threading.Lock()  # worker threads add too; close must not race a write
         folder = root / ".mirror" / LEASES
@@ -103,7 +102,7 @@ class Lease:
             self._held.clear()
 
 
-_active: dict[Path, Lease] = {}
+_active: dict[Path, list[Lease]] = {}
 
 
 def _key(root: Path) -> Path:
@@ -111,40 +110,34 @@ def _key(root: Path) -> Path:
 
 
 def acquire(root: Path) -> Lease:
-    """Return this process's lease on the cache at `root` (made on first use); pair with `release`."""
+    """Start a lease on the cache at `root` (a command's, or one daemon job's); end it with `release`.
+
+    While several are held (jobs of one daemon running at once), every digest goes into
+    each: a lease ends with its job, so none outlives the work that needed it.
+    """
     key = _key(root)
-    lease = _active.get(key)
-    if lease is None:
-        lease = _active[key] = Lease(key)
-    lease.users += 1
+    lease = Lease(key)
+    _active.setdefault(key, []).append(lease)
     return lease
 
 
-def release(root: Path) -> None:
-    """Let go of one use of the lease on `root`; the last one removes the lease file."""
-    key = _key(root)
-    lease = _active.get(key)
-    if lease is None:
+def release(lease: Lease) -> None:
+    """End `lease`: remove its file (gc may then remove what only it held)."""
+    held = _active.get(lease.root, [])
+    if lease in held:
+        held.remove(lease)
+        if not held:
+            del _active[lease.root]
+    lease.close()
+
+
+def record(root: Path, digests: Iterable[Digest]) -> None:
+    """Add `digests` to every lease this process holds on `root` (none held: nothing to do)."""
+    if not _active:
         return
-    lease.users -= 1
-    if lease.users <= 0:
-        del _active[key]
-        lease.close()
-
-
-@contextlib.contextmanager
-def held(root: Path) -> Iterator[Lease]:
-    """Hold this process's lease on `root` for the `with` block."""
-    lease = acquire(root)
-    try:
-        yield lease
-    finally:
-        release(root)
-
-
-def current(root: Path) -> Lease | None:
-    """Return this process's lease on `root` while one is held, else None."""
-    return _active.get(_key(root)) if _active else None
+    items = tuple(digests)
+    for lease in tuple(_active.get(_key(root), ())):
+        lease.add(items)
 
 
 def _drop_stale_temp(entry: os.DirEntry[str]) -> None:

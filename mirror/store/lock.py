@@ -46,6 +46,7 @@ class CacheLock:
         self.lease = lease
         self.what = what
         self._file: BinaryIO | None = None
+        self._lease: leases.Lease | None = None
 
     def _try(self) -> bool:
         assert self._file is not None
@@ -75,7 +76,7 @@ class CacheLock:
             self._file.write(f"{os.getpid()}\n".encode())
             self._file.flush()
         if self.lease:
-            leases.acquire(self.root)
+            self._lease = leases.acquire(self.root)
         return self
 
     def _holder(self) -> str:
@@ -89,8 +90,9 @@ class CacheLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._file is not None:
-            if self.lease:
-                leases.release(self.root)
+            if self._lease is not None:
+                leases.release(self._lease)
+                self._lease = None
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None

@@ -87,13 +87,31 @@ def quarantined(store: BlobStore) -> frozenset[Digest]:
     return frozenset(out)
 
 
-def _quarantine(store: BlobStore, digest: Digest) -> None:
+def _hash_ident(path: Path, algorithm: str) -> tuple[str, tuple[int, int]]:
+    """Return the hex digest of the file at `path` and the identity (inode, device) of the file hashed."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while block := f.read(FLUSH_BYTES):
+            h.update(block)
+    return h.hexdigest(), (st.st_ino, st.st_dev)
+
+
+def _quarantine(store: BlobStore, digest: Digest, ident: tuple[int, int]) -> bool:
+    """Move the corrupt blob aside, unless its name now holds another file (a repair put a good one back)."""
     target = quarantine_path(store, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.stat(store.path(digest))
+    except FileNotFoundError:
+        return False  # quarantined (or removed by gc) by another process meanwhile
+    if (st.st_ino, st.st_dev) != ident:
+        return False
     os.replace(store.path(digest), target)
     # Both directories: after a power loss the blob is neither back under its name nor lost.
     fsync_dir(target.parent)
     fsync_dir(store.path(digest).parent)
+    return True
 
 
 async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tuple[Digest, ...]]:
@@ -108,11 +126,12 @@ async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tup
     async def one(digest: Digest) -> None:
         async with limit:
             try:
-                got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
+                got, ident = await asyncio.to_thread(_hash_ident, store.path(digest), digest.algorithm)
             except FileNotFoundError:
                 return  # gc removed it meanwhile: unreferenced, or the reference check says it is missing
             if got != digest.hex:
-                await in_thread(_quarantine, store, digest)  # ends before the cache lock can go
+                # Ends before the cache lock can go; another verify may have quarantined it first.
+                await in_thread(_quarantine, store, digest, ident)
                 corrupt.append(digest)
 
     async with asyncio.TaskGroup() as tg:

@@ -33,6 +33,7 @@ from mirror.schedule import Schedule, parse_duration
 from mirror.sources.base import ManifestSource
 from mirror.sources.foreign import ForeignSource
 from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store.gc import GRACE_AGE, PARTIAL_AGE
 from mirror.store.layout import Layout
 from mirror.tomlscan import KeyPath, key_lines
 from mirror.transport import (
@@ -141,6 +142,7 @@ class Config:
     jobs: tuple[JobConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
     fleet: FleetConfig = field(default_factory=lambda: FleetConfig())
+    gc: GcConfig = field(default_factory=lambda: GcConfig())
     first_byte_timeout: float = 60.0
     document_deadline: float = DEFAULT_DOCUMENT_DEADLINE
     blob_deadline: float = DEFAULT_BLOB_DEADLINE
@@ -389,6 +391,13 @@ TABLES: tuple[Table, ...] = (
         Key("timeout", NUMBER, 3600.0, "Seconds one image's task may run.", at_least(1)),
         Key("retries", INTEGER, 3, "Runs of a task that crashed or whose worker died, the first included.",
             at_least(1)),
+    )),
+    Table("gc", "`mirror daemon` collects garbage on a schedule (cron or interval), as `mirror gc` does.", (
+        Key("cron", STRING, None, '5 fields, UTC, e.g. "30 3 * * *" (none: the daemon does not collect).'),
+        Key("interval", DURATION, None, 'Seconds, or "90s", "5m", "6h", "1d" (instead of cron).', _duration),
+        Key("grace", NUMBER, GRACE_AGE, "Never remove a blob younger than this many seconds.", at_least(0)),
+        Key("partial_age", NUMBER, PARTIAL_AGE, "Remove partial downloads older than this many seconds.",
+            at_least(0)),
     )),
     Table("registries", "Settings of one registry host (one table per host).", (
         Key("host", STRING, REQUIRED, "The registry host as in references: HOST[:PORT], docker.io for Docker Hub."),
@@ -730,6 +739,7 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         upstreams=tuple(_upstream(d, u, ("upstreams", i)) for i, u in enumerate(top["upstreams"])),
         serve=_serve(d.read(SCHEMA["serve"], top["serve"], ("serve",))),
         fleet=FleetConfig(**d.read(SCHEMA["fleet"], top["fleet"], ("fleet",))),
+        gc=_gc(d, top["gc"]),
     )
 
 
@@ -748,6 +758,15 @@ def _upstream(doc: _Doc, raw: object, at: KeyPath) -> UpstreamConfig:
     if not u["host"]:
         raise doc.error((*at, "host"), 'missing; the upstream registry, e.g. host = "registry-1.docker.io"')
     return UpstreamConfig(u["host"], u["prefix"])
+
+
+def _gc(d: _Doc, raw: object) -> GcConfig:
+    g = d.read(SCHEMA["gc"], raw, ("gc",))
+    schedule = None
+    if g["cron"] is not None or g["interval"] is not None:
+        when = {k: g[k] for k in ("cron", "interval") if g[k] is not None}
+        schedule = _schedule(d, when, ("gc",))
+    return GcConfig(schedule, g["grace"], g["partial_age"])
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
@@ -817,6 +836,15 @@ class FleetConfig:
     lease: float = 30.0
     timeout: float = 3600.0
     retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class GcConfig:
+    """The `[gc]` table: when the daemon collects garbage (None: never), and how (`mirror gc`'s options)."""
+
+    schedule: Schedule | None = None
+    grace: float = GRACE_AGE
+    partial_age: float = PARTIAL_AGE
 
 
 def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[JobConfig, ...]:

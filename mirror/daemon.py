@@ -32,12 +32,14 @@ from aiohttp import web
 
 from mirror import config
 from mirror.config import Config, JobConfig
+from mirror.daemon_gc import DaemonGc
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
 from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
+from mirror.store import leases
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.store.state import StateDB
@@ -211,6 +213,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._stop = asyncio.Event()
         self._layout: Layout | None = None
+        self._gc: DaemonGc | None = None  # [gc]'s schedule, once the cache is open
         self._state: StateDB | None = None
         self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
         self._listen_from_config = listen is None
@@ -241,7 +244,7 @@ class Daemon:
         await self._runner.setup()
         try:
             self._site = await self._bind(self.listen)
-            async with CacheLock(self.cfg.cache, wait=wait):
+            async with CacheLock(self.cfg.cache, exclusive=False, wait=wait):
                 self._state = await StateDB.open(self.cfg.cache)
                 self._new_runtime(self.cfg)
                 loop = asyncio.get_running_loop()
@@ -252,6 +255,8 @@ class Daemon:
                 self.log.event("started", config=str(self.path), cache=str(self.cfg.cache), listen=self.listen)
                 try:
                     self._apply_jobs(self.cfg)
+                    self._gc = DaemonGc(self._layout, self.log, self.metrics.registry)
+                    self._gc.apply(self.cfg.gc)
                     await self._stop.wait()
                     await self._shutdown()
                 finally:
@@ -324,6 +329,8 @@ class Daemon:
         return [self._retired, *(rt.engine.stats for rt in self.runtimes)]
 
     async def _shutdown(self) -> None:
+        if self._gc is not None:
+            self._gc.stop()
         for st in self.jobs.values():
             if st.scheduler is not None:
                 st.scheduler.cancel()
@@ -396,6 +403,8 @@ class Daemon:
             self.grace = new.daemon.grace
         self.cfg = new
         self._apply_jobs(new)
+        if self._gc is not None:
+            self._gc.apply(new.gc)
         self.reload_status = Reload(time.time(), True)
         self.log.event("reloaded", jobs=[j.name for j in new.jobs])
 
@@ -452,6 +461,8 @@ class Daemon:
         job = st.config
         rt = self.runtimes[-1]
         rt.users += 1
+        assert self._layout is not None
+        lease = leases.acquire(self._layout.root)  # what the job fetches, gc keeps until index.json names it
         started, t0 = time.time(), time.monotonic()
         self.log.event("job_started", job=job.name)
         outcome, counts, error = "error", {}, ""
@@ -474,6 +485,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the daemon's other jobs
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
+            leases.release(lease)
             rt.users -= 1
             self._retire_unused()
             seconds = time.monotonic() - t0
@@ -531,6 +543,7 @@ class Daemon:
             "bytes_fetched": sum(s.bytes_fetched for s in stats),
             # Before the cache is open (not ready) the config's jobs are listed, none run yet.
             "jobs": [st.to_json() for st in (self.jobs.values() if self.ready else map(JobState, self.cfg.jobs))],
+            "gc": self._gc.to_json() if self._gc is not None else None,
         }
 
 

@@ -248,7 +248,7 @@ async def test_the_snapshot_outlives_a_gc_run_once_the_lock_is_let_go(near: Path
     snap = snapshot(layout, plan)
     # What other processes may do while the bundle is written: drop every image, collect its blobs.
     ok("rm", "--cache", str(cache), *index_names(cache))
-    ok("gc", "--cache", str(cache))
+    ok("gc", "--grace", "0", "--cache", str(cache))
     assert not any((cache / "blobs" / "sha256").iterdir())
     out = tmp_path / "carry.tar"
     assert write_bundle(snap, plan, out) == [out]

@@ -229,14 +229,14 @@ def test_gc_removes_exactly_the_unreachable(state: tuple[list[Img], list[Top], i
         marked = mark(run(index_roots(layout)), cache.stored.get, cache.stored.keys())
         assert marked.broken == ()
         assert marked.reachable & before == expected
-        dry = run(collect(layout, dry_run=True))
+        dry = run(collect(layout, dry_run=True, grace=0))
         assert on_disk(root) == before
-        done = run(collect(layout))
+        done = run(collect(layout, grace=0))
         assert on_disk(root) == expected
         assert {d for d, _ in done.blobs} == {d for d, _ in dry.blobs} == before - expected
         assert done.kept == len(expected)
         # A second collection finds nothing more.
-        assert run(collect(layout)).blobs == ()
+        assert run(collect(layout, grace=0)).blobs == ()
 
 
 def test_stale_partials_go_fresh_ones_stay(tmp_path: Path) -> None:
@@ -248,7 +248,7 @@ def test_stale_partials_go_fresh_ones_stay(tmp_path: Path) -> None:
     fresh.write_bytes(b"y")
     past = time.time() - 3 * 3600
     os.utime(old, (past, past))
-    done: Garbage = run(collect(layout, partial_age=3600))
+    done: Garbage = run(collect(layout, partial_age=3600, grace=0))
     assert [p for p, _ in done.partials] == [old]
     assert not old.exists() and fresh.exists()
 
@@ -265,7 +265,7 @@ def test_an_old_partial_file_its_writer_still_holds_stays(tmp_path: Path) -> Non
         past = time.time() - 3 * 3600
         os.utime(w.partial, (past, past))  # a download stalled for hours is still a live one
         try:
-            return await collect(layout, partial_age=3600)
+            return await collect(layout, partial_age=3600, grace=0)
         finally:
             await w.abort(keep=True)
 
@@ -282,15 +282,15 @@ def test_broken_reference_stops_the_sweep(tmp_path: Path) -> None:
     layout.blobs.path(manifest).write_bytes(b"{}")  # corrupt: what it referenced is unknown now
     before = on_disk(tmp_path / "cache")
     with pytest.raises(StoreError, match=f"gc refused: example.com/top0:1: manifest {manifest} is unreadable"):
-        run(collect(layout))
+        run(collect(layout, grace=0))
     assert on_disk(tmp_path / "cache") == before
 
 
-async def test_gc_waits_for_no_one_while_a_sync_holds_the_lock(tmp_path: Path) -> None:
+async def test_gc_is_busy_while_a_process_holds_the_cache_exclusively(tmp_path: Path) -> None:
     layout = Layout.open(tmp_path / "cache")
-    async with CacheLock(layout.root):
+    async with CacheLock(layout.root, exclusive=True):  # an older mirror that expects the cache to itself
         with pytest.raises(StoreError, match="is busy"):
-            await collect(layout)
+            await collect(layout, grace=0)
 
 
 @pytest.mark.slow
@@ -306,11 +306,11 @@ async def test_gc_on_a_pulled_cache_keeps_it_readable(seeded: Seeded, tmp_path: 
     before = stored_blobs(layout.blobs)
     kept_names = ["t/list:1", "shared/app0:1", "t/schema1:1"]
     await layout.remove_refs({seeded.ref("t/schema2:1"), seeded.ref("shared/app1:1")})
-    res = mirror("gc", "--cache", str(cache), "--dry-run")
+    res = mirror("gc", "--grace", "0", "--cache", str(cache), "--dry-run")
     assert res.returncode == 0, res.stderr
     listed = {Digest.parse(line.split("\t")[1]) for line in res.stdout.splitlines()}
     assert stored_blobs(layout.blobs) == before
-    res = mirror("gc", "--cache", str(cache), "--partial-age", "0")
+    res = mirror("gc", "--grace", "0", "--cache", str(cache), "--partial-age", "0")
     assert res.returncode == 0, res.stderr
     removed = {line.split("\t")[1] for line in res.stdout.splitlines()}
     assert removed == {str(d) for d in listed} | {str(cache / ".mirror" / "ingest" / "new-9-9.partial")}

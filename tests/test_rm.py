@@ -43,7 +43,7 @@ def test_rm_then_gc_frees_only_what_the_rest_does_not_use(seeded: Seeded, tmp_pa
     assert res.stdout == f"removed\t{app0}\n"
     assert names(cache) == [app1]
     assert blobs(cache) == before  # rm only names; gc frees
-    res = mirror("gc", "--cache", str(cache))
+    res = mirror("gc", "--grace", "0", "--cache", str(cache))
     assert res.returncode == 0, res.stderr
     gone = before - blobs(cache)
     app1_raw = json.loads((cache / "blobs" / "sha256" / seeded.digests["shared/app1:1"].split(":")[1]).read_bytes())
@@ -115,7 +115,7 @@ def test_rm_takes_an_images_signatures_with_it(signed: Signed, tmp_path: Path) -
     assert res.returncode == 0, res.stderr
     assert names(cache) == []
     assert res.stdout.count("(a referrer of a removed image)") == len(expected_names(signed)) - 1
-    assert mirror("gc", "--cache", str(cache)).returncode == 0
+    assert mirror("gc", "--grace", "0", "--cache", str(cache)).returncode == 0
     assert blobs(cache) == set()
     res = mirror("rm", "--keep-referrers", "--cache", str(kept), signed.name("1"))
     assert res.returncode == 0, res.stderr

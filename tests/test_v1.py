@@ -311,15 +311,15 @@ async def test_gc_prunes_v1_records_and_a_stale_record_is_ignored(tmp_path: Path
         (records / "README").write_text("not ours")
         # No image names the finished layers: gc takes them, and the records that name them.
         layout = Layout.open(cache)
-        dry = await collect(layout, dry_run=True)
+        dry = await collect(layout, dry_run=True, grace=0)
         assert len(dry.records) == 3 and all(p.exists() for p in dry.records)  # 2 records, 1 dead temp file
-        res = mirror("gc", "--dry-run", "--cache", str(cache))
+        res = mirror("gc", "--grace", "0", "--dry-run", "--cache", str(cache))
         assert res.returncode == 0, res.stderr
         assert sorted(line for line in res.stdout.splitlines() if "/.mirror/v1/" in line) == sorted(
             f"would remove\t{p}" for p in dry.records
         )
         assert ", 3 v1 layer records (" in res.stderr
-        done = await collect(layout)
+        done = await collect(layout, grace=0)
         assert sorted(p.name for p in done.records) == sorted(p.name for p in dry.records)
         assert sorted(p.name for p in records.iterdir()) == ["README"]
         # So the next run fetches them again, and succeeds.
@@ -333,7 +333,7 @@ async def test_gc_prunes_v1_records_and_a_stale_record_is_ignored(tmp_path: Path
         assert results[0].status == "ok", results[0].error
         assert layer_gets(reg) == {ids[0]: 3, ids[1]: 2, ids[2]: 2}
         # Records of blobs the cache keeps stay.
-        assert (await collect(layout)).records == ()
+        assert (await collect(layout, grace=0)).records == ()
         assert len(list(records.glob("*.json"))) == 3
     finally:
         reg.stop()

@@ -144,7 +144,7 @@ async def run_import(args: argparse.Namespace) -> int:
             print(f"\r{seen[0]} blob(s) checked in, {human(seen[1])}", end="", file=sys.stderr, flush=True)
 
     try:
-        async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):
+        async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True):
             result = await import_bundle(layout, files, progress)
     finally:
         if log is None and seen[0]:

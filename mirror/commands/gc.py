@@ -8,7 +8,7 @@ from typing import Any
 
 from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_config
 from mirror.errors import UsageError
-from mirror.store.gc import PARTIAL_AGE, collect
+from mirror.store.gc import GRACE_AGE, PARTIAL_AGE, collect
 from mirror.store.layout import Layout
 from mirror.text import printable
 
@@ -25,17 +25,28 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help=f"remove partial downloads older than this (default {PARTIAL_AGE:.0f})",
     )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_AGE,
+        metavar="SECONDS",
+        help=f"never remove a blob younger than this: a writer may still be about to name it (default {GRACE_AGE:.0f})",
+    )
     add_wait(p)
     p.set_defaults(run=run)
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Collect garbage under the exclusive cache lock; print one line per removed file and a summary."""
+    """Collect garbage beside any writers (a second gc is busy); print each removed file and a summary."""
     cfg = load_config(args)
     if args.partial_age < 0:
         raise UsageError("--partial-age must be at least 0")
+    if args.grace < 0:
+        raise UsageError("--grace must be at least 0")
     layout = Layout.open(cfg.cache, create=False)
-    garbage = await collect(layout, dry_run=args.dry_run, partial_age=args.partial_age, wait=args.wait)
+    garbage = await collect(
+        layout, dry_run=args.dry_run, partial_age=args.partial_age, wait=args.wait, grace=args.grace
+    )
     verb = "would remove" if args.dry_run else "removed"
     for digest, size in garbage.blobs:
         print(f"{verb}\t{digest}\t{human(size)}")

@@ -95,7 +95,7 @@ async def run(args: argparse.Namespace) -> int:
 
         progress = bars = RichProgress.on_stderr()
     t0 = time.monotonic()
-    async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True), cfg.transport() as transport:
         transport.events = RateLimitNotes(progress.note)
         engine = cfg.engine(layout, transport, progress)
         source = RegistryV2Source(transport)

@@ -111,7 +111,7 @@ async def run(args: argparse.Namespace) -> int:
     layout = Layout.open(cfg.cache, create=False)
     t0 = time.monotonic()
     # A shared lock: pushes only read the cache, but gc must not delete blobs under them.
-    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait), cfg.transport() as transport:
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True), cfg.transport() as transport:
         engine = cfg.engine(layout, transport)
         sink = RegistryV2Sink(transport, chunk_threshold=args.chunk_threshold, chunk_bytes=args.chunk_size)
         pusher = Pusher(engine, sink, mount_from=tuple(args.mount_from))
@@ -137,7 +137,7 @@ async def run_bulk(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     t0 = time.monotonic()
-    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait), cfg.transport() as transport:
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True), cfg.transport() as transport:
         cached = [e.name for e in await layout.entries()]
         names = cached if args.all else args.refs
         missing = [n for n in names if n not in cached]

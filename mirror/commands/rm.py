@@ -37,7 +37,7 @@ async def run(args: argparse.Namespace) -> int:
     """Remove every named reference, or none when one of them is not cached; print what went."""
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
-    async with CacheLock(cfg.cache, exclusive=True, wait=args.wait):
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):
         images = {img.name: img for img in await inventory(layout)}
         missing = [r for r in args.refs if r not in images]
         if missing:

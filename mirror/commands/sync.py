@@ -197,7 +197,7 @@ async def run(args: argparse.Namespace) -> int:
             state = await StateDB.open(cfg.cache, readonly=True)
         else:
             layout = Layout.open(cfg.cache)
-            await stack.enter_async_context(CacheLock(cfg.cache, wait=args.wait))
+            await stack.enter_async_context(CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True))
             state = await StateDB.open(cfg.cache)
         stack.push_async_callback(state.close)
         transport = await stack.enter_async_context(cfg.transport())

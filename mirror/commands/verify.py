@@ -34,7 +34,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.hashers < 1:
         raise UsageError("--hashers must be at least 1")
     layout = Layout.open(cfg.cache, create=False)
-    async with CacheLock(cfg.cache, wait=args.wait), cfg.transport() as transport:
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=args.repair), cfg.transport() as transport:
         engine = cfg.engine(layout, transport)
         refetch = RegistryRefetch(engine, RegistryV2Source(transport)) if args.repair else None
         report = await verify(layout, concurrency=args.hashers, refetch=refetch)

@@ -37,6 +37,7 @@ from typing import BinaryIO, TypeVar
 
 from mirror.digest import Digest
 from mirror.errors import IntegrityError, StoreError, os_reason
+from mirror.store import leases
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
 IO_THREADS = 16  # fsync waits on the disk, not the CPU: enough threads that commits overlap
@@ -98,8 +99,16 @@ class BlobStore:
         """Return the temp file a download of `digest` is written to."""
         return self.ingest / f"{digest.algorithm}-{digest.hex}.partial"
 
+    def lease(self, digest: Digest) -> None:
+        """Record `digest` in the leases this process holds on the cache, if any (gc keeps it)."""
+        leases.record(self.root, (digest,))
+
     def has(self, digest: Digest, size: int = -1) -> bool:
-        """Return whether the blob is present (and of `size` bytes, when size is known)."""
+        """Return whether the blob is present (and of `size` bytes, when size is known).
+
+        A writing process leases the digest first, so gc does not remove what it found.
+        """
+        self.lease(digest)
         try:
             st = self.path(digest).stat()
         except FileNotFoundError:
@@ -112,6 +121,7 @@ class BlobStore:
 
     def read(self, digest: Digest) -> bytes:
         """Return a (small) stored blob's bytes: manifests, configs."""
+        self.lease(digest)
         try:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
@@ -391,6 +401,7 @@ class BlobWriter:
         got = self._hash.hexdigest()
         if self.expected is None:
             self.digest = Digest(self.digest.algorithm, got)
+            self.store.lease(self.digest)  # before the name appears: gc keeps it from the start
         elif got != self.digest.hex:
             raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
         self._file.flush()

@@ -37,10 +37,12 @@ from mirror.manifest import (
 )
 from mirror.store.blobs import BlobStore, in_thread
 from mirror.store.layout import Layout
+from mirror.store.leases import leased, sweep_lock
 from mirror.store.lock import CacheLock
 from mirror.store.v1records import prune_records
 
 PARTIAL_AGE = 24 * 3600.0
+GRACE_AGE = 600.0  # seconds: a blob younger than this is never removed (a writer may not have leased it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,37 +210,151 @@ def _owned(partial: Path) -> bool:
     return False
 
 
-def _remove(store: BlobStore, blobs: Iterable[Digest], partials: Iterable[Path]) -> None:
-    for d in blobs:
-        store.path(d).unlink(missing_ok=True)
-    for p in partials:
-        p.unlink(missing_ok=True)
+def _remove_partial(path: Path, older_than: float) -> bool:
+    """Remove a partial file no writer holds (under its lock, so none takes it over meanwhile); return whether."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a writer took it over since it was listed
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        if (named.st_ino, named.st_dev) != (mine.st_ino, mine.st_dev) or mine.st_mtime >= older_than:
+            return False  # committed, replaced or written again meanwhile
+        os.unlink(path)  # a writer that opened it meanwhile finds the name gone once it gets the lock
+        return True
+    finally:
+        os.close(fd)
+
+
+def _sweep(
+    layout: Layout,
+    candidates: dict[Digest, int],
+    partials: Iterable[tuple[Path, int]],
+    marked: Marked,
+    ident: object,
+    grace: float,
+    partial_before: float,
+) -> tuple[dict[Digest, int], list[tuple[Path, int]]]:
+    """Under the exclusive sweep lock: drop candidates leased, newly referenced or young; remove the rest.
+
+    Return the blobs and partial files removed. Writers cannot lease meanwhile, so a digest leased before this
+    is kept and one leased after it is looked up on the disk afresh by its writer.
+    """
+    store = layout.blobs
+    with sweep_lock(layout.root, exclusive=True):
+        keep = leased(layout.root)
+        keep |= marked.reachable
+        if _index_ident(layout) != ident:
+            # A writer added references since the mark: mark what they reach (a root marked
+            # already reaches nothing new, its content being immutable).
+            roots = _roots_sync(layout)
+            for r in roots:
+                keep.update(_annotated(r.annotations, candidates))
+            again = mark([r for r in roots if r.digest not in keep], manifest_loader(store), candidates.keys())
+            if again.broken:
+                raise StoreError(f"gc stopped: {again.broken[0]}; nothing removed")
+            keep |= again.reachable
+        young = time.time() - grace
+        removed: dict[Digest, int] = {}
+        for d, n in candidates.items():
+            if d in keep:
+                continue
+            path = store.path(d)
+            try:
+                if path.stat().st_mtime > young:
+                    continue
+            except FileNotFoundError:
+                continue
+            path.unlink(missing_ok=True)
+            removed[d] = n
+    gone = [(p, n) for p, n in partials if _remove_partial(p, partial_before)]
+    return removed, gone
+
+
+def _index_ident(layout: Layout) -> object:
+    try:
+        st = os.stat(layout.root / "index.json")
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _roots_sync(layout: Layout) -> list[Descriptor]:
+    path = layout.root / "index.json"
+    raw = path.read_bytes()
+    try:
+        items = json.loads(raw).get("manifests") or []
+        return [Descriptor.from_json(item) for item in items]
+    except (ValueError, AttributeError, ManifestError) as exc:
+        raise StoreError(f"{path} is unreadable, nothing can be collected: {exc}") from None
+
+
+def _unreached(
+    store: BlobStore, stored: Mapping[Digest, int], marked: Marked, keep: set[Digest], grace: float
+) -> dict[Digest, int]:
+    """Return the stored blobs nothing reaches, leases name or that are younger than `grace` seconds."""
+    young = time.time() - grace
+    out: dict[Digest, int] = {}
+    for d, n in sorted(stored.items()):
+        if d in marked.reachable or d in keep:
+            continue
+        try:
+            if store.path(d).stat().st_mtime > young:
+                continue
+        except FileNotFoundError:
+            continue
+        out[d] = n
+    return out
 
 
 async def collect(
-    layout: Layout, *, dry_run: bool = False, partial_age: float = PARTIAL_AGE, wait: float = 0.0
+    layout: Layout,
+    *,
+    dry_run: bool = False,
+    partial_age: float = PARTIAL_AGE,
+    wait: float = 0.0,
+    grace: float = GRACE_AGE,
 ) -> Garbage:
-    """Remove blobs no `index.json` entry reaches and partial files older than `partial_age` seconds.
+    """Remove blobs no `index.json` entry or live lease reaches, older than `grace` seconds, and stale partial files.
 
-    Holds the cache lock exclusively, so no pull or sync writes meanwhile. Refuses (StoreError)
-    when a reachable manifest is missing or unreadable.
+    Runs beside writers: it holds the cache lock shared and `gc.lock` exclusively (a second
+    gc waits `wait` seconds, then is refused as busy), and removes files only under the
+    sweep lock, after reading the leases again. Refuses (StoreError) when a reachable
+    manifest is missing or unreadable.
     """
-    async with CacheLock(layout.root, exclusive=True, wait=wait):
+    async with (
+        CacheLock(layout.root, exclusive=False, wait=wait),
+        CacheLock(layout.root, exclusive=True, wait=wait, name="gc.lock", what="another mirror gc"),
+    ):
+        ident = await asyncio.to_thread(_index_ident, layout)
         roots = await index_roots(layout)
         stored = await asyncio.to_thread(stored_blobs, layout.blobs)
         marked = await asyncio.to_thread(mark, roots, manifest_loader(layout.blobs), stored.keys())
         if marked.broken:
             more = f" (and {len(marked.broken) - 1} more)" if len(marked.broken) > 1 else ""
             raise StoreError(f"gc refused: {marked.broken[0]}{more}; run `mirror verify --repair` first")
-        blobs = tuple(sorted((d, n) for d, n in stored.items() if d not in marked.reachable))
-        partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, time.time() - partial_age))
-        if not dry_run:
-            # Run to its end even when cancelled: the cache lock must not go while files are removed.
-            await in_thread(_remove, layout.blobs, (d for d, _ in blobs), (p for p, _ in partials))
-        swept = {d for d, _ in blobs}
+        keep = await asyncio.to_thread(leased, layout.root)
+        candidates = await asyncio.to_thread(_unreached, layout.blobs, stored, marked, keep, grace)
+        partial_before = time.time() - partial_age
+        partials = tuple(await asyncio.to_thread(_stale_partials, layout.blobs.ingest, partial_before))
+        if dry_run:
+            removed = candidates
+        else:
+            # Run to its end even when cancelled: the locks must not go while files are removed.
+            removed, gone = await in_thread(_sweep, layout, candidates, partials, marked, ident, grace, partial_before)
+            partials = tuple(gone)
+        blobs = tuple(sorted(removed.items()))
 
         def present(digest: Digest, size: int) -> bool:
-            return digest in stored and digest not in swept and size in (-1, stored[digest])
+            return digest in stored and digest not in removed and size in (-1, stored[digest])
 
         records = await asyncio.to_thread(prune_records, layout.root, present, dry_run=dry_run)
         return Garbage(blobs, partials, len(stored) - len(blobs), tuple(records))

@@ -28,6 +28,7 @@ from mirror.store.blobs import BlobStore, fsync_dir, in_thread
 Change = Callable[[list[Any]], list[Any]]
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+_MADE = frozenset({".mirror", "blobs", "index.json", "oci-layout"})  # what a layout being made holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,27 @@ class Layout:
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True) -> Layout:
-        """Return the layout at `root`, creating an empty one when `create` and it is absent."""
+        """Return the layout at `root`, creating an empty one when `create` and it is absent.
+
+        Creation runs under the index lock: processes starting at once on a new cache make
+        it once, and none takes another's half-made layout for a foreign directory.
+        """
+        marker = root / "oci-layout"
+        if create and not marker.exists():
+            if root.exists() and any(p.name not in _MADE for p in root.iterdir() if not p.name.endswith(".tmp")):
+                raise StoreError(f"{root} exists, is not empty and is not an OCI layout: refusing to use it as a cache")
+            try:
+                (root / ".mirror").mkdir(parents=True, exist_ok=True)
+                lockfile = open(root / ".mirror" / "index.lock", "a+b")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise StoreError(f"cache {root}: cannot create it: {os_reason(exc)}") from None
+            with lockfile:
+                fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX)
+                return cls._open(root, create)
+        return cls._open(root, create)
+
+    @classmethod
+    def _open(cls, root: Path, create: bool) -> Layout:
         marker = root / "oci-layout"
         if marker.exists():
             try:

@@ -87,13 +87,31 @@ def quarantined(store: BlobStore) -> frozenset[Digest]:
     return frozenset(out)
 
 
-def _quarantine(store: BlobStore, digest: Digest) -> None:
+def _hash_ident(path: Path, algorithm: str) -> tuple[str, tuple[int, int]]:
+    """Return the hex digest of the file at `path` and the identity (inode, device) of the file hashed."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while block := f.read(FLUSH_BYTES):
+            h.update(block)
+    return h.hexdigest(), (st.st_ino, st.st_dev)
+
+
+def _quarantine(store: BlobStore, digest: Digest, ident: tuple[int, int]) -> bool:
+    """Move the corrupt blob aside, unless its name now holds another file (a repair put a good one back)."""
     target = quarantine_path(store, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.stat(store.path(digest))
+    except FileNotFoundError:
+        return False  # quarantined (or removed by gc) by another process meanwhile
+    if (st.st_ino, st.st_dev) != ident:
+        return False
     os.replace(store.path(digest), target)
     # Both directories: after a power loss the blob is neither back under its name nor lost.
     fsync_dir(target.parent)
     fsync_dir(store.path(digest).parent)
+    return True
 
 
 async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tuple[Digest, ...]]:
@@ -107,9 +125,13 @@ async def check_blobs(store: BlobStore, concurrency: int) -> tuple[int, int, tup
 
     async def one(digest: Digest) -> None:
         async with limit:
-            got = await asyncio.to_thread(hash_file, store.path(digest), digest.algorithm)
+            try:
+                got, ident = await asyncio.to_thread(_hash_ident, store.path(digest), digest.algorithm)
+            except FileNotFoundError:
+                return  # gc removed it meanwhile: unreferenced, or the reference check says it is missing
             if got != digest.hex:
-                await in_thread(_quarantine, store, digest)  # ends before the cache lock can go
+                # Ends before the cache lock can go; another verify may have quarantined it first.
+                await in_thread(_quarantine, store, digest, ident)
                 corrupt.append(digest)
 
     async with asyncio.TaskGroup() as tg:
@@ -199,11 +221,22 @@ async def check_reference(
 async def verify(layout: Layout, *, concurrency: int = 4, refetch: Refetch | None = None) -> VerifyReport:
     """Re-hash every blob, quarantine the corrupt ones, then check (and with `refetch`, repair) each reference.
 
-    The caller holds the cache lock exclusively: blobs are moved and written.
+    Runs beside writers and gc: a reference found incomplete is checked again as index.json
+    names it now, since a sync may have moved it (and gc removed what it named) meanwhile;
+    one removed meanwhile is left out.
     """
     count, size, corrupt = await check_blobs(layout.blobs, concurrency)
     # Quarantined by an earlier run counts too: an index child that is gone is otherwise
     # indistinguishable from a platform left out by --platform.
     bad = frozenset(corrupt) | await asyncio.to_thread(quarantined, layout.blobs)
-    refs = [await check_reference(layout, e, bad, refetch) for e in await layout.entries()]
+    refs = []
+    for e in await layout.entries():
+        report = await check_reference(layout, e, bad, refetch)
+        if report.problems:
+            now = await layout.find(e.name)
+            if now is None:
+                continue  # removed meanwhile (`mirror rm`)
+            if now.digest != e.descriptor.digest:
+                report = await check_reference(layout, Entry(e.name, now), bad, refetch)
+        refs.append(report)
     return VerifyReport(count, size, corrupt, tuple(sorted(refs, key=lambda r: r.name)))

@@ -588,7 +588,8 @@ class PullThrough:
             try:
                 while self._fetching:  # a manifest stored but not yet named would look unreached
                     await asyncio.sleep(0.05)
-                garbage = await collect(self.layout, wait=5.0)
+                # No grace age: the cap is about what was just served; live writers' blobs are leased.
+                garbage = await collect(self.layout, wait=5.0, grace=0.0)
             finally:
                 self._not_sweeping.set()
             self.stats.evicted_refs += len(dropped)

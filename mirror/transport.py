@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import inspect
 import json
 import logging
 import os
@@ -625,17 +623,9 @@ class Transport:
             if mine and auth:
                 hdrs["Authorization"] = auth
             tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
-            payload = make()
-            try:
-                resp = await self._open(
-                    method, url, hdrs, data=payload, ssl=tls, registry=same_origin(url, first), encoded=raw
-                )
-            finally:
-                if inspect.isasyncgen(payload) and not payload.ag_running:
-                    # A server that answers before reading the whole body leaves a streamed body
-                    # suspended, its file open: close it now, not when the collector finds it.
-                    with contextlib.suppress(RuntimeError):
-                        await payload.aclose()
+            resp = await self._open(
+                method, url, hdrs, data=make(), ssl=tls, registry=same_origin(url, first), encoded=raw
+            )
             self.events.response(host, method, str(resp.status))
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])

@@ -9,11 +9,10 @@ with their stored bytes and media type, so the registry computes the source's di
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
-
-import aiofiles
 
 from mirror.digest import Digest
 from mirror.errors import DigestError, IntegrityError, TransportError
@@ -31,19 +30,28 @@ def push_scope(repository: str) -> str:
     return f"repository:{repository}:pull,push"
 
 
+def _read_range(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
 def file_body(path: Path, offset: int, length: int) -> Callable[[], AsyncIterator[bytes]]:
-    """Return a factory of async iterators over `length` bytes of `path` from `offset` (aiofiles)."""
+    """Return a factory of async iterators over `length` bytes of `path` from `offset`.
+
+    No file stays open between chunks: each chunk is one open-seek-read in a thread, so a
+    body the registry answers early (and aiohttp stops reading) leaves nothing to close.
+    """
 
     async def chunks() -> AsyncIterator[bytes]:
-        async with aiofiles.open(path, "rb") as f:
-            await f.seek(offset)
-            left = length
-            while left:
-                chunk = await f.read(min(READ_BYTES, left))
-                if not chunk:
-                    raise IntegrityError(f"{path} ended {left} bytes early")
-                left -= len(chunk)
-                yield chunk
+        pos, left = offset, length
+        while left:
+            chunk = await asyncio.to_thread(_read_range, path, pos, min(READ_BYTES, left))
+            if not chunk:
+                raise IntegrityError(f"{path} ended {left} bytes early")
+            pos += len(chunk)
+            left -= len(chunk)
+            yield chunk
 
     return chunks
 

@@ -28,8 +28,9 @@ def _pulls(ctx: Context, sets: list[list[str]], cache: Path, *, together: bool) 
     procs: list[subprocess.Popen[bytes]] = []
     for refs in sets:
         p = subprocess.Popen(ctx.mirror(refs, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        procs.append(p)
-        if not together:
+        if together:
+            procs.append(p)
+        else:
             _check(ctx, p)
     for p in procs:
         _check(ctx, p)

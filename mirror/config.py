@@ -143,6 +143,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=lambda: DaemonConfig())
     fleet: FleetConfig = field(default_factory=lambda: FleetConfig())
     gc: GcConfig = field(default_factory=lambda: GcConfig())
+    verify: VerifyConfig = field(default_factory=lambda: VerifyConfig())
     first_byte_timeout: float = 60.0
     document_deadline: float = DEFAULT_DOCUMENT_DEADLINE
     blob_deadline: float = DEFAULT_BLOB_DEADLINE
@@ -398,6 +399,10 @@ TABLES: tuple[Table, ...] = (
         Key("grace", NUMBER, GRACE_AGE, "Never remove a blob younger than this many seconds.", at_least(0)),
         Key("partial_age", NUMBER, PARTIAL_AGE, "Remove partial downloads older than this many seconds.",
             at_least(0)),
+    )),
+    Table("verify", "`mirror daemon` verifies the cache on a schedule, as `mirror verify` does (no re-fetch).", (
+        Key("cron", STRING, None, '5 fields, UTC, e.g. "0 4 * * 0" (none: the daemon does not verify).'),
+        Key("interval", DURATION, None, 'Seconds, or "90s", "5m", "6h", "1d" (instead of cron).', _duration),
     )),
     Table("registries", "Settings of one registry host (one table per host).", (
         Key("host", STRING, REQUIRED, "The registry host as in references: HOST[:PORT], docker.io for Docker Hub."),
@@ -740,6 +745,7 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
         serve=_serve(d.read(SCHEMA["serve"], top["serve"], ("serve",))),
         fleet=FleetConfig(**d.read(SCHEMA["fleet"], top["fleet"], ("fleet",))),
         gc=_gc(d, top["gc"]),
+        verify=VerifyConfig(_when(d, d.read(SCHEMA["verify"], top["verify"], ("verify",)), "verify")),
     )
 
 
@@ -760,13 +766,16 @@ def _upstream(doc: _Doc, raw: object, at: KeyPath) -> UpstreamConfig:
     return UpstreamConfig(u["host"], u["prefix"])
 
 
+def _when(d: _Doc, t: dict[str, Any], table: str) -> Schedule | None:
+    """Return a schedule table's (`[gc]`, `[verify]`) cron or interval, None when it has neither."""
+    if t["cron"] is None and t["interval"] is None:
+        return None
+    return _schedule(d, {k: t[k] for k in ("cron", "interval") if t[k] is not None}, (table,))
+
+
 def _gc(d: _Doc, raw: object) -> GcConfig:
     g = d.read(SCHEMA["gc"], raw, ("gc",))
-    schedule = None
-    if g["cron"] is not None or g["interval"] is not None:
-        when = {k: g[k] for k in ("cron", "interval") if g[k] is not None}
-        schedule = _schedule(d, when, ("gc",))
-    return GcConfig(schedule, g["grace"], g["partial_age"])
+    return GcConfig(_when(d, g, "gc"), g["grace"], g["partial_age"])
 
 
 # --- Sync jobs and the daemon ([[jobs]], [daemon]) ---------------------------------------
@@ -845,6 +854,13 @@ class GcConfig:
     schedule: Schedule | None = None
     grace: float = GRACE_AGE
     partial_age: float = PARTIAL_AGE
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """The `[verify]` table: when the daemon verifies the cache (None: never)."""
+
+    schedule: Schedule | None = None
 
 
 def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[JobConfig, ...]:

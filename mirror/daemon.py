@@ -32,7 +32,7 @@ from aiohttp import web
 
 from mirror import config
 from mirror.config import Config, JobConfig
-from mirror.daemon_gc import DaemonGc
+from mirror.daemon_gc import DaemonGc, DaemonVerify
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
@@ -214,6 +214,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._layout: Layout | None = None
         self._gc: DaemonGc | None = None  # [gc]'s schedule, once the cache is open
+        self._verify: DaemonVerify | None = None  # [verify]'s schedule, once the cache is open
         self._state: StateDB | None = None
         self.ready = False  # the config is loaded and the cache and its state are open (/readyz)
         self._listen_from_config = listen is None
@@ -257,6 +258,8 @@ class Daemon:
                     self._apply_jobs(self.cfg)
                     self._gc = DaemonGc(self._layout, self.log, self.metrics.registry)
                     self._gc.apply(self.cfg.gc)
+                    self._verify = DaemonVerify(self._layout, self.log, self.metrics.registry)
+                    self._verify.apply(self.cfg.verify)
                     await self._stop.wait()
                     await self._shutdown()
                 finally:
@@ -331,6 +334,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         if self._gc is not None:
             self._gc.stop()
+        if self._verify is not None:
+            self._verify.stop()
         for st in self.jobs.values():
             if st.scheduler is not None:
                 st.scheduler.cancel()
@@ -405,6 +410,8 @@ class Daemon:
         self._apply_jobs(new)
         if self._gc is not None:
             self._gc.apply(new.gc)
+        if self._verify is not None:
+            self._verify.apply(new.verify)
         self.reload_status = Reload(time.time(), True)
         self.log.event("reloaded", jobs=[j.name for j in new.jobs])
 
@@ -544,6 +551,7 @@ class Daemon:
             # Before the cache is open (not ready) the config's jobs are listed, none run yet.
             "jobs": [st.to_json() for st in (self.jobs.values() if self.ready else map(JobState, self.cfg.jobs))],
             "gc": self._gc.to_json() if self._gc is not None else None,
+            "verify": self._verify.to_json() if self._verify is not None else None,
         }
 
 

@@ -312,6 +312,40 @@ def test_the_daemon_collects_garbage_on_its_schedule_beside_other_processes(regi
         d.stop()
 
 
+@pytest.mark.slow
+def test_the_daemon_verifies_the_cache_on_its_schedule(seeded: Seeded, tmp_path: Path) -> None:
+    import asyncio
+    import json
+
+    from tests.test_mirror_daemon import DaemonProc, job, metric_samples
+    from tests.test_verify import blob, flip, pull
+
+    layout = asyncio.run(pull(tmp_path / "cache", [seeded.ref("t/schema2:1")]))
+    doc = json.loads(blob(layout.root, seeded.digests["t/schema2:1"]).read_bytes())
+    bad = Digest.parse(doc["layers"][0]["digest"])
+    flip(layout.blobs.path(bad), 5000)  # a stored layer whose bytes went wrong
+    port, cfg = free_port(), tmp_path / "mirror.toml"
+    cfg.write_text(
+        f'[cache]\npath = "{layout.root}"\n[daemon]\nlisten = "127.0.0.1:{port}"\n'
+        "[verify]\ninterval = 1\n" + job("j", seeded.registry.host, ["none/here"], '"1h"')
+    )
+    d = DaemonProc(cfg, port, tmp_path)
+    try:
+        st = d.wait_for(lambda s: s["verify"] is not None and s["verify"]["runs"] >= 1)
+        last = st["verify"]["last"]
+        assert st["verify"]["schedule"] == "every 1s", st["verify"]
+        # The first run finds the blob corrupt and quarantines it; each run finds the reference broken.
+        assert last["outcome"] == "problems" and last["problems"] >= 1 and last["refs"] == 1, last
+        assert st["gc"]["schedule"] is None  # the other schedule stays off
+        m = metric_samples(d.get("/metrics").decode())
+        assert m[("mirror_verify_runs_total", (("outcome", "problems"),))] >= 1
+        assert m[("mirror_verify_problems", ())] >= 1
+        assert any(e["event"] == "verify_finished" and e["corrupt"] == 1 for e in d.events())
+        assert not layout.blobs.has(bad)  # quarantined, as `mirror verify` does
+    finally:
+        d.stop()
+
+
 def test_each_daemon_job_holds_a_lease_of_its_own_that_ends_with_it(tmp_path: Path) -> None:
     from mirror.store import leases
 

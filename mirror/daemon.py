@@ -38,7 +38,7 @@ from mirror.engine.publish import PUSHED
 from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
 from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
-from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_time
+from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_seconds
 from mirror.store import leases
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
@@ -47,13 +47,6 @@ from mirror.transport import Transport
 
 if TYPE_CHECKING:  # the registry side is imported only when the daemon serves the cache
     from mirror.server import ConnectionGuard
-
-
-def _iso(ts: float | datetime | None) -> str | None:
-    """Return a time as the log lines write it (ISO 8601, UTC, `Z`), to the second; None stays None."""
-    if ts is None:
-        return None
-    return iso_time(ts.timestamp() if isinstance(ts, datetime) else ts, "seconds")
 
 
 @dataclass(slots=True)
@@ -91,17 +84,17 @@ class JobState:
         return {
             "name": self.config.name,
             "schedule": str(self.config.schedule) if self.config.schedule else None,
-            "next_run": _iso(self.next_run),
+            "next_run": iso_seconds(self.next_run),
             "running": self.busy,
             "runs": self.runs,
             "skipped": self.skipped,
-            "last_success": _iso(self.last_success),
+            "last_success": iso_seconds(self.last_success),
             "last": None
             if last is None
             else {
                 "outcome": last.outcome,
-                "started": _iso(last.started),
-                "finished": _iso(last.finished),
+                "started": iso_seconds(last.started),
+                "finished": iso_seconds(last.finished),
                 "seconds": round(last.finished - last.started, 3),
                 "counts": last.counts,
                 "error": last.error or None,
@@ -454,7 +447,9 @@ class Daemon:
             if st.busy:
                 st.skipped += 1
                 self.metrics.job_skipped.labels(st.config.name).inc()
-                self.log.event("job_skipped", WARNING, job=st.config.name, slot=_iso(slot), reason="still running")
+                self.log.event(
+                    "job_skipped", WARNING, job=st.config.name, slot=iso_seconds(slot), reason="still running"
+                )
             else:
                 task = asyncio.create_task(self._run(st), name=f"job {st.config.name}")
                 st.running = task
@@ -535,14 +530,14 @@ class Daemon:
         return {
             "config": str(self.path),
             "cache": str(self.cfg.cache),
-            "started": _iso(self.started),
+            "started": iso_seconds(self.started),
             "stopping": self.stopping.is_set(),
             "ready": self.ready,
             "listen": self.listen,
             "last_reload": None
             if self.reload_status is None
             else {
-                "time": _iso(self.reload_status.time),
+                "time": iso_seconds(self.reload_status.time),
                 "ok": self.reload_status.ok,
                 "error": self.reload_status.error or None,
             },

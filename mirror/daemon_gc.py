@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mirror.config import GcConfig, VerifyConfig
 from mirror.errors import CacheBusyError, MirrorError
-from mirror.progress import ERROR, INFO, WARNING, JsonLog
+from mirror.progress import ERROR, INFO, WARNING, JsonLog, iso_seconds
 from mirror.schedule import Schedule
 from mirror.store.gc import collect
 from mirror.store.layout import Layout
@@ -40,13 +40,6 @@ class Run:
     finished: float
     counts: tuple[tuple[str, int], ...] = ()
     error: str = ""
-
-
-def _iso(ts: float | datetime | None) -> str | None:
-    if ts is None:
-        return None
-    when = ts if isinstance(ts, datetime) else datetime.fromtimestamp(ts, UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 C = TypeVar("C", GcConfig, VerifyConfig)
@@ -127,14 +120,14 @@ class Scheduled(Generic[C]):
         last = self.last
         return {
             "schedule": str(schedule) if schedule is not None else None,
-            "next_run": _iso(self.next_run),
+            "next_run": iso_seconds(self.next_run),
             "runs": self.runs,
             "last": None
             if last is None
             else {
                 "outcome": last.outcome,
-                "started": _iso(last.started),
-                "finished": _iso(last.finished),
+                "started": iso_seconds(last.started),
+                "finished": iso_seconds(last.finished),
                 **dict(last.counts),
                 "error": last.error or None,
             },

@@ -62,6 +62,13 @@ def iso_time(ts: float | None = None, timespec: str = "milliseconds") -> str:
     return when.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
+def iso_seconds(ts: float | datetime | None) -> str | None:
+    """Return a time as /status writes it (ISO 8601, UTC, `Z`), to the second; None stays None."""
+    if ts is None:
+        return None
+    return iso_time(ts.timestamp() if isinstance(ts, datetime) else ts, "seconds")
+
+
 class JsonLog:
     """Writes one JSON object per line, `{"time": ISO 8601 UTC, "level": ..., "event": ..., ...}`.
 

@@ -32,10 +32,15 @@ def make_app(upstream: str, rate: float) -> web.Application:
                     resp.headers[k] = v
             await resp.prepare(req)
             slow = req.method == "GET" and "/blobs/" in req.path
-            while chunk := await up.content.read(CHUNK):
+            # Paced between chunks, never after the last one: a client that has every byte
+            # is done, and a proxy still sleeping would count it in flight (countproxy).
+            chunk = await up.content.read(CHUNK)
+            while chunk:
                 await resp.write(chunk)
-                if slow:
+                after = await up.content.read(CHUNK)
+                if slow and after:
                     await asyncio.sleep(len(chunk) / rate)
+                chunk = after
             await resp.write_eof()
             return resp
 

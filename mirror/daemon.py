@@ -46,6 +46,7 @@ from mirror.store.state import StateDB
 from mirror.transport import Transport
 
 if TYPE_CHECKING:  # the registry side is imported only when the daemon serves the cache
+    from mirror.pullthrough import PullThrough, Upstream
     from mirror.server import ConnectionGuard
 
 
@@ -184,6 +185,7 @@ class Daemon:
         grace: float | None = None,
         app_hooks: Sequence[Callable[[web.Application], None]] = (),
         serve: bool = False,
+        upstream: str | None = None,
     ) -> None:
         self.path = path
         # Each hook may add routes or sub-apps to the HTTP app (e.g. serving the cache on this port).
@@ -191,7 +193,12 @@ class Daemon:
         self.cfg = cfg
         self.log = log
         self.listen = listen or cfg.daemon.listen
-        self.serve = serve or cfg.daemon.serve
+        self.upstream = upstream  # `--upstream HOST`: pull through from it (for every name), whatever the config says
+        self.serve = serve or cfg.daemon.serve or upstream is not None
+        # Serving, the cache's server pulls through from the upstreams (none: it serves the cache alone).
+        self._pull: PullThrough | None = None
+        self._pull_rt: Runtime | None = None  # the runtime pull-through fetches with
+        self._switching: set[asyncio.Task[None]] = set()  # pull-through moving to a reload's runtime
         self.grace = cfg.daemon.grace if grace is None else grace
         self._grace_from_config = grace is None
         self.jobs: dict[str, JobState] = {}
@@ -226,12 +233,15 @@ class Daemon:
         the cache and its state are open.
         """
         self._layout = Layout.open(self.cfg.cache)
+        upstreams = self.upstreams_of(self.cfg)
+        # Made before the app: pull-through shares it (one per-host limiter, one token cache).
+        self._new_runtime(self.cfg)
         app = make_app(self)
         if self.serve:
             # Issue 7: the offline side pulls from the same port /metrics answers on.
             from mirror.server import install
 
-            install(app, self._layout)
+            install(app, self._layout, pull=self._pull_through())
         for hook in self.app_hooks:
             hook(app)
         self._runner = web.AppRunner(app, access_log=None)
@@ -240,7 +250,7 @@ class Daemon:
             self._site = await self._bind(self.listen)
             async with CacheLock(self.cfg.cache, exclusive=False, wait=wait):
                 self._state = await StateDB.open(self.cfg.cache)
-                self._new_runtime(self.cfg)
+                self._configure_pull(self.cfg, upstreams)  # not before: it writes to the cache
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop, sig.name)
@@ -260,15 +270,75 @@ class Daemon:
                         loop.remove_signal_handler(sig)
                     if self._closing:
                         await asyncio.wait(self._closing)
-                    for rt in self.runtimes:
-                        await rt.transport.close()
                     await self._state.close()
         finally:
             if self._rebinding is not None:
                 self._rebinding.cancel()
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # stops pull-through's downloads (before their transport closes)
+            for rt in self.runtimes:
+                await rt.transport.close()
         self.log.event("stopped")
         return ExitStatus.OK
+
+    # --- pull-through ------------------------------------------------------------------------
+
+    def upstreams_of(self, cfg: Config) -> list[Upstream]:
+        """Return what the cache's server pulls through from: `--upstream`, else `[[upstreams]]`; raise UsageError."""
+        from mirror.pullthrough import upstreams_from
+
+        wanted = [(self.upstream, "")] if self.upstream else [(u.host, u.prefix) for u in cfg.upstreams]
+        return upstreams_from(wanted, {r.host: r.api for r in cfg.registries})
+
+    def _pull_through(self) -> PullThrough:
+        """Return the served cache's pull-through, on the current runtime; it routes no name until configured."""
+        from mirror.pullthrough import PullThrough
+        from mirror.server import pull_through_collector
+        from mirror.sources.registry_v1 import RegistryV1Source
+        from mirror.sources.registry_v2 import RegistryV2Source
+
+        assert self._layout is not None
+        rt = self.runtimes[-1]
+        rt.users += 1  # pull-through's, until it moves to a newer runtime
+        self._pull_rt = rt
+        v2, v1 = RegistryV2Source(rt.transport), RegistryV1Source(rt.transport)
+        self._pull = PullThrough(self._layout, rt.engine, v2, [], v1=v1)
+        self.metrics.registry.register(pull_through_collector(self._pull.stats))
+        return self._pull
+
+    def _configure_pull(self, cfg: Config, upstreams: list[Upstream]) -> None:
+        """Pull through from `upstreams` with `[serve]`'s TTL and size cap (not serving: log that they are ignored)."""
+        if self._pull is None:
+            if upstreams:
+                note = "[[upstreams]] ignored: the daemon does not serve the cache (--serve or [daemon] serve = true)"
+                self.log.event("upstreams_ignored", WARNING, note=note)
+            return
+        self._pull.configure(upstreams, ttl=cfg.serve.tag_ttl, max_size=cfg.serve.max_size)
+        if upstreams:
+            self.log.event("pull_through", upstreams=[f"{u.prefix or '*'} -> {u.host} ({u.api})" for u in upstreams])
+
+    async def _move_pull(self, old: Runtime, new: Runtime) -> None:
+        """Move pull-through to a reload's runtime; the old one is released once no fetch of it is left."""
+        from mirror.sources.registry_v1 import RegistryV1Source
+        from mirror.sources.registry_v2 import RegistryV2Source
+
+        assert self._pull is not None
+        try:
+            await self._pull.use(new.engine, RegistryV2Source(new.transport), RegistryV1Source(new.transport))
+        finally:
+            old.users -= 1
+            self._retire_unused()
+
+    def _follow_runtime(self) -> None:
+        """Start moving pull-through to the newest runtime (after a reload built one)."""
+        new = self.runtimes[-1]
+        old = self._pull_rt
+        if self._pull is None or old is None or old is new:
+            return
+        new.users += 1
+        self._pull_rt = new
+        task = asyncio.get_running_loop().create_task(self._move_pull(old, new), name="pull-through runtime")
+        self._switching.add(task)
+        task.add_done_callback(self._switching.discard)
 
     async def _bind(self, listen: str) -> web.BaseSite:
         """Start answering HTTP on `listen` (HOST:PORT); raise UsageError when it cannot be bound.
@@ -340,6 +410,10 @@ class Daemon:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._pull is not None:
+            await self._pull.close()  # its downloads stop, no new one starts; the server answers 502 for misses
+            if self._switching:
+                await asyncio.wait(self._switching)
         for rt in self.runtimes:
             # Downloads run as tasks of their own (single flight): stop those the runs left behind.
             await rt.engine.abort()
@@ -382,6 +456,7 @@ class Daemon:
             scheduled = [j for j in new.jobs if j.schedule is not None]
             if not scheduled:
                 raise UsageError(f"{self.path}: no job has a schedule")
+            upstreams = self.upstreams_of(new)
         except MirrorError as exc:
             self.reload_status = Reload(time.time(), False, str(exc))
             self.log.event("reload_rejected", ERROR, error=str(exc))
@@ -389,7 +464,9 @@ class Daemon:
         if _engine_settings(new) != _engine_settings(self.runtimes[-1].cfg):
             # Runs in progress keep their engine; new runs use one built from the new settings.
             self._new_runtime(new)
+            self._follow_runtime()
             self._retire_unused()
+        self._configure_pull(new, upstreams)
         if not self._listen_from_config:
             if new.daemon.listen != self.cfg.daemon.listen:
                 note = f"[daemon] listen {new.daemon.listen} ignored: --listen {self.listen} was given"
@@ -619,12 +696,23 @@ def json_logging(log: JsonLog) -> Iterator[None]:
 
 
 async def run_daemon(
-    path: Path, *, listen: str | None, grace: float | None, wait: float, log: JsonLog, serve: bool = False
+    path: Path,
+    *,
+    listen: str | None,
+    grace: float | None,
+    wait: float,
+    log: JsonLog,
+    serve: bool = False,
+    upstream: str | None = None,
 ) -> int:
-    """Load the config at `path` and run the daemon until stopped; return the exit code."""
+    """Load the config at `path` and run the daemon until stopped; return the exit code.
+
+    `upstream` (`--upstream HOST`) makes the daemon serve the cache pulling through from HOST.
+    """
     cfg = config.load(path)
     if not any(j.schedule is not None for j in cfg.jobs):
         raise UsageError(f'{path}: no job has a schedule (add schedule = {{interval = "6h"}} to a [[jobs]] table)')
-    daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace, serve=serve)
+    daemon = Daemon(path, cfg, log=log, listen=listen, grace=grace, serve=serve, upstream=upstream)
+    daemon.upstreams_of(cfg)  # a bad upstream is a usage error before anything starts
     with json_logging(log):  # every line on stderr is JSON, the library's warnings too
         return await daemon.run(wait=wait)

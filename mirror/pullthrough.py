@@ -19,13 +19,14 @@ the cache. With a size cap, least recently served references are evicted (see `_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,7 @@ from mirror.manifest import Descriptor, IndexManifest, Manifest, descriptor_of, 
 from mirror.reference import DOCKER_HUB, Reference
 from mirror.sources.registry_v1 import RegistryV1Source, v1_repository
 from mirror.sources.registry_v2 import RegistryV2Source
+from mirror.store import leases
 from mirror.store.blobs import BlobWriter
 from mirror.store.layout import Layout
 
@@ -93,6 +95,23 @@ def parse_upstream(text: str) -> Upstream:
     if not host or "/" in host:
         raise UsageError(f"invalid --upstream {text!r}: expected a registry HOST[:PORT], e.g. registry-1.docker.io")
     return Upstream(host)
+
+
+def upstreams_from(wanted: Sequence[tuple[str, str]], apis: Mapping[str, str]) -> list[Upstream]:
+    """Return the upstreams of `(host, prefix)` pairs, each with its registry's API from `apis` (host -> api).
+
+    Raises UsageError for a bad host or two upstreams with one prefix.
+    """
+    out: list[Upstream] = []
+    for host, prefix in wanted:
+        up = parse_upstream(host)
+        api = apis.get(up.host) or apis.get(up.registry) or "auto"
+        out.append(Upstream(up.host, prefix, "v1" if api == "v1" else "v2"))
+    prefixes = [u.prefix for u in out]
+    for prefix in prefixes:
+        if prefixes.count(prefix) > 1:
+            raise UsageError(f"two [[upstreams]] have the prefix {prefix!r}: each prefix goes to one upstream")
+    return out
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
@@ -162,6 +181,16 @@ class BlobFetch:
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # The download's lease: gc keeps the blob from its first byte until the download is over
+    # and every client that joined it has opened the file (an open file outlives its unlink).
+    lease: leases.Lease | None = None
+    joining: int = 0  # clients that joined and have not opened the file yet
+
+    def release_lease(self) -> None:
+        """End the lease once the download is over and no client that joined still has to open the file."""
+        if self.lease is not None and self.done and not self.joining:
+            lease, self.lease = self.lease, None
+            leases.release(lease)
 
     def notify(self) -> None:
         """Wake every reader waiting for more bytes (or the end)."""
@@ -188,10 +217,22 @@ class BlobFetch:
         `path_after` is where the blob lives once committed (the partial file is renamed
         there; a reader that opened it before keeps reading the same file).
         """
-        await self.opened.wait()
-        if self.error is not None and self.partial is None:
-            raise self.error
         f: BinaryIO | None = None
+        self.joining += 1
+        try:
+            await self.opened.wait()
+            if self.error is not None and self.partial is None:
+                raise self.error
+            # Opened at once, under the download's lease: gc cannot take the file from this client.
+            try:
+                f = await asyncio.to_thread(_open_either, self.partial, path_after)
+            except FileNotFoundError:
+                if self.error is not None:  # the download failed and dropped its partial file
+                    raise self.error from None
+                raise
+        finally:
+            self.joining -= 1
+            self.release_lease()
         sent = 0
         try:
             while True:
@@ -200,8 +241,6 @@ class BlobFetch:
                 # download turns out bad is cut short, never handed every byte.
                 limit = self.landed if self.checked else self.landed - 1
                 if sent < limit:
-                    if f is None:
-                        f = await asyncio.to_thread(_open_either, self.partial, path_after)
                     data = await asyncio.to_thread(_read_at, f, sent, min(READ_BYTES, limit - sent))
                     if not data:
                         raise IntegrityError(f"blob {self.digest}: its file ended at {sent} bytes")
@@ -214,8 +253,18 @@ class BlobFetch:
                     raise self.error or IntegrityError(f"blob {self.digest}: the download ended unchecked")
                 await changed.wait()
         finally:
-            if f is not None:
-                f.close()
+            f.close()
+
+
+@dataclass(slots=True)
+class _Clients:
+    """One runtime's engine and upstream sources, and how many fetches use them now."""
+
+    engine: Engine
+    source: RegistryV2Source
+    v1: RegistryV1Source | None
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever no fetch uses them
 
 
 def _reach_of(layout: Layout, roots: Sequence[Descriptor], stored: Mapping[Digest, int]) -> list[frozenset[Digest]]:
@@ -259,16 +308,15 @@ class PullThrough:
         negative_ttl: float = NEGATIVE_TTL,
     ) -> None:
         self.layout = layout
-        self.engine = engine
-        self.source = source
-        self.v1 = v1  # a RegistryV1Source for `api = "v1"` upstreams
-        # Longest prefix first, so `docker.io/library/` wins over `docker.io/`.
-        self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
+        self._clients = _Clients(engine, source, v1)  # v1: a RegistryV1Source for `api = "v1"` upstreams
+        self.upstreams: list[Upstream] = []
         self.ttl = ttl
+        self.max_size = max_size
+        self.configure(upstreams, ttl=ttl, max_size=max_size)
         self.stats = PullStats()
         self._checked: dict[str, float] = {}  # tag ref -> monotonic time it was fetched or revalidated
         self._fetches: dict[Digest, BlobFetch] = {}
-        self.max_size = max_size
+        self._closed = False
         self._served: dict[str, float] = {}  # index.json ref name -> monotonic time a client last asked for it
         self._evicting: asyncio.Task[None] | None = None
         self.in_use = in_use
@@ -280,6 +328,50 @@ class PullThrough:
         self._fetching = 0  # manifest fetches between storing their blobs and naming them
         self._not_sweeping = asyncio.Event()  # cleared while eviction collects: manifest fetches wait
         self._not_sweeping.set()
+
+    @property
+    def engine(self) -> Engine:
+        """Return the engine new fetches use (its per-host limits, retries and single flight)."""
+        return self._clients.engine
+
+    @property
+    def source(self) -> RegistryV2Source:
+        """Return the v2 source new fetches use."""
+        return self._clients.source
+
+    @property
+    def v1(self) -> RegistryV1Source | None:
+        """Return the v1 source new fetches of `api = "v1"` upstreams use."""
+        return self._clients.v1
+
+    def configure(self, upstreams: Sequence[Upstream], *, ttl: float | None, max_size: int | None) -> None:
+        """Route names to `upstreams` (none: serve the cache alone) with this tag TTL and size cap from now on."""
+        # Longest prefix first, so `docker.io/library/` wins over `docker.io/`.
+        self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
+        self.ttl = ttl
+        self.max_size = max_size
+
+    async def use(self, engine: Engine, source: RegistryV2Source, v1: RegistryV1Source | None) -> None:
+        """Fetch with `engine` and these sources from now on; return once no fetch uses the previous ones.
+
+        The daemon calls it when a reload builds a new runtime: the old one is closed after.
+        """
+        old, self._clients = self._clients, _Clients(engine, source, v1)
+        if old.users:
+            await old.idle.wait()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[_Clients]:
+        """Count a fetch as a user of the current engine and sources (a switch to new ones waits for it)."""
+        clients = self._clients
+        clients.users += 1
+        clients.idle.clear()
+        try:
+            yield clients
+        finally:
+            clients.users -= 1
+            if not clients.users:
+                clients.idle.set()
 
     def route(self, name: str) -> tuple[Upstream, Reference] | None:
         """Return the upstream and the repository (a Reference without tag) a requested name maps to, if any."""
@@ -353,8 +445,9 @@ class PullThrough:
             if up.api == "v1":
                 now: Digest | None = None  # a v1 tag names an image id, not a manifest: fetch to compare
             else:
-                async with self.engine.host_slot(ref.api_host):
-                    now = await self.source.head_manifest(ref)
+                with self._using() as c:
+                    async with c.engine.host_slot(ref.api_host):
+                        now = await c.source.head_manifest(ref)
             if now is None or now != cached:
                 await self._fetch(up, ref)
             self._checked[str(ref)] = time.monotonic()
@@ -367,6 +460,8 @@ class PullThrough:
 
     async def _once_fetch(self, up: Upstream, ref: Reference) -> None:
         key = str(ref)
+        if self._closed:
+            raise TransportError(f"{ref}: not fetched, the server is shutting down")
         unknown = self._unknown.get(key)
         if unknown is not None and unknown[0] > time.monotonic():
             raise unknown[1]  # the upstream said so a moment ago: not asked again until NEGATIVE_TTL passes
@@ -387,25 +482,29 @@ class PullThrough:
         """Fetch `ref`'s manifest (an index with its children), store it and name it in `index.json`."""
         await self._not_sweeping.wait()
         self._fetching += 1
+        # Leased until index.json names what it stored: gc (the daemon's schedule, `mirror gc`) keeps it.
+        lease = leases.acquire(self.layout.root)
         try:
-            if up.api == "v1":
-                await self._fetch_v1(ref)
-            else:
-                await self._fetch_v2(ref)
+            with self._using() as c:
+                if up.api == "v1":
+                    await self._fetch_v1(c, ref)
+                else:
+                    await self._fetch_v2(c, ref)
         finally:
+            leases.release(lease)
             self._fetching -= 1
         self.evict_soon()
 
-    async def _fetch_v2(self, ref: Reference) -> None:
-        async with self.engine.host_slot(ref.api_host):
-            top = await self.source.fetch_manifest(ref)
+    async def _fetch_v2(self, c: _Clients, ref: Reference) -> None:
+        async with c.engine.host_slot(ref.api_host):
+            top = await c.source.fetch_manifest(ref)
         children: dict[Digest, Manifest] = {}
         if isinstance(top, IndexManifest):
             kids = top.manifests[:MAX_CHILDREN]
 
             async def child(desc: Descriptor) -> Manifest:
-                async with self.engine.host_slot(ref.api_host):
-                    return await self.source.fetch_manifest(ref.with_digest(desc.digest))
+                async with c.engine.host_slot(ref.api_host):
+                    return await c.source.fetch_manifest(ref.with_digest(desc.digest))
 
             for desc, kid in zip(kids, await asyncio.gather(*(child(d) for d in kids)), strict=True):
                 if not isinstance(kid, IndexManifest):  # a nested index is not served
@@ -427,17 +526,17 @@ class PullThrough:
         if ref.digest is None:
             self._checked[str(ref)] = time.monotonic()
 
-    async def _fetch_v1(self, ref: Reference) -> None:
+    async def _fetch_v1(self, c: _Clients, ref: Reference) -> None:
         """Pull a v1 image (tags, ancestry, json, layers), converted as `mirror pull --api v1` does."""
         from mirror.engine.v1 import pull_v1
 
         if ref.digest is not None:
             raise NotFoundError(f"{ref}: a v1 registry names images by tag only", status=404)
-        if self.v1 is None:
+        if c.v1 is None:
             raise UsageError("no v1 source configured")
-        async with self.engine.host_slot(self.v1.host(ref)):
-            top = await self.v1.tag_id(ref)  # a missing tag is NotFoundError here: 404 to the client
-        result = await pull_v1(self.engine, self.v1, ref, top)
+        async with c.engine.host_slot(c.v1.host(ref)):
+            top = await c.v1.tag_id(ref)  # a missing tag is NotFoundError here: 404 to the client
+        result = await pull_v1(c.engine, c.v1, ref, top)
         if result.status != "ok":
             raise TransportError(result.error)
         self._checked[str(ref)] = time.monotonic()
@@ -447,8 +546,9 @@ class PullThrough:
         if up.api != "v2":
             raise NotFoundError(f"{base.name}: tags of a v1 upstream are not listed", status=404)
         try:
-            async with self.engine.host_slot(base.api_host):
-                found = await self.source.tags(base)
+            with self._using() as c:
+                async with c.engine.host_slot(base.api_host):
+                    found = await c.source.tags(base)
         except (ValueError, AttributeError, TypeError):  # not JSON, or not {"tags": [...]}
             raise TransportError(f"{base.name}: the upstream's tag list is unreadable") from None
         return [t for t in found if isinstance(t, str) and _TAG.fullmatch(t)]
@@ -461,6 +561,9 @@ class PullThrough:
         if fetch is not None and not fetch.done:
             return fetch
         fetch = BlobFetch(digest, size, total=size)
+        if self._closed:
+            fetch.finish(TransportError(f"blob {digest}: not fetched, the server is shutting down"))
+            return fetch
         self._fetches[digest] = fetch
         self.stats.blob_fetches += 1
         fetch.task = asyncio.create_task(self._download(fetch, base.with_digest(digest)), name=f"pull-through {digest}")
@@ -474,13 +577,21 @@ class PullThrough:
     async def _download(self, fetch: BlobFetch, ref: Reference) -> None:
         """Download into the store, resuming with Range after a break; readers follow `fetch`."""
         desc = Descriptor("application/octet-stream", fetch.digest, fetch.size)
+        fetch.lease = leases.acquire(self.layout.root)
+        try:
+            with self._using() as c:
+                await self._download_with(c, fetch, ref, desc)
+        finally:
+            fetch.release_lease()
+
+    async def _download_with(self, c: _Clients, fetch: BlobFetch, ref: Reference, desc: Descriptor) -> None:
         writer: BlobWriter | None = None
         attempt = 0
         try:
             while True:
                 try:
                     offset = writer.offset if writer else 0
-                    async with self.engine.slot(ref.api_host), self.source.open_blob(ref, desc, offset) as body:
+                    async with c.engine.slot(ref.api_host), c.source.open_blob(ref, desc, offset) as body:
                         if writer is None:
                             if fetch.total < 0 and body.offset == 0:
                                 fetch.total = body.total
@@ -523,9 +634,9 @@ class PullThrough:
                     return
                 except StreamError as exc:
                     attempt += 1
-                    if attempt >= self.engine.retry.attempts:
+                    if attempt >= c.engine.retry.attempts:
                         raise
-                    delay = backoff_delay(self.engine.retry, attempt - 1, random.random())
+                    delay = backoff_delay(c.engine.retry, attempt - 1, random.random())
                     log.info("%s: %s; resuming in %.2f s", fetch.digest, exc, delay)
                     await asyncio.sleep(delay)
         except MirrorError as exc:
@@ -604,7 +715,8 @@ class PullThrough:
             log.warning("cache over its %d byte cap, but eviction failed: %s", cap, exc)
 
     async def close(self) -> None:
-        """Stop every download still running (the server is shutting down)."""
+        """Stop every download still running and start no new one (the server is shutting down)."""
+        self._closed = True
         if self._evicting is not None:
             await asyncio.gather(self._evicting, return_exceptions=True)
         for check in list(self._background):

@@ -972,9 +972,8 @@ _PULL_METRICS = (
 )
 
 
-def pull_through_metrics(stats: Any) -> Handler:
-    """Return the `/metrics` handler of `mirror serve --upstream`: its PullStats as Prometheus counters."""
-    from prometheus_client import CollectorRegistry, generate_latest
+def pull_through_collector(stats: Any) -> Any:
+    """Return a Prometheus collector of pull-through's PullStats as counters (the daemon adds it to its registry)."""
     from prometheus_client.core import CounterMetricFamily, Metric
     from prometheus_client.registry import Collector
 
@@ -983,8 +982,15 @@ def pull_through_metrics(stats: Any) -> Handler:
             for name, doc, attr in _PULL_METRICS:
                 yield CounterMetricFamily(name, doc, value=getattr(stats, attr))
 
+    return _Stats()
+
+
+def pull_through_metrics(stats: Any) -> Handler:
+    """Return the `/metrics` handler of `mirror serve --upstream`: its PullStats as Prometheus counters."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry()
-    registry.register(_Stats())
+    registry.register(pull_through_collector(stats))
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         return web.Response(body=generate_latest(registry), headers={hdrs.CONTENT_TYPE: "text/plain; version=0.0.4"})

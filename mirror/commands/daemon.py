@@ -22,6 +22,11 @@ def register(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="log only failures and life-cycle events")
     p.add_argument("--serve", action="store_true", help="also serve the cache read-only under /v2/ on --listen")
     p.add_argument(
+        "--upstream",
+        metavar="HOST",
+        help="serve the cache (as --serve) and pull what it lacks through from this registry, for every name",
+    )
+    p.add_argument(
         "--queue", metavar="URL", help="enqueue scheduled runs for `mirror worker`s (Redis); one replica leads"
     )
     p.set_defaults(run=run)
@@ -45,5 +50,11 @@ async def run(args: argparse.Namespace) -> int:
 
         return await run_fleet_daemon(load_config(args), args.queue, log)
     return await run_daemon(
-        args.config, listen=args.listen, grace=args.grace, wait=args.wait, log=log, serve=args.serve
+        args.config,
+        listen=args.listen,
+        grace=args.grace,
+        wait=args.wait,
+        log=log,
+        serve=args.serve,
+        upstream=args.upstream,
     )

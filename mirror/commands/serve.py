@@ -18,7 +18,7 @@ from mirror.commands.common import EXIT_OK, add_common, load_config
 from mirror.config import Config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
-from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_size, parse_upstream, ttl_seconds
+from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_size, ttl_seconds, upstreams_from
 from mirror.server import (
     DEFAULT_PLATFORM,
     IDLE_TIMEOUT,
@@ -125,18 +125,8 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 def _upstreams(args: argparse.Namespace, cfg: Config) -> list[Upstream]:
     """Return `--upstream HOST` (every name), else the config's `[[upstreams]]`, each with its registry's API."""
-    apis = {r.host: r.api for r in cfg.registries}
     wanted = [(args.upstream, "")] if args.upstream else [(u.host, u.prefix) for u in cfg.upstreams]
-    out: list[Upstream] = []
-    for host, prefix in wanted:
-        up = parse_upstream(host)
-        api = apis.get(up.host) or apis.get(up.registry) or "auto"
-        out.append(Upstream(up.host, prefix, "v1" if api == "v1" else "v2"))
-    prefixes = [u.prefix for u in out]
-    for prefix in prefixes:
-        if prefixes.count(prefix) > 1:
-            raise UsageError(f"two [[upstreams]] have the prefix {prefix!r}: each prefix goes to one upstream")
-    return out
+    return upstreams_from(wanted, {r.host: r.api for r in cfg.registries})
 
 
 def _pull_options(args: argparse.Namespace, cfg: Config) -> tuple[list[Upstream], float | None, int | None]:

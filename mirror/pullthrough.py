@@ -25,7 +25,7 @@ import logging
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ IN_USE = 60.0  # seconds after a client asked for a ref during which eviction le
 MAX_UNSIZED_BLOB = 1 << 36  # bytes taken of a blob whose size neither manifest nor upstream gave (schema1)
 MAX_CHILDREN = 64  # manifests of an index fetched with it at most
 READ_BYTES = 1 << 20  # bytes a client's tee reads from the partial file at a time
+WINDOW = 4 << 20  # bytes of a download's latest chunks kept in memory for clients that have caught up
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
@@ -168,12 +169,19 @@ class PullStats:
 
 @dataclass(slots=True)
 class BlobFetch:
-    """One upstream download of a blob into the store, read by clients as it lands."""
+    """One upstream download of a blob into the store, read by clients as it arrives.
+
+    A client that has caught up is handed each chunk from memory as it comes from the
+    upstream (no trip through the file and a worker thread: on a loaded machine every
+    hand-over between threads costs a scheduling delay); one that lags more than WINDOW
+    bytes reads what has landed in the partial file.
+    """
 
     digest: Digest
     size: int  # from the manifest; -1 when unknown
     partial: Path | None = None  # the store's partial file, once created
     landed: int = 0  # bytes in the partial file that readers may take
+    received: int = 0  # bytes taken from the upstream: landed, or still in `_window`
     total: int = -1  # the blob's size, known once the upstream answered (or from the manifest)
     checked: bool = False  # every byte is in the file and the digest checked: readers take the last one
     done: bool = False
@@ -185,6 +193,31 @@ class BlobFetch:
     # and every client that joined it has opened the file (an open file outlives its unlink).
     lease: leases.Lease | None = None
     joining: int = 0  # clients that joined and have not opened the file yet
+    # The latest chunks, (offset, bytes), newest last: every byte not yet landed, and up to WINDOW more.
+    _window: deque[tuple[int, bytes]] = field(default_factory=deque)
+    _window_bytes: int = 0
+
+    def took(self, offset: int, chunk: bytes, landed: int) -> None:
+        """Keep `chunk` (at `offset`) for the clients, note what has landed, and wake them."""
+        self._window.append((offset, chunk))
+        self._window_bytes += len(chunk)
+        self.received = offset + len(chunk)
+        self.landed = max(self.landed, landed)
+        window = self._window
+        while window and self._window_bytes > WINDOW and window[0][0] + len(window[0][1]) <= self.landed:
+            self._window_bytes -= len(window.popleft()[1])
+        self.notify()
+
+    def _from_memory(self, sent: int, limit: int) -> bytes | None:
+        """Return the bytes from `sent` (before `limit`) of the chunk in memory holding them; None when not kept."""
+        for offset, chunk in reversed(self._window):  # a client that has caught up wants the newest
+            if offset <= sent:
+                if sent >= offset + len(chunk):
+                    return None  # a gap: a resumed download's chunks start where the file ends
+                if sent == offset and offset + len(chunk) <= limit:
+                    return chunk  # the whole chunk: no copy
+                return chunk[sent - offset : limit - offset]
+        return None
 
     def release_lease(self) -> None:
         """End the lease once the download is over and no client that joined still has to open the file."""
@@ -202,17 +235,20 @@ class BlobFetch:
         self.done = True
         self.error = error
         self.checked = self.checked or error is None
+        if self.checked:  # every byte is in the file: clients still behind read it from there
+            self._window.clear()
+            self._window_bytes = 0
         self.opened.set()
         self.notify()
 
     def verified(self, landed: int) -> None:
         """The digest checked and all `landed` bytes are in the file (the fsync may still run): release them."""
-        self.landed = landed
+        self.landed = self.received = landed
         self.checked = True
         self.notify()
 
     async def chunks(self, path_after: Path) -> AsyncGenerator[bytes, None]:
-        """Yield the blob's bytes as they land; raise the download's error (after all but the last byte, at most).
+        """Yield the blob's bytes as they arrive; raise the download's error (after all but the last byte, at most).
 
         `path_after` is where the blob lives once committed (the partial file is renamed
         there; a reader that opened it before keeps reading the same file).
@@ -237,17 +273,26 @@ class BlobFetch:
         try:
             while True:
                 changed = self._changed
+                if self.error is not None:
+                    raise self.error  # cut short at once: the bytes sent so far were never checked
                 # Hold the last byte back until the digest is checked: a client whose
                 # download turns out bad is cut short, never handed every byte.
-                limit = self.landed if self.checked else self.landed - 1
+                limit = self.received
+                if not self.checked and not 0 <= limit < self.total:
+                    limit -= 1
                 if sent < limit:
-                    data = await asyncio.to_thread(_read_at, f, sent, min(READ_BYTES, limit - sent))
-                    if not data:
-                        raise IntegrityError(f"blob {self.digest}: its file ended at {sent} bytes")
-                    sent += len(data)
-                    yield data
-                    continue
-                if self.checked:
+                    data = self._from_memory(sent, limit)
+                    if data is None and sent < self.landed:
+                        # Behind the window: from the file (up to what has landed).
+                        n = min(READ_BYTES, min(limit, self.landed) - sent)
+                        data = await asyncio.to_thread(_read_at, f, sent, n)
+                        if not data:
+                            raise IntegrityError(f"blob {self.digest}: its file ended at {sent} bytes")
+                    if data is not None:
+                        sent += len(data)
+                        yield data
+                        continue
+                if self.checked and sent >= limit:
                     return  # every byte sent, and the digest checked
                 if self.done:
                     raise self.error or IntegrityError(f"blob {self.digest}: the download ended unchecked")
@@ -614,15 +659,14 @@ class PullThrough:
                                 chunk, skip = chunk[cut:], skip - cut
                                 if not chunk:
                                     continue
+                            at = writer.offset
                             await writer.write(chunk)
                             self.stats.bytes_upstream += len(chunk)
                             if fetch.total < 0 and writer.offset > MAX_UNSIZED_BLOB:
                                 raise IntegrityError(
                                     f"blob {fetch.digest}: no size given, and over {MAX_UNSIZED_BLOB} bytes"
                                 )
-                            if writer.landed > fetch.landed:
-                                fetch.landed = writer.landed
-                                fetch.notify()
+                            fetch.took(at, chunk, writer.landed)
                     if fetch.total >= 0 and writer.offset < fetch.total:
                         got = f"{writer.offset} of {fetch.total} bytes"
                         raise StreamError(f"blob {fetch.digest}: body ended after {got}")

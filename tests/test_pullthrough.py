@@ -354,6 +354,29 @@ async def test_a_client_that_disconnects_leaves_the_download_to_finish(
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == upstream.big_layer.split(":")[1]
 
 
+async def test_a_client_gets_each_chunk_as_it_arrives_before_it_is_written_to_the_cache(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path
+) -> None:
+    """The tee hands a client each upstream chunk from memory: not only what the store has flushed to its file."""
+    proxy = await FaultProxy(upstream.host).start()
+    try:
+        srv: InProcess = await serve_factory(tmp_path / "cache", proxy.host)  # type: ignore[operator]
+        await asyncio.to_thread(big_manifest, srv.base, upstream)
+        # 300 kB, then nothing: less than one of the store's write batches, so none of it is in the file.
+        proxy.add(Fault("stall", match=upstream.big_layer, after=300_000))
+        url = f"{srv.base}/v2/t/big/blobs/{upstream.big_layer}"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            assert resp.status == 200
+            first = await asyncio.wait_for(resp.content.readexactly(300_000), 60)
+            on_disk = sum(p.stat().st_size for p in (srv.cache / ".mirror" / "ingest").glob("*.partial"))
+            assert on_disk < len(first)
+            resp.close()
+        blob = upstream.registry.blob_path(upstream.big_layer).read_bytes()
+        assert first == blob[:300_000]
+    finally:
+        await proxy.stop()
+
+
 async def test_an_upstream_sending_a_corrupted_blob_fails_the_client_and_caches_nothing(
     upstream: Upstream_, serve_factory: object, tmp_path: Path
 ) -> None:

@@ -369,7 +369,8 @@ class PullThrough:
         self.negative_ttl = negative_ttl
         # Manifests the upstream does not have, by ref: (until when that answer stands, the error).
         self._unknown: OrderedDict[str, tuple[float, TransportError]] = OrderedDict()
-        self._background: set[asyncio.Future[None]] = set()  # revalidations a client stopped waiting for
+        # Revalidations a client stopped waiting for; each ends with the upstream's error, or None.
+        self._background: set[asyncio.Future[MirrorError | None]] = set()
         self._fetching = 0  # manifest fetches between storing their blobs and naming them
         self._not_sweeping = asyncio.Event()  # cleared while eviction collects: manifest fetches wait
         self._not_sweeping.set()
@@ -478,13 +479,19 @@ class PullThrough:
         try:
             # A slow or retrying upstream does not hold the client: past the wait the cached
             # tag is served and the check goes on (shared by the next requests).
-            await asyncio.wait_for(asyncio.shield(check), self.revalidate_wait)
+            failed = await asyncio.wait_for(asyncio.shield(check), self.revalidate_wait)
         except TimeoutError:
             self.stats.stale_served += 1
             log.warning("serving cached %s: upstream %s has not answered in %.0f s", ref, up.host, self.revalidate_wait)
+            return
+        if failed is not None:
+            self.stats.stale_served += 1  # one per client answered from the cache (the log line is per check)
 
-    async def _revalidate(self, up: Upstream, ref: Reference, cached: Digest) -> None:
-        """Ask the upstream (one HEAD) whether `ref` still names `cached`; fetch the new manifest when not."""
+    async def _revalidate(self, up: Upstream, ref: Reference, cached: Digest) -> MirrorError | None:
+        """Ask the upstream (one HEAD) whether `ref` still names `cached`; fetch the new manifest when not.
+
+        Return None, or the upstream's error when it could not answer (the cached tag is then served).
+        """
         self.stats.revalidations += 1
         try:
             if up.api == "v1":
@@ -498,10 +505,11 @@ class PullThrough:
             self._checked[str(ref)] = time.monotonic()
         except MirrorError as exc:
             # stale-if-error: the cached tag still answers; the next request past the TTL asks again.
-            self.stats.stale_served += 1
             self.stats.upstream_errors += 1
             self._checked[str(ref)] = time.monotonic()
             log.warning("serving cached %s (%s): upstream %s did not answer: %s", ref, cached, up.host, exc)
+            return exc
+        return None
 
     async def _once_fetch(self, up: Upstream, ref: Reference) -> None:
         key = str(ref)

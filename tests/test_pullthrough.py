@@ -28,7 +28,7 @@ from mirror.errors import UsageError
 from mirror.manifest import ACCEPT
 from mirror.pullthrough import PullThrough, Upstream, parse_upstream, ttl_seconds
 from mirror.reference import Reference
-from mirror.server import make_app
+from mirror.server import make_app, pull_through_metrics
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Transport
@@ -613,6 +613,38 @@ async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_clie
         # Answered from the cache while the revalidation still waits for its first retry.
         assert proxy.statuses(503) == 1
         assert srv.pull.stats.stale_served == 1
+    finally:
+        await proxy.stop()
+
+
+async def test_a_revalidation_that_fails_after_the_client_was_answered_counts_one_stale_serve(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await FaultProxy(upstream.host).start()
+    try:
+        srv: InProcess = await serve_factory(  # type: ignore[operator]
+            tmp_path / "cache", proxy.host, ttl=0.0, revalidate_wait=0.5
+        )
+        url = f"{srv.base}/v2/t/schema2/manifests/1"
+        status, first = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
+        assert status == 200
+        # Every HEAD attempt gets 503, each retry 2 s later: the client is answered from the cache first.
+        busy = Fault("status", match="/manifests/", method="HEAD", status=503, headers={"Retry-After": "2"})
+        proxy.add(busy, busy, busy)
+        status, again = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
+        assert status == 200 and again == first
+        deadline = time.monotonic() + 120
+        while srv.pull.stats.upstream_errors == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        # One client served stale, one check that failed: /metrics and the log say so once each.
+        stats = srv.pull.stats
+        assert (stats.revalidations, stats.upstream_errors, stats.stale_served) == (1, 1, 1)
+        resp = await pull_through_metrics(stats)(None)  # type: ignore[arg-type]
+        assert isinstance(resp, web.Response) and resp.body is not None
+        assert b"mirror_serve_stale_served_total 1.0" in resp.body  # type: ignore[operator]
+        said = [r.getMessage() for r in caplog.records if r.name == "mirror.pullthrough"]
+        assert len([m for m in said if "did not answer" in m]) == 1, said
     finally:
         await proxy.stop()
 

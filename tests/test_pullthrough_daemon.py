@@ -151,3 +151,22 @@ def test_upstream_flag_serves_pulls_through_follows_a_reload_and_a_bad_one_is_on
     assert bad.returncode == 2, bad.stderr
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--upstream" in lines[0] and "Traceback" not in bad.stderr, bad.stderr
+    fleet = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mirror",
+            "daemon",
+            "-c",
+            str(cfg),
+            "--queue",
+            "redis://127.0.0.1:1",
+            "--upstream",
+            up.host,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=mirror_env(),
+    )
+    assert fleet.returncode == 2 and fleet.stderr.count("\n") == 1 and "--queue" in fleet.stderr, fleet.stderr

@@ -40,6 +40,8 @@ async def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--listen {args.listen}: expected HOST:PORT, e.g. 127.0.0.1:9090")
     if args.grace is not None and args.grace < 0:
         raise UsageError("--grace must not be negative")
+    if args.queue and args.upstream:
+        raise UsageError("--upstream serves the cache with pull-through: it does not go with --queue")
     # Imported here: aiohttp.web and prometheus_client are only needed by the daemon.
     from mirror.daemon import run_daemon
 

@@ -159,12 +159,24 @@ class PullStats:
     blob_misses: int = 0
     blob_fetches: int = 0  # upstream blob downloads started (misses that joined one are not counted)
     bytes_upstream: int = 0
-    bytes_served: int = 0
+    bytes_served: int = 0  # sent to clients while downloading
+    bytes_cached: int = 0  # sent to clients from blobs the cache held
     revalidations: int = 0
     stale_served: int = 0
     upstream_errors: int = 0
     evicted_refs: int = 0
     evicted_bytes: int = 0
+
+
+def range_length(wanted: tuple[int | None, int | None] | None, size: int) -> int:
+    """Return how many bytes of a `size`-byte blob a GET sends for `wanted` (first, last; None: the whole blob)."""
+    if wanted is None:
+        return size
+    first, last = wanted
+    if first is None:  # bytes=-N: the last N
+        return min(last or 0, size)
+    end = size - 1 if last is None else min(last, size - 1)
+    return max(0, end - first + 1)
 
 
 @dataclass(slots=True)

@@ -780,6 +780,10 @@ async def _blob(request: web.Request) -> web.StreamResponse:
     if wanted == (None, 0):
         # A zero-length suffix is syntactically valid but unsatisfiable (RFC 9110, 14.1.2).
         return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
+    if routed is not None and request.method == "GET":
+        from mirror.pullthrough import range_length  # loaded already: pull-through is on
+
+        routed[0].stats.bytes_cached += range_length(wanted, size)
     resp = BlobResponse(path, digest, ignore_range=wanted is None)
     resp.headers["Docker-Content-Digest"] = str(digest)
     return resp
@@ -964,6 +968,7 @@ _PULL_METRICS = (
     ("mirror_serve_upstream_blob_fetches", "Blob downloads started from upstream.", "blob_fetches"),
     ("mirror_serve_upstream_bytes", "Bytes of blob received from upstream.", "bytes_upstream"),
     ("mirror_serve_streamed_bytes", "Bytes of blob sent to clients while downloading.", "bytes_served"),
+    ("mirror_serve_cached_bytes", "Bytes of blob sent to clients from the cache.", "bytes_cached"),
     ("mirror_serve_revalidations", "Cached tags revalidated upstream.", "revalidations"),
     ("mirror_serve_stale_served", "Cached tags served because the upstream did not answer.", "stale_served"),
     ("mirror_serve_upstream_errors", "Upstream requests that failed.", "upstream_errors"),

@@ -26,7 +26,7 @@ from mirror.auth import RetryPolicy
 from mirror.engine.copy import Engine
 from mirror.errors import UsageError
 from mirror.manifest import ACCEPT
-from mirror.pullthrough import PullThrough, Upstream, parse_upstream, ttl_seconds
+from mirror.pullthrough import PullThrough, Upstream, parse_upstream, range_length, ttl_seconds
 from mirror.reference import Reference
 from mirror.server import make_app, pull_through_metrics
 from mirror.sources.registry_v2 import RegistryV2Source
@@ -160,6 +160,18 @@ def no_partials(cache: Path) -> bool:
 
 
 # --- pure -------------------------------------------------------------------------------------
+
+
+def test_range_length_counts_what_a_cached_blob_get_sends() -> None:
+    assert [range_length(w, 10) for w in (None, (2, None), (None, 3), (None, 30), (2, 4), (2, 100), (12, None))] == [
+        10,
+        8,
+        3,
+        10,
+        3,
+        8,
+        0,
+    ]
 
 
 def test_docker_hub_names_map_to_library_and_prefixes_route_by_longest_match(tmp_path: Path) -> None:

@@ -106,6 +106,7 @@ def test_the_daemons_server_pulls_through_and_its_sync_and_gc_keep_both(up: Sync
         assert counter(d, "mirror_serve_upstream_blob_fetches_total") >= 1
         assert counter(d, "mirror_serve_upstream_bytes_total") >= len(up.layers["p1"].blob)
         assert counter(d, "mirror_serve_blob_hits_total") >= 1
+        assert counter(d, "mirror_serve_cached_bytes_total") >= len(up.layers["p1"].blob)  # the second pull
         assert counter(d, "mirror_blobs_fetched_total") >= 1  # the sync job's engine counters are there too
         events = d.events()
         assert any(e["event"] == "pull_through" for e in events), events

@@ -412,8 +412,9 @@ class Daemon:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._pull is not None:
             await self._pull.close()  # its downloads stop, no new one starts; the server answers 502 for misses
-            if self._switching:
-                await asyncio.wait(self._switching)
+            for task in list(self._switching):
+                task.cancel()  # a move waiting for an old runtime's fetches: every runtime is closed below
+            await asyncio.gather(*self._switching, return_exceptions=True)
         for rt in self.runtimes:
             # Downloads run as tasks of their own (single flight): stop those the runs left behind.
             await rt.engine.abort()

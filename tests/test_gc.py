@@ -118,8 +118,13 @@ class Cache:
             }
             if img.v1doc:
                 kept = self.blob(b"v1 json of image %d" % i)
-                reach.add(kept)
-                doc["annotations"] = {"dev.mirror.v1.json": str(kept)}
+                # An empty v1 image's json is named only in the chain's comma-separated list.
+                listed = [self.blob(b"v1 json of empty image %d.%d" % (i, k)) for k in range(2)]
+                reach.update([kept, *listed])
+                doc["annotations"] = {
+                    "dev.mirror.v1.json": str(kept),
+                    "dev.mirror.v1.images": ",".join(str(d) for d in [*listed, kept]),
+                }
         raw = json.dumps(doc, indent=3).encode()
         d = self.blob(raw) if write else Digest.of(raw)
         reach.add(d)

@@ -2,8 +2,8 @@
 
 Mark follows each named entry through wrapper indexes of the project's own to the source
 document they name, indexes to their (cached) children, image manifests to config and
-layers, `subject` links, and any annotation value that is the digest of a stored blob
-(kept v1 json documents and the like). A reachable manifest that is missing or does not
+layers, `subject` links, and any annotation value that is (or lists, comma-separated) the digest
+of a stored blob (kept v1 json documents and the like). A reachable manifest that is missing or does not
 parse makes the result "broken": what it references is unknown, so nothing is swept.
 Records of fetched v1 images (`.mirror/v1/`) are hints, not roots: their blobs go like
 any other unreached blob, and then the records naming them go too.
@@ -54,16 +54,21 @@ class Marked:
 
 
 def _annotated(annotations: Any, stored: Collection[Digest]) -> list[Digest]:
-    """Return every annotation value that parses as the digest of a stored blob."""
+    """Return every digest of a stored blob an annotation value names, alone or in a comma-separated list.
+
+    A list: the converted v1 image's `dev.mirror.v1.images` names the JSON document of every
+    v1 image in its chain, empty ones included (they have no layer to carry it).
+    """
     out: list[Digest] = []
     if isinstance(annotations, Mapping):
         for value in annotations.values():
-            try:
-                d = Digest.parse(str(value))
-            except DigestError:
-                continue
-            if d in stored:
-                out.append(d)
+            for part in str(value).split(","):
+                try:
+                    d = Digest.parse(part.strip())
+                except DigestError:
+                    continue
+                if d in stored:
+                    out.append(d)
     return out
 
 

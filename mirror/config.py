@@ -420,13 +420,13 @@ TABLES: tuple[Table, ...] = (
         Key("proxy", STRING, None, '"http://[USER[:PASS]@]HOST:PORT", or "none" (default: the environment decides).'),
         Key("proxy_password_env", STRING, None, "Environment variable holding the proxy's password."),
     ), array=True),
-    Table("serve", "`mirror serve` pulling through from [[upstreams]].", (
+    Table("serve", "Pulling through from [[upstreams]]: `mirror serve`, and `mirror daemon` when it serves.", (
         Key("tag_ttl", DURATION, 300, 'Seconds (or 5m, 1h) a cached tag is served before one HEAD upstream checks it; '
             '0: every time; "never": tags never change.', _tag_ttl),
         Key("max_size", SIZE, None, 'Cap of the cache (bytes, or "50GB", "20GiB"): past it the least recently '
             "served images are evicted (default: no cap).", _size),
     )),
-    Table("upstreams", "A registry `mirror serve` pulls through from; its [[registries]] table gives credentials, "
+    Table("upstreams", "A registry `mirror serve` (or the daemon's server) pulls through from; its [[registries]] table gives credentials, "
           "TLS, proxy and `api` (v2 or v1).", (
         Key("host", STRING, REQUIRED, "The upstream registry: HOST[:PORT]; registry-1.docker.io for Docker Hub."),
         Key("prefix", STRING, "", 'Repository names starting with this are fetched here, without it ("": every name; '

@@ -43,6 +43,7 @@ from mirror.auth import (
     token_url,
 )
 from mirror.credentials import Credential, CredentialStore, registry_key
+from mirror.defaults import DEFAULT_CERTS_DIRS, DEFAULT_RATE_LIMIT_FLOOR, DEFAULT_RETRY
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
@@ -59,10 +60,7 @@ ERROR_BODY_LIMIT = 64 * 1024
 TOKEN_BODY_LIMIT = 1 << 20
 # The size a blob's deadline assumes when neither the descriptor nor the answer gives one.
 UNKNOWN_BLOB_SIZE = 1 << 30
-DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 DEFAULT_PER_HOST = 16
-DEFAULT_RATE_LIMIT_FLOOR = 5
-DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True, slots=True)

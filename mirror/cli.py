@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from mirror import __version__
 from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
 from mirror.text import printable
+from mirror.tls import defer_aiohttp_contexts
 
 # Start-up: this module imports no command and neither uvloop nor asyncio, so `--version` and `--help`
 # answer at once; a run imports its own command's module alone, and uvloop once parsing is done.
@@ -141,6 +142,7 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
+    defer_aiohttp_contexts()  # before any command module: aiohttp skips loading CAs into contexts mirror never uses
     args = parse(list(sys.argv[1:] if argv is None else argv))
     log_requests(args.verbose)
     import uvloop  # after parsing: `--help` and a usage error need no event loop

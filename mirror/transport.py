@@ -50,6 +50,7 @@ from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
 from mirror.redact import safe_url
 from mirror.reference import is_loopback
+from mirror.tls import default_context
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Transport:
         self._tokens: dict[tuple[str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
-        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._ssl: dict[str, ssl.SSLContext] = {}
         self._tls_material: dict[str, bool] = {}
         self._pace: dict[str, float] = {}
         self._next_get: dict[str, float] = {}
@@ -295,10 +296,12 @@ class Transport:
         plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
         return f"{'http' if plain else 'https'}://{host}"
 
-    def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext | bool:
+    def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext:
         """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert.
 
         `client_cert=False`: the CAs alone, for a URL on `host` that another registry named.
+        A host with none of these shares the process's default context (mirror.tls), made on
+        first use: aiohttp's own, made at its import, is never relied on.
         """
         key = host if client_cert else f"{host} (no client certificate)"
         ctx = self._ssl.get(key)
@@ -313,8 +316,8 @@ class Transport:
         if not client_cert:
             pairs = []
         if not cas and not pairs:
-            self._ssl[key] = True
-            return True
+            self._ssl[key] = default_context()
+            return self._ssl[key]
         c = ssl.create_default_context()
         try:
             for ca in cas:
@@ -620,7 +623,9 @@ class Transport:
                 hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
             if mine and auth:
                 hdrs["Authorization"] = auth
-            tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
+            tls: ssl.SSLContext | bool = True  # plain HTTP: no context is needed (nor made)
+            if url[:6].lower() == "https:":
+                tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
             resp = await self._open(
                 method, url, hdrs, data=make(), ssl=tls, registry=same_origin(url, first), encoded=raw
             )

@@ -9,13 +9,10 @@ paths in a file are relative to the file's directory.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
-import logging
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +27,6 @@ from mirror.defaults import (
     RetryPolicy,
 )
 from mirror.errors import UsageError
-from mirror.tomlscan import KeyPath, key_lines
 
 # Start-up: reading a config imports nothing heavy (no aiohttp, engine, store or msgspec), since
 # `ls`, `gc` and `verify` read one too; what builds a run (Transport, Engine, sources) is imported
@@ -45,9 +41,8 @@ if TYPE_CHECKING:
     from mirror.schedule import Schedule
     from mirror.sources.base import ManifestSource
     from mirror.store.layout import Layout
+    from mirror.tomlscan import KeyPath
     from mirror.transport import HostConfig, Transport
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PER_HOST = 16
@@ -572,6 +567,8 @@ class _Doc:
         known = table.names(variant)
         for name in raw:
             if name not in known:
+                import difflib  # an unknown key only
+
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
                 other = next((k.only for k in table.keys if k.name == name and k.only), None)
@@ -687,6 +684,8 @@ def load(path: Path) -> Config:
     Relative paths in the file are relative to the file's directory. A file holding a
     password that others can read gets a warning (logged), not an error.
     """
+    import tomllib  # a config file only: its regexes cost start-up time
+
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -725,7 +724,9 @@ def _warn_if_readable(path: Path, doc: dict[str, Any]) -> None:
     except OSError:
         return
     if mode & 0o044 and _holds_password(doc):
-        log.warning(
+        import logging
+
+        logging.getLogger(__name__).warning(
             "mirror: warning: config %s holds a password and is readable by others (mode %04o); chmod 600 it",
             path,
             mode,
@@ -738,6 +739,8 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
     `text` is the file's text, to name the line of a bad key; `base` the directory
     relative paths are relative to (None: left relative, to the current directory).
     """
+    from mirror.tomlscan import key_lines
+
     d = _Doc(where, key_lines(text) if text is not None else {}, base)
     top = d.read(TOP, doc, ())
     engine, retry, auth, tls, cache = (

@@ -71,6 +71,17 @@ def test_version_and_help_import_no_command(tmp_path: Path, args: tuple[str, ...
     assert loaded(modules, heavy) == []
 
 
+def test_pull_help_loads_no_engine(tmp_path: Path) -> None:
+    """`mirror pull --help` (and a usage error of pull) imports the command's options, not what a pull runs on."""
+    from mirror.commands.pull import API_CHOICES
+    from mirror.sources.detect import API_CHOICES as DETECTED
+
+    assert API_CHOICES == DETECTED  # pull's --api choices, kept beside its options so that --help needs no transport
+    res, modules = imported(tmp_path, "pull", "--help")
+    assert res.returncode == 0 and "--api {auto,v2,v1}" in res.stdout, res.stderr[-2000:]
+    assert loaded(modules, ("uvloop", "asyncio", "msgspec", *NETWORK)) == []
+
+
 def test_a_usage_error_imports_no_other_command(tmp_path: Path) -> None:
     res, modules = imported(tmp_path, "ls", "--cache", str(tmp_path), "--nope")
     assert res.returncode == 2 and "unrecognized arguments: --nope" in res.stderr

@@ -232,7 +232,7 @@ class Transport:
         self._tokens: dict[tuple[str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
-        self._ssl: dict[str, ssl.SSLContext] = {}
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
         self._tls_material: dict[str, bool] = {}
         self._pace: dict[str, float] = {}
         self._next_get: dict[str, float] = {}
@@ -296,7 +296,7 @@ class Transport:
         plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
         return f"{'http' if plain else 'https'}://{host}"
 
-    def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext:
+    def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext | bool:
         """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert.
 
         `client_cert=False`: the CAs alone, for a URL on `host` that another registry named.

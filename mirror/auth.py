@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from mirror.defaults import RetryPolicy as RetryPolicy  # defined with the defaults (start-up); used here
+
 _PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 _SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)(?:\s+|$)")
 
@@ -146,16 +148,6 @@ def scopes_for(method: str, path: str) -> tuple[str, ...]:
 
 
 # --- retries ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter: `attempts` tries, delays up to `cap`, longest Retry-After honoured."""
-
-    attempts: int = 5
-    base: float = 0.5
-    cap: float = 30.0
-    max_wait: float = 600.0
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:

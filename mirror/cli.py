@@ -10,21 +10,43 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
-import select
 import sys
 from collections.abc import Sequence
 
-import uvloop
-
 from mirror import __version__
-from mirror.commands.common import EXIT_BUSY, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
 from mirror.text import printable
+from mirror.tls import defer_aiohttp_contexts
 
-# Each module mirror.commands.NAME adds the subcommand NAME; add new commands here.
-COMMANDS = ["pull", "ls", "rm", "sync", "daemon", "push", "serve", "export", "verify", "gc", "bundle", "worker"]
+# Start-up: this module imports no command and neither uvloop nor asyncio, so `--version` and `--help`
+# answer at once; a run imports its own command's module alone, and uvloop once parsing is done.
+
+# Each module mirror.commands.NAME adds the subcommand NAME; add new commands here, with the one-line
+# summary its `register` gives its parser (the top-level `--help` lists these without importing any
+# command; tests/test_cli_startup.py checks that each matches its module's own).
+SUMMARIES = {
+    "pull": "copy images into the cache",
+    "ls": "list what the cache holds",
+    "rm": "remove references from the cache (then `mirror gc`)",
+    "sync": "run the config's jobs once, incrementally",
+    "daemon": "run the config's jobs on their schedules",
+    "push": "push cached images to a v2 registry",
+    "serve": "serve the cache as a read-only v2 registry",
+    "export": "write cached images as a docker load tar or OCI layout",
+    "verify": "re-hash every blob and check every cached reference",
+    "gc": "remove unreferenced blobs and stale partial files",
+    "bundle": "one-file (incremental) bundles of the cache",
+    "worker": "copy images the fleet's queue hands out (Redis)",
+}
+COMMANDS = list(SUMMARIES)
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY = (
+    ExitStatus.FAILED,
+    ExitStatus.USAGE,
+    ExitStatus.UNREACHABLE,
+    ExitStatus.BUSY,
+)
 
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `mirror ls | head` ends like `ls | head`.
 EXIT_BROKEN_PIPE = 141
@@ -41,18 +63,21 @@ def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
 
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Return the argument parser of every command, or of command `only` alone.
+    """Return the argument parser of every command, with command `only`'s own options when it is given.
 
-    Only the modules registered are imported: a run imports its own command's
-    dependencies, not every command's (start-up time).
+    Only that command's module is imported: the others appear with their name and summary alone
+    (enough for `--help` and for naming a wrong command), so a run imports its own command's
+    dependencies, not every command's, and `--help` or `--version` none (start-up time).
     """
     p = argparse.ArgumentParser(prog="mirror", description="Copy container images into an offline OCI cache.")
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
     _add_verbose(p, 0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        if only is None or name == only:
+    for name, summary in SUMMARIES.items():
+        if name == only:
             importlib.import_module(f"mirror.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     for sp in sub.choices.values():
         # `mirror -v pull` and `mirror pull -v` both work; the subcommand's own parser reports its usage errors.
         _add_verbose(sp, argparse.SUPPRESS)
@@ -82,6 +107,8 @@ def log_requests(verbose: int) -> None:
     """With `-v`, send mirror's own logs from DEBUG up (each HTTP request: mirror.transport) to stderr."""
     if not verbose:
         return
+    import logging  # with -v only: logging costs start-up time
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mirror: %(message)s"))
     root = logging.getLogger("mirror")
@@ -92,6 +119,8 @@ def log_requests(verbose: int) -> None:
 
 def stdout_closed() -> bool:
     """Return whether standard output is a pipe or socket whose reader has gone (`mirror ls | head`)."""
+    import select
+
     try:
         fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
         poller = select.poll()
@@ -113,8 +142,11 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
+    defer_aiohttp_contexts()  # before any command module: aiohttp skips loading CAs into contexts mirror never uses
     args = parse(list(sys.argv[1:] if argv is None else argv))
     log_requests(args.verbose)
+    import uvloop  # after parsing: `--help` and a usage error need no event loop
+
     try:
         code = int(uvloop.run(args.run(args)))
         sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below, without a traceback

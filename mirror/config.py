@@ -9,48 +9,40 @@ paths in a file are relative to the file's directory.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
-import logging
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mirror.auth import RetryPolicy
-from mirror.credentials import CredentialStore
-from mirror.engine.copy import Engine, Progress
-from mirror.errors import UsageError
-from mirror.limiter import HostLimits
-from mirror.manifest import Platform
-from mirror.proxy import Proxy, ProxyError, parse_proxy
-from mirror.reference import Reference
-from mirror.schedule import Schedule, parse_duration
-from mirror.sources.base import ManifestSource
-from mirror.sources.foreign import ForeignSource
-from mirror.sources.registry_v2 import RegistryV2Source
-from mirror.store.gc import GRACE_AGE, PARTIAL_AGE
-from mirror.store.layout import Layout
-from mirror.tomlscan import KeyPath, key_lines
-from mirror.transport import (
+from mirror.defaults import (
     DEFAULT_CERTS_DIRS,
     DEFAULT_RATE_LIMIT_FLOOR,
     DEFAULT_RETRY,
-    HostConfig,
-    Timeouts,
-    Transport,
+    GRACE_AGE,
+    PARTIAL_AGE,
+    RetryPolicy,
 )
+from mirror.errors import UsageError
 
-if TYPE_CHECKING:  # sync jobs, filters and push load only when a config has jobs or destinations
+# Start-up: reading a config imports nothing heavy (no aiohttp, engine, store or msgspec), since
+# `ls`, `gc` and `verify` read one too; what builds a run (Transport, Engine, sources) is imported
+# by the function that builds it, and the types below are for annotations only.
+if TYPE_CHECKING:
+    from mirror.engine.copy import Engine, Progress
     from mirror.engine.publish import Publisher, RegistryTarget
     from mirror.engine.select import RepoFilter, TagFilter
     from mirror.engine.sync import SyncJob
-
-log = logging.getLogger(__name__)
+    from mirror.limiter import HostLimits
+    from mirror.proxy import Proxy
+    from mirror.schedule import Schedule
+    from mirror.sources.base import ManifestSource
+    from mirror.store.layout import Layout
+    from mirror.tomlscan import KeyPath
+    from mirror.transport import HostConfig, Transport
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PER_HOST = 16
@@ -87,6 +79,8 @@ class RegistryConfig:
 
     def host_config(self) -> HostConfig:
         """Return the transport's view of this registry."""
+        from mirror.transport import HostConfig
+
         return HostConfig(
             self.insecure,
             self.username,
@@ -159,10 +153,15 @@ class Config:
 
     def host_limits(self) -> HostLimits:
         """Return the adaptive per-host limits: `per_host`, or a registry's own `concurrency`."""
+        from mirror.limiter import HostLimits
+
         return HostLimits(self.per_host, {r.host: r.concurrency for r in self.registries if r.concurrency})
 
     def engine(self, layout: Layout, transport: Transport, progress: Progress | None = None) -> Engine:
         """Return an Engine with this config's limits, sharing `transport`'s adaptive host limits."""
+        from mirror.engine.copy import Engine
+        from mirror.sources.foreign import ForeignSource
+
         return Engine(
             layout,
             concurrency=self.concurrency,
@@ -184,6 +183,9 @@ class Config:
 
     def transport(self) -> Transport:
         """Return a Transport set up for every configured registry (pass its `limits` to the Engine)."""
+        from mirror.credentials import CredentialStore
+        from mirror.transport import Timeouts, Transport
+
         hosts = {r.host: r.host_config() for r in self.registries}
         configured = {h: c for h, hc in hosts.items() if (c := hc.credential()) is not None}
         return Transport(
@@ -303,6 +305,8 @@ class Table:
 
 
 def _tag_ttl(value: object) -> str | None:
+    from mirror.units import parse_duration
+
     if value == "never" or value == 0:
         return None
     try:
@@ -313,7 +317,7 @@ def _tag_ttl(value: object) -> str | None:
 
 
 def _size(value: int | str) -> str | None:
-    from mirror.pullthrough import parse_size
+    from mirror.units import parse_size
 
     try:
         parse_size(value)
@@ -327,6 +331,8 @@ def _prefix(value: str) -> str | None:
 
 
 def _duration(value: object) -> str | None:
+    from mirror.units import parse_duration
+
     try:
         parse_duration(value)  # type: ignore[arg-type]
     except UsageError:
@@ -561,6 +567,8 @@ class _Doc:
         known = table.names(variant)
         for name in raw:
             if name not in known:
+                import difflib  # an unknown key only
+
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
                 other = next((k.only for k in table.keys if k.name == name and k.only), None)
@@ -628,6 +636,8 @@ def _proxy(doc: _Doc, r: dict[str, Any], at: KeyPath) -> tuple[Proxy | None, boo
     `proxy_password_env` names an environment variable holding the proxy's password, so
     the URL in the file can be `http://user@host:port`.
     """
+    from mirror.proxy import Proxy, ProxyError, parse_proxy
+
     text, env = r["proxy"], r["proxy_password_env"]
     env_at = (*at, "proxy_password_env")
     if text is None:
@@ -674,6 +684,8 @@ def load(path: Path) -> Config:
     Relative paths in the file are relative to the file's directory. A file holding a
     password that others can read gets a warning (logged), not an error.
     """
+    import tomllib  # a config file only: its regexes cost start-up time
+
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -693,6 +705,8 @@ def load(path: Path) -> Config:
 
 def _holds_password(doc: dict[str, Any]) -> bool:
     """Return whether the (valid) `doc` writes a secret inline: a password, a token, a proxy URL's password."""
+    from mirror.proxy import parse_proxy
+
     secrets = [k.name for k in SCHEMA["registries"].keys if k.secret]
     for r in doc.get("registries", []):
         if any(r.get(k) for k in secrets):
@@ -710,7 +724,9 @@ def _warn_if_readable(path: Path, doc: dict[str, Any]) -> None:
     except OSError:
         return
     if mode & 0o044 and _holds_password(doc):
-        log.warning(
+        import logging
+
+        logging.getLogger(__name__).warning(
             "mirror: warning: config %s holds a password and is readable by others (mode %04o); chmod 600 it",
             path,
             mode,
@@ -723,6 +739,8 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
     `text` is the file's text, to name the line of a bad key; `base` the directory
     relative paths are relative to (None: left relative, to the current directory).
     """
+    from mirror.tomlscan import key_lines
+
     d = _Doc(where, key_lines(text) if text is not None else {}, base)
     top = d.read(TOP, doc, ())
     engine, retry, auth, tls, cache = (
@@ -750,7 +768,7 @@ def parse(doc: dict[str, Any], where: str, *, text: str | None = None, base: Pat
 
 
 def _serve(raw: dict[str, Any]) -> ServeConfig:
-    from mirror.pullthrough import parse_size
+    from mirror.units import parse_duration, parse_size
 
     ttl, size = raw["tag_ttl"], raw["max_size"]
     return ServeConfig(
@@ -818,6 +836,8 @@ class JobConfig:
 
             return V1JobSource(RegistryV1Source(transport))
         if self.source.type == "registry":
+            from mirror.sources.registry_v2 import RegistryV2Source
+
             return RegistryV2Source(transport)
         if self.source.type == "daemon":
             from mirror.engine.sync_daemon import DaemonJobSource
@@ -868,8 +888,6 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[
 
     A v1 registry has no catalog and no referrers: a job asking for either is refused.
     """
-    from mirror.sources.registry_v1 import v1_repository
-
     out = []
     for i, job in enumerate(jobs):
         if job.source.type != "registry" or job.source.host not in v1_hosts:
@@ -884,6 +902,8 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[
             raise d.error(
                 ("jobs", i, "referrers"), "referrers = true: a v1 registry has no signatures or other referrers"
             )
+        from mirror.sources.registry_v1 import v1_repository  # a v1 job only: it loads the transport
+
         repos = replace(job.spec.repositories, names=tuple(v1_repository(n) for n in job.spec.repositories.names))
         spec = replace(job.spec, repositories=repos)
         out.append(replace(job, source=replace(job.source, v1=True), spec=spec))
@@ -891,6 +911,8 @@ def _v1_jobs(jobs: tuple[JobConfig, ...], v1_hosts: set[str], d: _Doc) -> tuple[
 
 
 def _source(d: _Doc, raw: object, at: KeyPath, docker: DockerConfig) -> SourceConfig:
+    from mirror.reference import Reference
+
     if raw is None:
         raise d.error(at, 'missing; e.g. source = {type = "registry", host = "HOST[:PORT]"}')
     kind = raw.get("type") if isinstance(raw, dict) else None
@@ -928,6 +950,7 @@ def _patterns(d: _Doc, values: list[str], at: KeyPath) -> tuple[re.Pattern[str],
 
 def _repositories(d: _Doc, raw: object, at: KeyPath, host: str | None) -> RepoFilter:
     from mirror.engine.select import RepoFilter
+    from mirror.reference import Reference
 
     r = d.read(SCHEMA["jobs.repositories"], {"list": raw} if isinstance(raw, list) else raw, at)
     repos = RepoFilter(
@@ -948,6 +971,7 @@ def _repositories(d: _Doc, raw: object, at: KeyPath, host: str | None) -> RepoFi
 
 def _tags(d: _Doc, raw: object, at: KeyPath) -> TagFilter:
     from mirror.engine.select import SemverRange, TagFilter
+    from mirror.reference import Reference
 
     t = d.read(SCHEMA["jobs.tags"], {"list": raw} if isinstance(raw, list) else raw, at)
     for i, tag in enumerate(t["list"]):
@@ -965,6 +989,9 @@ def _tags(d: _Doc, raw: object, at: KeyPath) -> TagFilter:
 def _schedule(d: _Doc, raw: object, at: KeyPath) -> Schedule | None:
     if raw is None:
         return None
+    from mirror.schedule import Schedule
+    from mirror.units import parse_duration
+
     s = d.read(SCHEMA["jobs.schedule"], raw, at)
     if (s["cron"] is None) == (s["interval"] is None):
         raise d.error(at, 'give exactly one of cron = "MIN HOUR DOM MON DOW" or interval = "6h"')
@@ -982,10 +1009,13 @@ DAEMON_REFUSED = {
 
 
 def _jobs(d: _Doc, raw: object, docker: DockerConfig) -> tuple[JobConfig, ...]:
-    from mirror.engine.sync import SyncJob
-
     if not isinstance(raw, list):
         raise d.error(("jobs",), "expected an array of tables ([[jobs]])")
+    if not raw:
+        return ()  # a config without jobs (`ls`, `gc`, `pull` read one) loads no sync engine
+    from mirror.engine.sync import SyncJob
+    from mirror.manifest import Platform
+
     out: list[JobConfig] = []
     for i, table in enumerate(raw):
         at: KeyPath = ("jobs", i)

@@ -50,6 +50,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store import leases
 from mirror.store.blobs import BlobWriter
 from mirror.store.layout import Layout
+from mirror.units import parse_size as parse_size  # moved to units (start-up); kept importable here
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +114,6 @@ def upstreams_from(wanted: Sequence[tuple[str, str]], apis: Mapping[str, str]) -
         if prefixes.count(prefix) > 1:
             raise UsageError(f"two [[upstreams]] have the prefix {prefix!r}: each prefix goes to one upstream")
     return out
-
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
-_UNITS |= {"tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(value: int | str) -> int:
-    """Return bytes from an integer or a text such as `500MB`, `20GiB`, `1TB`; raise UsageError."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = float(value), ""
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits) :]
-        try:
-            number = float(digits)
-        except ValueError:
-            number = -1.0
-    if unit not in _UNITS or not number > 0:
-        raise UsageError(f"invalid size {value!r}: bytes, or a number with KB, MB, GB, TB, KiB, MiB, GiB, TiB")
-    return int(number * _UNITS[unit])
 
 
 def ttl_seconds(text: str) -> float | None:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cronsim import CronSim, CronSimError
 
 from mirror.errors import UsageError
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-
-
-def parse_duration(value: int | float | str) -> float:
-    """Return seconds from a number of seconds or a text like `90s`, `5m`, `6h`, `1d`, `1h30m`."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip() and _DURATION.sub("", value.strip().replace(" ", "")) == "":
-        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
-    else:
-        raise UsageError(f"invalid duration {value!r}: use seconds or e.g. '90s', '5m', '6h', '1d'")
-    if seconds <= 0:
-        raise UsageError(f"invalid duration {value!r}: must be more than zero")
-    return seconds
+from mirror.units import parse_duration as parse_duration  # moved to units (start-up); kept importable here
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,12 +43,14 @@ from mirror.auth import (
     token_url,
 )
 from mirror.credentials import Credential, CredentialStore, registry_key
+from mirror.defaults import DEFAULT_CERTS_DIRS, DEFAULT_RATE_LIMIT_FLOOR, DEFAULT_RETRY
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
 from mirror.redact import safe_url
 from mirror.reference import is_loopback
+from mirror.tls import default_context
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,7 @@ ERROR_BODY_LIMIT = 64 * 1024
 TOKEN_BODY_LIMIT = 1 << 20
 # The size a blob's deadline assumes when neither the descriptor nor the answer gives one.
 UNKNOWN_BLOB_SIZE = 1 << 30
-DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 DEFAULT_PER_HOST = 16
-DEFAULT_RATE_LIMIT_FLOOR = 5
-DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +300,8 @@ class Transport:
         """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert.
 
         `client_cert=False`: the CAs alone, for a URL on `host` that another registry named.
+        A host with none of these shares the process's default context (mirror.tls), made on
+        first use: aiohttp's own, made at its import, is never relied on.
         """
         key = host if client_cert else f"{host} (no client certificate)"
         ctx = self._ssl.get(key)
@@ -315,8 +316,8 @@ class Transport:
         if not client_cert:
             pairs = []
         if not cas and not pairs:
-            self._ssl[key] = True
-            return True
+            self._ssl[key] = default_context()
+            return self._ssl[key]
         c = ssl.create_default_context()
         try:
             for ca in cas:
@@ -622,7 +623,9 @@ class Transport:
                 hdrs.pop("Authorization", None)  # a caller's credentials (v1 Token) stay with their host too
             if mine and auth:
                 hdrs["Authorization"] = auth
-            tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
+            tls: ssl.SSLContext | bool = True  # plain HTTP: no context is needed (nor made)
+            if url[:6].lower() == "https:":
+                tls = self.ssl_context(host) if mine else self.ssl_context(urlsplit(url).netloc, client_cert=False)
             resp = await self._open(
                 method, url, hdrs, data=make(), ssl=tls, registry=same_origin(url, first), encoded=raw
             )

@@ -10,13 +10,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mirror.engine.copy import ImageResult
 from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.reference import DAEMON_SCHEME, daemon_reference
 from mirror.text import printable
 
-if TYPE_CHECKING:  # the daemon client and the save-tar reader load only when a daemon is asked for
-    from mirror.engine.copy import Engine
+if TYPE_CHECKING:  # the engine, the daemon client and the save-tar reader load only when a daemon is asked for
+    from mirror.engine.copy import Engine, ImageResult
     from mirror.sources.daemon import DaemonImage
 
 COMPRESSIONS = ("none", "gzip")
@@ -105,6 +104,7 @@ async def pull_daemon_sources(
     engine: Engine, url: str | None, texts: Sequence[str], compress: str
 ) -> list[ImageResult]:
     """Cache the `daemon://` images from one export of the daemon at `url`; a daemon out of reach fails each."""
+    from mirror.engine.copy import ImageResult
     from mirror.engine.daemon import pull_from_daemon
     from mirror.sources.daemon import DaemonClient, DaemonEndpoint
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.commands.common import EXIT_OK, add_common, human, load_config
 from mirror.errors import UsageError
-from mirror.export import ExportPlan, plan_docker, plan_oci, write_dir, write_tar
-from mirror.manifest import Platform
-from mirror.store.layout import Layout
 from mirror.text import printable
+
+if TYPE_CHECKING:  # the exporter and the store load when the command runs, not for its --help
+    from mirror.export import ExportPlan
+    from mirror.store.layout import Layout
 
 
 def register(sub: Any) -> None:
@@ -35,6 +35,8 @@ def register(sub: Any) -> None:
 
 def _write_file(layout: Layout, plan: ExportPlan, out: Path) -> int:
     """Write the tar beside `out` under a temp name and rename it: no half export under `out`."""
+    from mirror.export import write_tar
+
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -50,6 +52,12 @@ def _write_file(layout: Layout, plan: ExportPlan, out: Path) -> int:
 
 async def run(args: argparse.Namespace) -> int:
     """Plan the export from the cache's manifests, then stream it out in a worker thread."""
+    import asyncio
+
+    from mirror.export import plan_docker, plan_oci, write_dir, write_tar
+    from mirror.manifest import Platform
+    from mirror.store.layout import Layout
+
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     entries = await layout.entries()

@@ -7,9 +7,8 @@ import sys
 from typing import Any
 
 from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_config
+from mirror.defaults import GRACE_AGE, PARTIAL_AGE
 from mirror.errors import UsageError
-from mirror.store.gc import GRACE_AGE, PARTIAL_AGE, collect
-from mirror.store.layout import Layout
 from mirror.text import printable
 
 
@@ -38,6 +37,9 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     """Collect garbage beside any writers (a second gc is busy); print each removed file and a summary."""
+    from mirror.store.gc import collect
+    from mirror.store.layout import Layout
+
     cfg = load_config(args)
     if args.partial_age < 0:
         raise UsageError("--partial-age must be at least 0")

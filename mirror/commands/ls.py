@@ -8,8 +8,6 @@ from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
 from mirror.commands.daemon_source import add_daemon_option, list_daemon_images
-from mirror.store.inventory import inventory
-from mirror.store.layout import Layout
 from mirror.text import printable
 
 
@@ -28,6 +26,9 @@ async def run(args: argparse.Namespace) -> int:
     """Print reference, digest, platforms and size of every cached image (or the daemon's images)."""
     if args.daemon is not None:
         return await list_daemon_images(args.daemon or load_config(args).docker.url)
+    from mirror.store.inventory import inventory
+    from mirror.store.layout import Layout
+
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     rows = await inventory(layout)

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.commands.common import add_common, add_foreign, add_network, add_wait, exit_code, load_config
 from mirror.commands.daemon_source import (
@@ -16,18 +16,15 @@ from mirror.commands.daemon_source import (
     is_daemon_source,
     pull_daemon_sources,
 )
-from mirror.engine.copy import FAILED, Engine, ImageResult
-from mirror.engine.fanout import fan_out
-from mirror.engine.referrers import UNCHANGED, cache_referrers
-from mirror.engine.v1 import pull_detected
-from mirror.manifest import Platform
-from mirror.progress import PlainProgress, RateLimitNotes
 from mirror.reference import Reference
-from mirror.sources.detect import API_CHOICES, ApiDetector
-from mirror.sources.registry_v1 import RegistryV1Source
-from mirror.sources.registry_v2 import RegistryV2Source
-from mirror.store.layout import Layout
-from mirror.store.lock import CacheLock
+
+if TYPE_CHECKING:  # the engine, sources and store load when the command runs, not for its --help
+    from mirror.engine.copy import Engine, ImageResult
+    from mirror.progress import PlainProgress
+    from mirror.sources.detect import ApiDetector
+    from mirror.sources.registry_v2 import RegistryV2Source
+
+API_CHOICES = ("auto", "v2", "v1")  # mirror.sources.detect.API_CHOICES (tests/test_cli_startup.py checks)
 
 
 async def _referrers(
@@ -37,6 +34,10 @@ async def _referrers(
 
     Referrers already cached are not reported (engine.pull reports each fetched one as it lands).
     """
+    from mirror.engine.copy import FAILED, ImageResult
+    from mirror.engine.fanout import fan_out
+    from mirror.engine.referrers import UNCHANGED, cache_referrers
+
     wanted = [
         (ref, res.digest)
         for ref, res in zip(refs, results, strict=True)
@@ -81,6 +82,16 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     """Pull every reference; print a line per image and a summary; return the exit code."""
+    from mirror.engine.fanout import fan_out
+    from mirror.engine.v1 import pull_detected
+    from mirror.manifest import Platform
+    from mirror.progress import PlainProgress, RateLimitNotes
+    from mirror.sources.detect import ApiDetector
+    from mirror.sources.registry_v1 import RegistryV1Source
+    from mirror.sources.registry_v2 import RegistryV2Source
+    from mirror.store.layout import Layout
+    from mirror.store.lock import CacheLock
+
     cfg = load_config(args)
     refs = [Reference.parse(r) for r in args.refs if not is_daemon_source(r)]
     from_daemon = [r for r in args.refs if is_daemon_source(r)]

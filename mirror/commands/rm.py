@@ -8,14 +8,7 @@ import sys
 from typing import Any
 
 from mirror.commands.common import EXIT_OK, add_common, add_wait, load_config
-from mirror.digest import Digest
 from mirror.errors import MirrorError, UsageError
-from mirror.manifest import OCI_INDEX
-from mirror.referrers import orphaned_referrers, referrer_info
-from mirror.store.inventory import inventory
-from mirror.store.layout import Layout
-from mirror.store.lock import CacheLock
-from mirror.store.state import StateDB
 from mirror.text import printable
 
 
@@ -35,6 +28,14 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     """Remove every named reference, or none when one of them is not cached; print what went."""
+    from mirror.digest import Digest
+    from mirror.manifest import OCI_INDEX
+    from mirror.referrers import orphaned_referrers, referrer_info
+    from mirror.store.inventory import inventory
+    from mirror.store.layout import Layout
+    from mirror.store.lock import CacheLock
+    from mirror.store.state import StateDB
+
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
     async with CacheLock(cfg.cache, exclusive=False, wait=args.wait):

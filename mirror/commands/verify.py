@@ -8,12 +8,7 @@ import sys
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_network, add_wait, human, load_config
-from mirror.engine.repair import RegistryRefetch
 from mirror.errors import UsageError
-from mirror.sources.registry_v2 import RegistryV2Source
-from mirror.store.layout import Layout
-from mirror.store.lock import CacheLock
-from mirror.store.verify import quarantine_path, verify
 from mirror.text import printable
 
 
@@ -30,14 +25,25 @@ def register(sub: Any) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     """Verify the cache; print each reference's state; exit 1 when anything is (still) bad."""
+    from mirror.store.layout import Layout
+    from mirror.store.lock import CacheLock
+    from mirror.store.verify import quarantine_path, verify
+
     cfg = load_config(args)
     if args.hashers < 1:
         raise UsageError("--hashers must be at least 1")
     layout = Layout.open(cfg.cache, create=False)
-    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=args.repair), cfg.transport() as transport:
-        engine = cfg.engine(layout, transport)
-        refetch = RegistryRefetch(engine, RegistryV2Source(transport)) if args.repair else None
-        report = await verify(layout, concurrency=args.hashers, refetch=refetch)
+    async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=args.repair):
+        if args.repair:
+            # Only --repair talks to registries: without it, verify loads no transport (aiohttp) nor engine.
+            from mirror.engine.repair import RegistryRefetch
+            from mirror.sources.registry_v2 import RegistryV2Source
+
+            async with cfg.transport() as transport:
+                refetch = RegistryRefetch(cfg.engine(layout, transport), RegistryV2Source(transport))
+                report = await verify(layout, concurrency=args.hashers, refetch=refetch)
+        else:
+            report = await verify(layout, concurrency=args.hashers, refetch=None)
     for digest in report.corrupt:
         print(f"corrupt\t{digest}\tmoved to {printable(quarantine_path(layout.blobs, digest))}")
     for ref in report.refs:

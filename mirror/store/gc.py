@@ -23,6 +23,7 @@ from typing import Any
 
 import aiofiles
 
+from mirror.defaults import GRACE_AGE, PARTIAL_AGE
 from mirror.digest import Digest
 from mirror.errors import DigestError, ManifestError, MirrorError, StoreError
 from mirror.manifest import (
@@ -40,9 +41,6 @@ from mirror.store.layout import Layout
 from mirror.store.leases import leased, sweep_lock
 from mirror.store.lock import CacheLock
 from mirror.store.v1records import prune_records
-
-PARTIAL_AGE = 24 * 3600.0
-GRACE_AGE = 600.0  # seconds: a blob younger than this is never removed (a writer may not have leased it)
 
 
 @dataclass(frozen=True, slots=True)

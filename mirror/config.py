@@ -432,7 +432,8 @@ TABLES: tuple[Table, ...] = (
         Key("max_size", SIZE, None, 'Cap of the cache (bytes, or "50GB", "20GiB"): past it the least recently '
             "served images are evicted (default: no cap).", _size),
     )),
-    Table("upstreams", "A registry `mirror serve` (or the daemon's server) pulls through from; its [[registries]] table gives credentials, "
+    Table("upstreams", "A registry `mirror serve` (or the daemon's server) pulls through from; its [[registries]] "
+          "table gives credentials, "
           "TLS, proxy and `api` (v2 or v1).", (
         Key("host", STRING, REQUIRED, "The upstream registry: HOST[:PORT]; registry-1.docker.io for Docker Hub."),
         Key("prefix", STRING, "", 'Repository names starting with this are fetched here, without it ("": every name; '

@@ -50,7 +50,6 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store import leases
 from mirror.store.blobs import BlobWriter
 from mirror.store.layout import Layout
-from mirror.units import parse_size as parse_size  # moved to units (start-up); kept importable here
 
 log = logging.getLogger(__name__)
 

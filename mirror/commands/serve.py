@@ -18,7 +18,7 @@ from mirror.commands.common import EXIT_OK, add_common, load_config
 from mirror.config import Config
 from mirror.errors import UsageError
 from mirror.manifest import Platform
-from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, parse_size, ttl_seconds, upstreams_from
+from mirror.pullthrough import DEFAULT_TTL, PullThrough, Upstream, ttl_seconds, upstreams_from
 from mirror.server import (
     DEFAULT_PLATFORM,
     IDLE_TIMEOUT,
@@ -37,6 +37,7 @@ from mirror.server import (
 from mirror.sources.registry_v1 import RegistryV1Source
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
+from mirror.units import parse_size
 
 PASSWORD_ENV = "MIRROR_SERVE_PASSWORD"
 

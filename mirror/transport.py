@@ -555,10 +555,9 @@ class Transport:
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
             # Only the registry's own origin may challenge: a URL it handed out on another host
             # must not pick the realm the registry's credentials go to.
-            own = same_origin(str(resp.url), self.base_url(host))
             if (
                 resp.status == 401
-                and own
+                and self._own_answer(resp, host)
                 and 401 not in expect
                 and replayable
                 and not (refreshed if auth else challenged)
@@ -588,9 +587,13 @@ class Transport:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                basic_sent = own and auth is not None and auth.startswith("Basic ")
+                basic_sent = auth is not None and auth.startswith("Basic ") and self._own_answer(resp, host)
                 await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
             return resp
+
+    def _own_answer(self, resp: aiohttp.ClientResponse, host: str) -> bool:
+        """Return whether `resp` came from `host`'s own origin (not a URL on another host it handed out)."""
+        return same_origin(str(resp.url), self.base_url(host))
 
     def _delay(self, host: str, attempt: int, status: int | None, retry_after: float | None) -> float | None:
         delay = retry_delay(self.retry, attempt, status, retry_after, random.random())

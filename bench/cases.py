@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.images import MIB, OCI_MANIFEST, LayerSpec, OciDir
 from bench.measure import RegistryLog, Sample, run, run_in_place
+from bench.regclient import ABSENT, binaries, durable, regctl_copy, regsync_config, regsync_once
 from tools.registry import Registry, skopeo_copy
 
 
@@ -177,6 +178,32 @@ def push_all(ctx: Context, src: OciDir, pairs: list[tuple[str, str]]) -> None:
     shutil.rmtree(src.root)
 
 
+def regsync_runs(
+    ctx: Context, name: str, entries: list[tuple[str, str, str]], out: Path, tags: dict[str, list[str]] | None = None
+) -> dict[str, Callable[[], Sample]]:
+    """Return the runs of `regsync once` over `entries` into `out`, as written and made durable (none when absent)."""
+    found = binaries()
+    if found is None:
+        return {}
+    config = regsync_config(ctx.work / f"{name}-regsync.yaml", ctx.host, entries, tags or {})
+    cmd = regsync_once(found[0], config)
+    return {
+        "regsync": lambda: run("regsync", cmd, ctx.log, out, errlog=ctx.errlog),
+        "regsync+sync": lambda: run("regsync+sync", durable(cmd, out), ctx.log, out, errlog=ctx.errlog),
+    }
+
+
+def versus_regclient(res: dict[str, list[Sample]], tool: str = "regsync", *, target: str = "") -> str:
+    """Return the text line of mirror against regclient's rows (written, and made durable), or why they are absent."""
+    if tool not in res:
+        return f"- {ABSENT}\n"
+    aim = f" ({target})" if target else ""
+    return (
+        f"- mirror is **{ratio(res, tool + '+sync'):.2f}×** as fast as `{tool}` then `sync` of its files (both "
+        f"durable){aim}, {ratio(res, tool):.2f}× as fast as {tool} as it writes (no fsync).\n"
+    )
+
+
 # -- case 1: bulk with shared layers ------------------------------------------------------------
 
 
@@ -234,12 +261,18 @@ def case1(ctx: Context) -> str:
     yaml = ctx.sync_yaml("c1", repos)
     cache, out, synced = ctx.work / "c1-cache", ctx.work / "c1-skopeo", ctx.work / "c1-sync"
     config = sync_config(ctx, "c1", synced, repos)
+    ocidir = ctx.work / "c1-regsync"
+    # Every image into one OCI layout, as mirror's one cache: regsync `type: image` entries.
+    entries = [
+        ("image", ref, f"ocidir://{ocidir}:{name.replace(':', '-')}") for ref, name in zip(refs, images, strict=True)
+    ]
     res = alternate(
         ctx,
         {
             "mirror": lambda: run("mirror", ctx.mirror(refs, cache), ctx.log, cache, errlog=ctx.errlog),
             "sync": lambda: run("sync", mirror_sync(config), ctx.log, synced, errlog=ctx.errlog),
             "skopeo": lambda: run("skopeo", skopeo_sync(yaml, out), ctx.log, out, errlog=ctx.errlog),
+            **regsync_runs(ctx, "c1", entries, ocidir),
         },
     )
     ctx.raw["case1"] = raw(res)
@@ -251,10 +284,17 @@ def case1(ctx: Context) -> str:
         f"{mib(s.c1_unique)} MiB unique to its repository and {mib(s.c1_unique)} MiB unique to its tag "
         f"({mib(per_image)} MiB per image, {mib(unique)} MiB of distinct blobs and manifests). "
         f"`mirror pull` of all {len(refs)} refs into an empty cache (and `mirror sync` of them, row `sync`) "
-        f"vs `skopeo sync --src yaml --dest dir`.\n\n"
+        f"vs `skopeo sync --src yaml --dest dir` vs `regsync once` (`parallel: 16`, `reqConcurrent: 16`) of one "
+        f"`type: image` entry per ref into one `ocidir://` layout (`regsync+sync`: then `sync` of its files).\n\n"
         f"{table(res)}\n\n"
         f"- mirror is **{ratio(res, 'skopeo'):.1f}×** faster than skopeo (target ≥ 5×).\n"
-        f"- `mirror sync` of the same refs (one config, tags listed) is {ratio(res, 'skopeo', 'sync'):.1f}× "
+        + versus_regclient(res, target="target ≥ 1.5× durable")
+        + (
+            f"- regsync read {med(res['regsync'], lambda x: x.traffic.bytes_read) / unique:.2f}× the distinct bytes.\n"
+            if "regsync" in res
+            else ""
+        )
+        + f"- `mirror sync` of the same refs (one config, tags listed) is {ratio(res, 'skopeo', 'sync'):.1f}× "
         f"faster than skopeo and read {med(res['sync'], lambda x: x.traffic.bytes_read) / unique:.2f}× "
         f"the distinct bytes.\n"
         f"- mirror read {fetched / unique:.2f}× the distinct bytes from the registry (target 1.00×); "
@@ -289,7 +329,7 @@ def case2(ctx: Context) -> str:
     cache, out, file = ctx.work / "c2-cache", ctx.work / "c2-skopeo", ctx.work / "c2-curl"
     pipeline = f"curl -sf '{url}' | tee '{file}/blob' | openssl dgst -sha256"
     # The same pipeline, then `sync FILE` (fsync): the file on disk as durably as mirror leaves a blob.
-    durable = f"{pipeline} && sync '{file}/blob'"
+    fsynced = f"{pipeline} && sync '{file}/blob'"
 
     def run_curl(label: str, script: str) -> Sample:
         shutil.rmtree(file, ignore_errors=True)
@@ -298,14 +338,23 @@ def case2(ctx: Context) -> str:
 
     skopeo = ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"dir:{out}"]
     startup = [sys.executable, "-m", "mirror", "pull", "--help"]  # the interpreter and pull's imports, nothing fetched
+    peers: dict[str, Callable[[], Sample]] = {}
+    if (found := binaries()) is not None:
+        ocidir = ctx.work / "c2-regctl"
+        copy = regctl_copy(found[1], ctx.host, ref, f"ocidir://{ocidir}:1")
+        peers = {
+            "regctl": lambda: run("regctl", copy, ctx.log, ocidir, errlog=ctx.errlog),
+            "regctl+sync": lambda: run("regctl+sync", durable(copy, ocidir), ctx.log, ocidir, errlog=ctx.errlog),
+        }
     res = alternate(
         ctx,
         {
             "mirror": lambda: run("mirror", ctx.mirror([ref], cache), ctx.log, cache, errlog=ctx.errlog),
             "curl": lambda: run_curl("curl", pipeline),
-            "curl+fsync": lambda: run_curl("curl+fsync", durable),
+            "curl+fsync": lambda: run_curl("curl+fsync", fsynced),
             "skopeo": lambda: run("skopeo", skopeo, ctx.log, out, errlog=ctx.errlog),
             "startup": lambda: run("startup", startup, ctx.log, ctx.work / "c2-startup", errlog=ctx.errlog),
+            **peers,
         },
     )
     ctx.raw["case2"] = raw(res)
@@ -316,13 +365,16 @@ def case2(ctx: Context) -> str:
         f"### Case 2: one large blob\n\n"
         f"One image with a single {mib(size)} MiB layer. `mirror pull` vs "
         f"`curl -s URL | tee FILE | openssl dgst -sha256` of the blob alone (the machine's limit) vs `skopeo copy` "
-        f"to `dir:`. MB/s is the blob's size over the whole-process wall time.\n\n"
+        f"to `dir:` vs `regctl image copy` to `ocidir://` (`regctl+sync`: then `sync` of its files). "
+        f"MB/s is the blob's size over the whole-process wall time.\n\n"
         f"{table(res, payload=size)}\n\n"
         f"- mirror reaches **{share * 100:.0f}%** of the curl pipeline's throughput (target ≥ 90%), and "
         f"{durable_share * 100:.0f}% of the same pipeline followed by `sync FILE` (`curl+fsync`: the file made "
         f"durable, as mirror makes every blob before naming it by its digest).\n"
         f"- mirror is {ratio(res, 'skopeo'):.2f}× skopeo's speed.\n"
-        f"- `startup` is `python -m mirror pull --help`: the interpreter and pull's imports alone take {start:.2f} s; "
+        + versus_regclient(res, "regctl", target="target ≥ 1.00× durable")
+        + f"- `startup` is `python -m mirror pull --help`: the interpreter and pull's imports alone take "
+        f"{start:.2f} s; "
         f"past them mirror moved the blob at {size / 1e6 / transfer if transfer > 0 else 0:.0f} MB/s.\n"
     )
 
@@ -381,24 +433,37 @@ def case5(ctx: Context) -> str:
     ctx.seeded(prefix, seed)
     refs = [f"{ctx.host}/{prefix}/{name}" for name in names]
     yaml = ctx.sync_yaml("c5", {f"{prefix}/{n.split(':')[0]}": ["1"] for n in names})
-    cache, out = ctx.work / "c5-cache", ctx.work / "c5-skopeo"
+    cache, out, ocidir = ctx.work / "c5-cache", ctx.work / "c5-skopeo", ctx.work / "c5-regsync"
+    entries = [
+        ("image", ref, f"ocidir://{ocidir}:{name.replace(':', '-')}") for ref, name in zip(refs, names, strict=True)
+    ]
     res = alternate(
         ctx,
         {
             "mirror": lambda: run("mirror", ctx.mirror(refs, cache), ctx.log, cache, errlog=ctx.errlog),
             "skopeo": lambda: run("skopeo", skopeo_sync(yaml, out), ctx.log, out, errlog=ctx.errlog),
+            **regsync_runs(ctx, "c5", entries, ocidir),
         },
         s.slow_reps,
     )
     ctx.raw["case5"] = raw(res)
     rps = {t: med(v, lambda x: x.traffic.requests / x.seconds) for t, v in res.items()}
+    cpu_ms = {t: med(v, lambda x: 1000 * x.cpu / max(x.traffic.requests, 1)) for t, v in res.items()}
+    peer = (
+        f"- against regsync: mirror's requests per second are **{rps['mirror'] / rps['regsync']:.2f}×** regsync's "
+        f"({rps['regsync']:.0f}; {rps['mirror'] / rps['regsync+sync']:.2f}× regsync+sync's) (target ≥ 1.3×); CPU "
+        f"per request mirror **{cpu_ms['mirror']:.2f} ms**, regsync {cpu_ms['regsync']:.2f} ms (target: less).\n"
+        if "regsync" in res
+        else f"- {ABSENT}\n"
+    )
     return (
         f"### Case 5: many small layers\n\n"
         f"{s.c5_images} images × {s.c5_layers} layers of {s.c5_layer // 1024} KiB, all distinct. "
-        f"`mirror pull` of every ref vs `skopeo sync --src yaml --dest dir`.\n\n"
+        f"`mirror pull` of every ref vs `skopeo sync --src yaml --dest dir` vs `regsync once` of one `type: image` "
+        f"entry per ref into one `ocidir://` layout (`regsync+sync`: then `sync` of its files).\n\n"
         f"{table(res)}\n\n"
         f"- requests per second: mirror **{rps['mirror']:.0f}**, skopeo {rps['skopeo']:.0f} "
-        f"({rps['mirror'] / rps['skopeo']:.1f}×); mirror is {ratio(res, 'skopeo'):.1f}× faster overall.\n"
+        f"({rps['mirror'] / rps['skopeo']:.1f}×); mirror is {ratio(res, 'skopeo'):.1f}× faster overall.\n" + peer
     )
 
 
@@ -489,8 +554,33 @@ def case3(ctx: Context) -> str:
         )
 
     rows.append(row("first `mirror sync` into an empty cache (once)", [first]))
-    res = alternate(ctx, {"sync": lambda: run_in_place("sync", mirror_sync(config), ctx.log, cache, errlog=ctx.errlog)})
+    runs = {"sync": lambda: run_in_place("sync", mirror_sync(config), ctx.log, cache, errlog=ctx.errlog)}
+    peer = f"- {ABSENT}\n"
+    if (found := binaries()) is not None:
+        ocidir = ctx.work / "c3-regsync"
+        shutil.rmtree(ocidir, ignore_errors=True)
+        # One `type: repository` entry per repository (its tags allowed by name), each into its own layout.
+        entries = [("repository", f"{ctx.host}/{r}", f"ocidir://{ocidir}/{r.rsplit('/', 1)[1]}") for r in repos]
+        yaml = regsync_config(
+            ctx.work / "c3-regsync.yaml", ctx.host, entries, {f"{ctx.host}/{r}": t for r, t in repos.items()}
+        )
+        cmd = regsync_once(found[0], yaml)
+        rows.append(
+            row(
+                "first `regsync once` into empty layouts (once)",
+                [run("regsync", cmd, ctx.log, ocidir, errlog=ctx.errlog)],
+            )
+        )
+        runs["regsync"] = lambda: run_in_place("regsync", cmd, ctx.log, ocidir, errlog=ctx.errlog)
+    res = alternate(ctx, runs)
     rows.append(row("`mirror sync` again, nothing changed", res["sync"]))
+    if "regsync" in res:
+        rows.append(row("`regsync once` again, nothing changed", res["regsync"]))
+        peer = (
+            f"- mirror's no-op resync is **{ratio(res, 'regsync', 'sync'):.2f}×** as fast as regsync's "
+            f"(target ≥ 1.3×), "
+            f"with {med(res['sync'], lambda s: s.cpu) / med(res['regsync'], lambda s: s.cpu):.2f}× its CPU.\n"
+        )
     ctx.raw["case3"] = {"first": raw({"sync": [first]}), "sync": raw(res)}
     secs = med(res["sync"], lambda s: s.seconds)
     heads = med(res["sync"], lambda s: s.traffic.heads)
@@ -498,10 +588,12 @@ def case3(ctx: Context) -> str:
     return (
         f"### Case 3: no-op resync\n\n"
         f"{ntags} tags in {len(repos)} repositories (one job, tags given as a list). A first `mirror sync` "
-        f"caches them and records their digests in the state; the measured runs find nothing changed.\n\n"
+        f"caches them and records their digests in the state; the measured runs find nothing changed. "
+        f"Beside it, `regsync once` with one `type: repository` entry per repository (its tags allowed by name) "
+        f"into an `ocidir://` layout each, filled by a first run.\n\n"
         + "\n".join(rows)
         + f"\n\n- the no-op resync took **{secs:.2f} s** (target ≤ 3 s), {blob_gets:.0f} blob GETs (target 0), "
-        f"{heads / ntags:.2f} HEADs per tag (target 1).\n"
+        f"{heads / ntags:.2f} HEADs per tag (target 1).\n" + peer
     )
 
 

@@ -8,14 +8,13 @@ pulling both halves. Target: the concurrent pair within 1.2x of the single combi
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from bench.cases import CASES, Context, c1_images, c1_prefix, mib, seed_c1
-from bench.measure import ROOT
+from bench.measure import child_env
 
 REPS = 3
 
@@ -23,7 +22,7 @@ REPS = 3
 def _pulls(ctx: Context, sets: list[list[str]], cache: Path, *, together: bool) -> float:
     """Pull each set of refs in its own process into `cache` (at once or in turn); return the wall seconds."""
     shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     for refs in sets:

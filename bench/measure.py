@@ -95,6 +95,17 @@ def tree_size(path: Path) -> int:
     return total
 
 
+def child_env() -> dict[str, str]:
+    """Return the environment of a measured run: the repo on PYTHONPATH, bytecode cached as an install has it.
+
+    With `PYTHONDONTWRITEBYTECODE` set (some shells and CI set it), every run of mirror
+    would compile its own modules from source again (~0.3 s CPU): an installed mirror
+    has its `.pyc` files, so the first run writes them and the others use them.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
 def run(tool: str, cmd: list[str], log: RegistryLog, out: Path, *, errlog: Path) -> Sample:
     """Run `cmd` in a fresh child (through bench.rusage), writing into `out`; return its Sample."""
     if out.exists():
@@ -104,7 +115,7 @@ def run(tool: str, cmd: list[str], log: RegistryLog, out: Path, *, errlog: Path)
 
 def run_in_place(tool: str, cmd: list[str], log: RegistryLog, out: Path, *, errlog: Path) -> Sample:
     """Like `run`, but keep what `out` already holds (a no-op re-sync)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     log.mark()
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
         report = Path(tf.name)

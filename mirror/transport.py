@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -53,6 +54,7 @@ from mirror.reference import is_loopback
 from mirror.tls import default_context
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 USER_AGENT = f"mirror/{__version__}"
 MAX_REDIRECTS = 5
@@ -162,7 +164,29 @@ async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def origin_prefix(url: str) -> str | None:
+    """Return the `scheme://netloc` start of `url` as written (all that `urlsplit` reads its origin from), or None.
+
+    The netloc ends at the first `/`, `?` or `#` after `://`, as in `urlsplit`: what is
+    decided by the origin alone (proxy, same origin) can be cached under this prefix.
+    """
+    sep = url.find("://")
+    if sep <= 0:
+        return None
+    end = len(url)
+    for ch in "/?#":
+        j = url.find(ch, sep + 3)
+        if 0 <= j < end:
+            end = j
+    return url[:end]
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
+    prefix = origin_prefix(url)
+    return _origin_of(url) if prefix is None else _cached_origin(prefix)
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     try:
@@ -172,9 +196,13 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port
 
 
+# Every request compares origins two or three times; the hosts of a run are few.
+_cached_origin = functools.lru_cache(maxsize=1024)(_origin_of)
+
+
 def same_origin(a: str, b: str) -> bool:
     """Return whether URLs `a` and `b` have one origin (scheme, host and port; RFC 6454)."""
-    return _origin(a) == _origin(b)
+    return a == b or _origin(a) == _origin(b)
 
 
 def certs_d_files(dirs: Sequence[Path], host: str) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -234,6 +262,11 @@ class Transport:
         self._token_locks: dict[tuple[str, tuple[str, ...]], asyncio.Lock] = {}
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         self._tls_material: dict[str, bool] = {}
+        # Per-host settings, decided once per host (or per origin) and then looked up: the
+        # configuration and the environment are read when the transport is made.
+        self._configs: dict[str, HostConfig] = {}
+        self._base_urls: dict[str, str] = {}
+        self._proxy_choice: dict[str, Proxy | None] = {}
         self._pace: dict[str, float] = {}
         self._next_get: dict[str, float] = {}
         self.rate_limits: dict[str, RateLimit] = {}
@@ -277,10 +310,15 @@ class Transport:
 
     def config(self, host: str) -> HostConfig:
         """Return the settings for `host` (Docker Hub under any of its names; defaults when none are configured)."""
-        if host in self.hosts:
-            return self.hosts[host]
-        key = registry_key(host)
-        return next((c for h, c in self.hosts.items() if registry_key(h) == key), HostConfig())
+        cfg = self._configs.get(host)
+        if cfg is None:
+            if host in self.hosts:
+                cfg = self.hosts[host]
+            else:
+                key = registry_key(host)
+                cfg = next((c for h, c in self.hosts.items() if registry_key(h) == key), HostConfig())
+            _remember(self._configs, host, cfg)
+        return cfg
 
     def _has_tls_material(self, host: str) -> bool:
         known = self._tls_material.get(host)
@@ -292,9 +330,13 @@ class Transport:
 
     def base_url(self, host: str) -> str:
         """Return `scheme://host`: plain HTTP for hosts marked insecure and loopback hosts without TLS settings."""
-        cfg = self.config(host)
-        plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
-        return f"{'http' if plain else 'https'}://{host}"
+        url = self._base_urls.get(host)
+        if url is None:
+            cfg = self.config(host)
+            plain = cfg.insecure or (is_loopback(host) and not self._has_tls_material(host))
+            url = f"{'http' if plain else 'https'}://{host}"
+            _remember(self._base_urls, host, url)
+        return url
 
     def ssl_context(self, host: str, *, client_cert: bool = True) -> ssl.SSLContext | bool:
         """Return the TLS settings for `host`: system CAs plus its CA bundle and certs.d, its client cert.
@@ -336,12 +378,19 @@ class Transport:
         environment decides (HTTP(S)_PROXY, NO_PROXY; loopback never). A redirect to
         another host (blob storage) is decided by that host, not by the registry's setting.
         """
+        prefix = origin_prefix(url)
+        if prefix is not None and prefix in self._proxy_choice:
+            return self._proxy_choice[prefix]
         cfg = self.config(urlsplit(url).netloc)
         if cfg.direct:
-            return None
-        if cfg.proxy is not None:
-            return cfg.proxy
-        return self.proxies.proxy_for(url)
+            proxy = None
+        elif cfg.proxy is not None:
+            proxy = cfg.proxy
+        else:
+            proxy = self.proxies.proxy_for(url)  # an unusable variable raises, every time: not remembered
+        if prefix is not None:
+            _remember(self._proxy_choice, prefix, proxy)
+        return proxy
 
     async def _open(
         self,
@@ -442,7 +491,6 @@ class Transport:
         """
         absolute = "://" in path.split("?", 1)[0]
         url = path if absolute else self.base_url(host) + path
-        where = _where(method, host, path)
         make: Callable[[], Any] = body if body is not None else (lambda: data)
         replayable = body is not None or data is None or isinstance(data, bytes)
         resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
@@ -452,8 +500,9 @@ class Transport:
                 try:
                     yield resp
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise StreamError(f"{where}: body broke off: {_describe(exc)}") from None
+                    raise StreamError(f"{_where(method, host, path)}: body broke off: {_describe(exc)}") from None
         except TimeoutError:
+            where = _where(method, host, path)  # named on failure only, not for every request
             raise StreamError(f"{where}: the answer did not arrive whole within {deadline:.0f} s (deadline)") from None
         finally:
             resp.release()
@@ -483,7 +532,6 @@ class Transport:
         want = scopes or scopes_for(method, path)
         attempt = 0
         challenged = refreshed = False
-        where = _where(method, host, path)
         while True:
             if method == "GET" and "/manifests/" in path:
                 await self._wait_rate_limit(host)
@@ -495,6 +543,7 @@ class Transport:
                 delay = self._delay(host, attempt, None, None) if replayable and _retryable(exc) else None
                 if delay is None:
                     raise _connection_error(exc, method, host, attempt + 1) from None
+                where = _where(method, host, path)
                 log.info(
                     "%s: %s, retry %d/%d in %.2f s", where, _describe(exc), attempt + 1, self.retry.attempts, delay
                 )
@@ -507,10 +556,9 @@ class Transport:
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
             # Only the registry's own origin may challenge: a URL it handed out on another host
             # must not pick the realm the registry's credentials go to.
-            own = same_origin(str(resp.url), self.base_url(host))
             if (
                 resp.status == 401
-                and own
+                and self._own_answer(resp, host)
                 and 401 not in expect
                 and replayable
                 and not (refreshed if auth else challenged)
@@ -530,7 +578,7 @@ class Transport:
                 if delay is not None:
                     log.info(
                         "%s: HTTP %d, retry %d/%d in %.2f s",
-                        where,
+                        _where(method, host, path),
                         resp.status,
                         attempt + 1,
                         self.retry.attempts,
@@ -540,9 +588,13 @@ class Transport:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                basic_sent = own and auth is not None and auth.startswith("Basic ")
+                basic_sent = auth is not None and auth.startswith("Basic ") and self._own_answer(resp, host)
                 await self._raise_for(resp, method, host, path, attempt + 1, sent_basic=basic_sent)
             return resp
+
+    def _own_answer(self, resp: aiohttp.ClientResponse, host: str) -> bool:
+        """Return whether `resp` came from `host`'s own origin (not a URL on another host it handed out)."""
+        return same_origin(str(resp.url), self.base_url(host))
 
     def _delay(self, host: str, attempt: int, status: int | None, retry_after: float | None) -> float | None:
         delay = retry_delay(self.retry, attempt, status, retry_after, random.random())
@@ -863,6 +915,18 @@ def _connection_error(exc: BaseException, method: str, host: str, attempts: int)
         reason = exc.os_error.strerror or str(exc)
         return UnreachableError(f"cannot reach {host}: {reason}{tries}")
     return TransportError(f"{method} {host}: {_describe(exc)}{tries}")
+
+
+# A cache of per-host settings forgets everything past this many hosts (a daemon meets
+# blob storage hosts for months; a run meets a handful).
+HOST_CACHE_LIMIT = 1024
+
+
+def _remember(cache: dict[str, _T], key: str, value: _T) -> None:
+    """Put `value` under `key` in a per-host cache, emptying it first when it is full."""
+    if len(cache) >= HOST_CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
 
 
 def _basic(user: str, password: str) -> str:

@@ -9,6 +9,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from bench.cases import Sizes, c1_images
 from bench.images import LayerSpec, OciDir, content
 from bench.measure import RegistryLog
@@ -154,3 +156,35 @@ def test_a_run_of_some_cases_keeps_the_other_sections() -> None:
         "## Run\n\n- full\n\n## Results\n\n### Case 1: a\n\nold one\n\n"
         "### Case 6: v1\n\n_apart_\n\nnew six\n\n### Case 8: push\n\neight\n"
     )
+
+
+def test_regsync_reads_the_config_the_bench_writes(tmp_path: Path) -> None:
+    import subprocess
+
+    from bench.regclient import binaries, regsync_config
+
+    found = binaries()
+    if found is None:
+        pytest.skip("regclient's binaries are not present (MIRROR_PEERS)")
+    host = "127.0.0.1:5000"
+    path = regsync_config(
+        tmp_path / "r.yaml",
+        host,
+        [
+            ("repository", f"{host}/a/b", f"ocidir://{tmp_path}/b"),
+            ("image", f"{host}/a/c:1", f"ocidir://{tmp_path}:c-1"),
+        ],
+        {f"{host}/a/b": ["t1", "t2"]},
+    )
+    shown = subprocess.run([str(found[0]), "config", "-c", str(path)], capture_output=True, text=True, check=True)
+    assert "tls: disabled" in shown.stdout
+    assert "reqConcurrent: 16" in shown.stdout and "parallel: 16" in shown.stdout
+    assert "^t1$" in shown.stdout and "type: image" in shown.stdout
+
+
+def test_peers_are_found_by_the_environment_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.regclient import binaries, peers_dir
+
+    monkeypatch.setenv("MIRROR_PEERS", str(tmp_path))
+    assert peers_dir() == tmp_path
+    assert binaries() is None  # nothing there: the cases leave regclient's rows out

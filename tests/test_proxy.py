@@ -179,6 +179,68 @@ def test_override_applies_to_the_registry_host_only() -> None:
     assert via("https://other.example/v2/") == "http://envproxy:8080"
 
 
+def test_decisions_are_remembered_per_origin_and_stay_the_same() -> None:
+    from urllib.parse import urlsplit
+
+    # Every request asks for its proxy, base URL and origin: decided once per host (or
+    # origin), they must give what a fresh decision gives, for every URL on that origin.
+    env = {"HTTPS_PROXY": "http://envproxy:8080", "HTTP_PROXY": "http://plain:3128", "NO_PROXY": "storage.internal"}
+    regproxy = parse_proxy("http://regproxy:3128")
+    t = Transport({"reg.example": HostConfig(proxy=regproxy)}, env=env)
+    fresh = ProxyConfig.from_env(env)
+    urls = [
+        "https://reg.example/v2/a/manifests/1",
+        "https://reg.example/v2/b/blobs/sha256:ab",
+        "https://reg.example:443/v2/",  # another spelling of the host: not the configured one, as before
+        "http://reg.example/v2/",
+        "https://blobs.cdn.example/sha256/ab?sig=1",
+        "https://blobs.cdn.example?x=/y",
+        "https://bucket.storage.internal/x",
+        "http://127.0.0.1:5000/v2/",
+        "http://bucket.storage.internal:8080#f",
+    ]
+    for _ in range(2):  # the second time from what the first remembered
+        for url in urls:
+            want = regproxy if urlsplit(url).netloc == "reg.example" else fresh.proxy_for(url)
+            assert t.proxy_for(url) == want, url
+    assert (
+        t.base_url("reg.example") == "https://reg.example" and t.base_url("127.0.0.1:5000") == "http://127.0.0.1:5000"
+    )
+    assert t.base_url("127.0.0.1:5000") is t.base_url("127.0.0.1:5000")  # decided once, then looked up
+
+
+def test_origin_prefix_holds_all_that_urlsplit_reads_an_origin_from() -> None:
+    from urllib.parse import urlsplit
+
+    from mirror.transport import origin_prefix, same_origin
+
+    urls = [
+        "https://Reg.Example:5000/v2/x?y=1#z",
+        "http://h?q=http://evil.example/",
+        "http://h#frag://x",
+        "https://u:p@h:1/x",
+        "http://[::1]:5000/v2/",
+        "https://h:notaport/x",
+        "/v2/relative?next=https://x/",
+    ]
+    for url in urls:
+        prefix = origin_prefix(url)
+        if prefix is None:
+            assert "://" not in url.split("?")[0]
+            continue
+        a, b = urlsplit(url), urlsplit(prefix)
+        assert (a.scheme, a.netloc) == (b.scheme, b.netloc), url
+    assert same_origin("https://h:443/a", "https://H/b") and not same_origin("http://h/a", "https://h/a")
+    assert not same_origin("https://h:1/a", "https://h:2/a")
+
+
+def test_an_unusable_variable_fails_every_request_it_applies_to() -> None:
+    t = Transport(env={"HTTPS_PROXY": "socks5://h:1080"})
+    for _ in range(2):  # not remembered as "no proxy" after the first failure
+        with pytest.raises(ProxyError, match="SOCKS"):
+            t.proxy_for("https://registry.example/v2/")
+
+
 def test_docker_hub_override_reaches_its_api_host() -> None:
     doc = {"registries": [{"host": "docker.io", "proxy": P}]}
     t = config.parse(doc, "c.toml").transport()

@@ -30,11 +30,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mirror import __version__
-from mirror.bundle import BUNDLE_JSON, BundleInfo, Inventory
+from mirror.bundle import BUNDLE_JSON, BundleInfo, BundleProgress, Inventory
 from mirror.digest import Digest
 from mirror.errors import IntegrityError, MirrorError, StoreError, UsageError
 from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve
@@ -309,7 +310,9 @@ def _header(m: Member) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT)
 
 
-def _copy_blob(layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPoolExecutor) -> None:
+def _copy_blob(
+    layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPoolExecutor, progress: BundleProgress | None
+) -> None:
     """Write blob member `m`'s bytes, hashed in `hasher`'s thread while the next are read; IntegrityError when wrong.
 
     Read in CHUNK pieces: the three passes over each byte (the copy out, the blob's check,
@@ -327,6 +330,8 @@ def _copy_blob(layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPo
                 hashing.append(hasher.submit(h.update, chunk))
                 writer.write(chunk)
                 left -= len(chunk)
+                if progress is not None:
+                    progress.blob_advanced(m.blob, len(chunk))
                 while len(hashing) > MAX_HASHING:
                     hashing.popleft().result()
     finally:
@@ -338,7 +343,9 @@ def _copy_blob(layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPo
         raise IntegrityError(f"blob {m.blob} in the cache does not match its digest: run `mirror verify`")
 
 
-def write_members(layout: Layout, plan: ExportPlan, writer: VolumeWriter) -> int:
+def write_members(
+    layout: Layout, plan: ExportPlan, writer: VolumeWriter, progress: BundleProgress | None = None
+) -> int:
     """Write the plan as a tar into `writer`, checking each blob against its digest; return the bytes. Blocking."""
     start = writer.bytes
     hasher = ThreadPoolExecutor(1, thread_name_prefix="bundle-blob-sha256")
@@ -348,7 +355,16 @@ def write_members(layout: Layout, plan: ExportPlan, writer: VolumeWriter) -> int
             if m.data is not None:
                 writer.write(m.data + bytes(-len(m.data) % tarfile.BLOCKSIZE))
             elif m.blob is not None:
-                _copy_blob(layout, m, writer, hasher)
+                if progress is not None:
+                    progress.blob_started(m.blob, m.size)
+                try:
+                    _copy_blob(layout, m, writer, hasher, progress)
+                except BaseException:
+                    if progress is not None:
+                        progress.blob_finished(m.blob, False)
+                    raise
+                if progress is not None:
+                    progress.blob_finished(m.blob, True)
                 writer.write(bytes(-m.size % tarfile.BLOCKSIZE))
         # The end-of-archive marker (two zero blocks), padded to a whole record as tar writes it.
         end = 2 * tarfile.BLOCKSIZE
@@ -358,11 +374,19 @@ def write_members(layout: Layout, plan: ExportPlan, writer: VolumeWriter) -> int
     return writer.bytes - start
 
 
-def write_bundle(layout: Layout, plan: BundlePlan, out: Path, *, split: int = 0, zstd: bool = False) -> list[Path]:
+def write_bundle(
+    layout: Layout,
+    plan: BundlePlan,
+    out: Path,
+    *,
+    split: int = 0,
+    zstd: bool = False,
+    progress: BundleProgress | None = None,
+) -> list[Path]:
     """Write the bundle to `out` (or its numbered volumes); return the files written. Blocking."""
     writer = VolumeWriter(out, split=split, zstd=zstd)
     try:
-        write_members(layout, plan.export_plan(), writer)
+        write_members(layout, plan.export_plan(), writer, progress)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -412,21 +436,26 @@ async def create(
     *,
     split: int = 0,
     zstd: bool = False,
+    progress: BundleProgress | None = None,
 ) -> tuple[BundlePlan, list[Path]]:
     """Plan a bundle from one read of `index.json` and snapshot its blobs within `hold` (the cache lock), then write it.
 
-    Returns the plan and the files written.
+    Returns the plan and the files written. `progress` hears of each blob from the
+    writing thread.
     """
     async with hold:
         entries = await layout.entries()
         plan = await asyncio.to_thread(plan_bundle, layout, entries, names, base)
+        if progress is not None:
+            progress.begin(len(plan.info.blobs), sum(plan.info.blobs.values()))
+        write = partial(write_bundle, plan=plan, out=out, split=split, zstd=zstd, progress=progress)
         try:
             snap = await asyncio.to_thread(snapshot, layout, plan)
         except OSError:  # no hard links here: write while holding the lock
-            files = await asyncio.to_thread(write_bundle, layout, plan, out, split=split, zstd=zstd)
+            files = await asyncio.to_thread(write, layout)
             return plan, files
     try:
-        files = await asyncio.to_thread(write_bundle, snap, plan, out, split=split, zstd=zstd)
+        files = await asyncio.to_thread(write, snap)
     finally:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(shutil.rmtree, snap.root)

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirror.bundle import BUNDLE_JSON, MAX_BUNDLE_JSON, BundleInfo
+from mirror.bundle import BUNDLE_JSON, MAX_BUNDLE_JSON, BundleInfo, BundleProgress
 from mirror.digest import Digest
 from mirror.errors import BundleError, DigestError, IntegrityError, ManifestError, MirrorError
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, REF_NAME, Descriptor, ImageManifest, parse_manifest
@@ -160,15 +160,13 @@ def _listed(digests: Sequence[Digest]) -> str:
     return ", ".join(str(d) for d in digests[:MAX_LIST]) + more
 
 
-async def import_bundle(
-    layout: Layout, paths: Sequence[Path], progress: Callable[[str, Digest, int], None] | None = None
-) -> ImportResult:
+async def import_bundle(layout: Layout, paths: Sequence[Path], progress: BundleProgress | None = None) -> ImportResult:
     """Stream the bundle in `paths` into `layout`'s store, then merge its references into `index.json`.
 
     BundleError (nothing written to `index.json`) for a bundle that is not one, a blob
     that does not match its digest or size, a blob or entry not announced, a cut bundle,
-    or a delta whose assumed blobs the cache lacks. `progress(what, digest, size)` is told
-    of each blob (`written` or `present`).
+    or a delta whose assumed blobs the cache lacks. `progress` is told
+    of the bundle's size once `bundle.json` is read, then of each blob.
     """
     where = str(paths[0])
     store = layout.blobs
@@ -186,13 +184,15 @@ async def import_bundle(
             await w.commit()
         except BaseException as exc:
             await w.abort(keep=False)
+            if progress:
+                progress.blob_finished(digest, False)
             if isinstance(exc, IntegrityError):
                 raise BundleError(f"{where}: blob {digest} is corrupted ({exc}); nothing was merged") from None
             raise
         result.written += 1
         result.bytes += size
         if progress:
-            progress("written", digest, size)
+            progress.blob_finished(digest, True)
 
     try:
         while (head := await tar.next()) is not None:
@@ -214,6 +214,8 @@ async def import_bundle(
                         f"{where} is a delta on {info.base}: the cache {layout.root} lacks {len(missing)} blob(s)"
                         f" it builds on: {_listed(missing)} (import the bundles before it first; nothing was merged)"
                     )
+                if progress:
+                    progress.begin(len(info.blobs), sum(info.blobs.values()))
                 continue
             if head.name == "index.json":
                 refs = _index_refs(await _small(tar, head.size), where)
@@ -233,13 +235,19 @@ async def import_bundle(
             if w is None or w.present:  # in the cache already, or stored meanwhile by another writer
                 result.present += 1
                 if progress:
-                    progress("present", digest, want)
+                    progress.blob_present(digest, want)
                 continue
+            if progress:
+                progress.blob_started(digest, want)
             try:
                 async for chunk in tar.body():
                     await w.write(chunk)
+                    if progress:
+                        progress.blob_advanced(digest, len(chunk))
             except BaseException:
                 await w.abort(keep=False)
+                if progress:
+                    progress.blob_finished(digest, False)
                 raise
             committing.append(asyncio.ensure_future(commit(w, digest, want, result)))
             while len(committing) >= MAX_COMMITS:

@@ -46,7 +46,7 @@ from mirror.store.layout import Entry, Layout
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
 CHUNK = 4 << 20  # blob bytes read, hashed and written at a time
-MAX_HASHING = 4  # chunks written but not hashed yet (for the checksum file, for the blob's check)
+MAX_HASHING = 2  # chunks written but not hashed yet (for the checksum file, for the blob's check)
 WRITEBACK = 32 << 20  # bytes written between two requests to the kernel to start writing them back
 
 

@@ -649,10 +649,12 @@ class SubsetIndexes:
         self._of: dict[Digest, SubsetIndex | None] = {}  # source index -> its subset (None: nothing cut)
         self._by_digest: dict[Digest, SubsetIndex] = {}
         self._scanned: set[str] = set()  # repositories whose every index has been looked at
+        self._missing: dict[str, dict[Digest, str]] = {}  # repository -> children not cached -> why
 
     def _use(self, catalog: Catalog) -> None:
         if catalog is not self._catalog:  # index.json changed: children may have come or gone
             self._catalog, self._of, self._by_digest, self._scanned = catalog, {}, {}, set()
+            self._missing = {}
 
     async def of(
         self, view: CacheView, catalog: Catalog, repo: Repository, found: StoredManifest
@@ -696,16 +698,23 @@ class SubsetIndexes:
                 self._scanned.add(repo.name)
         return got if got is not None and got.source in repo.manifests else None
 
-
-def missing_child(catalog: Catalog, repo: Repository, digest: Digest) -> str | None:
-    """Return why `digest`, a child of one of `repo`'s indexes that is not cached, is not served, else None."""
-    for d in sorted(repo.manifests):
-        m = catalog.manifests.get(d)
-        for kid in m.children if m is not None else ():
-            if kid.digest == digest:
-                platform = kid.platform or "of no platform"
-                return f"platform {platform} ({digest}) of index {d} is not in the cache (pulled for other platforms)"
-    return None
+    def missing(self, catalog: Catalog, repo: Repository, digest: Digest) -> str | None:
+        """Return why `digest`, a child of one of `repo`'s indexes that is not cached, is not served, else None."""
+        self._use(catalog)
+        known = self._missing.get(repo.name)
+        if known is None:  # once per repository and catalog: a 404 costs a lookup, not a walk
+            known = {}
+            for d in sorted(repo.manifests):
+                m = catalog.manifests.get(d)
+                for kid in m.children if m is not None else ():
+                    if kid.digest not in repo.manifests and kid.digest not in known:
+                        platform = kid.platform or "of no platform"
+                        known[kid.digest] = (
+                            f"platform {platform} ({kid.digest}) of index {d} is not in the cache"
+                            " (pulled for other platforms)"
+                        )
+            self._missing[repo.name] = known
+        return known.get(digest)
 
 
 async def _manifest(request: web.Request) -> web.StreamResponse:
@@ -729,7 +738,8 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     # An index cached with a platform filter is served as the subset index of its cached
     # platforms (the one `mirror push` writes) under its tags and the subset's digest; by
     # the source's digest as it is. Under pull-through, children are fetched when asked for.
-    subsets = request.app[SUBSETS_KEY] if routed is None else None
+    known = request.app[SUBSETS_KEY]
+    subsets = known if routed is None else None
     subset: SubsetIndex | None = None
     if by_tag:
         # An invalid tag names no manifest: 404, as distribution and the OCI conformance suite answer.
@@ -742,7 +752,7 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
         if digest not in repo.manifests:
             subset = await subsets.find(view, catalog, repo, digest) if subsets is not None else None
             if subset is None:
-                why = missing_child(catalog, repo, digest)
+                why = known.missing(catalog, repo, digest)
                 if why is not None:
                     return error(
                         404, "MANIFEST_UNKNOWN", "manifest unknown: platform not cached", {**named, "why": why}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mirror.digest import Digest
 from mirror.errors import BundleError, DigestError, ManifestError
@@ -23,6 +23,25 @@ BUNDLE_TYPE = "application/vnd.dev.mirror.bundle.v1+json"
 INVENTORY_TYPE = "application/vnd.dev.mirror.inventory.v1+json"
 BUNDLE_JSON = "bundle.json"
 MAX_BUNDLE_JSON = 256 << 20  # a bundle.json or inventory: a few hundred bytes per blob and reference
+
+
+class BundleProgress(Protocol):
+    """What `bundle create` and `bundle import` report while they work (the command shows it)."""
+
+    def begin(self, blobs: int, total: int) -> None:
+        """The bundle holds `blobs` blobs of `total` bytes."""
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Blob `digest` of `total` bytes begins to go in (create) or come out (import)."""
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """`n` more bytes of `digest` went through."""
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Blob `digest` is written and checked (ok), or failed."""
+
+    def blob_present(self, digest: Digest, size: int) -> None:
+        """Blob `digest` (import) is in the cache already: nothing to write."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ Repository names are each cached reference's path without its source host
 port's `:` written `_` (`quay.io/coreos/etcd`, `127.0.0.1_5000/t/app`), so same-named
 repositories of two registries stay apart. A short name that two hosts share is served
 only in its `HOST/PATH` forms. Manifests are the exact stored bytes (the source's, never
-the project's own OCI wrapper); blobs go out with sendfile and only to repositories whose
+the project's own OCI wrapper; an index cached with a platform filter is served by tag as
+the subset index `mirror push` writes); blobs go out with sendfile and only to repositories whose
 cached images reference them. `index.json` is reread whenever it changes.
 """
 
@@ -50,6 +51,7 @@ from mirror.manifest import (
     Platform,
     choose_child,
     parse_manifest,
+    subset_index,
     walk_index,
     wrapped_source,
 )
@@ -627,6 +629,94 @@ async def _tags(request: web.Request) -> web.Response:
     return _paged(request, sorted(repo.tags), "tags", {"name": request.match_info["name"]})
 
 
+# --- Platform subsets: an index cached with a platform filter, served as `mirror push` sends it ---
+
+
+@dataclass(frozen=True, slots=True)
+class SubsetIndex:
+    """A subset index served for a source index some of whose children are not cached."""
+
+    stored: StoredManifest  # the subset's digest, media type, size and (cached) children
+    raw: bytes  # `subset_index`'s bytes: the ones `mirror push` and `mirror export` write
+    source: Digest  # the source index it lists the cached children of
+
+
+class SubsetIndexes:
+    """The subset indexes of the current catalog, made when first asked for and dropped with the catalog."""
+
+    def __init__(self) -> None:
+        self._catalog: Catalog | None = None
+        self._of: dict[Digest, SubsetIndex | None] = {}  # source index -> its subset (None: nothing cut)
+        self._by_digest: dict[Digest, SubsetIndex] = {}
+        self._scanned: set[str] = set()  # repositories whose every index has been looked at
+        self._missing: dict[str, dict[Digest, str]] = {}  # repository -> children not cached -> why
+
+    def _use(self, catalog: Catalog) -> None:
+        if catalog is not self._catalog:  # index.json changed: children may have come or gone
+            self._catalog, self._of, self._by_digest, self._scanned = catalog, {}, {}, set()
+            self._missing = {}
+
+    async def of(
+        self, view: CacheView, catalog: Catalog, repo: Repository, found: StoredManifest
+    ) -> SubsetIndex | None:
+        """Return the subset index served for the index `found`, or None when every child is cached (or none is)."""
+        if found.media_type not in INDEX_TYPES or all(d.digest in repo.manifests for d in found.children):
+            return None
+        self._use(catalog)
+        if found.digest in self._of:
+            return self._of[found.digest]
+        raw = await view.manifest_bytes(found)
+        if raw is None:
+            return None  # gone or damaged: the caller's own read answers 404
+        try:
+            top = parse_manifest(raw, found.media_type, found.digest)
+            # The children the catalog serves are the cached ones: what `plan_push` keeps.
+            cut = subset_index(top, repo.manifests) if isinstance(top, IndexManifest) else None
+        except ManifestError as exc:  # no child cached at all: served as it is, as before
+            _request_log.warning("index %s: no subset served: %s", found.digest, exc)
+            cut = None
+        got = None
+        if cut is not None:
+            stored = StoredManifest(cut.digest, cut.media_type, len(cut.raw), cut.manifests)
+            got = SubsetIndex(stored, cut.raw, found.digest)
+        if self._catalog is catalog:
+            self._of[found.digest] = got
+            if got is not None:
+                self._by_digest[got.stored.digest] = got
+        return got
+
+    async def find(self, view: CacheView, catalog: Catalog, repo: Repository, digest: Digest) -> SubsetIndex | None:
+        """Return the subset index of one of `repo`'s indexes whose digest is `digest`, if there is one."""
+        self._use(catalog)
+        got = self._by_digest.get(digest)
+        if got is None and repo.name not in self._scanned:
+            for d in sorted(repo.manifests):
+                m = catalog.manifests.get(d)
+                if m is not None and m.media_type in INDEX_TYPES and (sub := await self.of(view, catalog, repo, m)):
+                    got = sub if sub.stored.digest == digest else got
+            if self._catalog is catalog:
+                self._scanned.add(repo.name)
+        return got if got is not None and got.source in repo.manifests else None
+
+    def missing(self, catalog: Catalog, repo: Repository, digest: Digest) -> str | None:
+        """Return why `digest`, a child of one of `repo`'s indexes that is not cached, is not served, else None."""
+        self._use(catalog)
+        known = self._missing.get(repo.name)
+        if known is None:  # once per repository and catalog: a 404 costs a lookup, not a walk
+            known = {}
+            for d in sorted(repo.manifests):
+                m = catalog.manifests.get(d)
+                for kid in m.children if m is not None else ():
+                    if kid.digest not in repo.manifests and kid.digest not in known:
+                        platform = kid.platform or "of no platform"
+                        known[kid.digest] = (
+                            f"platform {platform} ({kid.digest}) of index {d} is not in the cache"
+                            " (pulled for other platforms)"
+                        )
+            self._missing[repo.name] = known
+        return known.get(digest)
+
+
 async def _manifest(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/manifests/REFERENCE`: the stored bytes, negotiated on `Accept`."""
     reference = request.match_info["reference"]
@@ -640,9 +730,17 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     repo = await _repository(request, served)
     if isinstance(repo, web.Response):
         return repo
-    catalog = await _view(request).catalog()
+    view = _view(request)
+    catalog = await view.catalog()
     by_tag = ":" not in reference
-    unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": repo.name, "reference": reference})
+    named = {"name": repo.name, "reference": reference}
+    unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", named)
+    # An index cached with a platform filter is served as the subset index of its cached
+    # platforms (the one `mirror push` writes) under its tags and the subset's digest; by
+    # the source's digest as it is. Under pull-through, children are fetched when asked for.
+    known = request.app[SUBSETS_KEY]
+    subsets = known if routed is None else None
+    subset: SubsetIndex | None = None
     if by_tag:
         # An invalid tag names no manifest: 404, as distribution and the OCI conformance suite answer.
         digest = repo.tags.get(reference) if _TAG.fullmatch(reference) else None
@@ -652,10 +750,20 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
         except DigestError as exc:
             return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
         if digest not in repo.manifests:
+            subset = await subsets.find(view, catalog, repo, digest) if subsets is not None else None
+            if subset is None:
+                why = known.missing(catalog, repo, digest)
+                if why is not None:
+                    return error(
+                        404, "MANIFEST_UNKNOWN", "manifest unknown: platform not cached", {**named, "why": why}
+                    )
             digest = None
-    found = catalog.manifests.get(digest) if digest is not None else None
+    found = subset.stored if subset is not None else catalog.manifests.get(digest) if digest is not None else None
     if found is None:
         return unknown
+    if by_tag and subsets is not None:
+        subset = await subsets.of(view, catalog, repo, found)
+        found = subset.stored if subset is not None else found
     # Clients (containers/image, Docker) send one Accept header per media type.
     accepted = accepted_types(", ".join(request.headers.getall(hdrs.ACCEPT, [])))
     chosen = negotiate(found, accepted, catalog, by_tag=by_tag, platform=request.app[PLATFORM_KEY])
@@ -677,7 +785,7 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD" and media_type == chosen.media_type:
         headers[hdrs.CONTENT_LENGTH] = str(chosen.size)
         return web.Response(headers=headers)
-    raw = await _view(request).manifest_bytes(chosen)
+    raw = subset.raw if subset is not None and chosen is subset.stored else await view.manifest_bytes(chosen)
     if raw is None:
         return unknown
     if request.method == "HEAD":
@@ -844,6 +952,7 @@ async def _load_catalog(app: web.Application) -> None:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("mirror.default_platform")
+SUBSETS_KEY: web.AppKey[SubsetIndexes] = web.AppKey("mirror.subset_indexes")
 
 
 class _Gate:
@@ -943,6 +1052,7 @@ def install(
     app.middlewares.append(_middleware(auth, realm))
     app[APP_KEY] = CacheView(layout)
     app[PLATFORM_KEY] = default_platform
+    app[SUBSETS_KEY] = SubsetIndexes()
     if pull is not None:
         app[PULL_KEY] = pull
 

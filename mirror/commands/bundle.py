@@ -13,18 +13,21 @@ import asyncio
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.bundle import BUNDLE_TYPE, INVENTORY_TYPE, BundleInfo, Inventory, parse_ls_json
 from mirror.commands.common import EXIT_OK, add_common, add_wait, human, load_config
 from mirror.digest import Digest
 from mirror.errors import BundleError, UsageError
-from mirror.progress import JsonLog
+from mirror.progress import ERROR, INFO, JsonLog
 from mirror.sinks.bundle import Base, create, inventory_of, split_size
 from mirror.sources.bundle import ZSTD_MAGIC, import_bundle, read_info, volumes
 from mirror.store.layout import Layout
 from mirror.store.lock import CacheLock
 from mirror.text import printable
+
+if TYPE_CHECKING:
+    from mirror.progress_rich import RichProgress
 
 
 def register(sub: Any) -> None:
@@ -65,6 +68,82 @@ def register(sub: Any) -> None:
     inv.set_defaults(run=run_inventory)
 
 
+class Shown:
+    """A bundle's progress as the other commands show theirs: rich bars on a terminal, else JSON lines on stderr.
+
+    Off a terminal each blob is one `blob` event (`status`: `bundled`, `written`,
+    `present` or `failed`; `bytes`; `done` and `total` bytes of the bundle so far), and
+    the run ends with one `summary` event.
+    """
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb  # a blob's status once it went through: `bundled` (create), `written` (import)
+        self.rich: RichProgress | None = None
+        self.log: JsonLog | None = None
+        if sys.stderr.isatty():
+            from mirror.progress_rich import RichProgress  # rich only on a terminal: it costs start-up time
+
+            self.rich = RichProgress.on_stderr()
+        else:
+            self.log = JsonLog(sys.stderr)
+        self.total = self.done = 0
+        self._sizes: dict[Digest, int] = {}
+
+    def __enter__(self) -> Shown:
+        if self.rich is not None:
+            self.rich.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rich is not None:
+            self.rich.__exit__(*exc)
+
+    def begin(self, blobs: int, total: int) -> None:
+        """Give the total bar its size."""
+        self.total = total
+        if self.rich is not None:
+            self.rich.bars.update(self.rich.total, total=total)
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Add the blob's bar."""
+        self._sizes[digest] = total
+        if self.rich is not None:
+            self.rich.blob_started(digest, total)
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """Advance the blob's bar and the total."""
+        if self.rich is not None:
+            self.rich.blob_advanced(digest, n)
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Remove the blob's bar; off a terminal, log its line."""
+        size = self._sizes.pop(digest, 0)
+        if ok:
+            self.done += size
+        if self.rich is not None:
+            self.rich.blob_finished(digest, ok)
+        if self.log is not None:
+            self._event(self.verb if ok else "failed", digest, size)
+
+    def blob_present(self, digest: Digest, size: int) -> None:
+        """Count the blob as done (the total bar moves on); off a terminal, log its line."""
+        self.done += size
+        if self.rich is not None:
+            self.rich.bars.advance(self.rich.total, size)
+        if self.log is not None:
+            self._event("present", digest, size)
+
+    def _event(self, status: str, digest: Digest, size: int) -> None:
+        assert self.log is not None
+        level = ERROR if status == "failed" else INFO
+        self.log.event("blob", level, status=status, digest=str(digest), bytes=size, done=self.done, total=self.total)
+
+    def summary(self, **fields: Any) -> None:
+        """Off a terminal, log the run's `summary` event."""
+        if self.log is not None:
+            self.log.event("summary", **fields)
+
+
 async def load_base(path: Path) -> Base:
     """Return what `--since FILE` says the far side holds; BundleError when it is none of the known kinds."""
     try:
@@ -103,7 +182,9 @@ async def run_create(args: argparse.Namespace) -> int:
     split = split_size(args.split) if args.split else 0
     base = await load_base(args.since) if args.since else None
     lock = CacheLock(cfg.cache, exclusive=False, wait=args.wait)  # held while planning and snapshotting only
-    plan, files = await create(layout, None if args.all else args.refs, base, out, lock, split=split, zstd=zstd)
+    names = None if args.all else args.refs
+    with Shown("bundled") as shown:
+        plan, files = await create(layout, names, base, out, lock, split=split, zstd=zstd, progress=shown)
     info = plan.info
     size = sum(info.blobs.values())
     line = (
@@ -111,17 +192,15 @@ async def run_create(args: argparse.Namespace) -> int:
         + (f", {len(info.assumed)} assumed from {info.base}" if info.base else "")
         + f" -> {', '.join(printable(str(f)) for f in files)}"
     )
-    if not sys.stderr.isatty():
-        JsonLog(sys.stderr).event(
-            "bundle_created",
-            id=info.id,
-            references=len(info.references),
-            blobs=len(info.blobs),
-            bytes=size,
-            assumed=len(info.assumed),
-            base=info.base or None,
-            files=[str(f) for f in files],
-        )
+    shown.summary(
+        id=info.id,
+        references=len(info.references),
+        blobs=len(info.blobs),
+        bytes=size,
+        assumed=len(info.assumed),
+        base=info.base or None,
+        files=[str(f) for f in files],
+    )
     print(line, file=sys.stderr)
     return EXIT_OK
 
@@ -131,30 +210,24 @@ async def run_import(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     files = volumes(args.bundle)
     layout = Layout.open(cfg.cache)
-    log = None if sys.stderr.isatty() else JsonLog(sys.stderr)
-
-    seen = [0, 0]
-
-    def progress(what: str, digest: Digest, size: int) -> None:
-        if log is not None:
-            log.event("blob", status=what, digest=str(digest), bytes=size)
-        else:  # a terminal: one line, rewritten per blob
-            seen[0] += 1
-            seen[1] += size
-            print(f"\r{seen[0]} blob(s) checked in, {human(seen[1])}", end="", file=sys.stderr, flush=True)
-
-    try:
+    with Shown("written") as shown:
         async with CacheLock(cfg.cache, exclusive=False, wait=args.wait, lease=True):
-            result = await import_bundle(layout, files, progress)
-    finally:
-        if log is None and seen[0]:
-            print(file=sys.stderr)
+            result = await import_bundle(layout, files, shown)
     for name in result.added:
         print(f"added\t{printable(name)}")
     for name, old, new in result.replaced:
         print(f"replaced\t{printable(name)}\t{old} -> {new}")
     for name in result.unchanged:
         print(f"unchanged\t{printable(name)}")
+    shown.summary(
+        id=result.info.id,
+        written=result.written,
+        present=result.present,
+        bytes=result.bytes,
+        added=len(result.added),
+        replaced=len(result.replaced),
+        unchanged=len(result.unchanged),
+    )
     print(
         f"imported bundle {result.info.id}: {result.written} blob(s) written ({human(result.bytes)}), "
         f"{result.present} already there; {len(result.added)} reference(s) added, {len(result.replaced)} replaced, "

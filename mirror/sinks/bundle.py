@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 import uuid
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -29,21 +30,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mirror import __version__
-from mirror.bundle import BUNDLE_JSON, BundleInfo, Inventory
+from mirror.bundle import BUNDLE_JSON, BundleInfo, BundleProgress, Inventory
 from mirror.digest import Digest
-from mirror.errors import MirrorError, StoreError, UsageError
-from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve, write_tar
+from mirror.errors import IntegrityError, MirrorError, StoreError, UsageError
+from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, REF_NAME, Descriptor, parse_manifest, wrapped_source
 from mirror.store.gc import mark, stored_blobs
 from mirror.store.layout import Entry, Layout
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
-MAX_HASHING = 8  # chunks (1 MiB each) written but not hashed yet for the checksum file
+CHUNK = 4 << 20  # blob bytes read, hashed and written at a time
+MAX_HASHING = 2  # chunks written but not hashed yet (for the checksum file, for the blob's check)
+WRITEBACK = 32 << 20  # bytes written between two requests to the kernel to start writing them back
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +197,7 @@ class VolumeWriter:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="bundle-sha256")
         self._hashing: deque[Future[None]] = deque()
         self._left = 0
+        self._written = self._flushed = 0
         self._compressor: Any = None
         if zstd:
             import zstandard  # an optional dependency: only bundles named .zst use it
@@ -210,6 +215,7 @@ class VolumeWriter:
         self._hash = hashlib.sha256()
         self.volumes.append((final, tmp, ""))
         self._left = self.split or -1
+        self._written = self._flushed = 0  # bytes of this volume: written, and asked to be written back
 
     def _close_volume(self) -> None:
         if self._file is not None:
@@ -228,13 +234,31 @@ class VolumeWriter:
                 self._next_volume()
             n = len(view) if self._left < 0 else min(len(view), self._left)
             part = view[:n]
-            self._file.write(part)
             self._hashing.append(self._hasher.submit(self._hash.update, part))
+            self._file.write(part)
             self._drain(MAX_HASHING)
             self.bytes += n
+            self._written += n
+            if self._written - self._flushed >= WRITEBACK:
+                self._writeback()
             if self._left > 0:
                 self._left -= n
             view = view[n:]
+
+    def _writeback(self) -> None:
+        """Ask the kernel to start writing the bytes written so far to disk, without waiting.
+
+        On Linux, POSIX_FADV_DONTNEED begins the writeback of dirty pages (and drops the
+        clean ones): the disk works while the next bytes come, and the fsync at the end
+        of the volume finds little left to wait for.
+        """
+        self._file.flush()
+        if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
+                os.posix_fadvise(
+                    self._file.fileno(), self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED
+                )
+        self._flushed = self._written
 
     def _drain(self, keep: int) -> None:
         """Wait until at most `keep` chunks are still being hashed (they hold memory)."""
@@ -274,11 +298,95 @@ class VolumeWriter:
             tmp.unlink(missing_ok=True)
 
 
-def write_bundle(layout: Layout, plan: BundlePlan, out: Path, *, split: int = 0, zstd: bool = False) -> list[Path]:
+def _header(m: Member) -> bytes:
+    """Return the tar header of member `m` (PAX only where ustar does not fit), as `mirror export` writes it."""
+    info = tarfile.TarInfo(m.path.rstrip("/"))
+    info.mtime = 0
+    info.uname = info.gname = ""
+    if m.is_dir:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.size, info.mode = (len(m.data) if m.data is not None else m.size), 0o644
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def _copy_blob(
+    layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPoolExecutor, progress: BundleProgress | None
+) -> None:
+    """Write blob member `m`'s bytes, hashed in `hasher`'s thread while the next are read; IntegrityError when wrong.
+
+    Read in CHUNK pieces: the three passes over each byte (the copy out, the blob's check,
+    the checksum file's hash) run at once on two cores, hashlib letting go of the GIL.
+    """
+    assert m.blob is not None
+    h = m.blob.hasher()
+    hashing: deque[Future[None]] = deque()
+    left = m.size
+    try:
+        with open(layout.blobs.path(m.blob), "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != m.size:
+                raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling")
+            while left and (chunk := f.read(min(CHUNK, left))):
+                hashing.append(hasher.submit(h.update, chunk))
+                writer.write(chunk)
+                left -= len(chunk)
+                if progress is not None:
+                    progress.blob_advanced(m.blob, len(chunk))
+                while len(hashing) > MAX_HASHING:
+                    hashing.popleft().result()
+    finally:
+        for fut in hashing:
+            fut.result()
+    if left:
+        raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling")
+    if h.hexdigest() != m.blob.hex:
+        raise IntegrityError(f"blob {m.blob} in the cache does not match its digest: run `mirror verify`")
+
+
+def write_members(
+    layout: Layout, plan: ExportPlan, writer: VolumeWriter, progress: BundleProgress | None = None
+) -> int:
+    """Write the plan as a tar into `writer`, checking each blob against its digest; return the bytes. Blocking."""
+    start = writer.bytes
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="bundle-blob-sha256")
+    try:
+        for m in plan.members:
+            writer.write(_header(m))
+            if m.data is not None:
+                writer.write(m.data + bytes(-len(m.data) % tarfile.BLOCKSIZE))
+            elif m.blob is not None:
+                if progress is not None:
+                    progress.blob_started(m.blob, m.size)
+                try:
+                    _copy_blob(layout, m, writer, hasher, progress)
+                except BaseException:
+                    if progress is not None:
+                        progress.blob_finished(m.blob, False)
+                    raise
+                if progress is not None:
+                    progress.blob_finished(m.blob, True)
+                writer.write(bytes(-m.size % tarfile.BLOCKSIZE))
+        # The end-of-archive marker (two zero blocks), padded to a whole record as tar writes it.
+        end = 2 * tarfile.BLOCKSIZE
+        writer.write(bytes(end + -(writer.bytes - start + end) % tarfile.RECORDSIZE))
+    finally:
+        hasher.shutdown()
+    return writer.bytes - start
+
+
+def write_bundle(
+    layout: Layout,
+    plan: BundlePlan,
+    out: Path,
+    *,
+    split: int = 0,
+    zstd: bool = False,
+    progress: BundleProgress | None = None,
+) -> list[Path]:
     """Write the bundle to `out` (or its numbered volumes); return the files written. Blocking."""
     writer = VolumeWriter(out, split=split, zstd=zstd)
     try:
-        write_tar(layout, plan.export_plan(), writer)  # type: ignore[arg-type]
+        write_members(layout, plan.export_plan(), writer, progress)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -328,21 +436,26 @@ async def create(
     *,
     split: int = 0,
     zstd: bool = False,
+    progress: BundleProgress | None = None,
 ) -> tuple[BundlePlan, list[Path]]:
     """Plan a bundle from one read of `index.json` and snapshot its blobs within `hold` (the cache lock), then write it.
 
-    Returns the plan and the files written.
+    Returns the plan and the files written. `progress` hears of each blob from the
+    writing thread.
     """
     async with hold:
         entries = await layout.entries()
         plan = await asyncio.to_thread(plan_bundle, layout, entries, names, base)
+        if progress is not None:
+            progress.begin(len(plan.info.blobs), sum(plan.info.blobs.values()))
+        write = partial(write_bundle, plan=plan, out=out, split=split, zstd=zstd, progress=progress)
         try:
             snap = await asyncio.to_thread(snapshot, layout, plan)
         except OSError:  # no hard links here: write while holding the lock
-            files = await asyncio.to_thread(write_bundle, layout, plan, out, split=split, zstd=zstd)
+            files = await asyncio.to_thread(write, layout)
             return plan, files
     try:
-        files = await asyncio.to_thread(write_bundle, snap, plan, out, split=split, zstd=zstd)
+        files = await asyncio.to_thread(write, snap)
     finally:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(shutil.rmtree, snap.root)

@@ -14,20 +14,24 @@ write, a name that pointed elsewhere is replaced and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirror.bundle import BUNDLE_JSON, MAX_BUNDLE_JSON, BundleInfo
+from mirror.bundle import BUNDLE_JSON, MAX_BUNDLE_JSON, BundleInfo, BundleProgress
 from mirror.digest import Digest
 from mirror.errors import BundleError, DigestError, IntegrityError, ManifestError, MirrorError
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, REF_NAME, Descriptor, ImageManifest, parse_manifest
 from mirror.sources.savetar import SaveFormatError, TarReader
+from mirror.store.blobs import BlobWriter
 from mirror.store.gc import manifest_loader, mark
 from mirror.store.layout import Layout
 
-READ_BYTES = 1 << 20
+READ_BYTES = 4 << 20  # read from the bundle at a time, the next read already under way
+MAX_COMMITS = 4  # blobs being checked, fsynced and renamed while the next ones stream in
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_LIST = 20  # digests named in one error line
 MAX_ENTRIES = 10_000_000  # tar entries of one bundle: a blob each (a docker save has far fewer)
@@ -63,13 +67,20 @@ def volumes(path: Path) -> list[Path]:
 async def _raw_chunks(paths: Sequence[Path]) -> AsyncIterator[bytes]:
     for p in paths:
         try:
-            f = await asyncio.to_thread(open, p, "rb")
+            f = await asyncio.to_thread(open, p, "rb", buffering=0)
         except OSError as exc:
             raise BundleError(f"{p}: cannot read it: {exc.strerror or exc}") from None
+        # Read ahead: the next piece comes off the disk while this one is hashed and written.
+        ahead: asyncio.Future[bytes] = asyncio.ensure_future(asyncio.to_thread(f.read, READ_BYTES))
         try:
-            while chunk := await asyncio.to_thread(f.read, READ_BYTES):
+            while chunk := await ahead:
+                ahead = asyncio.ensure_future(asyncio.to_thread(f.read, READ_BYTES))
                 yield chunk
+        except OSError as exc:
+            raise BundleError(f"{p}: cannot read it: {exc.strerror or exc}") from None
         finally:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(ahead)  # a thread cannot be stopped: it ends before the file closes
             f.close()
 
 
@@ -149,15 +160,13 @@ def _listed(digests: Sequence[Digest]) -> str:
     return ", ".join(str(d) for d in digests[:MAX_LIST]) + more
 
 
-async def import_bundle(
-    layout: Layout, paths: Sequence[Path], progress: Callable[[str, Digest, int], None] | None = None
-) -> ImportResult:
+async def import_bundle(layout: Layout, paths: Sequence[Path], progress: BundleProgress | None = None) -> ImportResult:
     """Stream the bundle in `paths` into `layout`'s store, then merge its references into `index.json`.
 
     BundleError (nothing written to `index.json`) for a bundle that is not one, a blob
     that does not match its digest or size, a blob or entry not announced, a cut bundle,
-    or a delta whose assumed blobs the cache lacks. `progress(what, digest, size)` is told
-    of each blob (`written` or `present`).
+    or a delta whose assumed blobs the cache lacks. `progress` is told
+    of the bundle's size once `bundle.json` is read, then of each blob.
     """
     where = str(paths[0])
     store = layout.blobs
@@ -166,6 +175,25 @@ async def import_bundle(
     refs: dict[str, Descriptor] | None = None
     got: set[Digest] = set()
     result: ImportResult | None = None
+    # Blobs whose bytes are all in: checked, fsynced and renamed (each only once it is
+    # checked and durable, as ever) while the next blobs stream in.
+    committing: deque[asyncio.Task[None]] = deque()
+
+    async def commit(w: BlobWriter, digest: Digest, size: int, result: ImportResult) -> None:
+        try:
+            await w.commit()
+        except BaseException as exc:
+            await w.abort(keep=False)
+            if progress:
+                progress.blob_finished(digest, False)
+            if isinstance(exc, IntegrityError):
+                raise BundleError(f"{where}: blob {digest} is corrupted ({exc}); nothing was merged") from None
+            raise
+        result.written += 1
+        result.bytes += size
+        if progress:
+            progress.blob_finished(digest, True)
+
     try:
         while (head := await tar.next()) is not None:
             if head.kind == "dir":
@@ -186,6 +214,8 @@ async def import_bundle(
                         f"{where} is a delta on {info.base}: the cache {layout.root} lacks {len(missing)} blob(s)"
                         f" it builds on: {_listed(missing)} (import the bundles before it first; nothing was merged)"
                     )
+                if progress:
+                    progress.begin(len(info.blobs), sum(info.blobs.values()))
                 continue
             if head.name == "index.json":
                 refs = _index_refs(await _small(tar, head.size), where)
@@ -201,21 +231,36 @@ async def import_bundle(
             if head.size != want:
                 raise BundleError(f"{where}: blob {digest} is {head.size} bytes, {BUNDLE_JSON} says {want}")
             got.add(digest)
-            if store.has(digest, want):
+            w = None if store.has(digest, want) else await store.writer(digest, want, resume=False)
+            if w is None or w.present:  # in the cache already, or stored meanwhile by another writer
                 result.present += 1
                 if progress:
-                    progress("present", digest, want)
+                    progress.blob_present(digest, want)
                 continue
-            try:
-                await store.write_stream(digest, want, tar.body())
-            except IntegrityError as exc:
-                raise BundleError(f"{where}: blob {digest} is corrupted ({exc}); nothing was merged") from None
-            result.written += 1
-            result.bytes += want
             if progress:
-                progress("written", digest, want)
+                progress.blob_started(digest, want)
+            try:
+                async for chunk in tar.body():
+                    await w.write(chunk)
+                    if progress:
+                        progress.blob_advanced(digest, len(chunk))
+            except BaseException:
+                await w.abort(keep=False)
+                if progress:
+                    progress.blob_finished(digest, False)
+                raise
+            committing.append(asyncio.ensure_future(commit(w, digest, want, result)))
+            while len(committing) >= MAX_COMMITS:
+                await committing.popleft()
+        while committing:
+            await committing.popleft()
     except SaveFormatError as exc:
         raise BundleError(f"{where}: not a readable bundle tar: {exc}; nothing was merged") from None
+    finally:
+        # On an error, the blobs already read in still finish (or are removed) before it is told.
+        for task in committing:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
     if info is None or result is None:
         raise BundleError(f"{where}: no {BUNDLE_JSON}: not a mirror bundle")
     lacking = sorted((d for d in info.blobs if d not in got), key=str)

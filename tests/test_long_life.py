@@ -365,12 +365,15 @@ async def test_a_big_index_is_read_and_updated_off_the_event_loop(tmp_path: Path
     stop = asyncio.Event()
 
     async def tick() -> None:
-        last = time.monotonic()
+        # A stall is a gap between ticks during which this process worked: the smaller of the
+        # gap's wall time and the CPU time all of the process's threads spent in it. Time the
+        # whole process waited for a CPU (a loaded machine, other test workers) is no stall.
+        last, last_cpu = time.monotonic(), time.process_time()
         while not stop.is_set():
             await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            now, cpu = time.monotonic(), time.process_time()
+            gaps.append(min(now - last, cpu - last_cpu))
+            last, last_cpu = now, cpu
 
     ticker = asyncio.create_task(tick())
     for i in range(3):
@@ -378,8 +381,9 @@ async def test_a_big_index_is_read_and_updated_off_the_event_loop(tmp_path: Path
         assert len(await layout.entries()) == BIG_INDEX + i + 1
     stop.set()
     await ticker
-    # Generous: the loop keeps ticking while each update parses and dumps the whole file.
-    assert max(gaps) < 1.0, f"the event loop stalled {max(gaps):.2f} s"
+    # Generous: the loop keeps ticking while each update parses and dumps the whole file
+    # (parsed or dumped on the loop, or in one GIL-holding call, this index stalls it ~0.8 s).
+    assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f} s"
 
 
 async def test_a_cancelled_index_write_finishes_before_its_locks_go(tmp_path: Path) -> None:

@@ -1,5 +1,10 @@
 PY ?= python3
 PYTEST ?= $(PY) -m pytest
+# Test files run in parallel, one worker per CPU of a CI machine (2): most tests wait on real
+# peers (registries, podman, redis) or on fsync, so two workers cut the wall time well below one worker's.
+# `-p no:benchmark`: pytest-benchmark, when installed, warns under xdist (an error here).
+TEST_JOBS ?= 2
+PYTEST_PAR = $(PYTEST) -p no:benchmark -n $(TEST_JOBS) --dist loadfile
 
 .PHONY: install demo test test-quick lint format bench soak clean
 
@@ -19,10 +24,10 @@ demo: .installed    ## start a local registry with sample images and mirror them
 	$(PY) -m tools.demo
 
 test: .installed    ## every test, against the real peers
-	$(PYTEST) -q -p no:cacheprovider
+	$(PYTEST_PAR) -q -p no:cacheprovider
 
 test-quick: .installed  ## the fast subset while working
-	$(PYTEST) -q -p no:cacheprovider -m "not slow"
+	$(PYTEST_PAR) -q -p no:cacheprovider -m "not slow"
 
 lint:
 	ruff check mirror tests tools bench

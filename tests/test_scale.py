@@ -58,11 +58,14 @@ async def test_first_sync_keeps_a_bounded_window_of_tags_in_flight(
     assert 1 <= engine.stats.tags_peak <= window
     want = {f"{reg.host}/scale/app:{t}": d for t, d in digests.items()}
     assert {r.reference: r.digest for r in results} == want
-    doc = json.loads((tmp_path / "cache" / "index.json").read_text())
+    index = tmp_path / "cache" / "index.json"
+    assert engine.layout.index_bytes <= 3 * index.stat().st_size  # batched, not one write per finished tag
+    doc = json.loads(index.read_text())
     assert {m["annotations"]["org.opencontainers.image.ref.name"] for m in doc["manifests"]} == set(want)
     again, engine = await run_sync(path)
     assert sorted(r.status for r in again) == [UNCHANGED] * TAGS
     assert 1 <= engine.stats.tags_peak <= window
+    assert engine.layout.index_bytes == 0  # a no-op resync writes no index
 
 
 async def test_a_window_bounds_branches_and_a_failure_leaves_nothing_behind() -> None:

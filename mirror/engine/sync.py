@@ -213,7 +213,8 @@ class Syncer:
                 self._by_repo.setdefault(ref.name, []).append(ref)
         # The run's own scope: it waits for its own downloads only, never another run's.
         try:
-            async with self.engine.run_scope():
+            # index.json is written in growing batches while the run goes on, and whole by its end.
+            async with layout.batched(), self.engine.run_scope():
                 parts = await fan_out(self._job(job, source) for job, source in jobs)
         finally:
             stats = self.engine.stats

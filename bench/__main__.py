@@ -20,7 +20,8 @@ import bench.cases_more  # registers cases 6-8 in CASES
 import bench.cases_pull  # registers case 10 (pull-through) in CASES
 import bench.cases_shared  # registers case 12 (two pulls into one cache) in CASES
 import bench.cases_startup  # registers case 14 (start-up) in CASES
-import bench.fleet  # noqa: F401 - registers case 11 (the fleet) in CASES
+import bench.fleet  # registers case 11 (the fleet) in CASES
+import bench.scale  # noqa: F401 - registers case 13 (scale: N = 100 ... 100,000 tags) in CASES
 from bench.cases import CASES, FULL, QUICK, Context
 from bench.measure import ROOT, RegistryLog
 from bench.report import merge, note_run

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -144,12 +145,78 @@ class _Reader:
         return got
 
 
-def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, Manifest]) -> Catalog:
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What one `index.json` entry adds to the catalog (remembered across rebuilds, by entry)."""
+
+    ref: Reference
+    top: Digest
+    reached: frozenset[Digest]  # manifests its name reaches: the top, nested indexes, images
+    stored: tuple[StoredManifest, ...]
+    refer: tuple[ReferrerInfo, ...]
+    blobs: tuple[Digest, ...]  # its images' layers and configs
+    sizes: tuple[tuple[Digest, int], ...]
+
+
+_EntryKey = tuple[str, Digest, str]  # name, digest, media type: an entry that changes is a new key
+
+
+def _part_of(layout: Layout, reader: _Reader, entry: Entry) -> _Part:
+    """Return what `entry` adds to the catalog (blocking reads; raises MirrorError/OSError)."""
+    ref = Reference.parse(entry.name)
+    top = reader.manifest(entry.descriptor.digest, entry.descriptor.media_type)
+    source = wrapped_source(top)
+    if source is not None:
+        top = reader.manifest(*source)
+    images: list[ImageManifest] = []
+    reached = {top.digest}
+    refer = [referrer_info(top.raw, top.media_type, top.digest)]
+    stored: list[StoredManifest] = []
+    if isinstance(top, IndexManifest):
+        stored.append(StoredManifest(top.digest, top.media_type, len(top.raw), top.manifests))
+
+        def cached(d: Descriptor) -> Manifest | None:
+            return reader.manifest(d.digest, d.media_type) if layout.blobs.has(d.digest) else None
+
+        for _, kid in walk_index(top, cached):  # nested indexes followed
+            if isinstance(kid, ImageManifest):
+                images.append(kid)
+            elif isinstance(kid, IndexManifest):
+                stored.append(StoredManifest(kid.digest, kid.media_type, len(kid.raw), kid.manifests))
+                reached.add(kid.digest)
+    else:
+        images.append(top)
+    for image in images:
+        stored.append(StoredManifest(image.digest, image.media_type, len(image.raw)))
+        reached.add(image.digest)
+        refer.append(referrer_info(image.raw, image.media_type, image.digest))
+    return _Part(
+        ref,
+        top.digest,
+        frozenset(reached),
+        tuple(stored),
+        tuple(i for i in refer if i is not None),
+        tuple(b.digest for m in images for b in m.blobs),
+        tuple((b.digest, b.size) for m in images for b in m.blobs if b.size >= 0),
+    )
+
+
+def build_catalog(
+    layout: Layout,
+    entries: Iterable[Entry],
+    memo: dict[Digest, Manifest],
+    parts: dict[_EntryKey, _Part] | None = None,
+) -> Catalog:
     """Return what the server offers for `entries` (blocking file reads: run it in a thread).
 
     `memo` holds manifests parsed by earlier builds; it is left holding those used now.
+    `parts` holds what each entry added in earlier builds: an entry whose name, digest
+    and media type are unchanged is not read again (after a sync only the new and
+    changed entries are); it is left holding the entries served now.
     """
     reader = _Reader(layout, memo)
+    known = parts if parts is not None else {}
+    now: dict[_EntryKey, _Part] = {}
     tags: dict[str, dict[str, Digest]] = {}
     manifests_of: dict[str, set[Digest]] = {}
     blobs_of: dict[str, set[Digest]] = {}
@@ -158,50 +225,31 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
     stored: dict[Digest, StoredManifest] = {}
     referrers_of: dict[str, dict[Digest, dict[Digest, ReferrerInfo]]] = {}
     for entry in entries:
-        try:
-            ref = Reference.parse(entry.name)
-            top = reader.manifest(entry.descriptor.digest, entry.descriptor.media_type)
-            source = wrapped_source(top)
-            if source is not None:
-                top = reader.manifest(*source)
-            images: list[ImageManifest] = []
-            reached = {top.digest}
-            refer = [referrer_info(top.raw, top.media_type, top.digest)]
-            if isinstance(top, IndexManifest):
-                stored[top.digest] = StoredManifest(top.digest, top.media_type, len(top.raw), top.manifests)
-
-                def cached(d: Descriptor) -> Manifest | None:
-                    return reader.manifest(d.digest, d.media_type) if layout.blobs.has(d.digest) else None
-
-                for _, kid in walk_index(top, cached):  # nested indexes followed
-                    if isinstance(kid, ImageManifest):
-                        images.append(kid)
-                    elif isinstance(kid, IndexManifest):
-                        stored[kid.digest] = StoredManifest(kid.digest, kid.media_type, len(kid.raw), kid.manifests)
-                        reached.add(kid.digest)
-            else:
-                images.append(top)
-            for image in images:
-                stored[image.digest] = StoredManifest(image.digest, image.media_type, len(image.raw))
-                reached.add(image.digest)
-                refer.append(referrer_info(image.raw, image.media_type, image.digest))
-        except (MirrorError, OSError) as exc:
-            log.warning("not serving %s: %s", entry.name, exc)
-            continue
+        key = (entry.name, entry.descriptor.digest, entry.descriptor.media_type)
+        part = known.get(key)
+        if part is None:
+            try:
+                part = _part_of(layout, reader, entry)
+            except (MirrorError, OSError) as exc:
+                log.warning("not serving %s: %s", entry.name, exc)
+                continue
+        now[key] = part
+        ref = part.ref
+        for m in part.stored:
+            stored[m.digest] = m
         short, long = served_names(ref)
         hosts_of_short.setdefault(short, set()).add(ref.registry)
         for name in (short, long):
             if name is None:
                 continue
             if ref.tag:
-                tags.setdefault(name, {})[ref.tag] = top.digest
-            manifests_of.setdefault(name, set()).update(reached)
-            for info in refer:
-                if info is not None:
-                    referrers_of.setdefault(name, {}).setdefault(info.subject, {})[info.digest] = info
+                tags.setdefault(name, {})[ref.tag] = part.top
+            manifests_of.setdefault(name, set()).update(part.reached)
+            for info in part.refer:
+                referrers_of.setdefault(name, {}).setdefault(info.subject, {})[info.digest] = info
             # A manifest is a blob too (distribution serves both through /blobs/).
-            blobs_of.setdefault(name, set()).update(reached, (b.digest for m in images for b in m.blobs))
-            sizes_of.setdefault(name, {}).update((b.digest, b.size) for m in images for b in m.blobs if b.size >= 0)
+            blobs_of.setdefault(name, set()).update(part.reached, part.blobs)
+            sizes_of.setdefault(name, {}).update(part.sizes)
     repos = {
         name: Repository(
             name,
@@ -214,8 +262,11 @@ def build_catalog(layout: Layout, entries: Iterable[Entry], memo: dict[Digest, M
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
     }
-    for gone in set(memo) - reader.used:  # no longer named (a ref was dropped, gc ran)
+    for gone in set(memo) - reader.used:  # no longer named (a ref was dropped, gc ran), or kept in a part
         del memo[gone]
+    if parts is not None:
+        parts.clear()
+        parts.update(now)
     return Catalog(repos, stored, tuple(sorted(repos)))
 
 
@@ -227,6 +278,7 @@ class CacheView:
         self._stamp: tuple[int, int, int] | None = None
         self._catalog = Catalog()
         self._memo: dict[Digest, Manifest] = {}
+        self._parts: dict[_EntryKey, _Part] = {}  # what each entry added, reused by the next rebuild
         self._signed: OrderedDict[Digest, bytes] = OrderedDict()  # schema1 payloads as served, signed
         self._lock = asyncio.Lock()
 
@@ -242,7 +294,7 @@ class CacheView:
         async with self._lock:
             if stamp != self._stamp:
                 entries = await self.layout.entries()
-                self._catalog = await asyncio.to_thread(build_catalog, self.layout, entries, self._memo)
+                self._catalog = await asyncio.to_thread(build_catalog, self.layout, entries, self._memo, self._parts)
                 self._stamp = stamp
                 log.info("serving %d repositories from %s", len(self._catalog.repositories), self.layout.root)
         return self._catalog
@@ -945,9 +997,28 @@ async def _pull_blob(
 
 
 async def _load_catalog(app: web.Application) -> None:
-    # Read the cache once before the first request: a broken index.json fails the start.
-    catalog = await app[APP_KEY].catalog()
-    log.info("serving %d repositories", len(catalog.repositories))
+    # Build the catalog in the background: `/v2/` answers at once, and a request that needs
+    # the catalog waits for this build (CacheView's lock) instead of starting its own. A
+    # broken index.json is logged here, and each such request answers 500 naming it.
+    async def warm() -> None:
+        try:
+            catalog = await app[APP_KEY].catalog()
+        except (MirrorError, OSError) as exc:
+            log.error("cannot serve the cache: %s", exc)
+            return
+        log.info("serving %d repositories", len(catalog.repositories))
+
+    app[_WARM_KEY].append(asyncio.get_running_loop().create_task(warm()))
+
+
+async def _stop_loading(app: web.Application) -> None:
+    for task in app[_WARM_KEY]:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+_WARM_KEY: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("mirror.catalog_warmup")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -1061,7 +1132,9 @@ def install(
 
         app.on_shutdown.append(stop_downloads)
     app.on_response_prepare.append(_blob_etag)
+    app[_WARM_KEY] = []
     app.on_startup.append(_load_catalog)
+    app.on_cleanup.append(_stop_loading)
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2/_catalog", _catalog)
     app.router.add_get(r"/v2/{name:.+}/tags/list", _tags)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from mirror.auth import RetryPolicy, backoff_delay
 from mirror.digest import Digest
-from mirror.engine.fanout import fan_out
+from mirror.engine.fanout import Window, fan_out
 from mirror.engine.plan import plan_blobs
 from mirror.errors import IntegrityError, ManifestError, MirrorError, StoreError, StreamError, TransportError
 from mirror.limiter import AdaptiveLimiter, HostLimits
@@ -117,6 +117,7 @@ class Stats:
     blobs_present: int = 0
     bytes_fetched: int = 0
     bytes_present: int = 0
+    tags_peak: int = 0  # the most tags a sync run had in flight at once (its window bounds it)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -179,6 +180,7 @@ class Engine:
         self.per_host = per_host
         self.progress: Progress = progress or NoProgress()
         self.stats = Stats()
+        self.concurrency = concurrency
         self._global = asyncio.Semaphore(concurrency)
         # Pass the transport's `limits` so 429/503 answers shrink the per-host limit (AIMD).
         self.limits = limits or HostLimits(per_host)
@@ -557,4 +559,5 @@ class Engine:
     ) -> list[ImageResult]:
         """Copy many images at once as one run; one failing never stops the others."""
         async with self.run_scope():
-            return await fan_out(self.pull(src, ref, platforms) for src, ref in items)
+            window = Window(4 * self.concurrency)  # images in flight: memory flat however many
+            return await fan_out((self.pull(src, ref, platforms) for src, ref in items), window)

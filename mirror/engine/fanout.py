@@ -9,17 +9,64 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def fan_out(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+class Window:
+    """A bound on the branches running at once, shared by every fan-out given it; counts the peak.
+
+    Shared by the tag fan-outs of all repositories of a sync run, it bounds the tags in
+    flight across the whole run, so memory does not grow with the number of tags.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.running = 0
+        self.peak = 0
+        self._free = asyncio.Semaphore(self.size)
+
+    async def enter(self) -> None:
+        """Wait for a free place and take it."""
+        await self._free.acquire()
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+
+    def leave(self) -> None:
+        """Give a place back."""
+        self.running -= 1
+        self._free.release()
+
+    def release(self, _task: asyncio.Future[Any]) -> None:
+        """Give back the place of a finished branch (a task's done callback)."""
+        self.leave()
+
+
+async def fan_out(work: Iterable[Coroutine[Any, Any, T]], window: Window | None = None) -> list[T]:
     """Run every coroutine of `work` concurrently and return their results in order.
 
     Unlike a bare `gather`, when one branch raises, its siblings are cancelled and awaited
     before the error propagates, so nothing keeps writing after the run is over. The
     first error is raised as itself (not as an ExceptionGroup), so `except MirrorError`
-    around a fan-out keeps working.
+    around a fan-out keeps working. With `window`, at most `window.size` branches (of all
+    fan-outs sharing it) run at once, and `work` is drawn from only as places free up: a
+    generator of a hundred thousand coroutines is never materialised.
     """
+    tasks: list[asyncio.Task[T]] = []
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in work]
+            if window is None:
+                tasks = [tg.create_task(c) for c in work]
+            else:
+                branches = iter(work)
+                while True:
+                    # The place is taken before the next coroutine is drawn: a failing sibling
+                    # cancels this wait (TaskGroup cancels its parent) and no drawn coroutine
+                    # is left unscheduled.
+                    await window.enter()
+                    c = next(branches, None)
+                    if c is None:
+                        window.leave()
+                        break
+                    task = tg.create_task(c)
+                    task.add_done_callback(window.release)  # also when cancelled before it started
+                    tasks.append(task)
     except BaseExceptionGroup as group:
         first: BaseException = group
         while isinstance(first, BaseExceptionGroup):

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine, ImageResult
-from mirror.engine.fanout import fan_out
+from mirror.engine.fanout import Window, fan_out
 from mirror.engine.publish import PUSH_FAILED, PUSHED, WOULD_PUSH, Publisher, RegistryTarget
 from mirror.engine.referrers import FETCHED as FETCHED_REFERRER
 from mirror.engine.referrers import UNCHANGED as UNCHANGED_REFERRER
@@ -40,6 +40,8 @@ PLANNED = "planned"  # dry run: would be fetched
 DELETED = "deleted"  # cached, no longer listed upstream, kept
 PRUNED = "pruned"  # no longer listed upstream, removed from the cache's index
 CANCELLED = "cancelled"  # not started: the process is stopping
+
+WINDOW_FACTOR = 4  # tags in flight per unit of the engine's concurrency
 
 
 @runtime_checkable
@@ -194,6 +196,10 @@ class Syncer:
         self._by_repo: dict[str, list[Reference]] = {}
         self._referrers: list[SyncResult] = []  # a result per referrer looked up, reported as it lands
         self._reported: set[str] = set()  # referrer names already reported (two tags of one image)
+        # Tags (and repositories) in flight across the whole run: a few times the engine's
+        # concurrency keeps every connection busy, and memory stays flat however many tags.
+        self.tags_window = Window(WINDOW_FACTOR * engine.concurrency)
+        self.repos_window = Window(WINDOW_FACTOR * engine.concurrency)
 
     async def run(self, jobs: Sequence[tuple[SyncJob, ManifestSource]]) -> list[SyncResult]:
         """Run every job at once; return one result per reference (and per listing failure)."""
@@ -206,8 +212,13 @@ class Syncer:
             if ref is not None and ref.tag and ref.digest is None:
                 self._by_repo.setdefault(ref.name, []).append(ref)
         # The run's own scope: it waits for its own downloads only, never another run's.
-        async with self.engine.run_scope():
-            parts = await fan_out(self._job(job, source) for job, source in jobs)
+        try:
+            # index.json is written in growing batches while the run goes on, and whole by its end.
+            async with layout.batched(), self.engine.run_scope():
+                parts = await fan_out(self._job(job, source) for job, source in jobs)
+        finally:
+            stats = self.engine.stats
+            stats.tags_peak = max(stats.tags_peak, self.tags_window.peak)
         return [r for part in parts for r in part] + self._referrers
 
     async def _guard(
@@ -237,7 +248,7 @@ class Syncer:
                 async with self.engine.host_slot(api_host):
                     catalog = await source.catalog(api_host)
             repos = job.repositories.select(catalog)
-            parts = await fan_out(self._repo(job, source, repo) for repo in repos)
+            parts = await fan_out((self._repo(job, source, repo) for repo in repos), self.repos_window)
             return [r for part in parts for r in part]
 
         return await self._guard(job, job.registry, work)
@@ -264,7 +275,7 @@ class Syncer:
                 gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
             self.observer.job_grew(job.name, len(refs) + len(gone))
             self.planned(job, [str(r) for r in refs])
-            results = await fan_out(self._tag(job, source, ref) for ref in refs)
+            results = await fan_out((self._tag(job, source, ref) for ref in refs), self.tags_window)
             if gone:
                 results += await self._gone(job, sorted(gone))
             return results

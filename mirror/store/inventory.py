@@ -5,16 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mirror.digest import Digest
-from mirror.errors import MirrorError
+from mirror.errors import ManifestError, MirrorError, StoreError
 from mirror.manifest import (
+    MAX_INDEX_DEPTH,
+    MAX_MANIFEST_BYTES,
+    Descriptor,
     ImageManifest,
     IndexManifest,
+    Manifest,
+    parse_manifest,
     platform_of_config,
     subset_index,
     wrapped_source,
 )
+from mirror.store.blobs import in_thread
 from mirror.store.layout import Layout
-from mirror.store.tree import load_manifest, load_tree, read_blob
 
 CONFIG_LIMIT = 16 << 20  # an image config is read whole to learn its platform
 
@@ -32,50 +37,121 @@ class CachedImage:
     subset: Digest | None = None  # an index cached with a platform filter: the digest it is pushed under
 
 
-async def describe(layout: Layout, name: str, digest: Digest, media_type: str) -> CachedImage:
-    """Return what the cache holds under `name` (pointing at manifest `digest`)."""
-    try:
-        top = await load_manifest(layout.blobs, digest, media_type)
-        source = wrapped_source(top)
-        if source:
-            # A wrapper of the project's own: report the original document.
-            top = await load_manifest(layout.blobs, *source)
-        size = len(top.raw)
-        platforms: list[str] = []
-        images: list[ImageManifest] = []
-        cached: set[Digest] = set()  # manifests under the index that the cache holds, nested indexes too
-        if isinstance(top, IndexManifest):
-            for d, child in await load_tree(layout.blobs, top):
-                if child is not None:
-                    cached.add(d.digest)
-                    size += len(child.raw)
-                if isinstance(child, ImageManifest):
-                    images.append(child)
-                    if d.platform:
-                        platforms.append(str(d.platform))
-        else:
-            images.append(top)
-            if top.config is not None:
-                plat = platform_of_config(await read_blob(layout.blobs, top.config.digest, CONFIG_LIMIT))
-                platforms.append(str(plat) if plat else "?")
-            elif top.platform:
-                platforms.append(str(top.platform))
-        subset = None
-        if isinstance(top, IndexManifest) and images:
-            cut = subset_index(top, cached)
-            subset = cut.digest if cut is not None else None
-        seen: set[Digest] = set()
-        for image in images:
-            for b in image.blobs:
-                if b.digest not in seen:
-                    seen.add(b.digest)
-                    size += layout.blobs.size(b.digest)
-        return CachedImage(name, top.digest, top.media_type, tuple(platforms), size, subset=subset)
-    except (MirrorError, OSError, ValueError, KeyError) as exc:
-        return CachedImage(name, digest, media_type, (), 0, problem=str(exc))
+class Reader:
+    """Reads cached documents synchronously, each manifest, config platform and blob size once.
+
+    `mirror ls` of a big cache reads a few small files per reference: one worker-thread
+    call for all of them, with no thread hop per file, and what references share (a base
+    image's layers, an index's children) is read and parsed once.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.store = layout.blobs
+        self._manifests: dict[tuple[Digest, str], Manifest] = {}
+        self._platforms: dict[Digest, str] = {}
+        self._sizes: dict[Digest, int] = {}
+
+    def read(self, digest: Digest, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+        """Return a small stored blob's bytes (a manifest, a config)."""
+        try:
+            with open(self.store.path(digest), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is missing from the cache {self.store.root}") from None
+        if len(data) > limit:
+            raise ManifestError(f"blob {digest} is over the {limit} byte manifest limit")
+        return data
+
+    def manifest(self, digest: Digest, media_type: str) -> Manifest:
+        """Return the stored manifest `digest`, parsed and checked against its digest (once)."""
+        key = (digest, media_type)
+        found = self._manifests.get(key)
+        if found is None:
+            found = self._manifests[key] = parse_manifest(self.read(digest), media_type, digest)
+        return found
+
+    def tree(self, index: IndexManifest) -> list[tuple[Descriptor, Manifest | None]]:
+        """Return every descriptor under a cached `index` with its manifest (None: not cached), as `load_tree`."""
+        out: dict[Digest, tuple[Descriptor, Manifest | None]] = {}
+
+        def walk(ix: IndexManifest, depth: int) -> None:
+            if depth > MAX_INDEX_DEPTH:
+                raise ManifestError(f"indexes nested deeper than {MAX_INDEX_DEPTH} levels ({ix.digest})")
+            for d in ix.manifests:
+                if d.digest in out:
+                    continue
+                child = self.manifest(d.digest, d.media_type) if self.store.has(d.digest) else None
+                if isinstance(child, IndexManifest):
+                    walk(child, depth + 1)
+                out[d.digest] = (d, child)
+
+        walk(index, 1)
+        return list(out.values())
+
+    def platform(self, config: Digest) -> str:
+        """Return the platform an image config names ("?" when it names none)."""
+        found = self._platforms.get(config)
+        if found is None:
+            plat = platform_of_config(self.read(config, CONFIG_LIMIT))
+            found = self._platforms[config] = str(plat) if plat else "?"
+        return found
+
+    def size(self, digest: Digest) -> int:
+        """Return the size of a stored blob."""
+        found = self._sizes.get(digest)
+        if found is None:
+            found = self._sizes[digest] = self.store.size(digest)
+        return found
+
+    def describe(self, name: str, digest: Digest, media_type: str) -> CachedImage:
+        """Return what the cache holds under `name` (pointing at manifest `digest`)."""
+        try:
+            top = self.manifest(digest, media_type)
+            source = wrapped_source(top)
+            if source:
+                # A wrapper of the project's own: report the original document.
+                top = self.manifest(*source)
+            size = len(top.raw)
+            platforms: list[str] = []
+            images: list[ImageManifest] = []
+            cached: set[Digest] = set()  # manifests under the index that the cache holds, nested indexes too
+            if isinstance(top, IndexManifest):
+                for d, child in self.tree(top):
+                    if child is not None:
+                        cached.add(d.digest)
+                        size += len(child.raw)
+                    if isinstance(child, ImageManifest):
+                        images.append(child)
+                        if d.platform:
+                            platforms.append(str(d.platform))
+            else:
+                images.append(top)
+                if top.config is not None:
+                    platforms.append(self.platform(top.config.digest))
+                elif top.platform:
+                    platforms.append(str(top.platform))
+            subset = None
+            if isinstance(top, IndexManifest) and images:
+                cut = subset_index(top, cached)
+                subset = cut.digest if cut is not None else None
+            seen: set[Digest] = set()
+            for image in images:
+                for b in image.blobs:
+                    if b.digest not in seen:
+                        seen.add(b.digest)
+                        size += self.size(b.digest)
+            return CachedImage(name, top.digest, top.media_type, tuple(platforms), size, subset=subset)
+        except (MirrorError, OSError, ValueError, KeyError) as exc:
+            return CachedImage(name, digest, media_type, (), 0, problem=str(exc))
 
 
 async def inventory(layout: Layout) -> list[CachedImage]:
-    """Return every cached reference, sorted by name."""
-    out = [await describe(layout, e.name, e.descriptor.digest, e.descriptor.media_type) for e in await layout.entries()]
-    return sorted(out, key=lambda c: c.name)
+    """Return every cached reference, sorted by name (read in one worker-thread call)."""
+    entries = await layout.entries()
+
+    def describe_all() -> list[CachedImage]:
+        reader = Reader(layout)
+        out = [reader.describe(e.name, e.descriptor.digest, e.descriptor.media_type) for e in entries]
+        return sorted(out, key=lambda c: c.name)
+
+    return await in_thread(describe_all)

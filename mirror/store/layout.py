@@ -7,27 +7,40 @@ with its top manifest. Updates are read-modify-write under an in-process lock an
 loss). The whole read-parse-change-dump-write runs in one worker-thread call, keeping
 the event loop free with a big index; that call runs to its end even when its caller
 is cancelled, and the locks are let go only after it.
+
+A run of many references (a sync) opens `batched()`: its `set_refs` return at once and
+the refs are written in growing batches, each only when the bytes the run has written so
+far are no more than the file it would write (so the file at least doubles between two
+background writes), and all of them when the block ends. Over a first sync of N tags
+the bytes written stay under 3x the final file (2x before the last write, plus that
+write), where one write per batch of finished tags was O(N^2). A ref is still named
+only after what it needs is durable: it is written later, never sooner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirror.errors import ManifestError, StoreError, os_reason
+from mirror.errors import ManifestError, MirrorError, StoreError, os_reason
 from mirror.manifest import OCI_INDEX, REF_NAME, Descriptor
 from mirror.store.blobs import BlobStore, fsync_dir, in_thread
 
 Change = Callable[[list[Any]], list[Any]]
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+# Set inside `Layout.batched()`: set_refs of the tasks of that block are deferred.
+_deferring: contextvars.ContextVar[bool] = contextvars.ContextVar("mirror_index_deferring", default=False)
+_written = [0]  # bytes this process wrote to index.json files, all layouts (benchmarks)
 _MADE = frozenset({".mirror", "blobs", "index.json", "oci-layout"})  # what a layout being made holds
 
 
@@ -54,6 +67,16 @@ class Layout:
         # index is one long C call that holds the GIL (and so stalls the event loop), and
         # most reads find the file this process wrote last. Never mutated, only replaced.
         self._known: tuple[tuple[int, int, int, int], dict[str, Any]] | None = None
+        # Batched runs (`batched()`): refs set but not written yet, the blocks open, the bytes
+        # written since the first of them opened, and the background write under way.
+        self._deferred: dict[str, Descriptor] = {}
+        self._writing: dict[str, Descriptor] = {}  # deferred refs being written now
+        self._runs = 0
+        self._run_bytes = 0
+        self._flushing: asyncio.Task[None] | None = None
+        self._size = 0  # bytes and entries of the index.json last read or written
+        self._count = 0
+        self.index_bytes = 0  # bytes this process wrote to index.json (benchmarks, tests)
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True) -> Layout:
@@ -121,11 +144,15 @@ class Layout:
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
             raise StoreError(f"{path} is not an OCI index")
         self._known = (ident, doc)
+        self._size, self._count = len(raw), len(doc.get("manifests", []))
         return doc
 
-    def _entries_sync(self) -> list[Entry]:
+    def _entries_sync(self, deferred: dict[str, Descriptor] | None = None) -> list[Entry]:
+        items = self._read_index_sync().get("manifests", [])
+        if deferred:
+            items = _replace(items, deferred)
         out = []
-        for item in self._read_index_sync().get("manifests", []):
+        for item in items:
             try:
                 desc = Descriptor.from_json(item)
             except ManifestError:
@@ -136,11 +163,14 @@ class Layout:
         return out
 
     async def entries(self) -> list[Entry]:
-        """Return every named reference in `index.json`, in file order (parsed off the event loop)."""
-        return await in_thread(self._entries_sync)
+        """Return every named reference in `index.json` (and refs of a batched run not written yet), in order."""
+        return await in_thread(self._entries_sync, {**self._writing, **self._deferred})
 
     async def find(self, name: str) -> Descriptor | None:
         """Return the descriptor `name` points at, or None."""
+        found = self._deferred.get(name) or self._writing.get(name)
+        if found is not None:
+            return found
         for e in await self.entries():
             if e.name == name:
                 return e.descriptor
@@ -152,7 +182,17 @@ class Layout:
         Group commit: callers that arrive while `index.json` is being written join one
         batch, and the first of them to get the lock writes every batched ref in one
         read-modify-write; each caller returns (or raises) when its batch is on disk.
+        Inside `batched()`, the refs are deferred instead: they are written in a later
+        batch, by the end of the block at the latest, and this returns at once.
         """
+        if _deferring.get():
+            for name in refs:
+                self._pending.pop(name, None)  # this later value wins over one still waiting
+            self._deferred.update(refs)
+            self._kick()
+            return
+        for name in refs:
+            self._deferred.pop(name, None)  # an older deferred value must not land after this one
         self._pending.update(refs)
         if self._batch is None:
             self._batch = asyncio.get_running_loop().create_future()
@@ -177,8 +217,71 @@ class Layout:
                 batch.set_result(None)
         await batch
 
+    @asynccontextmanager
+    async def batched(self) -> AsyncIterator[None]:
+        """Defer the `set_refs` of the tasks run inside the block; write them all before it ends.
+
+        Blocks may overlap (the daemon's jobs): the write budget counts from the first
+        that opened. The refs are written even when the block raises or is cancelled
+        (their blobs are durable), and a write that fails then raises here.
+        """
+        token = _deferring.set(True)
+        self._runs += 1
+        if self._runs == 1:
+            self._run_bytes = 0
+        try:
+            yield
+        finally:
+            _deferring.reset(token)
+            self._runs -= 1
+            await asyncio.shield(self.flush())
+
+    async def flush(self) -> None:
+        """Write every deferred ref now; return once they are on disk."""
+        while (task := self._flushing) is not None:
+            await asyncio.wait([task])
+        if self._deferred:
+            async with self._lock:
+                await self._write_deferred()
+
+    def _kick(self) -> None:
+        """Start a background write of the deferred refs when the budget allows it and none runs."""
+        if self._flushing is None and self._worth_writing():
+            self._flushing = asyncio.get_running_loop().create_task(self._background())
+
+    def _worth_writing(self) -> bool:
+        """True when the bytes written since the run began are no more than the file a write would make now."""
+        if not self._deferred:
+            return False
+        per_entry = self._size / self._count if self._count else 0
+        return self._run_bytes <= per_entry * (self._count + len(self._deferred))
+
+    async def _background(self) -> None:
+        try:
+            while self._worth_writing():
+                async with self._lock:
+                    await self._write_deferred()
+        except (MirrorError, OSError):
+            pass  # the refs are deferred again: the block's closing flush() writes them or raises
+        finally:
+            self._flushing = None
+
+    async def _write_deferred(self) -> None:
+        """Write the deferred refs (the caller holds the in-process lock); on failure they stay deferred."""
+        pending, self._deferred = self._deferred, {}
+        self._writing = pending
+        try:
+            await self._write(lambda items: _replace(items, pending))
+        except BaseException:
+            self._deferred = {**pending, **self._deferred}
+            raise
+        finally:
+            self._writing = {}
+
     async def remove_refs(self, names: set[str]) -> None:
         """Drop the entries named in `names` from `index.json`."""
+        for name in names:
+            self._deferred.pop(name, None)
         await self._update(lambda items: [i for i in items if _ref_name(i) not in names])
 
     async def _update(self, change: Change) -> None:
@@ -203,11 +306,21 @@ class Layout:
             fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX)  # let go of when the file closes
             old = self._read_index_sync()  # re-read under the lock: another process may have written
             doc = {**old, "manifests": change(old.get("manifests", []))}  # a new document: `old` may be shared
+            data = _dump(doc)
             try:
-                st = _atomic_write(self.root / "index.json", _dump(doc))
+                st = _atomic_write(self.root / "index.json", data)
             except OSError as exc:
                 raise StoreError(f"cache {self.root}: cannot write index.json: {os_reason(exc)}") from None
             self._known = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), doc)
+            self._size, self._count = len(data), len(doc["manifests"])
+            self.index_bytes += len(data)
+            _written[0] += len(data)  # under the flock; one writer per cache and these are ints
+            self._run_bytes += len(data)
+
+
+def index_bytes_written() -> int:
+    """Return the bytes this process has written to `index.json` files (every layout), for benchmarks."""
+    return _written[0]
 
 
 def _ref_name(item: Any) -> str | None:

@@ -30,6 +30,8 @@ from mirror.reference import Reference
 from mirror.sinks import BlobSink, MountingSink
 from mirror.sources.base import ManifestSource
 
+STOP_WAIT = 10.0  # seconds a cancelled task waits for its download to stop before giving up its slot
+
 # A fleet-wide slot of a source host (a Redis semaphore), held around each source request.
 HostGate = Callable[[str], AbstractAsyncContextManager[None]]
 
@@ -157,7 +159,11 @@ class FleetCopier:
     async def _fetch_and_upload(self, source: ManifestSource, ref: Reference, dest: Reference, desc: Descriptor) -> int:
         """Holding the lease: download `desc` into the spool, upload it, record where it is."""
         async with self.gate(source.host(ref)):
-            fetched = await self.engine.fetch_blob(source, ref, desc)
+            try:
+                fetched = await self.engine.fetch_blob(source, ref, desc)
+            except asyncio.CancelledError:
+                await self._stop_download(desc)
+                raise
         if fetched:
             self.stats.blobs_fetched += 1
             self.stats.bytes_fetched += fetched
@@ -169,6 +175,19 @@ class FleetCopier:
             # The destination holds it now: the spool need not (the fleet mounts it from there).
             store.path(desc.digest).unlink(missing_ok=True)
         return fetched
+
+    async def _stop_download(self, desc: Descriptor) -> None:
+        """This task was cancelled mid-download: stop the engine's download before the slot and lease go.
+
+        The engine runs a download as a task of its own that outlives a cancelled caller (it
+        is shared in one process). Left running, it would read from the source with no
+        fleet-wide slot held (more than `per_host` requests at once) and no lease (another
+        worker would fetch the same blob). Its partial file is kept for a later resume.
+        """
+        task = self.engine.download(desc.digest)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=STOP_WAIT)
 
     async def _put_manifest(self, ref: Reference, manifest: Manifest) -> None:
         """PUT `manifest` under `ref` unless the destination already names exactly it there."""

@@ -15,7 +15,6 @@ import logging
 import random
 import secrets
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
@@ -44,16 +43,41 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# A counting semaphore as a sorted set of token -> expiry (ms): drop expired holders,
-# then take a place if fewer than ARGV[3] remain.
+# A counting semaphore as a sorted set of token -> expiry (ms, Redis's own clock: the
+# workers' clocks may disagree): drop expired holders, then take a place if fewer than
+# ARGV[2] remain. The key outlives every place in it (2 x the lease, refreshed by each
+# taking and renewal), so it never vanishes under holders whose work runs long.
+# Returns 1 when taken, 0 when full.
 _SEM_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   return 1
 end
 return 0
+"""
+# Renew a held place: 1 when it was still ours; 2 when it had gone (expired and swept, or
+# Redis restarted empty) and was taken again with room to spare; 0 when it had gone and the
+# set is full: others were let in while this holder's request ran (the limit was exceeded).
+_SEM_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local got = 1
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+  got = 2
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return got
 """
 
 
@@ -172,26 +196,38 @@ class BlobFlight:
 
 
 class HostSemaphore:
-    """At most `limit` holders fleet-wide per key (a source host): a sorted set of tokens with expiries."""
+    """At most `limit` holders fleet-wide per key (a source host): a sorted set of tokens with expiries.
+
+    A place is taken before a request is sent and given back once its answer is read
+    whole (the caller's block). Expiries are kept on Redis's clock, so workers on machines
+    whose clocks disagree cannot drop each other's places; a holder renews its place every
+    third of the lease. A holder whose renewals stalled longer than the lease (a frozen
+    process) finds out at its next renewal or at its release: it takes its place back
+    when there is room, else it says in one line that the limit was exceeded and counts it
+    in `HostSemaphore.exceeded` (the worker's /metrics).
+    """
+
+    exceeded = 0  # places found lost while the set was full, in this process
 
     def __init__(self, redis: Redis, name: str, limit: int, *, ttl: float = 30.0, poll: float = 0.05) -> None:
         self.redis = redis
+        self.name = name
         self.key = f"{PREFIX}sem:{name}"
         self.limit = limit
         self.ttl = ttl
         self.poll = poll
 
+    def _args(self, tok: str) -> tuple[str, str, str]:
+        return tok, str(self.limit), str(max(1, int(self.ttl * 1000)))
+
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
         """Hold one place for the duration of the block (waiting, polling, for one to be free)."""
         tok = token()
-        ms = int(self.ttl * 1000)
         attempt = 0
         while True:
-            now = int(time.time() * 1000)
-            args = (tok, str(now), str(self.limit), str(now + ms), str(ms * 4))
             try:
-                if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *args):
+                if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *self._args(tok)):
                     Outage.ok()
                     break
             except (RedisError, OSError) as exc:
@@ -201,15 +237,29 @@ class HostSemaphore:
                 await asyncio.sleep(backoff_delay(_BACKOFF, min(attempt, 8), random.random()))
                 continue
             await asyncio.sleep(self.poll)
+        lost = False
         try:
             async with repeating(self.ttl / 3, f"place {self.key}", lambda: self._renew(tok)):
                 yield
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await self.redis.zrem(self.key, tok)
+                if not await self.redis.zrem(self.key, tok):
+                    lost = True
+        if lost:
+            # Gone before its release: expired (renewals stalled) and swept. Whether others
+            # were let in meanwhile cannot be told any more; the renewal's check can.
+            log.info("place %s: expired before its release (renewals stalled longer than the lease)", self.key)
 
     async def _renew(self, tok: str) -> None:
-        await self.redis.zadd(self.key, {tok: int((time.time() + self.ttl) * 1000)}, xx=True)
+        got = await self.redis.eval(_SEM_RENEW, 1, self.key, *self._args(tok))
+        if got == 0:
+            HostSemaphore.exceeded += 1
+            print(
+                f"mirror: {printable(self.name)}: a request outlived its [fleet] per_host place (renewals stalled "
+                f"longer than the lease of {self.ttl:g} s): more than {self.limit} requests ran at once",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class Leader:

@@ -271,13 +271,24 @@ def fleet(source: Source, tmp_path: Path) -> Iterator[Fleet]:
 
 
 def make_fleet(
-    source: Source, root: Path, *, per_host: int = 8, appendonly: bool = False, via: str | None = None
+    source: Source,
+    root: Path,
+    *,
+    per_host: int = 8,
+    appendonly: bool = False,
+    via: str | None = None,
+    include: str = "proj.*",
+    extra: str = "",
 ) -> Fleet:
-    """Start Redis and a destination registry; write the config (no workers yet); `via`: the source's proxy."""
+    """Start Redis and a destination registry; write the config (no workers yet); `via`: the source's proxy.
+
+    `include`: the repositories copied (a regex); `extra`: more TOML at the end.
+    """
     redis = Redis(root / "redis", appendonly=appendonly).start()
     dest = Registry(root / "dst").start()
     cfg = root / "fleet.toml"
-    cfg.write_text(CONFIG.format(root=root, src=via or source.host, dst=dest.host, per_host=per_host))
+    text = CONFIG.format(root=root, src=via or source.host, dst=dest.host, per_host=per_host)
+    cfg.write_text(text.replace('include = ["proj.*"]', f"include = [{json.dumps(include)}]") + extra)
     return Fleet(root, source, redis, dest, cfg)
 
 
@@ -399,6 +410,53 @@ def test_per_host_holds_across_the_whole_fleet(source: Source, tmp_path: Path) -
         # And no worker found its place gone while its request ran (renewals stalled past the lease).
         for n in range(3):
             assert "outlived its [fleet] per_host place" not in (tmp_path / f"worker{n}.log").read_text()
+    finally:
+        fleet.stop()
+        proxy.terminate()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_spent_rate_limit_one_worker_sees_holds_every_workers_manifest_gets_until_its_reset(
+    source: Source, tmp_path: Path
+) -> None:
+    # The proxy plays Docker Hub: 5 manifest GETs per budget; the answer spending the last says
+    # Remaining 0 and a reset in 3 s; a manifest GET before the reset is refused (429) and counted early.
+    port, seen, reset = free_port(), tmp_path / "seen", 3
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.countproxy", source.host, str(port), "50000000", str(seen), "5", str(reset)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    # One place (per_host = 1): a manifest GET already sent when another worker learns the budget is spent
+    # would be early through no fault of the fleet (Docker Hub refuses it the same way).
+    fleet = make_fleet(
+        source,
+        tmp_path,
+        per_host=1,
+        via=f"127.0.0.1:{port}",
+        include="proj0[0-4]/app",
+        extra="\n[engine]\nrate_limit_floor = 1\n",
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        for _ in range(2):
+            fleet.start_worker()
+        res, doc = fleet.sync()
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert doc["counts"] == {"ok": 5 * len(TAGS)}
+        got = json.loads(seen.read_text())
+        # 15 manifest GETs, 5 per budget: spent at least twice with GETs still to send, and none sent early
+        # by either worker, though only the one that got the last GET of a budget saw its Remaining 0.
+        assert len(got["zero_at"]) >= 2
+        assert got["early"] == 0, got
+        assert got["manifest_gets"] == 5 * len(TAGS)
+        logs = [(tmp_path / f"worker{n}.log").read_text() for n in range(2)]
+        assert all(": ok" in text for text in logs), "a worker ran no task"
+        assert any("rate limit low (seen by the fleet)" in text for text in logs)
     finally:
         fleet.stop()
         proxy.terminate()

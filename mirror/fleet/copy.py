@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from mirror.auth import backoff_delay
 from mirror.digest import Digest
@@ -32,12 +33,20 @@ from mirror.sources.base import ManifestSource
 
 STOP_WAIT = 10.0  # seconds a cancelled task waits for its download to stop before giving up its slot
 
-# A fleet-wide slot of a source host (a Redis semaphore), held around each source request.
-HostGate = Callable[[str], AbstractAsyncContextManager[None]]
+
+class HostGate(Protocol):
+    """A fleet-wide slot of a source host (a Redis semaphore), held around each source request.
+
+    `manifest`: the request is a manifest GET, which also waits for the host's rate limit.
+    """
+
+    def __call__(self, host: str, /, *, manifest: bool = False) -> AbstractAsyncContextManager[None]:
+        """Return the slot's context manager."""
+        ...
 
 
 @asynccontextmanager
-async def no_gate(_host: str) -> AsyncIterator[None]:
+async def no_gate(_host: str, *, manifest: bool = False) -> AsyncIterator[None]:
     """A HostGate that lets everything through (one process: the engine's own limits hold)."""
     yield
 
@@ -117,7 +126,7 @@ class FleetCopier:
         host = source.host(ref)
         while True:
             try:
-                async with self.gate(host), self.engine.host_slot(host):
+                async with self.gate(host, manifest=True), self.engine.host_slot(host):
                     return await source.fetch_manifest(ref)
             except StreamError:
                 if attempt + 1 >= self.engine.retry.attempts:

@@ -15,12 +15,14 @@ import logging
 import random
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import ClassVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mirror.auth import RetryPolicy, backoff_delay
+from mirror.auth import RateLimit, RetryPolicy, backoff_delay, rate_limit_interval
 from mirror.errors import UnreachableError
 from mirror.text import printable
 
@@ -47,15 +49,39 @@ return 0
 # workers' clocks may disagree): drop expired holders, then take a place if fewer than
 # ARGV[2] remain. The key outlives every place in it (2 x the lease, refreshed by each
 # taking and renewal), so it never vanishes under holders whose work runs long.
-# Returns 1 when taken, 0 when full.
+# KEYS[2] is the host's shared rate-limit state (RateShare): a manifest GET (ARGV[4] = 1)
+# waits while it says `pause` (until the key expires: the announced reset) or, in `space`
+# mode, until its `next` time, which taking a place moves on by `interval`.
+# Returns 1 when taken (2: taken, and a rate-limit state exists), 0 when full, -MS to wait.
 _SEM_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
+local manifest = ARGV[4] == '1'
+local mode = redis.call('HGET', KEYS[2], 'mode')
+if mode and manifest then
+  if mode == 'pause' then
+    local left = redis.call('PTTL', KEYS[2])
+    if left > 0 then
+      return -left
+    end
+  elseif mode == 'space' then
+    local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+    if now < nxt then
+      return -(nxt - now)
+    end
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  if mode == 'space' and manifest then
+    redis.call('HSET', KEYS[2], 'next', now + tonumber(redis.call('HGET', KEYS[2], 'interval') or '0'))
+  end
+  if mode then
+    return 2
+  end
   return 1
 end
 return 0
@@ -78,6 +104,37 @@ end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * ttl)
 return got
+"""
+
+
+# Publish what a response's RateLimit headers said (RateShare.observe): ARGV[1] is `pause`
+# (Remaining 0: no manifest GET until the key expires, ARGV[2] ms from now; a longer pause
+# already there stands), `space` (under the floor: manifest GETs ARGV[2] ms apart, the
+# state kept ARGV[3] ms, the window; never over a pause) or `clear` (a healthy budget again:
+# drops a `space`, a pause ends only with its reset).
+_RATE_PUBLISH = """
+local mode = redis.call('HGET', KEYS[1], 'mode')
+if ARGV[1] == 'clear' then
+  if mode == 'space' then
+    redis.call('DEL', KEYS[1])
+  end
+  return 0
+end
+if ARGV[1] == 'pause' then
+  if mode == 'pause' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'mode', 'pause', 'remaining', ARGV[4], 'limit', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if mode == 'pause' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'mode', 'space', 'interval', ARGV[2], 'remaining', ARGV[4], 'limit', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -208,6 +265,7 @@ class HostSemaphore:
     """
 
     exceeded = 0  # places found lost while the set was full, in this process
+    rate_seen = False  # a rate-limit state was there when the place was taken
 
     def __init__(self, redis: Redis, name: str, limit: int, *, ttl: float = 30.0, poll: float = 0.05) -> None:
         self.redis = redis
@@ -221,20 +279,34 @@ class HostSemaphore:
         return tok, str(self.limit), str(max(1, int(self.ttl * 1000)))
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """Hold one place for the duration of the block (waiting, polling, for one to be free)."""
+    async def hold(self, *, manifest: bool = False) -> AsyncIterator[None]:
+        """Hold one place for the duration of the block (waiting, polling, for one to be free).
+
+        `manifest`: the block sends a manifest GET, which also waits out the host's
+        rate-limit pause or spacing shared by the fleet (RateShare). `rate_seen` tells
+        afterwards whether such a state was there when the place was taken.
+        """
         tok = token()
         attempt = 0
+        keys = (self.key, RateShare.key(self.name))
         while True:
             try:
-                if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *self._args(tok)):
-                    Outage.ok()
-                    break
+                got = int(await self.redis.eval(_SEM_ACQUIRE, 2, *keys, *self._args(tok), "1" if manifest else "0"))
             except (RedisError, OSError) as exc:
                 # Redis away: wait for it (the caller's own patience, if any, bounds this).
                 Outage.failed(exc)
                 attempt += 1
                 await asyncio.sleep(backoff_delay(_BACKOFF, min(attempt, 8), random.random()))
+                continue
+            Outage.ok()
+            if got > 0:
+                self.rate_seen = got == 2
+                break
+            if got < 0:
+                # The fleet's rate-limit state holds manifest GETs back: look again when it says, or in 5 s.
+                wait = -got / 1000
+                RateShare.say_waiting(self.name, wait)
+                await asyncio.sleep(min(wait, 5.0))
                 continue
             await asyncio.sleep(self.poll)
         lost = False
@@ -260,6 +332,98 @@ class HostSemaphore:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+class RateShare:
+    """A source host's RateLimit budget shared by the fleet: what any worker sees slows them all.
+
+    Docker Hub announces `RateLimit-Limit`/`RateLimit-Remaining` (`100;w=21600`). The
+    transport keeps the last values a host sent (`rate_limits`); after each request under a
+    fleet place, `observe` publishes them to `mirror:ratelimit:HOST` when they matter:
+    Remaining 0 with a known reset pauses every worker's manifest GETs until that reset (the
+    key expires then); Remaining under `[engine] rate_limit_floor` spaces them fleet-wide
+    (window / limit apart, the state kept one window); a healthy budget clears the spacing.
+    Every worker reads the state in the same Redis call that takes its per_host place
+    (HostSemaphore), so the check costs no extra round trip and is never stale.
+    """
+
+    _said: ClassVar[dict[str, float]] = {}  # host -> until when this process said it waits
+
+    def __init__(self, redis: Redis, rate_limits: Mapping[str, RateLimit], floor: int) -> None:
+        self.redis = redis
+        self.rate_limits = rate_limits
+        self.floor = floor
+        self._published: dict[str, RateLimit] = {}
+
+    @staticmethod
+    def key(host: str) -> str:
+        """Return the Redis key of `host`'s shared rate-limit state."""
+        return f"{PREFIX}ratelimit:{host}"
+
+    @classmethod
+    def say_waiting(cls, host: str, seconds: float) -> None:
+        """Say once per pause that manifest GETs to `host` wait for the fleet's rate limit."""
+        now = time.monotonic()
+        if cls._said.get(host, 0.0) > now:
+            return
+        cls._said[host] = now + seconds
+        print(
+            f"mirror: {printable(host)}: rate limit low (seen by the fleet): manifest GETs wait {seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def observe(self, host: str, *, state_seen: bool) -> None:
+        """Publish `host`'s budget as the transport last saw it, if new and it matters (low, or clearing one)."""
+        rl = self.rate_limits.get(host)
+        if rl is None or self.floor <= 0 or self._published.get(host) is rl:
+            return
+        self._published[host] = rl
+        interval = rate_limit_interval(rl, self.floor)
+        if interval is None:
+            if state_seen:
+                await self.redis.eval(_RATE_PUBLISH, 1, self.key(host), "clear", "0", "0", "0", "0")
+            return
+        mode = "pause" if rl.remaining <= 0 and rl.reset is not None else "space"
+        ms = max(1, int(interval * 1000))
+        keep = max(ms, int((rl.window or interval) * 1000))
+        args = (mode, str(ms), str(keep), str(rl.remaining), str(rl.limit))
+        if await self.redis.eval(_RATE_PUBLISH, 1, self.key(host), *args):
+            log.warning(
+                "%s: rate limit %d of %d left: %s manifest GETs fleet-wide",
+                host,
+                rl.remaining,
+                rl.limit,
+                f"pausing {interval:.1f} s" if mode == "pause" else f"spacing {interval:.1f} s apart",
+            )
+
+
+class FleetHosts:
+    """The fleet-wide limits of source hosts, for one process: per_host places, and the shared rate limit."""
+
+    def __init__(self, redis: Redis, limit: int, *, ttl: float, rates: RateShare | None = None) -> None:
+        self.redis = redis
+        self.limit = limit
+        self.ttl = ttl
+        self.rates = rates
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str, *, manifest: bool = False) -> AsyncIterator[None]:
+        """Hold a place of `host` around one request (its answer read whole); publish the budget it announced."""
+        sem = HostSemaphore(self.redis, host, self.limit, ttl=self.ttl)
+        async with sem.hold(manifest=manifest):
+            try:
+                yield
+            except Exception:
+                await self._observe(host, sem)  # a 429's headers count too
+                raise
+            await self._observe(host, sem)
+
+    async def _observe(self, host: str, sem: HostSemaphore) -> None:
+        # Before the place goes: whoever takes it next sees the budget this answer spent.
+        if self.rates is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.rates.observe(host, state_seen=sem.rate_seen)
 
 
 class Leader:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import redis as redis_client
 
 from tests.conftest import ROOT
 from tests.syncfixtures import blob_gets, delta, manifest_requests
@@ -302,6 +303,20 @@ def dest_digest(dest: Registry, name: str) -> str | None:
     return h.get("Docker-Content-Digest")
 
 
+def image_blobs(source: Source, names: list[str]) -> set[str]:
+    """Return the digests of the config and layers of the source's images `names` (`REPO:TAG`)."""
+    out: set[str] = set()
+    for name in names:
+        repo, _, tag = name.partition(":")
+        req = urllib.request.Request(
+            f"http://{source.host}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            doc = json.loads(resp.read())
+        out.update(str(d["digest"]) for d in [doc["config"], *doc["layers"]])
+    return out
+
+
 def writes(requests: Counter[tuple[str, str]]) -> Counter[tuple[str, str]]:
     """Return the requests that write."""
     return Counter({k: n for k, n in requests.items() if k[0] in WRITES})
@@ -419,7 +434,7 @@ def test_per_host_holds_across_the_whole_fleet(source: Source, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_a_spent_rate_limit_one_worker_sees_holds_every_workers_manifest_gets_until_its_reset(
+def test_a_spent_rate_limit_holds_every_workers_manifest_gets_until_its_reset_and_stale_blob_records_cost_a_fetch(
     source: Source, tmp_path: Path
 ) -> None:
     # The proxy plays Docker Hub: 5 manifest GETs per budget; the answer spending the last says
@@ -443,11 +458,27 @@ def test_a_spent_rate_limit_one_worker_sees_holds_every_workers_manifest_gets_un
     )
     try:
         assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        # Every blob recorded as held by a destination repository that does not hold it (a gc ran there):
+        # each mount from it fails, and the blob is fetched instead, once.
+        blobs = image_blobs(source, [n for n in source.digests if n.startswith(tuple(f"proj0{i}/" for i in range(5)))])
+        db = redis_client.Redis.from_url(fleet.redis.url)
+        for b in blobs:
+            db.set(f"mirror:blob-at:{fleet.dest.host}:{b}", "gone/away", ex=3600)
+        before = source.registry.requests()
         for _ in range(2):
             fleet.start_worker()
         res, doc = fleet.sync()
         assert res.returncode == 0, res.stderr[-3000:]
         assert doc["counts"] == {"ok": 5 * len(TAGS)}
+        gets = blob_gets(delta(source.registry.requests(), before))
+        assert set(gets) == blobs and set(gets.values()) == {1}
+        for b in blobs:
+            # Recorded again where it now is, for a bounded time (7 days after its last use).
+            assert db.get(f"mirror:blob-at:{fleet.dest.host}:{b}") in {
+                f"mirror/proj0{i}/app".encode() for i in range(5)
+            }
+            assert 3600 < db.ttl(f"mirror:blob-at:{fleet.dest.host}:{b}") <= 7 * 24 * 3600
+        db.close()
         got = json.loads(seen.read_text())
         # 15 manifest GETs, 5 per budget: spent at least twice with GETs still to send, and none sent early
         # by either worker, though only the one that got the last GET of a budget saw its Remaining 0.

@@ -161,6 +161,7 @@ class FleetCopier:
         async with self.engine.host_slot(self.sink.host(dest)):
             if await self.sink.mount_blob(dest, desc, holder):
                 self.stats.blobs_mounted += 1
+                await self.flight.record(str(desc.digest), holder)  # still there: keep the record longer
                 return True
         await self.flight.forget(str(desc.digest))
         return False

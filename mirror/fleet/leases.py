@@ -206,28 +206,39 @@ class BlobFlight:
     """Fleet-wide single flight per blob digest: a lease on the digest while one worker fetches it.
 
     The others wait for the lease to go (released or expired), then find the blob at the
-    destination, recorded in a hash of digest -> repository that holds it.
+    destination, recorded as `mirror:blob-at:DEST:DIGEST` -> a repository that holds it.
+    Each record expires `RECORD_TTL` after it was last written or used to mount: the set
+    stays bounded by the blobs of the last week's runs. A record can be stale (a destination
+    gc deleted the blob): its mount fails, the record is dropped and the blob fetched.
     """
+
+    RECORD_TTL = 7 * 24 * 3600  # seconds a blob's record lives after its last write or mount
 
     def __init__(self, redis: Redis, destination: str, *, ttl: float = 30.0, poll: float = 0.2) -> None:
         self.redis = redis
         self.ttl = ttl
         self.poll = poll
-        self._where = f"{PREFIX}blob-at:{destination}"
+        self._legacy = f"{PREFIX}blob-at:{destination}"  # the former single hash of every record, never pruned
+        self._where = f"{PREFIX}blob-at:{destination}:"
         self._lease = f"{PREFIX}blob-lease:{destination}:"
+        self._legacy_gone = False
 
     async def where(self, digest: str) -> str | None:
         """Return a destination repository recorded as holding `digest`, None when none is."""
-        got = await self.redis.hget(self._where, digest)
+        if not self._legacy_gone:
+            # The old unbounded hash: dropped once (its blobs are mounted or fetched again, once each).
+            await self.redis.unlink(self._legacy)
+            self._legacy_gone = True
+        got = await self.redis.get(self._where + digest)
         return got.decode() if isinstance(got, bytes) else None
 
     async def record(self, digest: str, repository: str) -> None:
-        """Record that the destination's `repository` holds `digest`."""
-        await self.redis.hset(self._where, digest, repository)
+        """Record that the destination's `repository` holds `digest` (for RECORD_TTL from now)."""
+        await self.redis.set(self._where + digest, repository, ex=self.RECORD_TTL)
 
     async def forget(self, digest: str) -> None:
         """Drop the record of `digest` (a mount from it failed: the destination lost it)."""
-        await self.redis.hdel(self._where, digest)
+        await self.redis.delete(self._where + digest)
 
     @contextlib.asynccontextmanager
     async def lease(self, digest: str) -> AsyncIterator[bool]:

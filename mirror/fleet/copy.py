@@ -24,7 +24,7 @@ from mirror.engine.plan import plan_blobs
 from mirror.engine.publish import PUSHED
 from mirror.engine.push import Pusher
 from mirror.engine.sync import FETCHED, SyncJob, SyncResult
-from mirror.errors import IntegrityError, ManifestError, StreamError, UsageError
+from mirror.errors import IntegrityError, ManifestError, StreamError, TransportError, UsageError
 from mirror.fleet.leases import BlobFlight
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, select_platforms
 from mirror.reference import Reference
@@ -101,13 +101,17 @@ class FleetCopier:
         elif isinstance(top, ImageManifest) and top.platform:
             plats = [str(top.platform)]
         images = [m for m in (top, *children) if isinstance(m, ImageManifest)]
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self._place(source, ref, dest, b)) for b in plan_blobs(images)]
-        fetched = sum(t.result() for t in tasks)
-        async with asyncio.TaskGroup() as tg:
-            for child in children:
-                tg.create_task(self._put_manifest(dest.with_tag(None).with_digest(child.digest), child))
-        await self._put_manifest(dest, top)
+        fetched = 0
+        attempt = 0
+        while True:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._place(source, ref, dest, b)) for b in plan_blobs(images)]
+            fetched += sum(t.result() for t in tasks)
+            if await self._put_manifests(dest, children, top, last=attempt + 1 >= self.engine.retry.attempts):
+                break
+            # A blob the manifest needs was not found: place the blobs again (HEADs), then PUT again.
+            await asyncio.sleep(backoff_delay(self.engine.retry, attempt, random.random()))
+            attempt += 1
         return SyncResult(
             spec.name,
             str(ref),
@@ -199,6 +203,26 @@ class FleetCopier:
             task.cancel()
             await asyncio.wait([task], timeout=STOP_WAIT)
 
+    async def _put_manifests(self, dest: Reference, children: list[Manifest], top: Manifest, *, last: bool) -> bool:
+        """PUT the children, then the top manifest; False when the registry did not find a blob (try again).
+
+        The destination can answer MANIFEST_BLOB_UNKNOWN for a blob this task just mounted:
+        another worker's task of the same repository mounting the same blob at that moment
+        rewrites its link (distribution's filesystem driver truncates, then writes), and a
+        manifest PUT reading it then finds nothing. `last`: the error is raised instead.
+        """
+        missing = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for child in children:
+                    tg.create_task(self._put_manifest(dest.with_tag(None).with_digest(child.digest), child))
+            await self._put_manifest(dest, top)
+        except* TransportError as group:
+            if last or not all(_blob_unknown(e) for e in _leaves(group)):
+                raise
+            missing = True
+        return not missing
+
     async def _put_manifest(self, ref: Reference, manifest: Manifest) -> None:
         """PUT `manifest` under `ref` unless the destination already names exactly it there."""
         async with self.engine.host_slot(self.sink.host(ref)):
@@ -207,3 +231,16 @@ class FleetCopier:
             got: Digest = await self.sink.put_manifest(ref, manifest.raw, manifest.media_type)
         if got != manifest.digest:
             raise IntegrityError(f"{ref}: the registry stored manifest {manifest.digest} as {got}")
+
+
+def _leaves(group: BaseExceptionGroup[TransportError]) -> list[BaseException]:
+    """Return the exceptions in `group`, nested groups flattened."""
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+def _blob_unknown(exc: BaseException) -> bool:
+    """Whether `exc` is a registry's refusal of a manifest naming a blob it does not hold."""
+    return isinstance(exc, TransportError) and exc.status == 400 and "MANIFEST_BLOB_UNKNOWN" in str(exc)

@@ -1,6 +1,6 @@
 """A counting HTTP proxy for tests: forwards to a registry, counts requests in flight, can play Docker Hub's rate limit.
 
-Run as `python -m tests.countproxy UPSTREAM PORT BYTES_PER_SECOND FILE [LIMIT RESET]`; prints
+Run as `python -m tests.countproxy UPSTREAM PORT BYTES_PER_SECOND FILE [LIMIT RESET] [--refuse-first-put]`; prints
 `ready` once it listens, and keeps in FILE (JSON, replaced whole at each change) what it saw:
 
 - `peak`: the most requests in flight at once. A request counts from when its handler starts
@@ -14,6 +14,9 @@ Run as `python -m tests.countproxy UPSTREAM PORT BYTES_PER_SECOND FILE [LIMIT RE
   GET before then is answered 429 and counted in `early`; the first one after it starts a
   new budget. `manifest_gets` counts them all, `zero_at`/`reset_at` are the pauses
   (monotonic seconds).
+- With `--refuse-first-put` (in front of a destination): the first PUT of each manifest path
+  is answered 400 MANIFEST_BLOB_UNKNOWN, as distribution does when a blob's link is being
+  rewritten by a concurrent mount; `refused` counts them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,16 @@ class Counts:
     def __init__(self, out: Path, limit: int = 0, reset: float = 0.0) -> None:
         self.out = out
         self.now = 0
-        self.state: dict[str, Any] = {"peak": 0, "manifest_gets": 0, "early": 0, "zero_at": [], "reset_at": []}
+        self.state: dict[str, Any] = {
+            "peak": 0,
+            "manifest_gets": 0,
+            "early": 0,
+            "zero_at": [],
+            "reset_at": [],
+            "refused": 0,
+        }
+        self.refuse_first_put = False
+        self._put_paths: set[str] = set()
         self.limit = limit
         self.reset = reset
         self.remaining = limit
@@ -87,6 +99,15 @@ class Counts:
             "RateLimit-Reset": str(int(reset)),
         }
 
+    def refuse_put(self, path: str) -> bool:
+        """Whether to refuse this manifest PUT (the first to `path`, when asked to)."""
+        if not self.refuse_first_put or path in self._put_paths:
+            return False
+        self._put_paths.add(path)
+        self.state["refused"] += 1
+        self.write()
+        return True
+
     def refusal(self) -> web.Response:
         """The 429 of a manifest GET sent while the budget is spent."""
         left = max(1, int(self.paused_until - time.monotonic() + 0.999))
@@ -120,6 +141,10 @@ def make_app(upstream: str, rate: float, counts: Counts) -> web.Application:
         if "s" not in session:
             session["s"] = aiohttp.ClientSession(auto_decompress=False)
         limited: dict[str, str] = {}
+        if req.method == "PUT" and "/manifests/" in req.path and counts.refuse_put(req.path):
+            await req.read()
+            body = {"errors": [{"code": "MANIFEST_BLOB_UNKNOWN", "message": "blob unknown to registry"}]}
+            return web.json_response(body, status=400, headers={"Docker-Distribution-API-Version": "registry/2.0"})
         if counts.limit and req.method == "GET" and "/manifests/" in req.path:
             got = counts.budget()
             if got is None:
@@ -148,8 +173,12 @@ def make_app(upstream: str, rate: float, counts: Counts) -> web.Application:
             if up.content_length is not None:
                 resp.content_length = up.content_length
             await resp.prepare(req)
-            # Paced between chunks; the count ends just before the last chunk is handed to the
-            # socket (no await in between), the moment the client may have it all.
+            # Paced between chunks, on a schedule (byte N not before start + N / rate), so a late
+            # wake-up on a loaded machine is caught up, not added to every chunk. The count ends
+            # just before the last chunk is handed to the socket (no await in between), the
+            # moment the client may have it all.
+            loop = asyncio.get_running_loop()
+            start, sent = loop.time(), 0
             chunk = await up.content.read(CHUNK)
             while True:
                 after = await up.content.read(CHUNK) if chunk else b""
@@ -160,7 +189,10 @@ def make_app(upstream: str, rate: float, counts: Counts) -> web.Application:
                         await resp.write(chunk)
                     break
                 await resp.write(chunk)
-                await asyncio.sleep(len(chunk) / rate)
+                sent += len(chunk)
+                wait = start + sent / rate - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 chunk = after
             await resp.write_eof()
             return resp
@@ -170,9 +202,11 @@ def make_app(upstream: str, rate: float, counts: Counts) -> web.Application:
     return app
 
 
-async def main(upstream: str, port: int, rate: float, out: Path, limit: int, reset: float) -> None:
+async def main(upstream: str, port: int, rate: float, out: Path, limit: int, reset: float, refuse: bool) -> None:
     """Serve until killed."""
-    runner = web.AppRunner(make_app(upstream, rate, Counts(out, limit, reset)), access_log=None)
+    counts = Counts(out, limit, reset)
+    counts.refuse_first_put = refuse
+    runner = web.AppRunner(make_app(upstream, rate, counts), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print("ready", flush=True)
@@ -180,6 +214,6 @@ async def main(upstream: str, port: int, rate: float, out: Path, limit: int, res
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
+    a = [x for x in sys.argv[1:] if x != "--refuse-first-put"]
     lim, rst = (int(a[4]), float(a[5])) if len(a) >= 6 else (0, 0.0)
-    asyncio.run(main(a[0], int(a[1]), float(a[2]), Path(a[3]), lim, rst))
+    asyncio.run(main(a[0], int(a[1]), float(a[2]), Path(a[3]), lim, rst, "--refuse-first-put" in sys.argv))

@@ -355,6 +355,7 @@ def test_three_workers_copy_every_image_fetching_each_blob_once_and_a_second_run
     done = int(metrics.split('mirror_fleet_tasks_total{outcome="done"} ')[1].split()[0])
     assert done == (fleet.root / "worker0.log").read_text().count(": ok") > 0
     assert "mirror_fleet_queue_depth 0" in metrics
+    assert "mirror_fleet_per_host_exceeded_total 0" in metrics  # no place lost under a running request
 
     # A second run: nothing fetched, nothing written, one HEAD per tag on each side.
     src_before, dst_before = fleet.source.registry.requests(), fleet.dest.requests()

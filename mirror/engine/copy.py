@@ -250,6 +250,10 @@ class Engine:
         """Return the adaptive limiter (use as `async with`) bounding concurrent requests to `host`."""
         return self.limits.get(host)
 
+    def download(self, digest: Digest) -> asyncio.Task[int] | None:
+        """Return the download of `digest` in flight (fetch_blob's shared task), None when none runs."""
+        return self._inflight.get(digest)
+
     async def fetch_blob(self, source: ManifestSource, ref: Reference, desc: Descriptor) -> int:
         """Make sure blob `desc` is in the store; return the bytes fetched for it by this call's download.
 

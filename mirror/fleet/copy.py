@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from mirror.auth import backoff_delay
 from mirror.digest import Digest
@@ -23,19 +24,29 @@ from mirror.engine.plan import plan_blobs
 from mirror.engine.publish import PUSHED
 from mirror.engine.push import Pusher
 from mirror.engine.sync import FETCHED, SyncJob, SyncResult
-from mirror.errors import IntegrityError, ManifestError, StreamError, UsageError
+from mirror.errors import IntegrityError, ManifestError, StreamError, TransportError, UsageError
 from mirror.fleet.leases import BlobFlight
 from mirror.manifest import Descriptor, ImageManifest, IndexManifest, Manifest, select_platforms
 from mirror.reference import Reference
 from mirror.sinks import BlobSink, MountingSink
 from mirror.sources.base import ManifestSource
 
-# A fleet-wide slot of a source host (a Redis semaphore), held around each source request.
-HostGate = Callable[[str], AbstractAsyncContextManager[None]]
+STOP_WAIT = 10.0  # seconds a cancelled task waits for its download to stop before giving up its slot
+
+
+class HostGate(Protocol):
+    """A fleet-wide slot of a source host (a Redis semaphore), held around each source request.
+
+    `manifest`: the request is a manifest GET, which also waits for the host's rate limit.
+    """
+
+    def __call__(self, host: str, /, *, manifest: bool = False) -> AbstractAsyncContextManager[None]:
+        """Return the slot's context manager."""
+        ...
 
 
 @asynccontextmanager
-async def no_gate(_host: str) -> AsyncIterator[None]:
+async def no_gate(_host: str, *, manifest: bool = False) -> AsyncIterator[None]:
     """A HostGate that lets everything through (one process: the engine's own limits hold)."""
     yield
 
@@ -90,13 +101,17 @@ class FleetCopier:
         elif isinstance(top, ImageManifest) and top.platform:
             plats = [str(top.platform)]
         images = [m for m in (top, *children) if isinstance(m, ImageManifest)]
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self._place(source, ref, dest, b)) for b in plan_blobs(images)]
-        fetched = sum(t.result() for t in tasks)
-        async with asyncio.TaskGroup() as tg:
-            for child in children:
-                tg.create_task(self._put_manifest(dest.with_tag(None).with_digest(child.digest), child))
-        await self._put_manifest(dest, top)
+        fetched = 0
+        attempt = 0
+        while True:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._place(source, ref, dest, b)) for b in plan_blobs(images)]
+            fetched += sum(t.result() for t in tasks)
+            if await self._put_manifests(dest, children, top, last=attempt + 1 >= self.engine.retry.attempts):
+                break
+            # A blob the manifest needs was not found: place the blobs again (HEADs), then PUT again.
+            await asyncio.sleep(backoff_delay(self.engine.retry, attempt, random.random()))
+            attempt += 1
         return SyncResult(
             spec.name,
             str(ref),
@@ -115,7 +130,7 @@ class FleetCopier:
         host = source.host(ref)
         while True:
             try:
-                async with self.gate(host), self.engine.host_slot(host):
+                async with self.gate(host, manifest=True), self.engine.host_slot(host):
                     return await source.fetch_manifest(ref)
             except StreamError:
                 if attempt + 1 >= self.engine.retry.attempts:
@@ -150,6 +165,7 @@ class FleetCopier:
         async with self.engine.host_slot(self.sink.host(dest)):
             if await self.sink.mount_blob(dest, desc, holder):
                 self.stats.blobs_mounted += 1
+                await self.flight.record(str(desc.digest), holder)  # still there: keep the record longer
                 return True
         await self.flight.forget(str(desc.digest))
         return False
@@ -157,7 +173,11 @@ class FleetCopier:
     async def _fetch_and_upload(self, source: ManifestSource, ref: Reference, dest: Reference, desc: Descriptor) -> int:
         """Holding the lease: download `desc` into the spool, upload it, record where it is."""
         async with self.gate(source.host(ref)):
-            fetched = await self.engine.fetch_blob(source, ref, desc)
+            try:
+                fetched = await self.engine.fetch_blob(source, ref, desc)
+            except asyncio.CancelledError:
+                await self._stop_download(desc)
+                raise
         if fetched:
             self.stats.blobs_fetched += 1
             self.stats.bytes_fetched += fetched
@@ -170,6 +190,39 @@ class FleetCopier:
             store.path(desc.digest).unlink(missing_ok=True)
         return fetched
 
+    async def _stop_download(self, desc: Descriptor) -> None:
+        """This task was cancelled mid-download: stop the engine's download before the slot and lease go.
+
+        The engine runs a download as a task of its own that outlives a cancelled caller (it
+        is shared in one process). Left running, it would read from the source with no
+        fleet-wide slot held (more than `per_host` requests at once) and no lease (another
+        worker would fetch the same blob). Its partial file is kept for a later resume.
+        """
+        task = self.engine.download(desc.digest)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=STOP_WAIT)
+
+    async def _put_manifests(self, dest: Reference, children: list[Manifest], top: Manifest, *, last: bool) -> bool:
+        """PUT the children, then the top manifest; False when the registry did not find a blob (try again).
+
+        The destination can answer MANIFEST_BLOB_UNKNOWN for a blob this task just mounted:
+        another worker's task of the same repository mounting the same blob at that moment
+        rewrites its link (distribution's filesystem driver truncates, then writes), and a
+        manifest PUT reading it then finds nothing. `last`: the error is raised instead.
+        """
+        missing = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for child in children:
+                    tg.create_task(self._put_manifest(dest.with_tag(None).with_digest(child.digest), child))
+            await self._put_manifest(dest, top)
+        except* TransportError as group:
+            if last or not all(_blob_unknown(e) for e in _leaves(group)):
+                raise
+            missing = True
+        return not missing
+
     async def _put_manifest(self, ref: Reference, manifest: Manifest) -> None:
         """PUT `manifest` under `ref` unless the destination already names exactly it there."""
         async with self.engine.host_slot(self.sink.host(ref)):
@@ -178,3 +231,16 @@ class FleetCopier:
             got: Digest = await self.sink.put_manifest(ref, manifest.raw, manifest.media_type)
         if got != manifest.digest:
             raise IntegrityError(f"{ref}: the registry stored manifest {manifest.digest} as {got}")
+
+
+def _leaves(group: BaseExceptionGroup[TransportError]) -> list[BaseException]:
+    """Return the exceptions in `group`, nested groups flattened."""
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+def _blob_unknown(exc: BaseException) -> bool:
+    """Whether `exc` is a registry's refusal of a manifest naming a blob it does not hold."""
+    return isinstance(exc, TransportError) and exc.status == 400 and "MANIFEST_BLOB_UNKNOWN" in str(exc)

@@ -16,12 +16,13 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import ClassVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mirror.auth import RetryPolicy, backoff_delay
+from mirror.auth import RateLimit, RetryPolicy, backoff_delay, rate_limit_interval
 from mirror.errors import UnreachableError
 from mirror.text import printable
 
@@ -44,16 +45,96 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# A counting semaphore as a sorted set of token -> expiry (ms): drop expired holders,
-# then take a place if fewer than ARGV[3] remain.
+# A counting semaphore as a sorted set of token -> expiry (ms, Redis's own clock: the
+# workers' clocks may disagree): drop expired holders, then take a place if fewer than
+# ARGV[2] remain. The key outlives every place in it (2 x the lease, refreshed by each
+# taking and renewal), so it never vanishes under holders whose work runs long.
+# KEYS[2] is the host's shared rate-limit state (RateShare): a manifest GET (ARGV[4] = 1)
+# waits while it says `pause` (until the key expires: the announced reset) or, in `space`
+# mode, until its `next` time, which taking a place moves on by `interval`.
+# Returns 1 when taken (2: taken, and a rate-limit state exists), 0 when full, -MS to wait.
 _SEM_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local manifest = ARGV[4] == '1'
+local mode = redis.call('HGET', KEYS[2], 'mode')
+if mode and manifest then
+  if mode == 'pause' then
+    local left = redis.call('PTTL', KEYS[2])
+    if left > 0 then
+      return -left
+    end
+  elseif mode == 'space' then
+    local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+    if now < nxt then
+      return -(nxt - now)
+    end
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  if mode == 'space' and manifest then
+    redis.call('HSET', KEYS[2], 'next', now + tonumber(redis.call('HGET', KEYS[2], 'interval') or '0'))
+  end
+  if mode then
+    return 2
+  end
   return 1
 end
 return 0
+"""
+# Renew a held place: 1 when it was still ours; 2 when it had gone (expired and swept, or
+# Redis restarted empty) and was taken again with room to spare; 0 when it had gone and the
+# set is full: others were let in while this holder's request ran (the limit was exceeded).
+_SEM_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local got = 1
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+  got = 2
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return got
+"""
+
+
+# Publish what a response's RateLimit headers said (RateShare.observe): ARGV[1] is `pause`
+# (Remaining 0: no manifest GET until the key expires, ARGV[2] ms from now; a longer pause
+# already there stands), `space` (under the floor: manifest GETs ARGV[2] ms apart, the
+# state kept ARGV[3] ms, the window; never over a pause) or `clear` (a healthy budget again:
+# drops a `space`, a pause ends only with its reset).
+_RATE_PUBLISH = """
+local mode = redis.call('HGET', KEYS[1], 'mode')
+if ARGV[1] == 'clear' then
+  if mode == 'space' then
+    redis.call('DEL', KEYS[1])
+  end
+  return 0
+end
+if ARGV[1] == 'pause' then
+  if mode == 'pause' and redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'mode', 'pause', 'remaining', ARGV[4], 'limit', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if mode == 'pause' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'mode', 'space', 'interval', ARGV[2], 'remaining', ARGV[4], 'limit', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -125,28 +206,39 @@ class BlobFlight:
     """Fleet-wide single flight per blob digest: a lease on the digest while one worker fetches it.
 
     The others wait for the lease to go (released or expired), then find the blob at the
-    destination, recorded in a hash of digest -> repository that holds it.
+    destination, recorded as `mirror:blob-at:DEST:DIGEST` -> a repository that holds it.
+    Each record expires `RECORD_TTL` after it was last written or used to mount: the set
+    stays bounded by the blobs of the last week's runs. A record can be stale (a destination
+    gc deleted the blob): its mount fails, the record is dropped and the blob fetched.
     """
+
+    RECORD_TTL = 7 * 24 * 3600  # seconds a blob's record lives after its last write or mount
 
     def __init__(self, redis: Redis, destination: str, *, ttl: float = 30.0, poll: float = 0.2) -> None:
         self.redis = redis
         self.ttl = ttl
         self.poll = poll
-        self._where = f"{PREFIX}blob-at:{destination}"
+        self._legacy = f"{PREFIX}blob-at:{destination}"  # the former single hash of every record, never pruned
+        self._where = f"{PREFIX}blob-at:{destination}:"
         self._lease = f"{PREFIX}blob-lease:{destination}:"
+        self._legacy_gone = False
 
     async def where(self, digest: str) -> str | None:
         """Return a destination repository recorded as holding `digest`, None when none is."""
-        got = await self.redis.hget(self._where, digest)
+        if not self._legacy_gone:
+            # The old unbounded hash: dropped once (its blobs are mounted or fetched again, once each).
+            await self.redis.unlink(self._legacy)
+            self._legacy_gone = True
+        got = await self.redis.get(self._where + digest)
         return got.decode() if isinstance(got, bytes) else None
 
     async def record(self, digest: str, repository: str) -> None:
-        """Record that the destination's `repository` holds `digest`."""
-        await self.redis.hset(self._where, digest, repository)
+        """Record that the destination's `repository` holds `digest` (for RECORD_TTL from now)."""
+        await self.redis.set(self._where + digest, repository, ex=self.RECORD_TTL)
 
     async def forget(self, digest: str) -> None:
         """Drop the record of `digest` (a mount from it failed: the destination lost it)."""
-        await self.redis.hdel(self._where, digest)
+        await self.redis.delete(self._where + digest)
 
     @contextlib.asynccontextmanager
     async def lease(self, digest: str) -> AsyncIterator[bool]:
@@ -172,44 +264,177 @@ class BlobFlight:
 
 
 class HostSemaphore:
-    """At most `limit` holders fleet-wide per key (a source host): a sorted set of tokens with expiries."""
+    """At most `limit` holders fleet-wide per key (a source host): a sorted set of tokens with expiries.
+
+    A place is taken before a request is sent and given back once its answer is read
+    whole (the caller's block). Expiries are kept on Redis's clock, so workers on machines
+    whose clocks disagree cannot drop each other's places; a holder renews its place every
+    third of the lease. A holder whose renewals stalled longer than the lease (a frozen
+    process) finds out at its next renewal or at its release: it takes its place back
+    when there is room, else it says in one line that the limit was exceeded and counts it
+    in `HostSemaphore.exceeded` (the worker's /metrics).
+    """
+
+    exceeded = 0  # places found lost while the set was full, in this process
+    rate_seen = False  # a rate-limit state was there when the place was taken
 
     def __init__(self, redis: Redis, name: str, limit: int, *, ttl: float = 30.0, poll: float = 0.05) -> None:
         self.redis = redis
+        self.name = name
         self.key = f"{PREFIX}sem:{name}"
         self.limit = limit
         self.ttl = ttl
         self.poll = poll
 
+    def _args(self, tok: str) -> tuple[str, str, str]:
+        return tok, str(self.limit), str(max(1, int(self.ttl * 1000)))
+
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """Hold one place for the duration of the block (waiting, polling, for one to be free)."""
+    async def hold(self, *, manifest: bool = False) -> AsyncIterator[None]:
+        """Hold one place for the duration of the block (waiting, polling, for one to be free).
+
+        `manifest`: the block sends a manifest GET, which also waits out the host's
+        rate-limit pause or spacing shared by the fleet (RateShare). `rate_seen` tells
+        afterwards whether such a state was there when the place was taken.
+        """
         tok = token()
-        ms = int(self.ttl * 1000)
         attempt = 0
+        keys = (self.key, RateShare.key(self.name))
         while True:
-            now = int(time.time() * 1000)
-            args = (tok, str(now), str(self.limit), str(now + ms), str(ms * 4))
             try:
-                if await self.redis.eval(_SEM_ACQUIRE, 1, self.key, *args):
-                    Outage.ok()
-                    break
+                got = int(await self.redis.eval(_SEM_ACQUIRE, 2, *keys, *self._args(tok), "1" if manifest else "0"))
             except (RedisError, OSError) as exc:
                 # Redis away: wait for it (the caller's own patience, if any, bounds this).
                 Outage.failed(exc)
                 attempt += 1
                 await asyncio.sleep(backoff_delay(_BACKOFF, min(attempt, 8), random.random()))
                 continue
+            Outage.ok()
+            if got > 0:
+                self.rate_seen = got == 2
+                break
+            if got < 0:
+                # The fleet's rate-limit state holds manifest GETs back: look again when it says, or in 5 s.
+                wait = -got / 1000
+                RateShare.say_waiting(self.name, wait)
+                await asyncio.sleep(min(wait, 5.0))
+                continue
             await asyncio.sleep(self.poll)
+        lost = False
         try:
             async with repeating(self.ttl / 3, f"place {self.key}", lambda: self._renew(tok)):
                 yield
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await self.redis.zrem(self.key, tok)
+                if not await self.redis.zrem(self.key, tok):
+                    lost = True
+        if lost:
+            # Gone before its release: expired (renewals stalled) and swept. Whether others
+            # were let in meanwhile cannot be told any more; the renewal's check can.
+            log.info("place %s: expired before its release (renewals stalled longer than the lease)", self.key)
 
     async def _renew(self, tok: str) -> None:
-        await self.redis.zadd(self.key, {tok: int((time.time() + self.ttl) * 1000)}, xx=True)
+        got = await self.redis.eval(_SEM_RENEW, 1, self.key, *self._args(tok))
+        if got == 0:
+            HostSemaphore.exceeded += 1
+            print(
+                f"mirror: {printable(self.name)}: a request outlived its [fleet] per_host place (renewals stalled "
+                f"longer than the lease of {self.ttl:g} s): more than {self.limit} requests ran at once",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+class RateShare:
+    """A source host's RateLimit budget shared by the fleet: what any worker sees slows them all.
+
+    Docker Hub announces `RateLimit-Limit`/`RateLimit-Remaining` (`100;w=21600`). The
+    transport keeps the last values a host sent (`rate_limits`); after each request under a
+    fleet place, `observe` publishes them to `mirror:ratelimit:HOST` when they matter:
+    Remaining 0 with a known reset pauses every worker's manifest GETs until that reset (the
+    key expires then); Remaining under `[engine] rate_limit_floor` spaces them fleet-wide
+    (window / limit apart, the state kept one window); a healthy budget clears the spacing.
+    Every worker reads the state in the same Redis call that takes its per_host place
+    (HostSemaphore), so the check costs no extra round trip and is never stale.
+    """
+
+    _said: ClassVar[dict[str, float]] = {}  # host -> until when this process said it waits
+
+    def __init__(self, redis: Redis, rate_limits: Mapping[str, RateLimit], floor: int) -> None:
+        self.redis = redis
+        self.rate_limits = rate_limits
+        self.floor = floor
+        self._published: dict[str, RateLimit] = {}
+
+    @staticmethod
+    def key(host: str) -> str:
+        """Return the Redis key of `host`'s shared rate-limit state."""
+        return f"{PREFIX}ratelimit:{host}"
+
+    @classmethod
+    def say_waiting(cls, host: str, seconds: float) -> None:
+        """Say once per pause that manifest GETs to `host` wait for the fleet's rate limit."""
+        now = time.monotonic()
+        if cls._said.get(host, 0.0) > now:
+            return
+        cls._said[host] = now + seconds
+        print(
+            f"mirror: {printable(host)}: rate limit low (seen by the fleet): manifest GETs wait {seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def observe(self, host: str, *, state_seen: bool) -> None:
+        """Publish `host`'s budget as the transport last saw it, if new and it matters (low, or clearing one)."""
+        rl = self.rate_limits.get(host)
+        if rl is None or self.floor <= 0 or self._published.get(host) is rl:
+            return
+        self._published[host] = rl
+        interval = rate_limit_interval(rl, self.floor)
+        if interval is None:
+            if state_seen:
+                await self.redis.eval(_RATE_PUBLISH, 1, self.key(host), "clear", "0", "0", "0", "0")
+            return
+        mode = "pause" if rl.remaining <= 0 and rl.reset is not None else "space"
+        ms = max(1, int(interval * 1000))
+        keep = max(ms, int((rl.window or interval) * 1000))
+        args = (mode, str(ms), str(keep), str(rl.remaining), str(rl.limit))
+        if await self.redis.eval(_RATE_PUBLISH, 1, self.key(host), *args):
+            log.warning(
+                "%s: rate limit %d of %d left: %s manifest GETs fleet-wide",
+                host,
+                rl.remaining,
+                rl.limit,
+                f"pausing {interval:.1f} s" if mode == "pause" else f"spacing {interval:.1f} s apart",
+            )
+
+
+class FleetHosts:
+    """The fleet-wide limits of source hosts, for one process: per_host places, and the shared rate limit."""
+
+    def __init__(self, redis: Redis, limit: int, *, ttl: float, rates: RateShare | None = None) -> None:
+        self.redis = redis
+        self.limit = limit
+        self.ttl = ttl
+        self.rates = rates
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str, *, manifest: bool = False) -> AsyncIterator[None]:
+        """Hold a place of `host` around one request (its answer read whole); publish the budget it announced."""
+        sem = HostSemaphore(self.redis, host, self.limit, ttl=self.ttl)
+        async with sem.hold(manifest=manifest):
+            try:
+                yield
+            except Exception:
+                await self._observe(host, sem)  # a 429's headers count too
+                raise
+            await self._observe(host, sem)
+
+    async def _observe(self, host: str, sem: HostSemaphore) -> None:
+        # Before the place goes: whoever takes it next sees the budget this answer spent.
+        if self.rates is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.rates.observe(host, state_seen=sem.rate_seen)
 
 
 class Leader:

@@ -26,7 +26,7 @@ from mirror.engine.publish import PRESENT, WOULD_PUSH
 from mirror.engine.select import matches_any
 from mirror.engine.sync import CANCELLED, IMMUTABLE, PLANNED, UNCHANGED, SyncObserver, SyncResult
 from mirror.errors import MirrorError, NotFoundError, UnreachableError, UsageError
-from mirror.fleet.leases import HostSemaphore, Outage, describe
+from mirror.fleet.leases import FleetHosts, Outage, RateShare, describe
 from mirror.fleet.queue import FleetQueue, fetch_tasks, new_job, result_of
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
@@ -81,10 +81,12 @@ class Planner:
         self.source = RegistryV2Source(transport)
         self.sink = RegistryV2Sink(transport)
         self.out = Planned()
+        rates = RateShare(queue.redis, transport.rate_limits, transport.rate_limit_floor)
+        self.hosts = FleetHosts(queue.redis, cfg.fleet.per_host, ttl=cfg.fleet.lease, rates=rates)
 
     def gate(self, host: str) -> AbstractAsyncContextManager[None]:
         """Return the fleet-wide slot of source `host` (the `[fleet] per_host` Redis semaphore)."""
-        return HostSemaphore(self.queue.redis, host, self.cfg.fleet.per_host, ttl=self.cfg.fleet.lease).hold()
+        return self.hosts.hold(host)
 
     @asynccontextmanager
     async def _slot(self, host: str, *, fleet: bool) -> AsyncIterator[None]:

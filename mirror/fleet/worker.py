@@ -28,7 +28,7 @@ from mirror.engine.copy import FAILED, Engine
 from mirror.engine.sync import SyncResult
 from mirror.errors import MirrorError, UnreachableError
 from mirror.fleet.copy import FleetCopier
-from mirror.fleet.leases import BlobFlight, HostSemaphore, describe, repeating
+from mirror.fleet.leases import BlobFlight, FleetHosts, HostSemaphore, RateShare, describe, repeating
 from mirror.fleet.queue import QUEUE, TASK, FleetQueue, open_queue, to_json
 from mirror.reference import Reference
 from mirror.sinks.registry_v2 import RegistryV2Sink
@@ -64,6 +64,8 @@ class Runtime:
         self.source = RegistryV2Source(transport)
         self.sink = RegistryV2Sink(transport)
         self._copiers: dict[str, FleetCopier] = {}
+        rates = RateShare(queue.redis, transport.rate_limits, transport.rate_limit_floor)
+        self.hosts = FleetHosts(queue.redis, cfg.fleet.per_host, ttl=cfg.fleet.lease, rates=rates)
         self.running = 0
 
     def copier(self, destination: str) -> FleetCopier:
@@ -72,11 +74,7 @@ class Runtime:
         if c is None:
             fleet = self.cfg.fleet
             flight = BlobFlight(self.queue.redis, destination, ttl=fleet.lease)
-
-            def gate(host: str) -> contextlib.AbstractAsyncContextManager[None]:
-                return HostSemaphore(self.queue.redis, host, fleet.per_host, ttl=fleet.lease).hold()
-
-            c = self._copiers[destination] = FleetCopier(self.engine, self.sink, flight, gate)
+            c = self._copiers[destination] = FleetCopier(self.engine, self.sink, flight, self.hosts.hold)
         return c
 
     def totals(self) -> dict[str, int]:
@@ -163,6 +161,9 @@ def metrics_text(runtime: Runtime, queued: int | None) -> str:
         "# HELP mirror_fleet_bytes_fetched_total Bytes this worker fetched from sources.",
         "# TYPE mirror_fleet_bytes_fetched_total counter",
         f"mirror_fleet_bytes_fetched_total {t.get('bytes_fetched', 0)}",
+        "# HELP mirror_fleet_per_host_exceeded_total Requests found running past their per_host place (lost).",
+        "# TYPE mirror_fleet_per_host_exceeded_total counter",
+        f"mirror_fleet_per_host_exceeded_total {HostSemaphore.exceeded}",
         "# HELP mirror_fleet_tasks_running Image tasks this worker runs now.",
         "# TYPE mirror_fleet_tasks_running gauge",
         f"mirror_fleet_tasks_running {runtime.running}",

@@ -226,13 +226,12 @@ def c1_prefix(sizes: Sizes) -> str:
     return f"c1-{sizes.c1_repos}x{sizes.c1_tags}-{sizes.c1_base}-{sizes.c1_unique}"
 
 
-def seed_c1(ctx: Context) -> int:
-    """Seed case 1 (once); return the bytes of every distinct blob and manifest in it."""
-    prefix, images = c1_prefix(ctx.sizes), c1_images(ctx.sizes)
+def seed_images(ctx: Context, prefix: str, images: dict[str, list[LayerSpec]]) -> int:
+    """Push `images` under `prefix/` (once per registry); return the bytes of every distinct blob and manifest."""
     info = ctx.registry.root / f"{prefix}.json"
 
     def seed() -> None:
-        src = OciDir(ctx.work / "c1-src")
+        src = OciDir(ctx.work / f"{prefix}-src")
         for name, layers in images.items():
             src.image(name, layers)
         unique: dict[str, int] = {}
@@ -246,6 +245,11 @@ def seed_c1(ctx: Context) -> int:
 
     ctx.seeded(prefix, seed)
     return int(json.loads(info.read_text())["unique_bytes"])
+
+
+def seed_c1(ctx: Context) -> int:
+    """Seed case 1 (once); return the bytes of every distinct blob and manifest in it."""
+    return seed_images(ctx, c1_prefix(ctx.sizes), c1_images(ctx.sizes))
 
 
 def case1(ctx: Context) -> str:

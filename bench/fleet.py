@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.cases import CASES, FULL, Context, mib, push_all
-from bench.images import MIB, LayerSpec, OciDir
+from bench.cases import CASES, FULL, Context, mib, seed_images
+from bench.images import MIB, LayerSpec
 from bench.measure import ROOT
 from tools.registry import Registry, free_port
 
@@ -59,23 +59,7 @@ def seed_c11(ctx: Context, quick: bool) -> tuple[str, int]:
     """Seed case 11 (once); return its repository prefix and the bytes of its distinct blobs and manifests."""
     images = c11_images(quick)
     prefix = f"c11-{len(images)}-{BASE}-{UNIQUE}"
-    info = ctx.registry.root / f"{prefix}.json"
-
-    def seed() -> None:
-        src = OciDir(ctx.work / "c11-src")
-        for name, layers in images.items():
-            src.image(name, layers)
-        unique: dict[str, int] = {}
-        for name, desc in src.names.items():
-            m = src.manifest(name)
-            unique[str(desc["digest"])] = int(str(desc["size"]))
-            for d in [m["config"], *m["layers"]]:  # type: ignore[list-item]
-                unique[d["digest"]] = d["size"]
-        info.write_text(json.dumps({"unique_bytes": sum(unique.values())}))
-        push_all(ctx, src, [(name, f"{prefix}/{name}") for name in images])
-
-    ctx.seeded(prefix, seed)
-    return prefix, int(json.loads(info.read_text())["unique_bytes"])
+    return prefix, seed_images(ctx, prefix, images)
 
 
 def _redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:

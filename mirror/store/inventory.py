@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from mirror.digest import Digest
 from mirror.errors import ManifestError, MirrorError, StoreError
 from mirror.manifest import (
-    MAX_INDEX_DEPTH,
     MAX_MANIFEST_BYTES,
     Descriptor,
     ImageManifest,
@@ -17,6 +16,7 @@ from mirror.manifest import (
     parse_manifest,
     platform_of_config,
     subset_index,
+    walk_index,
     wrapped_source,
 )
 from mirror.store.blobs import in_thread
@@ -77,21 +77,7 @@ class Reader:
 
     def tree(self, index: IndexManifest) -> list[tuple[Descriptor, Manifest | None]]:
         """Return every descriptor under a cached `index` with its manifest (None: not cached), as `load_tree`."""
-        out: dict[Digest, tuple[Descriptor, Manifest | None]] = {}
-
-        def walk(ix: IndexManifest, depth: int) -> None:
-            if depth > MAX_INDEX_DEPTH:
-                raise ManifestError(f"indexes nested deeper than {MAX_INDEX_DEPTH} levels ({ix.digest})")
-            for d in ix.manifests:
-                if d.digest in out:
-                    continue
-                child = self.manifest(d.digest, d.media_type) if self.store.has(d.digest) else None
-                if isinstance(child, IndexManifest):
-                    walk(child, depth + 1)
-                out[d.digest] = (d, child)
-
-        walk(index, 1)
-        return list(out.values())
+        return walk_index(index, lambda d: self.manifest(d.digest, d.media_type) if self.store.has(d.digest) else None)
 
     def platform(self, config: Digest) -> str:
         """Return the platform an image config names ("?" when it names none)."""

@@ -107,7 +107,10 @@ def _quarantine(store: BlobStore, digest: Digest, ident: tuple[int, int]) -> boo
         return False  # quarantined (or removed by gc) by another process meanwhile
     if (st.st_ino, st.st_dev) != ident:
         return False
-    os.replace(store.path(digest), target)
+    try:
+        os.replace(store.path(digest), target)
+    except FileNotFoundError:
+        return False  # gone since the stat, as above
     # Both directories: after a power loss the blob is neither back under its name nor lost.
     fsync_dir(target.parent)
     fsync_dir(store.path(digest).parent)
@@ -150,10 +153,14 @@ async def check_reference(
 
     async def present(desc: Descriptor, kind: str, *, required: bool = True) -> bool:
         if store.has(desc.digest):
-            size = store.size(desc.digest)
-            if desc.size >= 0 and size != desc.size:
-                problems.append(f"{kind} {desc.digest} is {size} bytes, its manifest says {desc.size}")
-            return True
+            try:
+                size: int | None = store.size(desc.digest)
+            except FileNotFoundError:
+                size = None  # gc removed it since `has`: missing, and the reference is checked again below
+            if size is not None:
+                if desc.size >= 0 and size != desc.size:
+                    problems.append(f"{kind} {desc.digest} is {size} bytes, its manifest says {desc.size}")
+                return True
         why = "corrupt (quarantined)" if desc.digest in corrupt else "missing"
         if not required and desc.digest not in corrupt:
             return False  # an index child left out by --platform

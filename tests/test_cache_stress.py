@@ -59,19 +59,25 @@ def run_mirror(args: list[str]) -> subprocess.Popen[str]:
 
 
 def loop(runs: Runs, stop: threading.Event, commands: list[list[str]], kill_at: int | None, rng: random.Random) -> None:
-    """Run `commands` round-robin until `stop`; the `kill_at`-th run is SIGKILLed after a random pause."""
+    """Run `commands` round-robin until `stop`; from the `kill_at`-th run on, one run is SIGKILLed.
+
+    Each run from `kill_at` on gets a random pause; the first still running at the end of
+    its pause is killed. A run that finished first does not count, so the kill always comes.
+    """
     n = 0
+    pending = kill_at is not None
     while not stop.is_set():
         args = commands[n % len(commands)]
         proc = run_mirror(args)
-        if n == kill_at:
+        if pending and kill_at is not None and n >= kill_at:
             try:
-                proc.wait(rng.uniform(0.3, 1.5))  # a random moment: start-up, mid-download or done
+                proc.wait(rng.uniform(0.05, 1.5))  # a random moment: start-up, mid-download or done
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate(timeout=60)
                 with runs.lock:
                     runs.killed.append(args)
+                pending = False
                 n += 1
                 continue
         out, err = proc.communicate(timeout=300)

@@ -4,9 +4,12 @@ The tar (one file, or numbered volumes read one after the other, zstd-compressed
 is walked with the streaming reader of `docker save` tars (`sources.savetar.TarReader`),
 never unpacked: `bundle.json` comes first and says which blobs follow with which sizes;
 a delta's assumed blobs are checked in the cache before anything is written; each blob
-streams through `BlobStore.write_stream`, which names it only once its digest and size
-are right. A blob already in the cache is skipped, so running an import again (after a
-cut, say) only writes what is missing. Only when every blob is in and every reference
+is hashed in one thread while another writes it to a temp file (`store.blobs.Stager`),
+and checked at its end. Once the tar is read, the checked blobs are made durable
+together (one wait for the disk, not one per blob), then named, then their directory
+fsynced once; a bundle found bad or cut still has its checked blobs named, and a crash
+leaves only temp files `gc` removes. A blob already in the cache is skipped, so running
+an import again (after a cut, say) only writes what is missing. Only when every blob is in and every reference
 reaches only what is there is `index.json` touched: the references are merged in one
 write, a name that pointed elsewhere is replaced and reported.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,11 @@ from mirror.digest import Digest
 from mirror.errors import BundleError, DigestError, IntegrityError, ManifestError, MirrorError
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, REF_NAME, Descriptor, ImageManifest, parse_manifest
 from mirror.sources.savetar import SaveFormatError, TarReader
-from mirror.store.blobs import BlobWriter
+from mirror.store.blobs import Stager
 from mirror.store.gc import manifest_loader, mark
 from mirror.store.layout import Layout
 
-READ_BYTES = 4 << 20  # read from the bundle at a time, the next read already under way
-MAX_COMMITS = 4  # blobs being checked, fsynced and renamed while the next ones stream in
+READ_BYTES = 1 << 20  # read from the bundle at a time, the next read already under way (4 MiB was slower)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_LIST = 20  # digests named in one error line
 MAX_ENTRIES = 10_000_000  # tar entries of one bundle: a blob each (a docker save has far fewer)
@@ -175,92 +176,86 @@ async def import_bundle(layout: Layout, paths: Sequence[Path], progress: BundleP
     refs: dict[str, Descriptor] | None = None
     got: set[Digest] = set()
     result: ImportResult | None = None
-    # Blobs whose bytes are all in: checked, fsynced and renamed (each only once it is
-    # checked and durable, as ever) while the next blobs stream in.
-    committing: deque[asyncio.Task[None]] = deque()
-
-    async def commit(w: BlobWriter, digest: Digest, size: int, result: ImportResult) -> None:
-        try:
-            await w.commit()
-        except BaseException as exc:
-            await w.abort(keep=False)
-            if progress:
-                progress.blob_finished(digest, False)
-            if isinstance(exc, IntegrityError):
-                raise BundleError(f"{where}: blob {digest} is corrupted ({exc}); nothing was merged") from None
-            raise
-        result.written += 1
-        result.bytes += size
-        if progress:
-            progress.blob_finished(digest, True)
-
+    # Every blob is hashed and written to a temp file as it streams in, and checked at its
+    # end; the checked ones are made durable and named together once the tar is read (or
+    # it failed: what was checked is kept, so running the import again writes only the rest).
+    stager = Stager(store)
     try:
-        while (head := await tar.next()) is not None:
-            if head.kind == "dir":
-                continue
-            if head.kind != "file":
-                raise BundleError(f"{where}: entry {head.name!r} is a {head.kind}, not a file")
-            if head.name == "oci-layout":
-                await _small(tar, head.size)
-                continue
-            if head.name == BUNDLE_JSON:
-                if info is not None:
-                    raise BundleError(f"{where}: two {BUNDLE_JSON} entries")
-                info = BundleInfo.parse(await _small(tar, head.size), f"{where}: {BUNDLE_JSON}")
-                result = ImportResult(info)
-                missing = [d for d in info.assumed if not store.has(d)]
-                if missing:
-                    raise BundleError(
-                        f"{where} is a delta on {info.base}: the cache {layout.root} lacks {len(missing)} blob(s)"
-                        f" it builds on: {_listed(missing)} (import the bundles before it first; nothing was merged)"
-                    )
-                if progress:
-                    progress.begin(len(info.blobs), sum(info.blobs.values()))
-                continue
-            if head.name == "index.json":
-                refs = _index_refs(await _small(tar, head.size), where)
-                continue
-            digest = _blob_name(head.name)
-            if digest is None:
-                raise BundleError(f"{where}: unexpected entry {head.name!r}")
-            if info is None or result is None:
-                raise BundleError(f"{where}: blob {digest} comes before {BUNDLE_JSON}: not a mirror bundle")
-            want = info.blobs.get(digest)
-            if want is None:
-                raise BundleError(f"{where}: blob {digest} is not listed in {BUNDLE_JSON}")
-            if head.size != want:
-                raise BundleError(f"{where}: blob {digest} is {head.size} bytes, {BUNDLE_JSON} says {want}")
-            got.add(digest)
-            w = None if store.has(digest, want) else await store.writer(digest, want, resume=False)
-            if w is None or w.present:  # in the cache already, or stored meanwhile by another writer
-                result.present += 1
-                if progress:
-                    progress.blob_present(digest, want)
-                continue
-            if progress:
-                progress.blob_started(digest, want)
-            try:
-                async for chunk in tar.body():
-                    await w.write(chunk)
+        try:
+            while (head := await tar.next()) is not None:
+                if head.kind == "dir":
+                    continue
+                if head.kind != "file":
+                    raise BundleError(f"{where}: entry {head.name!r} is a {head.kind}, not a file")
+                if head.name == "oci-layout":
+                    await _small(tar, head.size)
+                    continue
+                if head.name == BUNDLE_JSON:
+                    if info is not None:
+                        raise BundleError(f"{where}: two {BUNDLE_JSON} entries")
+                    info = BundleInfo.parse(await _small(tar, head.size), f"{where}: {BUNDLE_JSON}")
+                    result = ImportResult(info)
+                    missing = [d for d in info.assumed if not store.has(d)]
+                    if missing:
+                        raise BundleError(
+                            f"{where} is a delta on {info.base}: the cache {layout.root} lacks {len(missing)}"
+                            f" blob(s) it builds on: {_listed(missing)} (import the bundles before it first;"
+                            " nothing was merged)"
+                        )
                     if progress:
-                        progress.blob_advanced(digest, len(chunk))
-            except BaseException:
-                await w.abort(keep=False)
+                        progress.begin(len(info.blobs), sum(info.blobs.values()))
+                    continue
+                if head.name == "index.json":
+                    refs = _index_refs(await _small(tar, head.size), where)
+                    continue
+                digest = _blob_name(head.name)
+                if digest is None:
+                    raise BundleError(f"{where}: unexpected entry {head.name!r}")
+                if info is None or result is None:
+                    raise BundleError(f"{where}: blob {digest} comes before {BUNDLE_JSON}: not a mirror bundle")
+                want = info.blobs.get(digest)
+                if want is None:
+                    raise BundleError(f"{where}: blob {digest} is not listed in {BUNDLE_JSON}")
+                if head.size != want:
+                    raise BundleError(f"{where}: blob {digest} is {head.size} bytes, {BUNDLE_JSON} says {want}")
+                if digest in got:
+                    continue  # a second copy in the tar: the first is written (or was in the cache)
+                got.add(digest)
+                if store.has(digest, want):
+                    result.present += 1
+                    if progress:
+                        progress.blob_present(digest, want)
+                    continue
                 if progress:
-                    progress.blob_finished(digest, False)
-                raise
-            committing.append(asyncio.ensure_future(commit(w, digest, want, result)))
-            while len(committing) >= MAX_COMMITS:
-                await committing.popleft()
-        while committing:
-            await committing.popleft()
-    except SaveFormatError as exc:
-        raise BundleError(f"{where}: not a readable bundle tar: {exc}; nothing was merged") from None
+                    progress.blob_started(digest, want)
+                w = stager.start(digest, want)
+                try:
+                    async for chunk in tar.body():
+                        await w.write(chunk)
+                        if progress:
+                            progress.blob_advanced(digest, len(chunk))
+                    await w.finish()
+                except BaseException as exc:
+                    await w.abort()
+                    if progress:
+                        progress.blob_finished(digest, False)
+                    if isinstance(exc, IntegrityError):
+                        raise BundleError(f"{where}: blob {digest} is corrupted ({exc}); nothing was merged") from None
+                    raise
+                result.written += 1
+                result.bytes += want
+                if progress:
+                    progress.blob_finished(digest, True)
+        except Exception as exc:
+            with contextlib.suppress(MirrorError):  # the bundle's error is the one told
+                await stager.publish()  # keep what was checked: an import run again skips it
+            if isinstance(exc, SaveFormatError):
+                raise BundleError(f"{where}: not a readable bundle tar: {exc}; nothing was merged") from None
+            raise
+        await stager.publish()
     finally:
-        # On an error, the blobs already read in still finish (or are removed) before it is told.
-        for task in committing:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(task)
+        stager.discard()
+        stager.close()
     if info is None or result is None:
         raise BundleError(f"{where}: no {BUNDLE_JSON}: not a mirror bundle")
     lacking = sorted((d for d in info.blobs if d not in got), key=str)

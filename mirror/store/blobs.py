@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -467,3 +467,186 @@ class BlobWriter:
                 self._partial.unlink(missing_ok=True)
             if self._file is not None and not self._file.closed:
                 self._file.close()
+
+
+# --- Staged blobs (bundle import): checked as they stream in, made durable and named in one batch. ---
+
+STAGE_IN_FLIGHT = 16 << 20  # bytes of one staged blob handed to its threads and not yet hashed and written
+STAGE_WRITEBACK = 32 << 20  # bytes written between two requests to the kernel to start writing them back
+
+
+def _stage_write(fd: int, chunk: bytes) -> None:
+    """Write all of `chunk` to `fd` (a write may take only part of it)."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _stage_writeback(fd: int, start: int, length: int) -> None:
+    """Ask the kernel to start writing a range back to disk now, so the sync at the end has little left to wait for."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+def _datasync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+class Staged:
+    """A blob whose bytes are in a temp file of its own, checked against its digest, not yet durable nor named."""
+
+    __slots__ = ("digest", "path")
+
+    def __init__(self, digest: Digest, path: Path) -> None:
+        self.digest = digest
+        self.path = path
+
+
+class Stager:
+    """Writes blobs one after the other to temp files in the store's ingest folder, checking each, naming none.
+
+    Each blob's bytes are hashed in one thread while another writes them (hashlib and
+    os.write let go of the GIL), so the caller reads on. `publish()` then makes every
+    staged file durable at once, names them, and fsyncs their directories once: a blob
+    is named only once its bytes are checked and on disk, as `BlobWriter.commit` does
+    per blob, with one wait for the disk instead of one per blob. A crash before
+    `publish()` leaves only unlocked temp files, which `gc` removes as stale partials.
+    """
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+        self.staged: list[Staged] = []
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mirror-stage-sha256")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mirror-stage-write")
+
+    def start(self, digest: Digest, size: int) -> StagedBlob:
+        """Return a writer of blob `digest` of `size` bytes (its temp file opens with the first write)."""
+        return StagedBlob(self, digest, size)
+
+    async def publish(self) -> None:
+        """Make every staged blob durable, then name it, then make the names durable; StoreError when that fails."""
+        staged, self.staged = self.staged, []
+        try:
+            await in_thread(publish_staged, self.store, staged)
+        except OSError as exc:
+            self.staged = [s for s in staged if s.path.exists()]
+            raise StoreError(f"cache {self.store.root}: {os_reason(exc)} (naming imported blobs)") from None
+
+    def discard(self) -> None:
+        """Remove every staged temp file not named yet."""
+        for s in self.staged:
+            s.path.unlink(missing_ok=True)
+        self.staged.clear()
+
+    def close(self) -> None:
+        """Let go of the threads (after every blob finished or aborted)."""
+        self._hasher.shutdown()
+        self._writer.shutdown()
+
+
+def publish_staged(store: BlobStore, staged: list[Staged]) -> None:
+    """Make `staged` durable (fdatasync in parallel: one flush serves many), rename each, fsync the dirs. Blocking."""
+    if not staged:
+        return
+    with ThreadPoolExecutor(min(IO_THREADS, len(staged)), thread_name_prefix="mirror-stage-sync") as pool:
+        for done in [pool.submit(_datasync, s.path) for s in staged]:
+            done.result()
+    dirs: dict[Path, None] = {}
+    for s in staged:
+        store.lease(s.digest)  # before the name appears: gc keeps it until index.json names it
+        target = store.path(s.digest)
+        if target.parent not in dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dirs[target.parent] = None
+        os.replace(s.path, target)
+    for d in dirs:
+        fsync_dir(d)
+
+
+class StagedBlob:
+    """One blob being staged by a `Stager`: `write()` its chunks, then `finish()` (checked) or `abort()`."""
+
+    def __init__(self, stager: Stager, digest: Digest, size: int) -> None:
+        self.stager = stager
+        self.digest = digest
+        self.size = size
+        self.offset = 0
+        self.path = stager.store.ingest / f"new-{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}.partial"
+        self._fd = -1
+        self._hash = hashlib.new(digest.algorithm)
+        self._pending: list[tuple[Future[None], int]] = []  # (the write's or hash's future, bytes)
+        self._in_flight = 0
+        self._advised = 0
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a name of this writer's own; never a file another writer has.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    async def write(self, chunk: bytes) -> None:
+        """Hand `chunk` to the hashing and writing threads; wait while too many bytes are in flight."""
+        if self._fd < 0:
+            await self._io(self._open)
+        self.offset += len(chunk)
+        if self.offset > self.size:
+            raise IntegrityError(f"blob {self.digest}: more than the {self.size} bytes announced")
+        st = self.stager
+        self._pending.append((st._hasher.submit(self._hash.update, chunk), 0))
+        self._pending.append((st._writer.submit(_stage_write, self._fd, chunk), len(chunk)))
+        if self.offset - self._advised >= STAGE_WRITEBACK:
+            self._pending.append((st._writer.submit(_stage_writeback, self._fd, self._advised, 0), 0))
+            self._advised = self.offset
+        self._in_flight += len(chunk)
+        while self._in_flight > STAGE_IN_FLIGHT:
+            fut, n = self._pending.pop(0)
+            await self._wait(fut)
+            self._in_flight -= n
+
+    async def _wait(self, fut: Future[None]) -> None:
+        try:
+            if fut.done():
+                fut.result()  # most often: no trip through the event loop
+            else:
+                await asyncio.shield(asyncio.wrap_future(fut))
+        except OSError as exc:
+            raise StoreError(f"cache {self.stager.store.root}: {os_reason(exc)} (writing blob {self.digest})") from None
+
+    async def _io(self, func: Callable[..., T], *args: object) -> T:
+        try:
+            return await in_thread(func, *args)
+        except OSError as exc:
+            raise StoreError(f"cache {self.stager.store.root}: {os_reason(exc)} (writing blob {self.digest})") from None
+
+    async def finish(self) -> None:
+        """Wait for the last bytes, check size and digest (IntegrityError), close; the stager publishes it later."""
+        if self._fd < 0:
+            await self._io(self._open)  # an empty blob
+        while self._pending:
+            await self._wait(self._pending.pop(0)[0])
+        if self.offset != self.size:
+            raise IntegrityError(f"blob {self.digest}: size mismatch, expected {self.size} bytes, got {self.offset}")
+        got = self._hash.hexdigest()
+        if got != self.digest.hex:
+            raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
+        on_disk = await self._io(os.fstat, self._fd)
+        if on_disk.st_size != self.size:
+            raise IntegrityError(f"blob {self.digest}: {on_disk.st_size} bytes on disk, {self.size} written")
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+        self.stager.staged.append(Staged(self.digest, self.path))
+
+    async def abort(self) -> None:
+        """Wait for the threads to let go of this blob, then close and remove its temp file."""
+        pending, self._pending = self._pending, []
+        for fut, _ in pending:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(asyncio.wrap_future(fut))
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        self.path.unlink(missing_ok=True)

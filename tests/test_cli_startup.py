@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -126,3 +131,38 @@ def test_a_config_file_without_jobs_loads_no_network(tmp_path: Path) -> None:
     res, modules = imported(tmp_path, "ls", "-c", str(cfg))
     assert res.returncode == 0 and "127.0.0.1:5000/app/n0:1" in res.stdout, res.stderr[-2000:]
     assert loaded(modules, NETWORK) == [], res.stderr[-2000:]
+
+
+def test_the_process_entry_is_entry() -> None:
+    """`mirror` and `python -m mirror` both run `cli.entry` (the collector off while the process starts)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mirror": "mirror.cli:entry"}
+    assert "entry()" in (ROOT / "mirror" / "__main__.py").read_text()
+
+
+def test_the_collector_comes_back_on_during_a_long_run() -> None:
+    """With the collector off (`entry`), a command still running COLLECT_AFTER seconds in has it on again."""
+
+    async def probe(args: argparse.Namespace) -> int:
+        deadline = time.monotonic() + 60
+        while not gc.isenabled():
+            if time.monotonic() > deadline:
+                return 1
+            await asyncio.sleep(0.05)
+        return 0
+
+    gc.disable()
+    try:
+        assert asyncio.run(cli.run_command(argparse.Namespace(run=probe))) == 0
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(("args", "code", "out"), [(("--version",), 0, "mirror 0.1.0"), (("ls", "--nope"), 2, "")])
+def test_entry_exits_with_mains_code(args: tuple[str, ...], code: int, out: str) -> None:
+    """`python -m mirror` (entry) exits with what argparse or the command decided, its output flushed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == code, res.stderr[-2000:]
+    assert res.stdout.strip() == out

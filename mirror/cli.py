@@ -8,21 +8,24 @@ summary line, `-v` request logs, and the one-line error that stops a command.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from mirror import __version__
 from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
 from mirror.text import printable
 from mirror.tls import defer_aiohttp_contexts
 
+if TYPE_CHECKING:
+    import argparse
+
 # Start-up: this module imports no command and neither uvloop nor asyncio, so `--version` and `--help`
-# answer at once; a run imports its own command's module alone, and uvloop once parsing is done.
+# answer at once (`--version` alone imports not even argparse); a run imports its own command's module
+# alone, and uvloop once parsing is done.
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here, with the one-line
 # summary its `register` gives its parser (the top-level `--help` lists these without importing any
@@ -50,6 +53,8 @@ EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY = (
     ExitStatus.BUSY,
 )
 
+VERSION = f"mirror {__version__}"  # what `mirror --version` prints
+
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `mirror ls | head` ends like `ls | head`.
 EXIT_BROKEN_PIPE = 141
 
@@ -74,22 +79,51 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 
     Only that command's module is imported: the others appear with their name and summary alone
     (enough for `--help` and for naming a wrong command), so a run imports its own command's
-    dependencies, not every command's, and `--help` or `--version` none (start-up time).
+    dependencies, not every command's, and `--help` or `--version` none (start-up time). Those others'
+    parsers are not even built (`_Parsers`): argparse reads a subcommand's parser only when that
+    subcommand is the one named, and `command_of` names it `only`.
     """
+    import argparse  # here, not at the top: `mirror --version` answers without it
+
     p = argparse.ArgumentParser(prog="mirror", description="Copy container images into an offline OCI cache.")
-    p.add_argument("--version", action="version", version=f"mirror {__version__}")
+    p.add_argument("--version", action="version", version=VERSION)
     _add_verbose(p, 0)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = _Parsers()
+    # argparse only calls parser_class(**kwargs): a factory does as well as a class.
+    make = cast("type[argparse.ArgumentParser]", parsers.make)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=make)
     for name, summary in SUMMARIES.items():
         if name == only:
+            parsers.real = True
             importlib.import_module(f"mirror.commands.{name}").register(sub)
+            parsers.real = False
         else:
             sub.add_parser(name, help=summary)
-    for sp in sub.choices.values():
+    for sp in parsers.built:
         # `mirror -v pull` and `mirror pull -v` both work; the subcommand's own parser reports its usage errors.
         _add_verbose(sp, argparse.SUPPRESS)
         sp.set_defaults(command_parser=sp)
     return p
+
+
+class _Parsers:
+    """The subcommands' parser class (`parser`): a real parser while `real` is set, else a stand-in never parsed."""
+
+    def __init__(self) -> None:
+        self.real = False
+        self.built: list[argparse.ArgumentParser] = []
+
+    def make(self, **kwargs: Any) -> argparse.ArgumentParser:
+        """Return a parser for `add_parser`: built when `real`, else an empty one that only bears its `prog`."""
+        import argparse
+
+        if not self.real:
+            stand_in = argparse.ArgumentParser.__new__(argparse.ArgumentParser)
+            stand_in.prog = kwargs["prog"]
+            return stand_in
+        sp = argparse.ArgumentParser(**kwargs)
+        self.built.append(sp)
+        return sp
 
 
 def command_of(argv: Sequence[str]) -> str | None:
@@ -102,6 +136,9 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `argv`; a usage error prints the usage of the subcommand concerned and exits 2."""
+    if list(argv) == ["--version"]:
+        print(VERSION)  # as argparse's own version action prints it, without building a parser
+        raise SystemExit(0)
     p = parser(command_of(argv))
     args, extra = p.parse_known_args(argv)
     if extra:

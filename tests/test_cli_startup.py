@@ -74,6 +74,9 @@ def test_version_and_help_import_no_command(tmp_path: Path, args: tuple[str, ...
     assert "mirror" in res.stdout
     heavy = ("mirror.commands", "mirror.config", "asyncio", "uvloop", "logging", *NETWORK)
     assert loaded(modules, heavy) == []
+    if args == ("--version",):
+        assert res.stdout == "mirror 0.1.0\n"
+        assert "argparse" not in modules  # the version needs no parser
 
 
 def test_pull_help_loads_no_engine(tmp_path: Path) -> None:

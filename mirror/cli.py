@@ -16,16 +16,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from mirror import __version__
-from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
-from mirror.text import printable
-from mirror.tls import defer_aiohttp_contexts
 
 if TYPE_CHECKING:
     import argparse
 
 # Start-up: this module imports no command and neither uvloop nor asyncio, so `--version` and `--help`
-# answer at once (`--version` alone imports not even argparse); a run imports its own command's module
-# alone, and uvloop once parsing is done.
+# answer at once (`--version` imports nothing at all, not even argparse or mirror.errors); a run imports
+# its own command's module alone, and uvloop once parsing is done.
 
 # Each module mirror.commands.NAME adds the subcommand NAME; add new commands here, with the one-line
 # summary its `register` gives its parser (the top-level `--help` lists these without importing any
@@ -45,13 +42,6 @@ SUMMARIES = {
     "worker": "copy images the fleet's queue hands out (Redis)",
 }
 COMMANDS = list(SUMMARIES)
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY = (
-    ExitStatus.FAILED,
-    ExitStatus.USAGE,
-    ExitStatus.UNREACHABLE,
-    ExitStatus.BUSY,
-)
 
 VERSION = f"mirror {__version__}"  # what `mirror --version` prints
 
@@ -136,9 +126,6 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `argv`; a usage error prints the usage of the subcommand concerned and exits 2."""
-    if list(argv) == ["--version"]:
-        print(VERSION)  # as argparse's own version action prints it, without building a parser
-        raise SystemExit(0)
     p = parser(command_of(argv))
     args, extra = p.parse_known_args(argv)
     if extra:
@@ -194,9 +181,17 @@ async def run_command(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+    """Run the command line; return the process exit code (mirror.errors.ExitStatus)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:
+        print(VERSION)  # as argparse's version action prints it, with no parser built and nothing imported
+        return 0
+    from mirror.errors import CacheBusyError, ExitStatus, MirrorError, UnreachableError, UsageError, os_reason
+    from mirror.text import printable
+    from mirror.tls import defer_aiohttp_contexts
+
     defer_aiohttp_contexts()  # before any command module: aiohttp skips loading CAs into contexts mirror never uses
-    args = parse(list(sys.argv[1:] if argv is None else argv))
+    args = parse(argv)
     log_requests(args.verbose)
     import uvloop  # after parsing: `--help` and a usage error need no event loop
 
@@ -210,22 +205,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
         print(f"mirror: {os_reason(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     except UsageError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     except UnreachableError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return ExitStatus.UNREACHABLE
     except CacheBusyError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
-        return EXIT_BUSY
+        return ExitStatus.BUSY
     except MirrorError as exc:
         print(f"mirror: {printable(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     except OSError as exc:  # the cache's disk full or read-only where no layer names it more closely
         print(f"mirror: {printable(os_reason(exc))}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     except KeyboardInterrupt:
         print("mirror: interrupted", file=sys.stderr)
         return ExitStatus.SIGNAL + 2

@@ -1,7 +1,5 @@
 """`python -m mirror`: the command line."""
 
-import sys
+from mirror.cli import entry
 
-from mirror.cli import main
-
-sys.exit(main())
+entry()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import sys
-from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import ModuleType
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `mirror --help` has no other use for it
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Iterator, Sequence
+    from types import ModuleType
 
 # This module is imported before any command runs: it imports only what the interpreter has
 # loaded already (ssl is imported by the functions that use it).

@@ -20,7 +20,7 @@ def test_pyproject_names_the_distribution_the_license_and_the_command() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == DIST
     assert project["license"] == "Apache-2.0"
-    assert project["scripts"] == {"mirror": "mirror.cli:main"}
+    assert project["scripts"] == {"mirror": "mirror.cli:entry"}
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License\n" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
@@ -50,5 +50,5 @@ def test_built_wheel_metadata(tmp_path: Path) -> None:
     assert headers["Name"] == DIST
     assert headers["License-Expression"] == "Apache-2.0"
     assert any(n.endswith("/licenses/LICENSE") for n in names)
-    assert "mirror = mirror.cli:main" in entry_points
+    assert "mirror = mirror.cli:entry" in entry_points
     assert "mirror/cli.py" in names and not any(n.startswith(("tests/", "tools/", "bench/")) for n in names)

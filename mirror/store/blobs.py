@@ -17,6 +17,12 @@ GIL) while the event loop reads the next batch; the kernel is asked to start wri
 each full batch back at once, so the final fsync of a large blob has little left to
 do; and the directory fsync that makes renames durable is shared by every blob renamed
 while it waits (a group commit), since one fsync of `blobs/sha256` covers them all.
+
+A small blob (a layer of a few KiB, a config, a manifest) is received whole in memory
+and hashed on the event loop (cheaper than a trip to a thread), then landed in ONE
+thread call: its own temp file written, fdatasynced and renamed (`SmallBlobWriter`,
+`BlobStore.put`). Only a body that breaks off is put aside in the partial file, so the
+next attempt resumes it like any other.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from mirror.errors import IntegrityError, StoreError, os_reason
 from mirror.store import leases
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
+SMALL_BLOB = 1 << 20  # a blob of known size up to this is received in memory and landed in one thread call
 IO_THREADS = 16  # fsync waits on the disk, not the CPU: enough threads that commits overlap
 _serial = itertools.count()
 _KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -99,9 +106,12 @@ class BlobStore:
         """Return the temp file a download of `digest` is written to."""
         return self.ingest / f"{digest.algorithm}-{digest.hex}.partial"
 
-    def lease(self, digest: Digest) -> None:
-        """Record `digest` in the leases this process holds on the cache, if any (gc keeps it)."""
-        leases.record(self.root, (digest,))
+    def lease(self, *digests: Digest) -> None:
+        """Record `digests` in the leases this process holds on the cache, if any (gc keeps them).
+
+        Several at once share one write (and one lock) of the lease file.
+        """
+        leases.record(self.root, digests)
 
     def has(self, digest: Digest, size: int = -1) -> bool:
         """Return whether the blob is present (and of `size` bytes, when size is known).
@@ -180,20 +190,57 @@ class BlobStore:
             await w.claim(True)  # one owner of a keyed partial file, as of a digest's
         return w
 
+    def small_writer(self, digest: Digest, size: int) -> SmallBlobWriter:
+        """Return an in-memory writer for a blob of known `size` up to SMALL_BLOB (see SmallBlobWriter)."""
+        return SmallBlobWriter(self, digest, size)
+
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store small `data` (a manifest or config) and return its digest."""
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
-        # A temp file of its own: many images storing one manifest at once must not share one.
-        w = BlobWriter(self, digest, len(data), unique=True)
-        try:
-            await w.write(data)
-            await w.commit()
-        except BaseException:
-            await w.abort(keep=False)
-            raise
+        if expected is not None and (got := hashlib.new(expected.algorithm, data).hexdigest()) != expected.hex:
+            raise IntegrityError(f"blob digest mismatch: expected {expected}, got {expected.algorithm}:{got}")
+        await self.land(digest, [data])
         return digest
+
+    def _land_sync(self, digest: Digest, chunks: list[bytes]) -> Path:
+        """Write checked bytes to a temp file of their own, fdatasync, rename to `digest`; return its directory."""
+        # A temp file of its own: many images storing one blob at once must not share one.
+        tmp = self.ingest / f"new-{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}.partial"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:
+            self.ingest.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
+        try:
+            try:
+                view = memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fdatasync(fd)  # data and size on disk before the name points at them
+            finally:
+                os.close(fd)
+            target = self.path(digest)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return target.parent
+
+    async def land(self, digest: Digest, chunks: list[bytes]) -> None:
+        """Store bytes the caller checked against `digest`: one thread call, then the shared directory fsync."""
+        try:
+            directory = await in_thread(self._land_sync, digest, chunks)
+        except OSError as exc:
+            raise StoreError(f"cache {self.root}: {os_reason(exc)} (writing blob {digest})") from None
+        await self.sync_dir(directory)
 
     async def write_stream(
         self,
@@ -467,3 +514,79 @@ class BlobWriter:
                 self._partial.unlink(missing_ok=True)
             if self._file is not None and not self._file.closed:
                 self._file.close()
+
+
+class SmallBlobWriter:
+    """A small blob of known size received in memory, hashed on the loop, landed in one thread call.
+
+    The same calls as a BlobWriter's that the engine makes (write, reset, commit, abort).
+    Nothing touches the disk until `commit()`, which lands only checked bytes; `abort(keep=True)`
+    puts what arrived into the digest's partial file, so a later writer resumes it.
+    """
+
+    present = False  # never waits for another writer: nothing of it exists before commit
+
+    def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = size
+        self.offset = 0
+        self._chunks: list[bytes] = []
+        self._hash = hashlib.new(digest.algorithm)
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk` (hashed at once, on the loop: a small blob's bytes cost less than a thread trip)."""
+        self.offset += len(chunk)
+        if self.offset > self.expected_size:
+            raise IntegrityError(f"blob {self.digest}: more than the {self.expected_size} bytes announced")
+        self._chunks.append(chunk)
+        self._hash.update(chunk)
+
+    async def reset(self) -> None:
+        """Drop everything received so far."""
+        self._chunks.clear()
+        self._hash = hashlib.new(self.digest.algorithm)
+        self.offset = 0
+
+    async def commit(self) -> int:
+        """Check size and digest, then write, fdatasync and rename in one thread call; return the size."""
+        if self.expected_size != self.offset:
+            raise IntegrityError(
+                f"blob {self.digest}: size mismatch, expected {self.expected_size} bytes, got {self.offset}"
+            )
+        got = self._hash.hexdigest()
+        if got != self.digest.hex:
+            raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
+        chunks, self._chunks = self._chunks, []
+        await self.store.land(self.digest, chunks)
+        return self.offset
+
+    def _keep_sync(self) -> None:
+        """Write what arrived to the digest's partial file, unless another writer owns that file."""
+        path = self.store.partial_path(self.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another writer has it: its bytes, not ours
+            named = os.stat(path)
+            mine = os.fstat(fd)
+            if (named.st_ino, named.st_dev) != (mine.st_ino, mine.st_dev):
+                return  # its owner renamed or deleted it meanwhile
+            if mine.st_size >= self.offset:
+                return  # holds as much already
+            os.ftruncate(fd, 0)
+            view = memoryview(b"".join(self._chunks))
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)  # lets go of the lock
+
+    async def abort(self, *, keep: bool) -> None:
+        """Forget the bytes; with `keep`, first put them in the partial file for a later resume."""
+        if keep and self.offset > 0:
+            with contextlib.suppress(OSError):  # only a head start for the next attempt
+                self._keep_sync()  # on the loop: at most SMALL_BLOB bytes, and safe while cancelled
+        self._chunks.clear()

@@ -333,7 +333,7 @@ class Engine:
         clean_retry = True
         # A small blob of known size, with no partial file to resume, goes to memory first:
         # one thread call lands it (SmallBlobWriter); a broken body leaves a partial file as usual.
-        small = 0 <= desc.size <= SMALL_BLOB and not self.store.partial_path(desc.digest).exists()
+        small = 0 <= desc.size <= SMALL_BLOB and not self.store.has_partial(desc.digest)
         try:
             while True:
                 writer: BlobWriter | SmallBlobWriter

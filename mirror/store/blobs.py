@@ -528,19 +528,36 @@ class BlobWriter:
         self._buffered = 0
         await self.io(self._reset_sync)
 
-    def _absorb(self, chunks: list[bytes], writeback: bool = False) -> None:
+    def _absorb(self, chunks: list[bytes]) -> None:
         if self._file is None:
             self.open_sync(False)
         assert self._file is not None
+        self._hash_sync(chunks)
+        self._file.writelines(chunks)
+
+    def _hash_sync(self, chunks: list[bytes]) -> None:
         for c in chunks:
             self._hash.update(c)
+
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        if self._file is None:
+            self.open_sync(False)
+        assert self._file is not None
         self._file.writelines(chunks)
-        if writeback:
-            # Start writing this batch to disk now, so the final fsync does not wait for it all.
-            self._file.flush()
-            end = self._file.tell()
-            start_writeback(self._file.fileno(), self._flushed, end - self._flushed)
-            self._flushed = self.landed = end
+        # Start writing this batch to disk now, so the final fsync does not wait for it all.
+        self._file.flush()
+        end = self._file.tell()
+        start_writeback(self._file.fileno(), self._flushed, end - self._flushed)
+        self._flushed = self.landed = end
+
+    async def _absorb_batch(self, chunks: list[bytes]) -> None:
+        """Hash and write one full batch at once, in two threads (hashlib and writes let go of the GIL)."""
+        hashed = asyncio.ensure_future(in_thread(self._hash_sync, chunks))
+        try:
+            await self.io(self._write_sync, chunks)
+        finally:
+            await asyncio.wait([hashed])  # the hash never runs on past its batch
+        hashed.result()
 
     async def _drain(self) -> None:
         pending = self._pending
@@ -556,7 +573,7 @@ class BlobWriter:
         await self._drain()
         if self._buf:
             chunks, self._buf, self._buffered = self._buf, [], 0
-            self._pending = asyncio.ensure_future(self.io(self._absorb, chunks, True))
+            self._pending = asyncio.ensure_future(self._absorb_batch(chunks))
 
     async def write(self, chunk: bytes) -> None:
         """Append `chunk`; full batches go to a worker thread while the caller reads on."""

@@ -348,7 +348,8 @@ class Engine:
                     return fetched
                 resumed_from = writer.offset
                 try:
-                    async with self.slot(host):
+                    # self.slot(host), spelt out: no generator-based context manager per blob.
+                    async with self._global, self.host_slot(host):
                         fetched += await self._stream(source, ref, desc, writer, show_kept=attempt == 0)
                     await writer.commit()
                     ok = True
@@ -409,7 +410,8 @@ class Engine:
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 received += len(chunk)
-                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
+                if desc.size < 0:  # a known size is bounded by the writer
+                    body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
                 self.progress.blob_advanced(desc.digest, len(chunk))
         if desc.size >= 0 and writer.offset < desc.size:
             # A body that ended cleanly but short (truncated): keep it and resume.

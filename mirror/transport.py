@@ -931,3 +931,18 @@ def _remember(cache: dict[str, _T], key: str, value: _T) -> None:
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def body_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Yield the body of `resp` in the pieces the socket delivered, none copied to join them.
+
+    `iter_any()` joins every piece buffered meanwhile into one new bytes object: a copy of
+    each byte of a large blob whenever the reader falls behind the socket.
+    """
+    read = resp.content.readchunk
+    while True:
+        chunk, chunk_end = await read()
+        if chunk:
+            yield chunk
+        elif not chunk_end:  # (b"", True) ends an HTTP chunk of a chunked body; (b"", False) the body
+            return

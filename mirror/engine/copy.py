@@ -34,7 +34,7 @@ from mirror.manifest import (
 )
 from mirror.reference import Reference
 from mirror.sources.base import ManifestSource
-from mirror.store.blobs import BlobWriter
+from mirror.store.blobs import SMALL_BLOB, BlobWriter, SmallBlobWriter
 from mirror.store.layout import Layout
 
 T = TypeVar("T")
@@ -331,16 +331,25 @@ class Engine:
         ok = False
         attempt = 0
         clean_retry = True
+        # A small blob of known size, with no partial file to resume, goes to memory first:
+        # one thread call lands it (SmallBlobWriter); a broken body leaves a partial file as usual.
+        small = 0 <= desc.size <= SMALL_BLOB and not self.store.has_partial(desc.digest)
         try:
             while True:
-                writer = await self.store.writer(desc.digest, desc.size)
+                writer: BlobWriter | SmallBlobWriter
+                if small:
+                    small = False
+                    writer = self.store.small_writer(desc.digest, desc.size)
+                else:
+                    writer = await self.store.writer(desc.digest, desc.size)
                 if writer.present:
                     # Another writer (an engine of an older config, another process) stored it meanwhile.
                     ok = True
                     return fetched
                 resumed_from = writer.offset
                 try:
-                    async with self.slot(host):
+                    # self.slot(host), spelt out: no generator-based context manager per blob.
+                    async with self._global, self.host_slot(host):
                         fetched += await self._stream(source, ref, desc, writer, show_kept=attempt == 0)
                     await writer.commit()
                     ok = True
@@ -375,7 +384,13 @@ class Engine:
             self.progress.blob_finished(desc.digest, ok)
 
     async def _stream(
-        self, source: ManifestSource, ref: Reference, desc: Descriptor, writer: BlobWriter, *, show_kept: bool
+        self,
+        source: ManifestSource,
+        ref: Reference,
+        desc: Descriptor,
+        writer: BlobWriter | SmallBlobWriter,
+        *,
+        show_kept: bool,
     ) -> int:
         """Stream the rest of `desc` into `writer` from its offset; return the bytes received.
 
@@ -395,7 +410,8 @@ class Engine:
             async for chunk in body.chunks:
                 await writer.write(chunk)
                 received += len(chunk)
-                body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
+                if desc.size < 0:  # a known size is bounded by the writer
+                    body_bound(f"blob {desc.digest}", desc.size, body.total, writer.offset, self.unsized_limit)
                 self.progress.blob_advanced(desc.digest, len(chunk))
         if desc.size >= 0 and writer.offset < desc.size:
             # A body that ended cleanly but short (truncated): keep it and resume.
@@ -437,6 +453,8 @@ class Engine:
             images = [top] if isinstance(top, ImageManifest) else list(children.values())
             blobs = plan_blobs(m for m in images if isinstance(m, ImageManifest))
             configs = {m.config.digest for m in images if isinstance(m, ImageManifest) and m.config is not None}
+            # Leased together (one write of the lease file), before each is looked up on disk.
+            self.store.lease(*(d.digest for d in blobs))
             kept = [d for d in blobs if d.digest not in configs and self._kept_foreign(d)]  # layers only
             async with asyncio.TaskGroup() as tg:
                 tasks = [

@@ -19,7 +19,7 @@ from mirror.errors import ManifestError, MirrorError, TransportError
 from mirror.manifest import Descriptor, Manifest
 from mirror.reference import Reference
 from mirror.sources.base import BlobBody
-from mirror.transport import Transport
+from mirror.transport import Transport, body_chunks
 
 FOREIGN_HOST = "foreign-urls"  # the key the engine's per-host limit counts foreign downloads under
 
@@ -58,6 +58,6 @@ class ForeignSource:
                 last = exc
                 continue
             async with stack:
-                yield BlobBody(resp.content.iter_any(), offset if resp.status == 206 else 0, desc.size)
+                yield BlobBody(body_chunks(resp), offset if resp.status == 206 else 0, desc.size)
             return
         raise TransportError(f"foreign layer {desc.digest} of {ref}: none of its {len(urls)} URLs served it ({last})")

@@ -25,7 +25,7 @@ from mirror.manifest import MAX_MANIFEST_BYTES
 from mirror.reference import Reference, is_tag
 from mirror.sources.base import BlobBody
 from mirror.sources.registry_v2 import parse_content_range, valid_names
-from mirror.transport import Transport, read_body
+from mirror.transport import Transport, body_chunks, read_body
 
 _K = TypeVar("_K")
 _T = TypeVar("_T")
@@ -273,7 +273,7 @@ async def _no_chunks() -> AsyncIterator[bytes]:
 async def _chunks(resp: aiohttp.ClientResponse, image_id: str) -> AsyncIterator[bytes]:
     """Yield the body's chunks; a connection lost mid-body becomes a TransportError (transport level)."""
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in body_chunks(resp):
             yield chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise TransportError(f"v1 layer {image_id[:12]}: download cut: {type(exc).__name__}") from None

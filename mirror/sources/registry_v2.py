@@ -23,7 +23,7 @@ from mirror.manifest import (
 )
 from mirror.reference import Reference, is_repository, is_tag
 from mirror.sources.base import BlobBody
-from mirror.transport import Transport, read_body
+from mirror.transport import Transport, body_chunks, read_body
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class RegistryV2Source:
                 total = whole if whole is not None else desc.size
             elif resp.content_length is not None:
                 total = resp.content_length
-            yield BlobBody(resp.content.iter_any(), start, total)
+            yield BlobBody(body_chunks(resp), start, total)
 
     async def _pages(
         self, host: str, first: str, what: str, scopes: tuple[str, ...], accept: str | None = None

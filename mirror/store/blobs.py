@@ -17,6 +17,13 @@ GIL) while the event loop reads the next batch; the kernel is asked to start wri
 each full batch back at once, so the final fsync of a large blob has little left to
 do; and the directory fsync that makes renames durable is shared by every blob renamed
 while it waits (a group commit), since one fsync of `blobs/sha256` covers them all.
+
+A small blob (a layer of a few KiB, a config, a manifest) is received whole in memory,
+then landed with every other small blob ready meanwhile in ONE thread call (a group
+commit): each hashed and checked, written to its own temp file, fdatasynced and renamed,
+and each directory fsynced once (`SmallBlobWriter`, `BlobStore.put`, `BlobStore.land`).
+Only a body that breaks off is put aside in the partial file, so the next attempt
+resumes it like any other.
 """
 
 from __future__ import annotations
@@ -31,15 +38,18 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from mirror.digest import Digest
 from mirror.errors import IntegrityError, StoreError, os_reason
 from mirror.store import leases
 
 FLUSH_BYTES = 1 << 20  # hash and write in 1 MiB batches, off the event loop
+SMALL_BLOB = 1 << 20  # a blob of known size up to this is received in memory and landed in one thread call
+LANDERS = 4  # batches of small blobs landing at once: their fdatasyncs overlap in the disk's queue
 IO_THREADS = 16  # fsync waits on the disk, not the CPU: enough threads that commits overlap
 _serial = itertools.count()
 _KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -90,6 +100,12 @@ class BlobStore:
         self.ingest = root / ".mirror" / "ingest"
         self._dir_next: dict[Path, asyncio.Future[None]] = {}
         self._dir_running: dict[Path, asyncio.Future[None]] = {}
+        self._landing: list[_Landing] = []  # small blobs waiting for the next batch to land
+        self._landers = 0
+        self._lander_tasks: set[asyncio.Future[None]] = set()
+        # As strings: has() and has_partial() run for every blob of every image, on the loop.
+        self._blobs_str = os.fspath(root / "blobs")
+        self._ingest_str = os.fspath(self.ingest)
 
     def path(self, digest: Digest) -> Path:
         """Return where the blob `digest` lives (whether or not it exists)."""
@@ -99,9 +115,12 @@ class BlobStore:
         """Return the temp file a download of `digest` is written to."""
         return self.ingest / f"{digest.algorithm}-{digest.hex}.partial"
 
-    def lease(self, digest: Digest) -> None:
-        """Record `digest` in the leases this process holds on the cache, if any (gc keeps it)."""
-        leases.record(self.root, (digest,))
+    def lease(self, *digests: Digest) -> None:
+        """Record `digests` in the leases this process holds on the cache, if any (gc keeps them).
+
+        Several at once share one write (and one lock) of the lease file.
+        """
+        leases.record(self.root, digests)
 
     def has(self, digest: Digest, size: int = -1) -> bool:
         """Return whether the blob is present (and of `size` bytes, when size is known).
@@ -110,10 +129,14 @@ class BlobStore:
         """
         self.lease(digest)
         try:
-            st = self.path(digest).stat()
+            st = os.stat(f"{self._blobs_str}/{digest.algorithm}/{digest.hex}")
         except FileNotFoundError:
             return False
         return size < 0 or st.st_size == size
+
+    def has_partial(self, digest: Digest) -> bool:
+        """Return whether a partial file of `digest` exists (bytes kept by an interrupted download, or a writer's)."""
+        return os.path.exists(f"{self._ingest_str}/{digest.algorithm}-{digest.hex}.partial")
 
     def size(self, digest: Digest) -> int:
         """Return the size of a stored blob."""
@@ -180,20 +203,130 @@ class BlobStore:
             await w.claim(True)  # one owner of a keyed partial file, as of a digest's
         return w
 
+    def small_writer(self, digest: Digest, size: int) -> SmallBlobWriter:
+        """Return an in-memory writer for a blob of known `size` up to SMALL_BLOB (see SmallBlobWriter)."""
+        return SmallBlobWriter(self, digest, size)
+
     async def put(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store small `data` (a manifest or config) and return its digest."""
         digest = expected or Digest.of(data)
         if self.has(digest, len(data)):
             return digest
-        # A temp file of its own: many images storing one manifest at once must not share one.
-        w = BlobWriter(self, digest, len(data), unique=True)
-        try:
-            await w.write(data)
-            await w.commit()
-        except BaseException:
-            await w.abort(keep=False)
-            raise
+        await self.land(digest, [data])
         return digest
+
+    def _land_batch(self, batch: list[_Landing]) -> list[BaseException | None]:
+        """Land a batch of small blobs in one thread call; return each one's error (None: landed).
+
+        Each is hashed and checked, written to a temp file of its own, and its writeback
+        started; then each is fdatasynced (the disk works on all of them at once, and the
+        journal commits of the first fdatasyncs carry the later ones) and renamed; then
+        each directory renamed into is fsynced once. A name appears only for checked,
+        durable bytes.
+        """
+        errors: list[BaseException | None] = [None] * len(batch)
+        opened: list[tuple[int, int, Path]] = []
+        prefix = f"new-{os.getpid()}-"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for i, item in enumerate(batch):
+            h = hashlib.new(item.digest.algorithm)
+            for c in item.chunks:
+                h.update(c)
+            if (got := h.hexdigest()) != item.digest.hex:
+                errors[i] = IntegrityError(
+                    f"blob digest mismatch: expected {item.digest}, got {item.digest.algorithm}:{got}"
+                )
+                continue
+            # A temp file of its own: many images storing one blob at once must not share one.
+            tmp = self.ingest / f"{prefix}{next(_serial)}-{os.urandom(4).hex()}.partial"
+            try:
+                try:
+                    fd = os.open(tmp, flags, 0o644)
+                except FileNotFoundError:
+                    self.ingest.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(tmp, flags, 0o644)
+            except OSError as exc:
+                errors[i] = exc
+                continue
+            opened.append((i, fd, tmp))
+            try:
+                view = memoryview(item.chunks[0] if len(item.chunks) == 1 else b"".join(item.chunks))
+                while view:
+                    view = view[os.write(fd, view) :]
+                start_writeback(fd, 0, item.size)
+            except OSError as exc:
+                errors[i] = exc
+        dirs: dict[Path, list[int]] = {}
+        for i, fd, tmp in opened:
+            try:
+                if errors[i] is None:
+                    os.fdatasync(fd)  # data and size on disk before the name points at them
+            except OSError as exc:
+                errors[i] = exc
+            finally:
+                os.close(fd)
+            if errors[i] is None:
+                target = self.path(batch[i].digest)
+                try:
+                    try:
+                        os.replace(tmp, target)
+                    except FileNotFoundError:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(tmp, target)
+                    dirs.setdefault(target.parent, []).append(i)
+                except OSError as exc:
+                    errors[i] = exc
+            if errors[i] is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        for directory, landed in dirs.items():
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                for i in landed:
+                    errors[i] = exc
+        return errors
+
+    async def _lander(self) -> None:
+        """Land the waiting small blobs batch after batch, until none wait."""
+        try:
+            while self._landing:
+                batch, self._landing = self._landing, []
+                try:
+                    errors = await in_thread(self._land_batch, batch)
+                except BaseException:
+                    for item in batch:
+                        item.future.cancel()
+                    raise
+                for item, err in zip(batch, errors, strict=True):
+                    if item.future.done():
+                        continue
+                    if err is None:
+                        item.future.set_result(None)
+                    elif isinstance(err, OSError):
+                        why = f"cache {self.root}: {os_reason(err)} (writing blob {item.digest})"
+                        item.future.set_exception(StoreError(why))
+                    else:
+                        item.future.set_exception(err)
+        finally:
+            self._landers -= 1
+
+    async def land(self, digest: Digest, chunks: list[bytes]) -> None:
+        """Store `chunks` (a small blob, all of it) as blob `digest`: checked, durable, then named.
+
+        Blobs landed meanwhile share one thread call (a group commit, up to LANDERS at
+        once): see `_land_batch`. A mismatch raises IntegrityError; a disk error StoreError.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieved)
+        self._landing.append(_Landing(digest, chunks, sum(map(len, chunks)), fut))
+        if self._landers < LANDERS:
+            self._landers += 1
+            task = asyncio.ensure_future(self._lander())
+            self._lander_tasks.add(task)
+            task.add_done_callback(self._lander_tasks.discard)
+        # Shielded: a cancelled caller leaves its blob to land (checked bytes, a name of their own).
+        await asyncio.shield(fut)
 
     async def write_stream(
         self,
@@ -215,6 +348,55 @@ class BlobStore:
         except BaseException:
             await w.abort(keep=False)
             raise
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """Mark a landing's error as seen (its caller may have been cancelled)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+@dataclass(slots=True)
+class _Landing:
+    """A small blob waiting to land: its digest, bytes, size, and the future its caller awaits."""
+
+    digest: Digest
+    chunks: list[bytes]
+    size: int
+    future: asyncio.Future[None]
+
+
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing `length` bytes of `fd` from `offset` to disk now, without waiting.
+
+    Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through ctypes (not in Python's os),
+    else posix_fadvise(DONTNEED), which starts writeback too; a later fdatasync then
+    has little left to wait for. Advice only: where neither works, nothing happens.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _load_sync_file_range()
+    if _sync_file_range(fd, offset, length, 2) == 0:  # 2: SYNC_FILE_RANGE_WRITE
+        return
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int]:
+    """Return libc's sync_file_range, or a stand-in that fails when there is none."""
+    try:
+        import ctypes  # only writers need it: not imported by every command
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+        func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        func.restype = ctypes.c_int
+        return cast(Callable[[int, int, int, int], int], func)
+    except (OSError, AttributeError):
+        return lambda fd, offset, length, flags: -1
 
 
 class BlobWriter:
@@ -346,24 +528,36 @@ class BlobWriter:
         self._buffered = 0
         await self.io(self._reset_sync)
 
-    def _absorb(self, chunks: list[bytes], writeback: bool = False) -> None:
+    def _absorb(self, chunks: list[bytes]) -> None:
         if self._file is None:
             self.open_sync(False)
         assert self._file is not None
+        self._hash_sync(chunks)
+        self._file.writelines(chunks)
+
+    def _hash_sync(self, chunks: list[bytes]) -> None:
         for c in chunks:
             self._hash.update(c)
+
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        if self._file is None:
+            self.open_sync(False)
+        assert self._file is not None
         self._file.writelines(chunks)
-        if writeback and hasattr(os, "posix_fadvise"):
-            # Start writing this batch to disk now (on Linux, DONTNEED begins writeback of
-            # dirty pages without waiting), so the final fsync does not wait for it all.
-            self._file.flush()
-            end = self._file.tell()
-            with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
-                os.posix_fadvise(self._file.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
-            self._flushed = end
-        if writeback:
-            self._file.flush()
-            self.landed = self._file.tell()
+        # Start writing this batch to disk now, so the final fsync does not wait for it all.
+        self._file.flush()
+        end = self._file.tell()
+        start_writeback(self._file.fileno(), self._flushed, end - self._flushed)
+        self._flushed = self.landed = end
+
+    async def _absorb_batch(self, chunks: list[bytes]) -> None:
+        """Hash and write one full batch at once, in two threads (hashlib and writes let go of the GIL)."""
+        hashed = asyncio.ensure_future(in_thread(self._hash_sync, chunks))
+        try:
+            await self.io(self._write_sync, chunks)
+        finally:
+            await asyncio.wait([hashed])  # the hash never runs on past its batch
+        hashed.result()
 
     async def _drain(self) -> None:
         pending = self._pending
@@ -379,7 +573,7 @@ class BlobWriter:
         await self._drain()
         if self._buf:
             chunks, self._buf, self._buffered = self._buf, [], 0
-            self._pending = asyncio.ensure_future(self.io(self._absorb, chunks, True))
+            self._pending = asyncio.ensure_future(self._absorb_batch(chunks))
 
     async def write(self, chunk: bytes) -> None:
         """Append `chunk`; full batches go to a worker thread while the caller reads on."""
@@ -467,6 +661,76 @@ class BlobWriter:
                 self._partial.unlink(missing_ok=True)
             if self._file is not None and not self._file.closed:
                 self._file.close()
+
+
+class SmallBlobWriter:
+    """A small blob of known size received in memory, then landed with others in one thread call.
+
+    The same calls as a BlobWriter's that the engine makes (write, reset, commit, abort).
+    Nothing touches the disk until `commit()`, which lands only checked bytes; `abort(keep=True)`
+    puts what arrived into the digest's partial file, so a later writer resumes it.
+    """
+
+    present = False  # never waits for another writer: nothing of it exists before commit
+
+    def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = size
+        self.offset = 0
+        self._chunks: list[bytes] = []
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk` (kept in memory: hashed when it lands)."""
+        self.offset += len(chunk)
+        if self.offset > self.expected_size:
+            raise IntegrityError(f"blob {self.digest}: more than the {self.expected_size} bytes announced")
+        self._chunks.append(chunk)
+
+    async def reset(self) -> None:
+        """Drop everything received so far."""
+        self._chunks.clear()
+        self.offset = 0
+
+    async def commit(self) -> int:
+        """Check the size, then land the blob (digest checked, written, fdatasynced, renamed); return the size."""
+        if self.expected_size != self.offset:
+            raise IntegrityError(
+                f"blob {self.digest}: size mismatch, expected {self.expected_size} bytes, got {self.offset}"
+            )
+        chunks, self._chunks = self._chunks, []
+        await self.store.land(self.digest, chunks)
+        return self.offset
+
+    def _keep_sync(self) -> None:
+        """Write what arrived to the digest's partial file, unless another writer owns that file."""
+        path = self.store.partial_path(self.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another writer has it: its bytes, not ours
+            named = os.stat(path)
+            mine = os.fstat(fd)
+            if (named.st_ino, named.st_dev) != (mine.st_ino, mine.st_dev):
+                return  # its owner renamed or deleted it meanwhile
+            if mine.st_size >= self.offset:
+                return  # holds as much already
+            os.ftruncate(fd, 0)
+            view = memoryview(b"".join(self._chunks))
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)  # lets go of the lock
+
+    async def abort(self, *, keep: bool) -> None:
+        """Forget the bytes; with `keep`, first put them in the partial file for a later resume."""
+        if keep and self.offset > 0:
+            with contextlib.suppress(OSError):  # only a head start for the next attempt
+                self._keep_sync()  # on the loop: at most SMALL_BLOB bytes, and safe while cancelled
+        self._chunks.clear()
 
 
 # --- Staged blobs (bundle import): checked as they stream in, made durable and named in one batch. ---

@@ -105,8 +105,16 @@ class Lease:
 _active: dict[Path, list[Lease]] = {}
 
 
+_keys: dict[Path, Path] = {}  # absolute roots as given -> their key (looked up for every blob)
+
+
 def _key(root: Path) -> Path:
-    return Path(os.path.abspath(root))
+    key = _keys.get(root)
+    if key is None:
+        key = Path(os.path.abspath(root))
+        if root.is_absolute() and len(_keys) < 64:  # a relative root's key follows the working directory
+            _keys[root] = key
+    return key
 
 
 def acquire(root: Path) -> Lease:

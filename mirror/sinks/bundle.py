@@ -54,7 +54,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
 CHUNK = 4 << 20  # blob bytes read, hashed and written at a time
 MAX_HASHING = 2  # chunks written but not hashed yet (for the checksum file, for the blob's check)
-SLICE = 8 << 20  # blob bytes copied in the kernel and hashed from the mmap at a time
+SLICE = 8 << 20  # blob bytes mapped, hashed and copied in the kernel at a time (a multiple of mmap offsets)
 COPY_WAYS = ("copy_file_range", "sendfile", "write")  # how blob bytes reach a volume, best first
 # What a kernel copy answers when it cannot copy between these two files: take the next way.
 NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
@@ -433,48 +433,55 @@ def _copy_blob_kernel(
 ) -> None:
     """Write blob member `m` into the uncompressed tar by kernel copy, hashed from an mmap; IntegrityError when wrong.
 
-    Each SLICE is hashed for the blob's check in `hasher`'s thread and for the checksum
-    file in the writer's, while this thread has the kernel copy it: the open file (and
-    its mapping) keeps the bytes checked even when `gc` removes the blob's name meanwhile.
+    Each SLICE is mapped read-only and hashed for the blob's check in `hasher`'s thread
+    and for the checksum file in the writer's, while this thread has the kernel copy the
+    same bytes; a slice's map is closed once both hashes let go of it (so a large blob is
+    never mapped whole). The open file keeps the checked bytes even when `gc` removes the
+    blob's name meanwhile (blobs are never changed in place: the size is checked first).
     """
     assert m.blob is not None
     h = m.blob.hasher()
     hashing: deque[Future[None]] = deque()
+    maps: deque[mmap.mmap] = deque()  # the slices' maps, oldest first
     with open(layout.blobs.path(m.blob), "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size != m.size:
             raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         try:
-            if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-            whole = memoryview(mm) if mm is not None else memoryview(b"")
-            try:
-                for offset in range(0, size, SLICE):
-                    n = min(SLICE, size - offset)
-                    hashing.append(hasher.submit(_update, h, whole[offset : offset + n]))
-                    part = whole[offset : offset + n]
-                    try:
-                        writer.copy_blob(f.fileno(), offset, part)
-                    except EOFError:
-                        raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling") from None
-                    finally:
-                        part.release()
-                    if progress is not None:
-                        progress.blob_advanced(m.blob, n)
-                    while len(hashing) > MAX_HASHING:
-                        hashing.popleft().result()
-            finally:
-                for fut in hashing:
-                    fut.result()
-                writer.settle()
-                whole.release()
+            for offset in range(0, size, SLICE):
+                n = min(SLICE, size - offset)
+                mm = mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset)
+                maps.append(mm)
+                hashing.append(hasher.submit(_update, h, memoryview(mm)))
+                part = memoryview(mm)
+                try:
+                    writer.copy_blob(f.fileno(), offset, part)
+                except EOFError:
+                    raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling") from None
+                finally:
+                    part.release()
+                if progress is not None:
+                    progress.blob_advanced(m.blob, n)
+                while len(hashing) > MAX_HASHING:
+                    hashing.popleft().result()
+                _unmap(maps)
         finally:
-            if mm is not None:
-                with contextlib.suppress(BufferError):  # a slice still held (on an error): freed with it
-                    mm.close()
+            for fut in hashing:
+                fut.result()
+            writer.settle()
+            _unmap(maps)  # on an error, a map some slice still holds is closed when that slice goes
     if h.hexdigest() != m.blob.hex:
         raise IntegrityError(f"blob {m.blob} in the cache does not match its digest: run `mirror verify`")
+
+
+def _unmap(maps: deque[mmap.mmap]) -> None:
+    """Close the oldest maps no hash reads any more; stop at the first still read (BufferError)."""
+    while maps:
+        try:
+            maps[0].close()
+        except BufferError:
+            return
+        maps.popleft()
 
 
 def write_members(

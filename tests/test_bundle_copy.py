@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from bench.images import LayerSpec, OciDir
+from mirror.digest import Digest
 from mirror.errors import IntegrityError
-from mirror.sinks.bundle import COPY_WAYS, BundlePlan, VolumeWriter, copy_range, plan_bundle, write_members
+from mirror.sinks.bundle import COPY_WAYS, SLICE, BundlePlan, VolumeWriter, copy_range, plan_bundle, write_members
 from mirror.store.layout import Layout
 from tests.test_cli import mirror
 
@@ -142,3 +143,49 @@ async def test_every_way_refuses_a_bad_blob(tmp_path: Path, way: str) -> None:
     with pytest.raises(IntegrityError, match=f"blob sha256:{layer.name} in the cache does not match its digest"):
         write(layout, plan, out, copy=way)
     assert list(out.parent.iterdir()) == []
+
+
+class Unlinker:
+    """A BundleProgress that removes a blob's name (as `gc` would) once its first slice is out."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.removed: list[Digest] = []
+
+    def begin(self, blobs: int, total: int) -> None:
+        """Nothing to do."""
+
+    def blob_started(self, digest: Digest, total: int) -> None:
+        """Nothing to do."""
+
+    def blob_advanced(self, digest: Digest, n: int) -> None:
+        """Remove the blob's name the first time it advances."""
+        if digest not in self.removed:
+            self.layout.blobs.path(digest).unlink()
+            self.removed.append(digest)
+
+    def blob_finished(self, digest: Digest, ok: bool) -> None:
+        """Nothing to do."""
+
+    def blob_present(self, digest: Digest, size: int) -> None:
+        """Nothing to do."""
+
+
+@pytest.mark.parametrize("way", COPY_WAYS)
+async def test_a_blob_removed_while_it_is_copied_is_bundled_whole(tmp_path: Path, way: str) -> None:
+    src = OciDir(tmp_path / "near")
+    size = 2 * SLICE + 4321  # three slices: the last two are mapped after the name is gone
+    src.image("t/gone:1", [LayerSpec(500, size)])
+    layout = Layout.open(tmp_path / "near")
+    plan = plan_bundle(layout, await layout.entries(), None, None)
+    layer = max(plan.info.blobs, key=lambda d: plan.info.blobs[d])
+    expected = layout.blobs.path(layer).read_bytes()
+    out = tmp_path / "carry.tar"
+    writer = VolumeWriter(out, copy=way)
+    unlinker = Unlinker(layout)
+    write_members(layout, plan.export_plan(), writer, unlinker)
+    writer.finish()
+    assert layer in unlinker.removed and not layout.blobs.path(layer).exists()
+    with tarfile.open(out) as tar:
+        assert tar.extractfile(f"blobs/sha256/{layer.hex}").read() == expected  # type: ignore[union-attr]
+    assert sums(out) == {"carry.tar": hashlib.sha256(out.read_bytes()).hexdigest()}

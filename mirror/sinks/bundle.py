@@ -15,7 +15,7 @@ when the whole bundle is written, with a `sha256sum`-style checksum file beside 
 
 Uncompressed, a blob's bytes never pass through Python: the kernel copies them from the
 blob file into the volume (`copy_file_range`, else `sendfile`, else plain writes), while
-two threads hash the same bytes from a read-only `mmap` of the blob, one for the blob's
+two threads hash the same bytes from read-only `mmap`s of its slices, one for the blob's
 own digest check and one for the checksum file: three passes over each byte on two cores.
 """
 

@@ -12,14 +12,21 @@ made, the lock is held for the whole write instead.
 The output goes through `VolumeWriter`: optionally zstd-compressed, optionally cut into
 numbered volumes of at most `--split` bytes, each landing under a temp name and renamed
 when the whole bundle is written, with a `sha256sum`-style checksum file beside it.
+
+Uncompressed, a blob's bytes never pass through Python: the kernel copies them from the
+blob file into the volume (`copy_file_range`, else `sendfile`, else plain writes), while
+two threads hash the same bytes from read-only `mmap`s of its slices, one for the blob's
+own digest check and one for the checksum file: three passes over each byte on two cores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tarfile
@@ -47,6 +54,10 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
 CHUNK = 4 << 20  # blob bytes read, hashed and written at a time
 MAX_HASHING = 2  # chunks written but not hashed yet (for the checksum file, for the blob's check)
+SLICE = 8 << 20  # blob bytes mapped, hashed and copied in the kernel at a time (a multiple of mmap offsets)
+COPY_WAYS = ("copy_file_range", "sendfile", "write")  # how blob bytes reach a volume, best first
+# What a kernel copy answers when it cannot copy between these two files: take the next way.
+NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 WRITEBACK = 32 << 20  # bytes written between two requests to the kernel to start writing them back
 
 
@@ -182,12 +193,16 @@ class VolumeWriter:
     """A write-only file for tarfile: compresses (zstd) when asked, cuts volumes, hashes each for the checksum file.
 
     Volumes are written as `.NAME.tmp` files beside the output and renamed by `finish()`;
-    `abort()` removes them.
+    `abort()` removes them. `copy` is the first of COPY_WAYS `copy_blob` tries (tests pick
+    a fallback); a way the kernel refuses for these files is dropped for the next.
     """
 
-    def __init__(self, out: Path, *, split: int = 0, zstd: bool = False) -> None:
+    def __init__(self, out: Path, *, split: int = 0, zstd: bool = False, copy: str = COPY_WAYS[0]) -> None:
+        if copy not in COPY_WAYS:
+            raise ValueError(f"copy: expected one of {COPY_WAYS}, not {copy!r}")
         self.out = out
         self.split = split
+        self.copy = copy
         self.volumes: list[tuple[Path, Path, str]] = []  # (final path, temp path, sha256)
         self.bytes = 0
         self._file: Any = None
@@ -211,7 +226,8 @@ class VolumeWriter:
         self._close_volume()
         final = self._name(len(self.volumes))
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        self._file = open(tmp, "wb")  # noqa: SIM115 - closed in _close_volume
+        # Unbuffered when blob bytes are copied in by the kernel: every byte goes straight to the fd, in order.
+        self._file = open(tmp, "wb", buffering=-1 if self.compressing else 0)  # noqa: SIM115 - closed in _close_volume
         self._hash = hashlib.sha256()
         self.volumes.append((final, tmp, ""))
         self._left = self.split or -1
@@ -235,15 +251,63 @@ class VolumeWriter:
             n = len(view) if self._left < 0 else min(len(view), self._left)
             part = view[:n]
             self._hashing.append(self._hasher.submit(self._hash.update, part))
-            self._file.write(part)
+            while part:  # an unbuffered file may take fewer bytes than offered
+                part = part[self._file.write(part) :]
             self._drain(MAX_HASHING)
-            self.bytes += n
-            self._written += n
-            if self._written - self._flushed >= WRITEBACK:
-                self._writeback()
-            if self._left > 0:
-                self._left -= n
+            self._advance(n)
             view = view[n:]
+
+    def _advance(self, n: int) -> None:
+        """Count `n` bytes written to the volume; start their writeback every WRITEBACK bytes."""
+        self.bytes += n
+        self._written += n
+        if self._written - self._flushed >= WRITEBACK:
+            self._writeback()
+        if self._left > 0:
+            self._left -= n
+
+    @property
+    def compressing(self) -> bool:
+        """Whether the tar is zstd-compressed (blob bytes then go through `write`, not `copy_blob`)."""
+        return self._compressor is not None
+
+    def copy_blob(self, src: int, offset: int, view: memoryview) -> None:
+        """Append `view`, the bytes of file `src` at `offset` (a read-only mmap's), to the uncompressed tar.
+
+        The checksum file's hash reads `view` in its thread while the kernel copies the
+        same bytes from `src`; the caller keeps the mmap until `settle()` returns.
+        OSError as the copy raises it; EOFError when `src` ends before the bytes do.
+        """
+        assert not self.compressing
+        while view:
+            if self._file is None or self._left == 0:
+                self._next_volume()
+            n = len(view) if self._left < 0 else min(len(view), self._left)
+            self._hashing.append(self._hasher.submit(_update, self._hash, view[:n]))
+            self._copy(src, offset, view[:n])
+            self._drain(MAX_HASHING)
+            self._advance(n)
+            view, offset = view[n:], offset + n
+
+    def _copy(self, src: int, offset: int, view: memoryview) -> None:
+        """Write `view` (`src`'s bytes at `offset`) at the volume's position, in the kernel where it can."""
+        dst = self._file.fileno()
+        done = 0
+        while done < len(view):
+            try:
+                n = copy_range(self.copy, src, dst, offset + done, view[done:])
+            except OSError as e:
+                if self.copy == COPY_WAYS[-1] or e.errno not in NO_KERNEL_COPY:
+                    raise
+                self.copy = COPY_WAYS[COPY_WAYS.index(self.copy) + 1]  # what it copied (if any) stays
+                continue
+            if n == 0:
+                raise EOFError(f"file ends before byte {offset + done}")
+            done += n
+
+    def settle(self) -> None:
+        """Wait until the checksum file's hash has read every byte given so far."""
+        self._drain(0)
 
     def _writeback(self) -> None:
         """Ask the kernel to start writing the bytes written so far to disk, without waiting.
@@ -252,7 +316,7 @@ class VolumeWriter:
         clean ones): the disk works while the next bytes come, and the fsync at the end
         of the volume finds little left to wait for.
         """
-        self._file.flush()
+        self._file.flush()  # with the kernel's copies too, every byte so far is in the fd's file
         if hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
                 os.posix_fadvise(
@@ -296,6 +360,27 @@ class VolumeWriter:
         self._hasher.shutdown(wait=True, cancel_futures=True)
         for _, tmp, _ in self.volumes:
             tmp.unlink(missing_ok=True)
+
+
+def copy_range(way: str, src: int, dst: int, offset: int, view: memoryview) -> int:
+    """Write at `dst`'s position, one of COPY_WAYS, some of `view` (`src`'s bytes at `offset`); return how many.
+
+    `src`'s own position is never used nor moved; `dst`'s advances by the bytes written.
+    0 when `src` has no byte at `offset`.
+    """
+    if way == "copy_file_range":
+        return os.copy_file_range(src, dst, len(view), offset_src=offset)
+    if way == "sendfile":
+        return os.sendfile(dst, src, offset, len(view))
+    return os.write(dst, view)
+
+
+def _update(h: Any, view: memoryview) -> None:
+    """Feed `view` to hash `h`, then let go of it (so the mmap it is a slice of can be closed)."""
+    try:
+        h.update(view)
+    finally:
+        view.release()
 
 
 def _header(m: Member) -> bytes:
@@ -343,6 +428,62 @@ def _copy_blob(
         raise IntegrityError(f"blob {m.blob} in the cache does not match its digest: run `mirror verify`")
 
 
+def _copy_blob_kernel(
+    layout: Layout, m: Member, writer: VolumeWriter, hasher: ThreadPoolExecutor, progress: BundleProgress | None
+) -> None:
+    """Write blob member `m` into the uncompressed tar by kernel copy, hashed from an mmap; IntegrityError when wrong.
+
+    Each SLICE is mapped read-only and hashed for the blob's check in `hasher`'s thread
+    and for the checksum file in the writer's, while this thread has the kernel copy the
+    same bytes; a slice's map is closed once both hashes let go of it (so a large blob is
+    never mapped whole). The open file keeps the checked bytes even when `gc` removes the
+    blob's name meanwhile (blobs are never changed in place: the size is checked first).
+    """
+    assert m.blob is not None
+    h = m.blob.hasher()
+    hashing: deque[Future[None]] = deque()
+    maps: deque[mmap.mmap] = deque()  # the slices' maps, oldest first
+    with open(layout.blobs.path(m.blob), "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != m.size:
+            raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling")
+        try:
+            for offset in range(0, size, SLICE):
+                n = min(SLICE, size - offset)
+                mm = mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset)
+                maps.append(mm)
+                hashing.append(hasher.submit(_update, h, memoryview(mm)))
+                part = memoryview(mm)
+                try:
+                    writer.copy_blob(f.fileno(), offset, part)
+                except EOFError:
+                    raise IntegrityError(f"blob {m.blob} changed size in the cache while bundling") from None
+                finally:
+                    part.release()
+                if progress is not None:
+                    progress.blob_advanced(m.blob, n)
+                while len(hashing) > MAX_HASHING:
+                    hashing.popleft().result()
+                _unmap(maps)
+        finally:
+            for fut in hashing:
+                fut.result()
+            writer.settle()
+            _unmap(maps)  # on an error, a map some slice still holds is closed when that slice goes
+    if h.hexdigest() != m.blob.hex:
+        raise IntegrityError(f"blob {m.blob} in the cache does not match its digest: run `mirror verify`")
+
+
+def _unmap(maps: deque[mmap.mmap]) -> None:
+    """Close the oldest maps no hash reads any more; stop at the first still read (BufferError)."""
+    while maps:
+        try:
+            maps[0].close()
+        except BufferError:
+            return
+        maps.popleft()
+
+
 def write_members(
     layout: Layout, plan: ExportPlan, writer: VolumeWriter, progress: BundleProgress | None = None
 ) -> int:
@@ -358,7 +499,8 @@ def write_members(
                 if progress is not None:
                     progress.blob_started(m.blob, m.size)
                 try:
-                    _copy_blob(layout, m, writer, hasher, progress)
+                    copy = _copy_blob if writer.compressing else _copy_blob_kernel
+                    copy(layout, m, writer, hasher, progress)
                 except BaseException:
                     if progress is not None:
                         progress.blob_finished(m.blob, False)

@@ -88,7 +88,9 @@ def test_full_bundle_is_served_from_a_second_cache_with_source_digests(
         schema2 = json.loads((near / "blobs" / "sha256" / seeded.digests["t/schema2:1"].split(":")[1]).read_text())
         assert "sha256:" + info[0]["Id"] == schema2["config"]["digest"]
     finally:
-        subprocess.run(["podman", "rmi", "-f", image_id], capture_output=True)
+        # By the name this pull gave it (`localhost` + the layout's path), never by ID: another test's
+        # image of the same content has the same ID, and removing by ID would take that one away too.
+        subprocess.run(["podman", "rmi", "-f", f"localhost{unpacked}:latest"], capture_output=True)
 
     far = tmp_path / "far"
     res = ok("bundle", "import", str(out), "--cache", str(far))

@@ -46,6 +46,7 @@ from mirror.auth import (
 from mirror.credentials import Credential, CredentialStore, registry_key
 from mirror.defaults import DEFAULT_CERTS_DIRS, DEFAULT_RATE_LIMIT_FLOOR, DEFAULT_RETRY
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
+from mirror.http1 import HeadPool, Unusual
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
@@ -242,6 +243,7 @@ class Transport:
         certs_dirs: Sequence[Path] = DEFAULT_CERTS_DIRS,
         clock: Callable[[], float] = time.monotonic,
         env: Mapping[str, str] | None = None,
+        lean_head: bool = True,
     ) -> None:
         self.hosts = dict(hosts or {})
         # The environment's proxies (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), read once. Not
@@ -274,6 +276,10 @@ class Transport:
         self.token_requests = 0
         self.retries = 0
         self.events: TransportEvents = NoEvents()
+        # `head`'s own keep-alive connections per host (None: the host's requests need aiohttp's path).
+        self.lean_head = lean_head
+        self._head_pools: dict[str, HeadPool | None] = {}
+        self._head_opened = 0  # by pools closed since
 
     def __repr__(self) -> str:
         return f"Transport(hosts={sorted(self.hosts)}, requests={self.requests})"
@@ -305,6 +311,7 @@ class Transport:
     async def close(self) -> None:
         """Close the session and its connections; requests fail until the next `async with`."""
         self._closed = True
+        self._close_head_pools()
         if self._session is not None:
             await self._session.close()
 
@@ -507,6 +514,83 @@ class Transport:
         finally:
             resp.release()
 
+    async def head(
+        self, host: str, path: str, *, headers: Sequence[tuple[str, str]], scopes: tuple[str, ...]
+    ) -> Mapping[str, str]:
+        """HEAD `path` on `host` with auth and retries, as `request` does; return the headers of its 200 answer.
+
+        A 404 raises NotFoundError, any other failure what `request` raises. The common case
+        (no proxy, the registry answering 200 or 404 on a kept-alive connection) takes
+        `mirror.http1`'s lean path; anything else (a 401 to answer, a redirect, an error, a
+        broken or closed connection) is sent again through aiohttp, which decides it as for
+        any request.
+        """
+        pool = self._head_pool(host) if self.lean_head and not self._closed else None
+        if pool is not None:
+            auth = await self._authorization(host, scopes)
+            sent = (*headers, ("Authorization", auth)) if auth else headers
+            t0 = time.monotonic()
+            try:
+                answer = await pool.head(path, sent, self.timeouts.first_byte)
+            except Unusual:
+                answer = None
+            if answer is not None and answer.status in (200, 404):
+                status = answer.status
+                self.requests += 1
+                self.events.response(host, "HEAD", str(status))
+                if log.isEnabledFor(logging.DEBUG):
+                    secs = time.monotonic() - t0
+                    size = answer.headers.get("Content-Length", "?")
+                    log.debug("HEAD %s %d %s bytes %.3fs", safe_url(self.base_url(host) + path), status, size, secs)
+                self.limits.observe(host, status)
+                self._note_rate_limit(host, answer.headers)
+                if status == 404:  # as `_raise_for` says it: an answer to HEAD has no error body
+                    where = _where("HEAD", host, path)
+                    raise NotFoundError(f"{where}: not found ({answer.reason})", status=404, body=answer.reason)
+                return answer.headers
+        async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes) as resp:
+            return resp.headers
+
+    @property
+    def head_connections(self) -> int:
+        """Return how many connections `head`'s lean path has opened so far (kept-alive reuse shows in how few)."""
+        return sum(p.opened for p in self._head_pools.values() if p is not None) + self._head_opened
+
+    def _head_pool(self, host: str) -> HeadPool | None:
+        """Return `head`'s connections to `host`, made on first use; None when its requests need aiohttp's path.
+
+        That is: a proxy applies (or an unusable proxy setting, reported by aiohttp's path), or
+        the host's URL or TLS settings are ones aiohttp's path reports on.
+        """
+        if host in self._head_pools:
+            return self._head_pools[host]
+        pool: HeadPool | None = None
+        url = self.base_url(host)
+        try:
+            proxied = self.proxy_for(url + "/v2/") is not None
+            parts = urlsplit(url)
+            tls = self.ssl_context(host) if parts.scheme == "https" else None
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except (ProxyError, UnreachableError, ValueError):
+            proxied, tls, port = True, None, 0
+        if not proxied and parts.hostname and (tls is None or isinstance(tls, ssl.SSLContext)):
+            default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
+            authority = parts.netloc.rsplit(":", 1)[0] if default and parts.port else parts.netloc
+            pool = HeadPool(
+                parts.hostname, port, authority, tls, user_agent=USER_AGENT, connect_timeout=self.timeouts.connect
+            )
+        if len(self._head_pools) >= HOST_CACHE_LIMIT:
+            self._close_head_pools()
+        self._head_pools[host] = pool
+        return pool
+
+    def _close_head_pools(self) -> None:
+        for old in self._head_pools.values():
+            if old is not None:
+                self._head_opened += old.opened
+                old.close()
+        self._head_pools.clear()
+
     def _deadline(self, size: int | None, resp: aiohttp.ClientResponse) -> float:
         """Return the seconds the body of `resp` may take: a document's, or a blob's by its size."""
         if size is None:
@@ -551,7 +635,7 @@ class Transport:
                 attempt += 1
                 continue
             self.limits.observe(host, resp.status)
-            self._note_rate_limit(host, resp)
+            self._note_rate_limit(host, resp.headers)
             # One answer to a challenge, plus at most one fresh token for a token refused.
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
             # Only the registry's own origin may challenge: a URL it handed out on another host
@@ -617,8 +701,8 @@ class Transport:
             self.events.rate_limit_wait(host, at - now)
             await asyncio.sleep(at - now)
 
-    def _note_rate_limit(self, host: str, resp: aiohttp.ClientResponse) -> None:
-        rl = parse_rate_limit(resp.headers)
+    def _note_rate_limit(self, host: str, headers: Mapping[str, str]) -> None:
+        rl = parse_rate_limit(headers)
         if rl is None:
             return
         self.rate_limits[host] = rl

@@ -203,7 +203,7 @@ class HeadPool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if conn.open and now - conn.idle_since < IDLE_SECONDS:
+            if conn.open and now - conn.idle_since < IDLE_SECONDS and not _closing(conn):
                 return conn
             conn.close()
         return None
@@ -230,6 +230,10 @@ class HeadPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def _closing(conn: _Connection) -> bool:
+    return conn.transport is None or conn.transport.is_closing()
 
 
 def _expire(waiter: asyncio.Future[bytes], deadline: float) -> None:

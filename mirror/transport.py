@@ -727,6 +727,9 @@ class Transport:
         if ch is None:
             return None
         if ch.scheme == "bearer":
+            tok = self._tokens.get((host, scope_key(scopes)))
+            if tok is not None and tok.expires > self.clock():  # the common case, without the fetch lock
+                return "Bearer " + tok.value
             return "Bearer " + await self._token(host, ch, scopes)
         cred = await self.credentials.get(host)
         if ch.scheme == "basic" and cred is not None and cred.has_password:

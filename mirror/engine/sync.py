@@ -329,7 +329,7 @@ class Syncer:
         st = self._states.get(key)
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
-        if cached and st is not None and ref.tag and matches_any(ref.tag, job.immutable):
+        if cached and st is not None and job.immutable and ref.tag and matches_any(ref.tag, job.immutable):
             image = await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
             await self._referrers_after(job, source, ref, image, None)
             return image

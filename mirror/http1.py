@@ -181,8 +181,12 @@ class HeadPool:
         timer = loop.call_later(deadline, _expire, waiter, deadline)
         done = False
         try:
-            assert conn.transport is not None
-            conn.transport.write(request)
+            if not conn.open or _closing(conn) or conn.transport is None:
+                raise Unusual("connection closed before the request was sent")
+            try:
+                conn.transport.write(request)
+            except RuntimeError as exc:  # uvloop: the handle closed under us
+                raise Unusual(f"connection closed: {exc}") from None
             block = await waiter
             answer, keep = parse_head(block)
             done = True

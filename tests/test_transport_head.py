@@ -305,3 +305,20 @@ def test_header_block_is_read_as_written() -> None:
     assert answer.headers.getall("X") == ["1", "2"]
     assert not parse_head(b"HTTP/1.1 404 Not Found\r\nConnection: Close")[1]
     assert not parse_head(b"HTTP/1.0 200 OK")[1]
+
+
+async def test_a_server_closing_every_connection_at_once_is_one_clear_error() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    host = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with transport() as t:
+            for _ in range(3):
+                with pytest.raises(MirrorError) as exc:
+                    await head(t, f"{host}/r:1")
+                assert "\n" not in str(exc.value)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -28,6 +28,7 @@ from yarl import URL
 
 from mirror import __version__
 from mirror.auth import (
+    RETRY_STATUSES,
     Challenge,
     RateLimit,
     RetryPolicy,
@@ -483,6 +484,7 @@ class Transport:
         data: bytes | AsyncIterable[bytes] | None = None,
         body: Callable[[], Any] | None = None,
         size: int | None = None,
+        attempts: int = 0,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request to `host` with auth and retries; yield a response with an expected status.
 
@@ -495,12 +497,15 @@ class Transport:
         The answer's body must be read within a deadline from its headers: a blob's (`size`
         given: its expected bytes, or -1 when unknown) scaled to its size, a document's fixed.
         Errors while the caller reads the body become StreamError (the caller may resume).
+        `attempts`: tries already made and answered with a retryable status (`head`'s lean path).
         """
         absolute = "://" in path.split("?", 1)[0]
         url = path if absolute else self.base_url(host) + path
         make: Callable[[], Any] = body if body is not None else (lambda: data)
         replayable = body is not None or data is None or isinstance(data, bytes)
-        resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
+        resp = await self._exchange(
+            method, host, url, path, dict(headers or {}), scopes, expect, make, replayable, attempts
+        )
         deadline = self._deadline(size, resp)
         try:
             async with asyncio.timeout(deadline):
@@ -526,6 +531,7 @@ class Transport:
         any request.
         """
         pool = self._head_pool(host) if self.lean_head and not self._closed else None
+        attempts = 0
         if pool is not None:
             auth = await self._authorization(host, scopes)
             sent = (*headers, ("Authorization", auth)) if auth else headers
@@ -548,7 +554,23 @@ class Transport:
                     where = _where("HEAD", host, path)
                     raise NotFoundError(f"{where}: not found ({answer.reason})", status=404, body=answer.reason)
                 return answer.headers
-        async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes) as resp:
+            if answer is not None and answer.status in RETRY_STATUSES:
+                # An overloaded or failing registry: this answer is the first attempt, as in
+                # `_exchange` (its back-off and Retry-After kept), not a request sent again at once.
+                status = answer.status
+                self.requests += 1
+                self.events.response(host, "HEAD", str(status))
+                self.limits.observe(host, status)
+                self._note_rate_limit(host, answer.headers)
+                retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
+                delay = self._delay(host, 0, status, retry_after)
+                where = _where("HEAD", host, path)
+                if delay is None:
+                    raise TransportError(f"{where}: HTTP {status} {answer.reason}", status=status, body=answer.reason)
+                log.info("%s: HTTP %d, retry %d/%d in %.2f s", where, status, 1, self.retry.attempts, delay)
+                await asyncio.sleep(delay)
+                attempts = 1
+        async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes, attempts=attempts) as resp:
             return resp.headers
 
     @property
@@ -611,10 +633,10 @@ class Transport:
         expect: tuple[int, ...],
         make: Callable[[], Any],
         replayable: bool,
+        attempt: int = 0,
     ) -> aiohttp.ClientResponse:
         """Send until a final answer: one auth round (plus one token refresh), retries with backoff."""
         want = scopes or scopes_for(method, path)
-        attempt = 0
         challenged = refreshed = False
         while True:
             if method == "GET" and "/manifests/" in path:

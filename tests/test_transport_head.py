@@ -322,3 +322,29 @@ async def test_a_server_closing_every_connection_at_once_is_one_clear_error() ->
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_overloaded_answer_is_the_first_attempt_not_sent_again_at_once(
+    loopback: Callable[[Answer], Awaitable[Loopback]],
+) -> None:
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"
+    answers = [busy, OK]
+
+    async def answer(n: int, req: bytes) -> bytes:
+        return answers.pop(0) if answers else OK
+
+    lb = await loopback(answer)
+    retry = RetryPolicy(attempts=2, base=0.01, cap=0.01)
+    async with Transport(credentials=NO_DOCKER, retry=retry) as t:
+        assert str(await head(t, f"{lb.host}/r:1")) == DIGEST
+        assert t.retries == 1
+    assert len(lb.requests) == 2  # the 503, then one retry: as aiohttp's path alone would
+
+    async def always_busy(n: int, req: bytes) -> bytes:
+        return busy
+
+    lb = await loopback(always_busy)
+    async with transport() as t:  # one attempt only: the 503 is the answer
+        with pytest.raises(MirrorError, match=r"HEAD .*/v2/r/manifests/1: HTTP 503 Service Unavailable$"):
+            await head(t, f"{lb.host}/r:1")
+    assert len(lb.requests) == 1

@@ -5,6 +5,7 @@ Nothing here does I/O, sleeps or reads a clock: callers pass `now` and random nu
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ def merge_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(k if not n else f"{k}:{n}:{','.join(sorted(a))}" for (k, n), a in merged.items())
 
 
+@functools.lru_cache(maxsize=4096)  # asked per request with a token; a run has a few scope sets per repository
 def scope_key(scopes: tuple[str, ...]) -> tuple[str, ...]:
     """Return the cache key of a scope set: order, repeats and action order do not matter."""
     return tuple(sorted(merge_scopes(scopes)))

@@ -10,6 +10,7 @@ from mirror.errors import DigestError
 
 _HEX = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -29,7 +30,7 @@ class Digest:
         want = _HEX.get(algo)
         if want is None:
             raise DigestError(f"unsupported digest algorithm {algo!r} in {text!r}")
-        if len(hexd) != want or not re.fullmatch(r"[0-9a-f]+", hexd):
+        if len(hexd) != want or not _LOWER_HEX.fullmatch(hexd):
             raise DigestError(f"malformed digest {text!r}: {algo} needs {want} lowercase hex characters")
         return cls(algo, hexd)
 

@@ -61,6 +61,9 @@ class AdaptiveLimiter:
                 free -= 1
 
     async def __aenter__(self) -> None:
+        if self.in_use < self.current:  # a free slot: taken without a second coroutine (as `acquire` would)
+            self.in_use += 1
+            return
         await self.acquire()
 
     async def __aexit__(self, *exc: object) -> None:

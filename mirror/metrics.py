@@ -128,12 +128,19 @@ class Metrics:
             ["mirror_job", "push"],
             registry=r,
         )
+        self._requests: dict[tuple[str, str, str], Counter] = {}
         r.register(_EngineCollector(stats))
         r.register(_JobCollector(jobs))
 
     def response(self, host: str, method: str, status: str) -> None:
         """Count one request."""
-        self.requests.labels(host, method, status).inc()
+        # The labelled child is looked up once per (host, method, status): `labels()` checks
+        # and builds its key on every call, and a no-op resync counts one request per tag.
+        key = (host, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(host, method, status)
+        child.inc()
 
     def retry(self, host: str) -> None:
         """Count one retry."""

@@ -28,6 +28,7 @@ from yarl import URL
 
 from mirror import __version__
 from mirror.auth import (
+    RETRY_STATUSES,
     Challenge,
     RateLimit,
     RetryPolicy,
@@ -46,6 +47,7 @@ from mirror.auth import (
 from mirror.credentials import Credential, CredentialStore, registry_key
 from mirror.defaults import DEFAULT_CERTS_DIRS, DEFAULT_RATE_LIMIT_FLOOR, DEFAULT_RETRY
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
+from mirror.http1 import HeadPool, Unusual
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
@@ -242,6 +244,7 @@ class Transport:
         certs_dirs: Sequence[Path] = DEFAULT_CERTS_DIRS,
         clock: Callable[[], float] = time.monotonic,
         env: Mapping[str, str] | None = None,
+        lean_head: bool = True,
     ) -> None:
         self.hosts = dict(hosts or {})
         # The environment's proxies (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), read once. Not
@@ -274,6 +277,10 @@ class Transport:
         self.token_requests = 0
         self.retries = 0
         self.events: TransportEvents = NoEvents()
+        # `head`'s own keep-alive connections per host (None: the host's requests need aiohttp's path).
+        self.lean_head = lean_head
+        self._head_pools: dict[str, HeadPool | None] = {}
+        self._head_opened = 0  # by pools closed since
 
     def __repr__(self) -> str:
         return f"Transport(hosts={sorted(self.hosts)}, requests={self.requests})"
@@ -305,6 +312,7 @@ class Transport:
     async def close(self) -> None:
         """Close the session and its connections; requests fail until the next `async with`."""
         self._closed = True
+        self._close_head_pools()
         if self._session is not None:
             await self._session.close()
 
@@ -476,6 +484,7 @@ class Transport:
         data: bytes | AsyncIterable[bytes] | None = None,
         body: Callable[[], Any] | None = None,
         size: int | None = None,
+        attempts: int = 0,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request to `host` with auth and retries; yield a response with an expected status.
 
@@ -488,12 +497,15 @@ class Transport:
         The answer's body must be read within a deadline from its headers: a blob's (`size`
         given: its expected bytes, or -1 when unknown) scaled to its size, a document's fixed.
         Errors while the caller reads the body become StreamError (the caller may resume).
+        `attempts`: tries already made and answered with a retryable status (`head`'s lean path).
         """
         absolute = "://" in path.split("?", 1)[0]
         url = path if absolute else self.base_url(host) + path
         make: Callable[[], Any] = body if body is not None else (lambda: data)
         replayable = body is not None or data is None or isinstance(data, bytes)
-        resp = await self._exchange(method, host, url, path, dict(headers or {}), scopes, expect, make, replayable)
+        resp = await self._exchange(
+            method, host, url, path, dict(headers or {}), scopes, expect, make, replayable, attempts
+        )
         deadline = self._deadline(size, resp)
         try:
             async with asyncio.timeout(deadline):
@@ -506,6 +518,100 @@ class Transport:
             raise StreamError(f"{where}: the answer did not arrive whole within {deadline:.0f} s (deadline)") from None
         finally:
             resp.release()
+
+    async def head(
+        self, host: str, path: str, *, headers: Sequence[tuple[str, str]], scopes: tuple[str, ...]
+    ) -> Mapping[str, str]:
+        """HEAD `path` on `host` with auth and retries, as `request` does; return the headers of its 200 answer.
+
+        A 404 raises NotFoundError, any other failure what `request` raises. The common case
+        (no proxy, the registry answering 200 or 404 on a kept-alive connection) takes
+        `mirror.http1`'s lean path; anything else (a 401 to answer, a redirect, an error, a
+        broken or closed connection) is sent again through aiohttp, which decides it as for
+        any request.
+        """
+        pool = self._head_pool(host) if self.lean_head and not self._closed else None
+        attempts = 0
+        if pool is not None:
+            auth = await self._authorization(host, scopes)
+            sent = (*headers, ("Authorization", auth)) if auth else headers
+            t0 = time.monotonic()
+            try:
+                answer = await pool.head(path, sent, self.timeouts.first_byte)
+            except Unusual:
+                answer = None
+            if answer is not None and answer.status in (200, 404):
+                status = answer.status
+                self.requests += 1
+                self.events.response(host, "HEAD", str(status))
+                if log.isEnabledFor(logging.DEBUG):
+                    secs = time.monotonic() - t0
+                    size = answer.headers.get("Content-Length", "?")
+                    log.debug("HEAD %s %d %s bytes %.3fs", safe_url(self.base_url(host) + path), status, size, secs)
+                self.limits.observe(host, status)
+                self._note_rate_limit(host, answer.headers)
+                if status == 404:  # as `_raise_for` says it: an answer to HEAD has no error body
+                    where = _where("HEAD", host, path)
+                    raise NotFoundError(f"{where}: not found ({answer.reason})", status=404, body=answer.reason)
+                return answer.headers
+            if answer is not None and answer.status in RETRY_STATUSES:
+                # An overloaded or failing registry: this answer is the first attempt, as in
+                # `_exchange` (its back-off and Retry-After kept), not a request sent again at once.
+                status = answer.status
+                self.requests += 1
+                self.events.response(host, "HEAD", str(status))
+                self.limits.observe(host, status)
+                self._note_rate_limit(host, answer.headers)
+                retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
+                delay = self._delay(host, 0, status, retry_after)
+                where = _where("HEAD", host, path)
+                if delay is None:
+                    raise TransportError(f"{where}: HTTP {status} {answer.reason}", status=status, body=answer.reason)
+                log.info("%s: HTTP %d, retry %d/%d in %.2f s", where, status, 1, self.retry.attempts, delay)
+                await asyncio.sleep(delay)
+                attempts = 1
+        async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes, attempts=attempts) as resp:
+            return resp.headers
+
+    @property
+    def head_connections(self) -> int:
+        """Return how many connections `head`'s lean path has opened so far (kept-alive reuse shows in how few)."""
+        return sum(p.opened for p in self._head_pools.values() if p is not None) + self._head_opened
+
+    def _head_pool(self, host: str) -> HeadPool | None:
+        """Return `head`'s connections to `host`, made on first use; None when its requests need aiohttp's path.
+
+        That is: a proxy applies (or an unusable proxy setting, reported by aiohttp's path), or
+        the host's URL or TLS settings are ones aiohttp's path reports on.
+        """
+        if host in self._head_pools:
+            return self._head_pools[host]
+        pool: HeadPool | None = None
+        url = self.base_url(host)
+        try:
+            proxied = self.proxy_for(url + "/v2/") is not None
+            parts = urlsplit(url)
+            tls = self.ssl_context(host) if parts.scheme == "https" else None
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except (ProxyError, UnreachableError, ValueError):
+            proxied, tls, port = True, None, 0
+        if not proxied and parts.hostname and (tls is None or isinstance(tls, ssl.SSLContext)):
+            default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
+            authority = parts.netloc.rsplit(":", 1)[0] if default and parts.port else parts.netloc
+            pool = HeadPool(
+                parts.hostname, port, authority, tls, user_agent=USER_AGENT, connect_timeout=self.timeouts.connect
+            )
+        if len(self._head_pools) >= HOST_CACHE_LIMIT:
+            self._close_head_pools()
+        self._head_pools[host] = pool
+        return pool
+
+    def _close_head_pools(self) -> None:
+        for old in self._head_pools.values():
+            if old is not None:
+                self._head_opened += old.opened
+                old.close()
+        self._head_pools.clear()
 
     def _deadline(self, size: int | None, resp: aiohttp.ClientResponse) -> float:
         """Return the seconds the body of `resp` may take: a document's, or a blob's by its size."""
@@ -527,10 +633,10 @@ class Transport:
         expect: tuple[int, ...],
         make: Callable[[], Any],
         replayable: bool,
+        attempt: int = 0,
     ) -> aiohttp.ClientResponse:
         """Send until a final answer: one auth round (plus one token refresh), retries with backoff."""
         want = scopes or scopes_for(method, path)
-        attempt = 0
         challenged = refreshed = False
         while True:
             if method == "GET" and "/manifests/" in path:
@@ -551,7 +657,7 @@ class Transport:
                 attempt += 1
                 continue
             self.limits.observe(host, resp.status)
-            self._note_rate_limit(host, resp)
+            self._note_rate_limit(host, resp.headers)
             # One answer to a challenge, plus at most one fresh token for a token refused.
             # A streamed body cannot be sent twice: authenticate with a bodiless request first.
             # Only the registry's own origin may challenge: a URL it handed out on another host
@@ -617,8 +723,8 @@ class Transport:
             self.events.rate_limit_wait(host, at - now)
             await asyncio.sleep(at - now)
 
-    def _note_rate_limit(self, host: str, resp: aiohttp.ClientResponse) -> None:
-        rl = parse_rate_limit(resp.headers)
+    def _note_rate_limit(self, host: str, headers: Mapping[str, str]) -> None:
+        rl = parse_rate_limit(headers)
         if rl is None:
             return
         self.rate_limits[host] = rl
@@ -643,6 +749,9 @@ class Transport:
         if ch is None:
             return None
         if ch.scheme == "bearer":
+            tok = self._tokens.get((host, scope_key(scopes)))
+            if tok is not None and tok.expires > self.clock():  # the common case, without the fetch lock
+                return "Bearer " + tok.value
             return "Bearer " + await self._token(host, ch, scopes)
         cred = await self.credentials.get(host)
         if ch.scheme == "basic" and cred is not None and cred.has_password:

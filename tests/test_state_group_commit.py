@@ -1,4 +1,8 @@
-"""The state's per-tag writes share transactions: every caller's row is committed when it returns."""
+"""The state's per-tag writes share transactions: every caller's row is committed when it returns.
+
+The "checked" times of unchanged tags (`touch_tag`) are the exception: they are written in
+batches, and whenever the tags are read or a run ends.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from mirror.errors import StoreError
-from mirror.store.state import StateDB, TagState
+from mirror.store.state import TOUCH_BATCH, StateDB, TagState
 
 
 def tag(i: int, checked: float = 1.0) -> TagState:
@@ -26,14 +30,46 @@ async def test_concurrent_writes_are_committed_when_each_returns(tmp_path: Path)
 
         async def one(i: int) -> None:
             await db.record_tag(tag(i))
-            await db.touch_tag(tag(i).ref, 100.0 + i)
             seen[tag(i).ref] = committed(tmp_path).get(tag(i).ref, -1.0)
+            await db.touch_tag(tag(i).ref, 100.0 + i)
 
         await asyncio.gather(*(one(i) for i in range(300)))
+        assert seen == {tag(i).ref: 1.0 for i in range(300)}
+        await db.flush()
         want = {tag(i).ref: 100.0 + i for i in range(300)}
-        assert seen == want
         assert committed(tmp_path) == want
         assert (await db.tags())[tag(7).ref].digest == tag(7).digest
+
+
+async def test_checked_times_are_written_in_batches(tmp_path: Path) -> None:
+    """A no-op resync's touches cost one statement per batch, not a write per tag; nothing is lost."""
+    n = TOUCH_BATCH + 10
+    async with await StateDB.open(tmp_path) as db:
+        await asyncio.gather(*(db.record_tag(tag(i)) for i in range(n)))
+        for i in range(10):
+            await db.touch_tag(tag(i).ref, 50.0)
+        assert set(committed(tmp_path).values()) == {1.0}  # pending: not one write per tag
+        assert (await db.tags())[tag(3).ref].checked == 50.0  # a read sees them (and writes them)
+        assert committed(tmp_path)[tag(3).ref] == 50.0
+        await asyncio.gather(*(db.touch_tag(tag(i).ref, 60.0) for i in range(TOUCH_BATCH)))
+        got = committed(tmp_path)  # a full batch is committed by the touch that filled it
+        assert all(got[tag(i).ref] == 60.0 for i in range(TOUCH_BATCH))
+        for i in range(TOUCH_BATCH, n):
+            await db.touch_tag(tag(i).ref, 70.0)
+        await db.touch_tag(tag(0).ref, 20.0)  # older than what is recorded: never moves it back
+        assert committed(tmp_path)[tag(n - 1).ref] == 1.0
+    got = committed(tmp_path)  # close writes what is pending
+    assert all(got[tag(i).ref] == 70.0 for i in range(TOUCH_BATCH, n))
+    assert got[tag(0).ref] == 60.0
+
+
+async def test_a_run_ends_with_its_checked_times_written(tmp_path: Path) -> None:
+    async with await StateDB.open(tmp_path) as db:
+        await db.record_tag(tag(1))
+        run = await db.start_run(["job"])
+        await db.touch_tag(tag(1).ref, 9.0)
+        await db.finish_run(run, "ok", 1, 0, 0)
+        assert committed(tmp_path) == {tag(1).ref: 9.0}
 
 
 async def test_a_failed_group_fails_its_callers_and_the_next_group_works(tmp_path: Path) -> None:
@@ -41,7 +77,8 @@ async def test_a_failed_group_fails_its_callers_and_the_next_group_works(tmp_pat
         await db.record_tag(tag(1))
         with sqlite3.connect(tmp_path / ".mirror" / "state.db") as c:
             c.execute("CREATE TRIGGER no_touch BEFORE UPDATE ON tags BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        results = await asyncio.gather(db.touch_tag(tag(1).ref, 5.0), db.record_tag(tag(2)), return_exceptions=True)
+        await db.touch_tag(tag(1).ref, 5.0)
+        results = await asyncio.gather(db.flush(), db.record_tag(tag(2)), return_exceptions=True)
         assert all(isinstance(r, StoreError) and "refused" in str(r) for r in results)
         assert committed(tmp_path) == {tag(1).ref: 1.0}  # the failed group left nothing half-done
         with sqlite3.connect(tmp_path / ".mirror" / "state.db") as c:

@@ -11,11 +11,12 @@ hold across jobs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine, ImageResult
@@ -165,9 +166,26 @@ class NoObserver:
         """Ignore."""
 
 
+@functools.lru_cache(maxsize=256)  # asked once per tag; a run has a few jobs
 def platform_key(platforms: tuple[Platform, ...]) -> str:
     """Return the platforms a job keeps, as stored in the state (empty: all)."""
     return ",".join(sorted(str(p) for p in platforms))
+
+
+_ABILITIES: dict[tuple[type, type], bool] = {}
+
+
+def _can(source: object, ability: type) -> bool:
+    """Return `isinstance(source, ability)` for a runtime-checkable Protocol, decided once per class of source.
+
+    typing's Protocol check looks every member up on the object, tens of microseconds a
+    call, and the no-op check asks it per tag; a source's abilities come from its class.
+    """
+    key = (type(source), ability)
+    known = _ABILITIES.get(key)
+    if known is None:
+        known = _ABILITIES[key] = isinstance(source, ability)
+    return known
 
 
 class Syncer:
@@ -311,7 +329,7 @@ class Syncer:
         st = self._states.get(key)
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
-        if cached and st is not None and ref.tag and matches_any(ref.tag, job.immutable):
+        if cached and st is not None and job.immutable and ref.tag and matches_any(ref.tag, job.immutable):
             image = await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
             await self._referrers_after(job, source, ref, image, None)
             return image
@@ -321,10 +339,10 @@ class Syncer:
         try:
             upstream: Digest | None = None
             # A tag not cached yet is fetched without a HEAD first (a dry run still asks, to show the digest).
-            if isinstance(source, ManifestHeader) and (cached or self.dry_run):
+            if _can(source, ManifestHeader) and (cached or self.dry_run):
                 async with self.engine.host_slot(source.host(ref)):
-                    upstream = await source.head_manifest(ref)
-                if upstream is None and cached and not isinstance(source, WholeImagePuller):
+                    upstream = await cast(ManifestHeader, source).head_manifest(ref)
+                if upstream is None and cached and not _can(source, WholeImagePuller):
                     # The registry's HEAD omits Docker-Content-Digest: GET the top manifest and hash
                     # it, rather than copying the image again (and rewriting index.json) every run.
                     top = await self.engine.manifest(source, ref)
@@ -387,12 +405,12 @@ class Syncer:
         case of an image signed after it was first mirrored. Returns the referrers the lookup
         found (see `_cache_referrers`), None when it did not run.
         """
-        if not isinstance(source, ManifestHeader):
+        if not _can(source, ManifestHeader):
             return None
         sig = ref.with_tag(cosign_tags(digest)[0])
         try:
             async with self.engine.host_slot(source.host(ref)):
-                upstream = await source.head_manifest(sig)
+                upstream = await cast(ManifestHeader, source).head_manifest(sig)
         except NotFoundError:
             return None
         if upstream is not None and self._entries.get(str(sig)) != str(upstream):

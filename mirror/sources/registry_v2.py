@@ -34,6 +34,7 @@ MAX_PAGES = 1000
 # Names a list holds that the reference grammar refuses are skipped, one warning each up to this many.
 MAX_NAME_WARNINGS = 20
 
+_ACCEPT = (("Accept", ACCEPT),)  # a manifest HEAD's own headers
 _LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _CONTENT_RANGE = re.compile(r"^(?:bytes\s+)?(\d+)-(\d+)/(\d+|\*)$")
 
@@ -99,10 +100,8 @@ class RegistryV2Source:
     async def head_manifest(self, ref: Reference) -> Digest | None:
         """Return the digest the registry reports for `ref` without fetching the body."""
         path = f"/v2/{ref.repository}/manifests/{quote(ref.selector, safe=':')}"
-        async with self.transport.request(
-            "HEAD", ref.api_host, path, headers={"Accept": ACCEPT}, scopes=(pull_scope(ref.repository),)
-        ) as resp:
-            header = resp.headers.get("Docker-Content-Digest")
+        headers = await self.transport.head(ref.api_host, path, headers=_ACCEPT, scopes=(pull_scope(ref.repository),))
+        header = headers.get("Docker-Content-Digest")
         return Digest.parse(header) if header else None
 
     @asynccontextmanager

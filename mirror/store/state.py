@@ -2,7 +2,8 @@
 
 Every call runs on one worker thread that owns the connection, so the event loop never
 waits on the disk; each write is one transaction, except that the per-tag writes of
-concurrent tags share one (group commit). WAL mode lets a dry run read while a sync writes.
+concurrent tags share one (group commit), and the "checked" times of unchanged tags are
+kept in memory and written in batches. WAL mode lets a dry run read while a sync writes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ CREATE TABLE IF NOT EXISTS errors (
 CREATE INDEX IF NOT EXISTS errors_run ON errors (run);
 """
 KEEP_RUNS = 1000  # runs (and their errors) kept in the state; older ones are dropped as new ones finish
+# The "checked" times of unchanged tags are written in one statement per batch: when this
+# many are pending, when the oldest pending one is this many seconds old, and whenever
+# anything reads the tags or a run ends. A crash loses at most the pending ones, which
+# only means those tags look checked a little earlier than they were.
+TOUCH_BATCH = 512
+TOUCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,8 @@ class StateDB:
         # Group commit of per-tag writes: statements waiting for the next transaction, the
         # task that will commit them (None: none open), and the last such task started.
         self._rows: list[tuple[str, tuple[object, ...]]] = []
+        self._touches: list[tuple[float, str]] = []  # (checked, ref) not written yet
+        self._touched_since = 0.0  # monotonic time of the oldest pending touch
         self._group: asyncio.Task[None] | None = None
         self._last_group: asyncio.Task[None] | None = None
 
@@ -130,6 +139,10 @@ class StateDB:
         a thousand tags cost a few transactions instead of a thousand.
         """
         self._rows.append((sql, row))
+        await self._next_group()
+
+    async def _next_group(self) -> None:
+        """Start the next group transaction unless one is gathering; return once it is committed."""
         if self._group is None:
             self._group = asyncio.ensure_future(self._commit_group(self._last_group))
             self._group.add_done_callback(_retrieve)
@@ -140,14 +153,23 @@ class StateDB:
         if previous is not None:
             await asyncio.wait([previous])  # one group at a time; this one gathers rows meanwhile
         rows, self._rows = self._rows, []
+        touches, self._touches = self._touches, []
         self._group = None
 
         def w() -> None:
             with self._db() as c:
+                if touches:
+                    # max(): a touch never moves a tag's time back, whatever order the writes take.
+                    c.executemany("UPDATE tags SET checked = max(checked, ?) WHERE ref = ?", touches)
                 for sql, row in rows:
                     c.execute(sql, row)
 
         await self._call(w)
+
+    async def flush(self) -> None:
+        """Write the pending "checked" times (and any group being gathered); return once committed."""
+        if self._touches or self._group is not None:
+            await self._next_group()
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -155,13 +177,17 @@ class StateDB:
         return self._conn
 
     async def close(self) -> None:
-        """Close the connection and the worker thread."""
-        if self._last_group is not None:
-            await asyncio.wait([self._last_group])
-        if self._conn is not None:
-            await self._call(self._db().close)
-            self._conn = None
-        self._pool.shutdown(wait=True)
+        """Write the pending "checked" times, close the connection and the worker thread."""
+        try:
+            if self._touches and self._conn is not None:
+                await self.flush()
+        finally:
+            if self._last_group is not None:
+                await asyncio.wait([self._last_group])
+            if self._conn is not None:
+                await self._call(self._db().close)
+                self._conn = None
+            self._pool.shutdown(wait=True)
 
     async def __aenter__(self) -> StateDB:
         return self
@@ -182,6 +208,7 @@ class StateDB:
 
         if self._conn is None and self.readonly:
             return {}
+        await self.flush()
         return await self._call(q)
 
     async def start_run(self, jobs: Iterable[str]) -> int:
@@ -200,6 +227,7 @@ class StateDB:
         A daemon runs its jobs for months: without the cut, a registry failing every tag of
         every run would grow the errors table by the run.
         """
+        await self.flush()  # the run's "checked" times are in before it is recorded as ended
 
         def w() -> None:
             with self._db() as c:
@@ -224,9 +252,15 @@ class StateDB:
         )
 
     async def touch_tag(self, ref: str, when: float) -> None:
-        """Record that `ref` was checked at `when` and found unchanged."""
+        """Record that `ref` was checked at `when` and found unchanged (written with its batch: see TOUCH_BATCH).
 
-        await self._grouped("UPDATE tags SET checked = ? WHERE ref = ?", (when, ref))
+        Returns at once, except for the call that fills a batch: it waits for the batch's commit.
+        """
+        if not self._touches:
+            self._touched_since = time.monotonic()
+        self._touches.append((when, ref))
+        if len(self._touches) >= TOUCH_BATCH or time.monotonic() - self._touched_since >= TOUCH_SECONDS:
+            await self.flush()
 
     async def forget_tags(self, refs: Iterable[str]) -> None:
         """Drop the state of references removed from the cache."""

@@ -362,5 +362,5 @@ async def collect(
 
         records = await asyncio.to_thread(prune_records, layout.root, present, dry_run=dry_run)
         if not dry_run:  # the `ls` memo keeps no line of a manifest gone (nor duplicates)
-            await asyncio.to_thread(summaries.compact, layout.meta, lambda d: present(d, -1))
+            await asyncio.to_thread(summaries.compact, layout.meta, lambda key: present(Digest.parse(key), -1))
         return Garbage(blobs, partials, len(stored) - len(blobs), tuple(records))

@@ -22,7 +22,7 @@ from mirror.manifest import (
 from mirror.store import summaries
 from mirror.store.blobs import in_thread
 from mirror.store.layout import Layout
-from mirror.store.summaries import Summary
+from mirror.store.summaries import Memo, Summary
 
 CONFIG_LIMIT = 16 << 20  # an image config is read whole to learn its platform
 
@@ -50,7 +50,7 @@ class Reader:
     all; what it describes afresh is in `learned`, for the caller to add to the memo.
     """
 
-    def __init__(self, layout: Layout, memo: dict[tuple[Digest, str], Summary] | None = None) -> None:
+    def __init__(self, layout: Layout, memo: Memo | None = None) -> None:
         self.store = layout.blobs
         self.memo = memo if memo is not None else {}
         self.learned: list[Summary] = []
@@ -102,9 +102,10 @@ class Reader:
 
     def describe(self, name: str, digest: Digest, media_type: str) -> CachedImage:
         """Return what the cache holds under `name` (pointing at manifest `digest`)."""
-        known = self.memo.get((digest, media_type))
+        known = self.memo.get((str(digest), media_type))
         if known is not None and os.path.exists(self._path(digest)):
-            return CachedImage(name, known.digest, known.media_type, known.platforms, known.size)
+            algorithm, _, hexd = known.digest.partition(":")  # checked when the memo was read
+            return CachedImage(name, Digest(algorithm, hexd), known.media_type, known.platforms, known.size)
         try:
             top = self.manifest(digest, media_type)
             source = wrapped_source(top)
@@ -141,8 +142,8 @@ class Reader:
                         seen.add(b.digest)
                         size += self.size(b.digest)
             if not isinstance(top, IndexManifest):  # an index's summary depends on which children are cached
-                learned = Summary(digest, media_type, top.digest, top.media_type, tuple(platforms), size)
-                self.memo[(digest, media_type)] = learned
+                learned = Summary(str(digest), media_type, str(top.digest), top.media_type, tuple(platforms), size)
+                self.memo[(learned.key, media_type)] = learned
                 self.learned.append(learned)
             return CachedImage(name, top.digest, top.media_type, tuple(platforms), size, subset=subset)
         except (MirrorError, OSError, ValueError, KeyError) as exc:

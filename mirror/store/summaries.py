@@ -17,66 +17,41 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
-from mirror.digest import Digest
-
 FILE = "summaries.jsonl"
 MAX_BYTES = 256 << 20  # ~1.5 million lines: a memo bigger than this is not read (nor added to)
-_MAX_PLATFORMS = 64
-_MAX_TEXT = 256
-_HEX = {"sha256": 64, "sha512": 128}
-_DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]+)\Z")
+
+# Each field is checked by msgspec as the line is decoded (no Python code per line): digests
+# by the grammar `Digest.parse` checks, texts short and free of control characters.
+_DigestText = Annotated[str, msgspec.Meta(pattern=r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+_Text = Annotated[str, msgspec.Meta(max_length=256, pattern="^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
 
 
-@dataclass(frozen=True, slots=True)
-class Summary:
+class Summary(
+    msgspec.Struct,
+    frozen=True,
+    rename={"key": "k", "key_type": "kt", "digest": "d", "media_type": "m", "platforms": "p", "size": "s"},
+):
     """What `ls` shows for one cached image, keyed by the manifest `index.json` names (`key`, `key_type`)."""
 
-    key: Digest
-    key_type: str
-    digest: Digest  # the image's own manifest (the source's, when `key` is a wrapper of the project's own)
-    media_type: str
-    platforms: tuple[str, ...]
-    size: int
+    key: _DigestText
+    key_type: _Text
+    digest: _DigestText  # the image's own manifest (the source's, when `key` is a wrapper of the project's own)
+    media_type: _Text
+    platforms: Annotated[tuple[_Text, ...], msgspec.Meta(max_length=64)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class _Line(msgspec.Struct, forbid_unknown_fields=False):
-    k: str
-    kt: str
-    d: str
-    m: str
-    p: list[str]
-    s: int
-
-
-_decoder = msgspec.json.Decoder(_Line)
+Memo = dict[tuple[str, str], Summary]  # (key, key_type) -> summary
+_line = msgspec.json.Decoder(Summary)
+_lines = msgspec.json.Decoder(list[Summary])
 _encoder = msgspec.json.Encoder()
-
-
-def _digest(text: str) -> Digest | None:
-    """Return the digest `text` names, or None (the checks of Digest.parse, without its cost per line)."""
-    m = _DIGEST.match(text)
-    return Digest(m.group(1), m.group(2)) if m and len(m.group(2)) == _HEX[m.group(1)] else None
-
-
-def _valid(line: _Line) -> Summary | None:
-    """Return the summary a decoded line holds, or None when any field is out of bounds."""
-    if line.s < 0 or len(line.p) > _MAX_PLATFORMS:
-        return None
-    for text in (line.kt, line.m, *line.p):
-        if len(text) > _MAX_TEXT or not text.isprintable():
-            return None
-    key, digest = _digest(line.k), _digest(line.d)
-    if key is None or digest is None:
-        return None
-    return Summary(key, line.kt, digest, line.m, tuple(line.p), line.s)
 
 
 def path_of(meta: Path) -> Path:
@@ -84,7 +59,7 @@ def path_of(meta: Path) -> Path:
     return meta / FILE
 
 
-def load(meta: Path) -> dict[tuple[Digest, str], Summary]:
+def load(meta: Path) -> Memo:
     """Return every valid summary in the memo (a later line wins); empty when it is absent, unreadable or too big."""
     try:
         with open(path_of(meta), "rb") as f:
@@ -93,34 +68,35 @@ def load(meta: Path) -> dict[tuple[Digest, str], Summary]:
             data = f.read(MAX_BYTES + 1)
     except OSError:
         return {}
-    out: dict[tuple[Digest, str], Summary] = {}
-    for raw in data.split(b"\n"):
-        if not raw:
-            continue
-        try:
-            found = _valid(_decoder.decode(raw))
-        except (msgspec.MsgspecError, RecursionError):
-            continue
-        if found is not None:
-            out[(found.key, found.key_type)] = found
-    return out
+    lines = [line for line in data.split(b"\n") if line]
+    try:
+        found = _lines.decode(b"[" + b",".join(lines) + b"]")  # one call for a memo with no bad line
+    except (msgspec.MsgspecError, RecursionError):
+        found = []
+        for line in lines:
+            try:
+                found.append(_line.decode(line))
+            except (msgspec.MsgspecError, RecursionError):
+                continue
+    return {(s.key, s.key_type): s for s in found}
 
 
 def _encode(s: Summary) -> bytes:
-    doc = {
-        "k": str(s.key),
-        "kt": s.key_type,
-        "d": str(s.digest),
-        "m": s.media_type,
-        "p": list(s.platforms),
-        "s": s.size,
-    }
-    return _encoder.encode(doc) + b"\n"
+    return _encoder.encode(s) + b"\n"
+
+
+def _valid(line: bytes) -> bool:
+    """True when `line` decodes back (a platform too long or with a control character: it is not kept)."""
+    try:
+        _line.decode(line)
+    except msgspec.MsgspecError:
+        return False
+    return True
 
 
 def append(meta: Path, summaries: Iterable[Summary]) -> None:
     """Add `summaries` to the memo in one write; a failure (read-only cache, full disk) is ignored: it is a hint."""
-    data = b"".join(_encode(s) for s in summaries)
+    data = b"".join(line for s in summaries if _valid(line := _encode(s)))
     if not data:
         return
     with contextlib.suppress(OSError):
@@ -136,7 +112,7 @@ def append(meta: Path, summaries: Iterable[Summary]) -> None:
             os.close(fd)
 
 
-def compact(meta: Path, keep: Callable[[Digest], bool]) -> int:
+def compact(meta: Path, keep: Callable[[str], bool]) -> int:
     """Rewrite the memo with one line per summary whose `key` `keep` accepts; return the lines dropped.
 
     The new file replaces the old by rename: a reader sees one or the other. A line an

@@ -96,6 +96,28 @@ async def test_a_window_bounds_branches_and_a_failure_leaves_nothing_behind() ->
     assert window.running == 0
 
 
+async def test_a_fan_out_keeps_the_results_of_finished_branches_not_their_tasks() -> None:
+    n = 5000
+    window = Window(4)
+    seen: list[int] = []
+
+    async def branch(i: int) -> int:
+        await asyncio.sleep(0)
+        if i == n - 1:  # the last branch: every other one has finished
+            seen.append(tracemalloc.get_traced_memory()[0])
+        return i
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        got = await fan_out((branch(i) for i in range(n)), window)
+    finally:
+        tracemalloc.stop()
+    assert got == list(range(n))
+    # Each finished task with its coroutine and context was ~1 KiB; a result slot is 8 bytes.
+    assert seen[0] - before < 100 * n, (seen[0] - before) / n
+
+
 def test_a_lease_remembers_a_bounded_number_of_digests_and_gc_sees_them_all(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     (root / ".mirror").mkdir(parents=True)

@@ -78,3 +78,21 @@ async def test_a_big_index_costs_little_memory_per_entry(tmp_path: Path) -> None
     size = (root / "index.json").stat().st_size
     # Kept as dicts: ~1.2 KiB per entry of ~235 bytes of JSON (5x); as bytes: ~0.4 KiB.
     assert kept < 3 * size, (kept / n, size / n)
+
+
+async def test_a_write_never_holds_the_whole_file_in_memory(tmp_path: Path) -> None:
+    n = 20_000
+    layout = Layout.open(tmp_path / "c")
+    await layout.set_refs({f"reg.example/r:{i}": desc(i) for i in range(n)})
+    size = (layout.root / "index.json").stat().st_size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await layout.set_refs({"reg.example/r:new": desc(n)})
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    # Joined into one bytes object (and concatenated with its head and tail) it was 3x the file.
+    assert peak < size // 2, peak / size
+    assert (await layout.entries())[-1].name == "reg.example/r:new"

@@ -361,15 +361,16 @@ class Layout:
             old = self._read_index_sync()  # re-read under the lock: another process may have written
             doc = _Doc(old.head, change(old.items))  # a new document: `old` may be shared
             data = _dump_doc(doc)
+            size = sum(len(piece) for piece in data)
             try:
                 st = _atomic_write(self.root / "index.json", data)
             except OSError as exc:
                 raise StoreError(f"cache {self.root}: cannot write index.json: {os_reason(exc)}") from None
             self._known = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), doc)
-            self._size, self._count = len(data), len(doc.items)
-            self.index_bytes += len(data)
-            _written[0] += len(data)  # under the flock; one writer per cache and these are ints
-            self._run_bytes += len(data)
+            self._size, self._count = size, len(doc.items)
+            self.index_bytes += size
+            _written[0] += size  # under the flock; one writer per cache and these are ints
+            self._run_bytes += size
 
 
 def index_bytes_written() -> int:
@@ -398,11 +399,20 @@ def _replace(items: list[_Item], refs: dict[str, Descriptor]) -> list[_Item]:
     return kept
 
 
-def _dump_doc(doc: _Doc) -> bytes:
-    """Return index.json's bytes: its other members as they were, then `manifests`, each entry's bytes as kept."""
+def _dump_doc(doc: _Doc) -> list[bytes]:
+    """Return index.json's bytes in pieces: its other members as they were, then each entry's bytes as kept.
+
+    Pieces, written one after another: the whole file as one bytes object (and the copies
+    that joining it made) was the high-water mark of a big sync's memory.
+    """
     head = b",".join(json.dumps(k).encode() + b":" + v for k, v in doc.head.items())
-    sep = b"," if head else b""
-    return b"{" + head + sep + b'"manifests":[' + b",".join(raw for _, raw in doc.items) + b"]}\n"
+    out = [b"{" + head + (b"," if head else b"") + b'"manifests":[']
+    for i, (_, raw) in enumerate(doc.items):
+        if i:
+            out.append(b",")
+        out.append(raw)
+    out.append(b"]}\n")
+    return out
 
 
 def _dump(doc: Any) -> bytes:
@@ -410,7 +420,7 @@ def _dump(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> os.stat_result:
+def _atomic_write(path: Path, data: bytes | list[bytes]) -> os.stat_result:
     """Write `data` to `path` through a temp file of a unique name, fsync, rename, fsync the directory; return its stat.
 
     The temp name is never reused (O_EXCL): a writer never truncates a file another
@@ -421,7 +431,10 @@ def _atomic_write(path: Path, data: bytes) -> os.stat_result:
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the cache is read by skopeo, podman, `mirror serve`
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                f.writelines(data)
             f.flush()
             os.fsync(f.fileno())
             st = os.fstat(f.fileno())

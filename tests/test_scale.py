@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mirror.digest import Digest
 from mirror.engine.fanout import Window, fan_out
 from mirror.engine.sync import FETCHED, UNCHANGED, WINDOW_FACTOR
+from mirror.store.leases import HELD_RECENT, Lease, leased
 from tests.test_sync import run_sync, write_config
 from tools.registry import Registry
 from tools.seedregistry import seeded_registry
@@ -91,3 +94,50 @@ async def test_a_window_bounds_branches_and_a_failure_leaves_nothing_behind() ->
     for _ in range(3):
         await asyncio.sleep(0)
     assert window.running == 0
+
+
+async def test_a_fan_out_keeps_the_results_of_finished_branches_not_their_tasks() -> None:
+    n = 5000
+    window = Window(4)
+    seen: list[int] = []
+
+    async def branch(i: int) -> int:
+        await asyncio.sleep(0)
+        if i == n - 1:  # the last branch: every other one has finished
+            seen.append(tracemalloc.get_traced_memory()[0])
+        return i
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        got = await fan_out((branch(i) for i in range(n)), window)
+    finally:
+        tracemalloc.stop()
+    assert got == list(range(n))
+    # Each finished task with its coroutine and context was ~1 KiB; a result slot is 8 bytes.
+    assert seen[0] - before < 100 * n, (seen[0] - before) / n
+
+
+def test_a_lease_remembers_a_bounded_number_of_digests_and_gc_sees_them_all(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    (root / ".mirror").mkdir(parents=True)
+    lease = Lease(root)
+    try:
+        n = HELD_RECENT * 3
+        digests = [Digest.of(str(i).encode()) for i in range(n)]
+        half = n // 2  # more than HELD_RECENT: from there on, what the lease remembers stays the same size
+        tracemalloc.start()
+        try:
+            for i in range(0, n, 64):
+                if i == half:
+                    before = tracemalloc.get_traced_memory()[0]
+                lease.add((*digests[i : i + 64], digests[0]))  # a base layer every image asks for, as a sync's
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # A set of every digest held grew ~85 bytes per digest more (the digests themselves aside).
+        assert grown < 10 * (n - half), grown / (n - half)
+        assert leased(root) == set(digests)  # gc sees every one
+        assert lease.path.read_text().count("\n") == n  # the one asked for each time was written once
+    finally:
+        lease.close()

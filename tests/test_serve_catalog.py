@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.digest import Digest
 from mirror.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor
-from mirror.server import CacheView
+from mirror.server import APP_KEY, CacheView, Catalog, install, names_view
 from mirror.store.layout import Layout
 
 
@@ -58,3 +64,73 @@ async def test_a_rebuild_reads_only_the_entries_that_changed(tmp_path: Path) -> 
     third = await view.catalog()
     assert set(third.repositories["app"].tags) == {"one", "new"}
     assert child.digest not in third.manifests
+
+
+NAMES = [
+    "example.com/app:one",
+    "example.com/app:two",
+    "example.com/app@sha256:" + "a" * 64,  # no tag: the repository, no tag
+    "example.com/app:three@sha256:" + "b" * 64,
+    "127.0.0.1:5000/app:other",  # a second host with short name `app`: only the long names are served
+    "127.0.0.1:5000/lib/tool",  # no tag: `latest`
+    "docker.io/library/redis:7",
+    "not a reference:1",
+]
+
+
+async def test_names_serve_the_same_tags_as_the_catalog(tmp_path: Path) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    await layout.set_refs({name: image(layout.root, i) for i, name in enumerate(NAMES)})
+    built = await CacheView(layout).catalog()
+    names = names_view(NAMES)
+    assert names.names == built.names
+    assert {n: set(r.tags) for n, r in built.repositories.items()} == {n: set(t) for n, t in names.tags.items()}
+    assert names.tags["example.com/app"] == {"one", "two", "three"}
+    assert names.tags["127.0.0.1_5000/lib/tool"] == {"latest"}
+    assert "app" not in names.tags
+
+
+def _release(fifo: Path, data: bytes) -> None:
+    """Write `data` to the FIFO the catalog build is blocked on, once; then it is a plain file again."""
+    if not fifo.is_fifo():
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO when no build is reading it
+        with open(fd, "wb") as f:
+            f.write(data)
+    fifo.unlink()
+    fifo.write_bytes(data)
+
+
+async def test_tag_lists_answer_while_the_catalog_is_being_built(tmp_path: Path) -> None:
+    layout = Layout.open(tmp_path / "cache")
+    await layout.set_refs({f"example.com/app:t{i}": image(layout.root, i) for i in range(3)})
+    stuck = image(layout.root, 99)
+    await layout.set_refs({"example.com/app:stuck": stuck})
+    blob = layout.root / "blobs" / "sha256" / stuck.digest.hex
+    data = blob.read_bytes()
+    blob.unlink()
+    os.mkfifo(blob)  # the build blocks on opening it until the test writes it
+    app = web.Application()
+    install(app, layout)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        resp = await client.get("/v2/example.com/app/tags/list")
+        assert resp.status == 200
+        assert (await resp.json())["tags"] == ["stuck", "t0", "t1", "t2"]
+        resp = await client.get("/v2/_catalog")
+        assert (await resp.json())["repositories"] == ["app", "example.com/app"]
+        assert (await client.get("/v2/nope/tags/list")).status == 404
+        view = app[APP_KEY]
+        assert view._stamp is None  # still building: the answers above came from the names
+        _release(blob, data)
+        deadline = asyncio.get_running_loop().time() + 60
+        while view._stamp is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert isinstance(await view.listing(), Catalog)
+        resp = await client.get("/v2/example.com/app/tags/list?n=2")
+        assert (await resp.json())["tags"] == ["stuck", "t0"]
+    finally:
+        _release(blob, data)  # never leave the build's thread blocked (the test would not end)
+        await client.close()

@@ -285,15 +285,18 @@ class Syncer:
             if job.referrers and listed is not None:
                 # Signature and fallback-index tags come with the image they refer to, as its referrers.
                 wanted = [t for t in wanted if not is_referrer_tag(t)]
-            refs = [base.with_tag(t) for t in wanted]
             gone: list[str] = []
             if listed is not None:
                 # Cached tags of this repository that the registry no longer lists.
-                upstream = set(listed)
-                gone = [str(r) for r in self._by_repo.get(base.name, []) if r.tag not in upstream]
-            self.observer.job_grew(job.name, len(refs) + len(gone))
-            self.planned(job, [str(r) for r in refs])
-            results = await fan_out((self._tag(job, source, ref) for ref in refs), self.tags_window)
+                cached = self._by_repo.get(base.name, [])
+                upstream = set(listed) if cached else set()
+                gone = [str(r) for r in cached if r.tag not in upstream]
+                del listed, upstream  # not kept for the whole run: ~100 bytes a tag
+            self.observer.job_grew(job.name, len(wanted) + len(gone))
+            self.planned(job, [f"{base.name}:{t}" for t in wanted])  # str(base.with_tag(t))
+            # A Reference per tag only while the tag is in flight (drawn as the window frees a place).
+            tags = (self._tag(job, source, base.with_tag(t)) for t in wanted)
+            results = await fan_out(tags, self.tags_window)
             if gone:
                 results += await self._gone(job, sorted(gone))
             return results

@@ -36,6 +36,7 @@ from mirror.manifest import (
     IndexManifest,
     parse_manifest,
 )
+from mirror.store import summaries
 from mirror.store.blobs import BlobStore, in_thread
 from mirror.store.layout import Layout
 from mirror.store.leases import leased, sweep_lock
@@ -360,4 +361,6 @@ async def collect(
             return digest in stored and digest not in removed and size in (-1, stored[digest])
 
         records = await asyncio.to_thread(prune_records, layout.root, present, dry_run=dry_run)
+        if not dry_run:  # the `ls` memo keeps no line of a manifest gone (nor duplicates)
+            await asyncio.to_thread(summaries.compact, layout.meta, lambda key: present(Digest.parse(key), -1))
         return Garbage(blobs, partials, len(stored) - len(blobs), tuple(records))

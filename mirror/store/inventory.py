@@ -19,8 +19,10 @@ from mirror.manifest import (
     walk_index,
     wrapped_source,
 )
+from mirror.store import summaries
 from mirror.store.blobs import in_thread
 from mirror.store.layout import Layout
+from mirror.store.summaries import Memo, Summary
 
 CONFIG_LIMIT = 16 << 20  # an image config is read whole to learn its platform
 
@@ -43,11 +45,15 @@ class Reader:
 
     `mirror ls` of a big cache reads a few small files per reference: one worker-thread
     call for all of them, with no thread hop per file, and what references share (a base
-    image's layers, an index's children) is read and parsed once.
+    image's layers, an index's children) is read and parsed once. With `memo` (the
+    summaries `.mirror/summaries.jsonl` holds), an image described before is not read at
+    all; what it describes afresh is in `learned`, for the caller to add to the memo.
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, memo: Memo | None = None) -> None:
         self.store = layout.blobs
+        self.memo = memo if memo is not None else {}
+        self.learned: list[Summary] = []
         self._blobs = f"{layout.blobs.root}/blobs"  # paths as strings: pathlib costs more than the read
         self._manifests: dict[tuple[Digest, str], Manifest] = {}
         self._platforms: dict[Digest, str] = {}
@@ -96,6 +102,10 @@ class Reader:
 
     def describe(self, name: str, digest: Digest, media_type: str) -> CachedImage:
         """Return what the cache holds under `name` (pointing at manifest `digest`)."""
+        known = self.memo.get((str(digest), media_type))
+        if known is not None and os.path.exists(self._path(digest)):
+            algorithm, _, hexd = known.digest.partition(":")  # checked when the memo was read
+            return CachedImage(name, Digest(algorithm, hexd), known.media_type, known.platforms, known.size)
         try:
             top = self.manifest(digest, media_type)
             source = wrapped_source(top)
@@ -131,18 +141,27 @@ class Reader:
                     if b.digest not in seen:
                         seen.add(b.digest)
                         size += self.size(b.digest)
+            if not isinstance(top, IndexManifest):  # an index's summary depends on which children are cached
+                learned = Summary(str(digest), media_type, str(top.digest), top.media_type, tuple(platforms), size)
+                self.memo[(learned.key, media_type)] = learned
+                self.learned.append(learned)
             return CachedImage(name, top.digest, top.media_type, tuple(platforms), size, subset=subset)
         except (MirrorError, OSError, ValueError, KeyError) as exc:
             return CachedImage(name, digest, media_type, (), 0, problem=str(exc))
 
 
 async def inventory(layout: Layout) -> list[CachedImage]:
-    """Return every cached reference, sorted by name (read in one worker-thread call)."""
+    """Return every cached reference, sorted by name (read in one worker-thread call).
+
+    Images described before come from the summaries memo; what is described afresh is
+    added to it.
+    """
     entries = await layout.entries()
 
     def describe_all() -> list[CachedImage]:
-        reader = Reader(layout)
+        reader = Reader(layout, summaries.load(layout.meta))
         out = [reader.describe(e.name, e.descriptor.digest, e.descriptor.media_type) for e in entries]
+        summaries.append(layout.meta, reader.learned)
         return sorted(out, key=lambda c: c.name)
 
     return await in_thread(describe_all)

@@ -47,6 +47,7 @@ from mirror.digest import Digest
 from mirror.errors import IntegrityError, MirrorError, StoreError, UsageError
 from mirror.export import LAYOUT_MARKER, ExportPlan, Member, resolve
 from mirror.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, REF_NAME, Descriptor, parse_manifest, wrapped_source
+from mirror.store.blobs import start_writeback
 from mirror.store.gc import mark, stored_blobs
 from mirror.store.layout import Entry, Layout
 
@@ -312,16 +313,11 @@ class VolumeWriter:
     def _writeback(self) -> None:
         """Ask the kernel to start writing the bytes written so far to disk, without waiting.
 
-        On Linux, POSIX_FADV_DONTNEED begins the writeback of dirty pages (and drops the
-        clean ones): the disk works while the next bytes come, and the fsync at the end
-        of the volume finds little left to wait for.
+        The disk works while the next bytes come, and the fsync at the end of the volume
+        finds little left to wait for.
         """
         self._file.flush()  # with the kernel's copies too, every byte so far is in the fd's file
-        if hasattr(os, "posix_fadvise"):
-            with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
-                os.posix_fadvise(
-                    self._file.fileno(), self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED
-                )
+        start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
         self._flushed = self._written
 
     def _drain(self, keep: int) -> None:

@@ -746,13 +746,6 @@ def _stage_write(fd: int, chunk: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _stage_writeback(fd: int, start: int, length: int) -> None:
-    """Ask the kernel to start writing a range back to disk now, so the sync at the end has little left to wait for."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError):  # advice only: a filesystem may not take it
-            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-
-
 def _datasync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -863,7 +856,7 @@ class StagedBlob:
         self._pending.append((st._hasher.submit(self._hash.update, chunk), 0))
         self._pending.append((st._writer.submit(_stage_write, self._fd, chunk), len(chunk)))
         if self.offset - self._advised >= STAGE_WRITEBACK:
-            self._pending.append((st._writer.submit(_stage_writeback, self._fd, self._advised, 0), 0))
+            self._pending.append((st._writer.submit(start_writeback, self._fd, self._advised, 0), 0))
             self._advised = self.offset
         self._in_flight += len(chunk)
         while self._in_flight > STAGE_IN_FLIGHT:

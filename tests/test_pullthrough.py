@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -607,9 +608,11 @@ async def test_past_max_size_the_least_recently_served_image_is_evicted(
     assert status == 200 and small_ref in index_names(srv.cache)
 
 
-async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_client(
-    upstream: Upstream_, serve_factory: object, tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def stale_while_heads_fail(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path, retry_after: str
+) -> AsyncIterator[tuple[InProcess, FaultProxy]]:
+    """A manifest cached with TTL 0, asked for again while every upstream HEAD gets 503 with `retry_after`."""
     proxy = await FaultProxy(upstream.host).start()
     try:
         srv: InProcess = await serve_factory(  # type: ignore[operator]
@@ -618,34 +621,30 @@ async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_clie
         url = f"{srv.base}/v2/t/schema2/manifests/1"
         status, first = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
         assert status == 200
-        # The HEAD gets 503 with Retry-After: the transport waits (5 s at most here) before each retry.
-        busy = Fault("status", match="/manifests/", method="HEAD", status=503, headers={"Retry-After": "30"})
+        busy = Fault("status", match="/manifests/", method="HEAD", status=503, headers={"Retry-After": retry_after})
         proxy.add(busy, busy, busy)
         status, again = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
         assert status == 200 and again == first
+        yield srv, proxy
+    finally:
+        await proxy.stop()
+
+
+async def test_a_revalidation_the_upstream_keeps_retrying_does_not_hold_the_client(
+    upstream: Upstream_, serve_factory: object, tmp_path: Path
+) -> None:
+    # The transport waits (5 s at most here) before each retry of the HEAD.
+    async with stale_while_heads_fail(upstream, serve_factory, tmp_path, "30") as (srv, proxy):
         # Answered from the cache while the revalidation still waits for its first retry.
         assert proxy.statuses(503) == 1
         assert srv.pull.stats.stale_served == 1
-    finally:
-        await proxy.stop()
 
 
 async def test_a_revalidation_that_fails_after_the_client_was_answered_counts_one_stale_serve(
     upstream: Upstream_, serve_factory: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = await FaultProxy(upstream.host).start()
-    try:
-        srv: InProcess = await serve_factory(  # type: ignore[operator]
-            tmp_path / "cache", proxy.host, ttl=0.0, revalidate_wait=0.5
-        )
-        url = f"{srv.base}/v2/t/schema2/manifests/1"
-        status, first = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
-        assert status == 200
-        # Every HEAD attempt gets 503, each retry 2 s later: the client is answered from the cache first.
-        busy = Fault("status", match="/manifests/", method="HEAD", status=503, headers={"Retry-After": "2"})
-        proxy.add(busy, busy, busy)
-        status, again = await asyncio.to_thread(http, url, "GET", {"Accept": ACCEPT})
-        assert status == 200 and again == first
+    # Every HEAD attempt gets 503, each retry 2 s later: the client is answered from the cache first.
+    async with stale_while_heads_fail(upstream, serve_factory, tmp_path, "2") as (srv, _):
         deadline = time.monotonic() + 120
         while srv.pull.stats.upstream_errors == 0:
             assert time.monotonic() < deadline
@@ -658,8 +657,6 @@ async def test_a_revalidation_that_fails_after_the_client_was_answered_counts_on
         assert b"mirror_serve_stale_served_total 1.0" in resp.body  # type: ignore[operator]
         said = [r.getMessage() for r in caplog.records if r.name == "mirror.pullthrough"]
         assert len([m for m in said if "did not answer" in m]) == 1, said
-    finally:
-        await proxy.stop()
 
 
 def test_bad_pull_through_options_are_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -92,6 +92,18 @@ def fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _mismatch(digest: Digest, got: str) -> IntegrityError:
+    """Return the error of bytes that hash to `got` (hex) where `digest` was expected."""
+    return IntegrityError(f"blob digest mismatch: expected {digest}, got {digest.algorithm}:{got}")
+
+
 class BlobStore:
     """Blobs of one cache directory, addressed by digest."""
 
@@ -110,6 +122,10 @@ class BlobStore:
     def path(self, digest: Digest) -> Path:
         """Return where the blob `digest` lives (whether or not it exists)."""
         return self.root / "blobs" / digest.algorithm / digest.hex
+
+    def temp_path(self, key: str | None = None) -> Path:
+        """Return a temp file name in the ingest folder: this writer's own, or `key`'s (a resumable source)."""
+        return self.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}'}.partial"
 
     def partial_path(self, digest: Digest) -> Path:
         """Return the temp file a download of `digest` is written to."""
@@ -226,19 +242,16 @@ class BlobStore:
         """
         errors: list[BaseException | None] = [None] * len(batch)
         opened: list[tuple[int, int, Path]] = []
-        prefix = f"new-{os.getpid()}-"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for i, item in enumerate(batch):
             h = hashlib.new(item.digest.algorithm)
             for c in item.chunks:
                 h.update(c)
             if (got := h.hexdigest()) != item.digest.hex:
-                errors[i] = IntegrityError(
-                    f"blob digest mismatch: expected {item.digest}, got {item.digest.algorithm}:{got}"
-                )
+                errors[i] = _mismatch(item.digest, got)
                 continue
             # A temp file of its own: many images storing one blob at once must not share one.
-            tmp = self.ingest / f"{prefix}{next(_serial)}-{os.urandom(4).hex()}.partial"
+            tmp = self.temp_path()
             try:
                 try:
                     fd = os.open(tmp, flags, 0o644)
@@ -250,9 +263,7 @@ class BlobStore:
                 continue
             opened.append((i, fd, tmp))
             try:
-                view = memoryview(item.chunks[0] if len(item.chunks) == 1 else b"".join(item.chunks))
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, item.chunks[0] if len(item.chunks) == 1 else b"".join(item.chunks))
                 start_writeback(fd, 0, item.size)
             except OSError as exc:
                 errors[i] = exc
@@ -410,11 +421,7 @@ class BlobWriter:
         self.digest: Digest = digest or Digest("sha256", "")
         self.expected_size = size
         self.offset = 0
-        self._partial = (
-            store.partial_path(digest)
-            if digest and not unique
-            else store.ingest / f"new-{key or f'{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}'}.partial"
-        )
+        self._partial = store.partial_path(digest) if digest and not unique else store.temp_path(key)
         self._hash = hashlib.new(self.digest.algorithm)
         self._file: BinaryIO | None = None
         self._buf: list[bytes] = []
@@ -597,7 +604,7 @@ class BlobWriter:
             self.digest = Digest(self.digest.algorithm, got)
             self.store.lease(self.digest)  # before the name appears: gc keeps it from the start
         elif got != self.digest.hex:
-            raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
+            raise _mismatch(self.digest, got)
         self._file.flush()
         on_disk = os.fstat(self._file.fileno()).st_size
         if on_disk != self.offset:
@@ -719,9 +726,7 @@ class SmallBlobWriter:
             if mine.st_size >= self.offset:
                 return  # holds as much already
             os.ftruncate(fd, 0)
-            view = memoryview(b"".join(self._chunks))
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, b"".join(self._chunks))
         finally:
             os.close(fd)  # lets go of the lock
 
@@ -737,13 +742,6 @@ class SmallBlobWriter:
 
 STAGE_IN_FLIGHT = 16 << 20  # bytes of one staged blob handed to its threads and not yet hashed and written
 STAGE_WRITEBACK = 32 << 20  # bytes written between two requests to the kernel to start writing them back
-
-
-def _stage_write(fd: int, chunk: bytes) -> None:
-    """Write all of `chunk` to `fd` (a write may take only part of it)."""
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _datasync(path: Path) -> None:
@@ -813,9 +811,9 @@ def publish_staged(store: BlobStore, staged: list[Staged]) -> None:
     with ThreadPoolExecutor(min(IO_THREADS, len(staged)), thread_name_prefix="mirror-stage-sync") as pool:
         for done in [pool.submit(_datasync, s.path) for s in staged]:
             done.result()
+    store.lease(*(s.digest for s in staged))  # before the names appear: gc keeps them until index.json names them
     dirs: dict[Path, None] = {}
     for s in staged:
-        store.lease(s.digest)  # before the name appears: gc keeps it until index.json names it
         target = store.path(s.digest)
         if target.parent not in dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -833,7 +831,7 @@ class StagedBlob:
         self.digest = digest
         self.size = size
         self.offset = 0
-        self.path = stager.store.ingest / f"new-{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}.partial"
+        self.path = stager.store.temp_path()
         self._fd = -1
         self._hash = hashlib.new(digest.algorithm)
         self._pending: list[tuple[Future[None], int]] = []  # (the write's or hash's future, bytes)
@@ -854,7 +852,7 @@ class StagedBlob:
             raise IntegrityError(f"blob {self.digest}: more than the {self.size} bytes announced")
         st = self.stager
         self._pending.append((st._hasher.submit(self._hash.update, chunk), 0))
-        self._pending.append((st._writer.submit(_stage_write, self._fd, chunk), len(chunk)))
+        self._pending.append((st._writer.submit(_write_all, self._fd, chunk), len(chunk)))
         if self.offset - self._advised >= STAGE_WRITEBACK:
             self._pending.append((st._writer.submit(start_writeback, self._fd, self._advised, 0), 0))
             self._advised = self.offset
@@ -889,7 +887,7 @@ class StagedBlob:
             raise IntegrityError(f"blob {self.digest}: size mismatch, expected {self.size} bytes, got {self.offset}")
         got = self._hash.hexdigest()
         if got != self.digest.hex:
-            raise IntegrityError(f"blob digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{got}")
+            raise _mismatch(self.digest, got)
         on_disk = await self._io(os.fstat, self._fd)
         if on_disk.st_size != self.size:
             raise IntegrityError(f"blob {self.digest}: {on_disk.st_size} bytes on disk, {self.size} written")

@@ -172,8 +172,8 @@ class Layout:
             if not marker.exists():
                 (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
                 empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-                _atomic_write(root / "index.json", _dump(empty))
-                _atomic_write(marker, _dump(LAYOUT_VERSION))
+                atomic_write(root / "index.json", _dump(empty))
+                atomic_write(marker, _dump(LAYOUT_VERSION))
             (root / ".mirror").mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cache {root}: cannot create it: {os_reason(exc)}") from None
@@ -363,7 +363,7 @@ class Layout:
             data = _dump_doc(doc)
             size = sum(len(piece) for piece in data)
             try:
-                st = _atomic_write(self.root / "index.json", data)
+                st = atomic_write(self.root / "index.json", data)
             except OSError as exc:
                 raise StoreError(f"cache {self.root}: cannot write index.json: {os_reason(exc)}") from None
             self._known = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), doc)
@@ -420,7 +420,7 @@ def _dump(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
-def _atomic_write(path: Path, data: bytes | list[bytes]) -> os.stat_result:
+def atomic_write(path: Path, data: bytes | list[bytes]) -> os.stat_result:
     """Write `data` to `path` through a temp file of a unique name, fsync, rename, fsync the directory; return its stat.
 
     The temp name is never reused (O_EXCL): a writer never truncates a file another

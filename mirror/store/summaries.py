@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
+
+from mirror.store.layout import atomic_write
 
 FILE = "summaries.jsonl"
 MAX_BYTES = 256 << 20  # ~1.5 million lines: a memo bigger than this is not read (nor added to)
@@ -124,13 +125,8 @@ def compact(meta: Path, keep: Callable[[str], bool]) -> int:
     except OSError:
         return 0
     kept = [s for s in load(meta).values() if keep(s.key)]
-    fd, name = tempfile.mkstemp(prefix=f".{FILE}.", suffix=".tmp", dir=meta)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(_encode(s) for s in kept))
-        os.replace(name, path)
+        atomic_write(path, b"".join(_encode(s) for s in kept))
     except OSError:
-        Path(name).unlink(missing_ok=True)
         return 0
     return max(0, lines - len(kept))

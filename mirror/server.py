@@ -19,6 +19,7 @@ import bisect
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -218,15 +219,9 @@ def build_catalog(
     reader = _Reader(layout, memo)
     known = parts if parts is not None else {}
     now: dict[_EntryKey, _Part] = {}
-    tags: dict[str, dict[str, Digest]] = {}
-    manifests_of: dict[str, set[Digest]] = {}
-    blobs_of: dict[str, set[Digest]] = {}
-    sizes_of: dict[str, dict[Digest, int]] = {}
-    hosts_of_short: dict[str, set[str]] = {}
-    stored: dict[Digest, StoredManifest] = {}
-    referrers_of: dict[str, dict[Digest, dict[Digest, ReferrerInfo]]] = {}
+    order: list[_Part] = []
     for entry in entries:
-        key = (entry.name, entry.descriptor.digest, entry.descriptor.media_type)
+        key = _key(entry)
         part = known.get(key)
         if part is None:
             try:
@@ -235,6 +230,29 @@ def build_catalog(
                 log.warning("not serving %s: %s", entry.name, exc)
                 continue
         now[key] = part
+        order.append(part)
+    for gone in set(memo) - reader.used:  # no longer named (a ref was dropped, gc ran), or kept in a part
+        del memo[gone]
+    if parts is not None:
+        parts.clear()
+        parts.update(now)
+    return _assemble(order)
+
+
+def _key(entry: Entry) -> _EntryKey:
+    return entry.name, entry.descriptor.digest, entry.descriptor.media_type
+
+
+def _assemble(parts: Iterable[_Part]) -> Catalog:
+    """Return the catalog `parts` make, in `index.json`'s order (of two entries naming one tag, the later wins)."""
+    tags: dict[str, dict[str, Digest]] = {}
+    manifests_of: dict[str, set[Digest]] = {}
+    blobs_of: dict[str, set[Digest]] = {}
+    sizes_of: dict[str, dict[Digest, int]] = {}
+    hosts_of_short: dict[str, set[str]] = {}
+    stored: dict[Digest, StoredManifest] = {}
+    referrers_of: dict[str, dict[Digest, dict[Digest, ReferrerInfo]]] = {}
+    for part in parts:
         ref = part.ref
         for m in part.stored:
             stored[m.digest] = m
@@ -263,11 +281,6 @@ def build_catalog(
         for name in manifests_of
         if len(hosts_of_short.get(name, ())) <= 1
     }
-    for gone in set(memo) - reader.used:  # no longer named (a ref was dropped, gc ran), or kept in a part
-        del memo[gone]
-    if parts is not None:
-        parts.clear()
-        parts.update(now)
     return Catalog(repos, stored, tuple(sorted(repos)))
 
 
@@ -277,10 +290,21 @@ class Names:
 
     What `tags/list` and `_catalog` answer while the catalog is (re)built: a big cache's
     first build reads every manifest (~0.4 ms per reference), its names take ~1 us each.
+    `stems` and `others` say which references to read for one repository's tag.
     """
 
     tags: Mapping[str, frozenset[str]]  # served repository name -> its tags
     names: tuple[str, ...] = ()  # repository names in lexical order, as `_catalog` lists them
+    # Every repository name some reference gives (served or not: a short name two hosts
+    # share too) -> the `HOST/PATH` stems, as written, whose `STEM:TAG` references give it,
+    # and the other references giving it (a digest, no tag), each with its tag ("" for none).
+    stems: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    others: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+    def references(self, name: str, tag: str) -> list[str]:
+        """Return the reference names in `index.json` that may give repository `name` its tag `tag`."""
+        found = [f"{stem}:{tag}" for stem in self.stems.get(name, ())]
+        return found + [text for text, t in self.others.get(name, ()) if t == tag]
 
 
 def names_view(refs: Iterable[str]) -> Names:
@@ -292,6 +316,8 @@ def names_view(refs: Iterable[str]) -> Names:
     stems: dict[str, tuple[str, str | None, str]] = {}  # HOST/PATH as written -> short, long, registry
     tags: dict[str, set[str]] = {}
     hosts_of_short: dict[str, set[str]] = {}
+    stems_of: dict[str, list[str]] = {}
+    others_of: dict[str, list[tuple[str, str]]] = {}
     for text in refs:
         stem, colon, tag = text.rpartition(":")
         known = stems.get(stem) if colon and "/" not in tag and "@" not in text and is_tag(tag) else None
@@ -302,9 +328,17 @@ def names_view(refs: Iterable[str]) -> Names:
                 continue  # `build_catalog` does not serve it either
             short, long = served_names(ref)
             known = (short, long, ref.registry)
-            if ref.tag is not None and ref.digest is None and colon and tag == ref.tag:
-                stems[stem] = known
             tag = ref.tag or ""
+            plain = ref.tag is not None and ref.digest is None and colon and text.endswith(":" + ref.tag)
+            if plain and stem not in stems:
+                stems[stem] = known
+                for name in (short, long):
+                    if name is not None:
+                        stems_of.setdefault(name, []).append(stem)
+            elif not plain:
+                for name in (short, long):
+                    if name is not None:
+                        others_of.setdefault(name, []).append((text, tag))
         short, long, registry = known
         hosts_of_short.setdefault(short, set()).add(registry)
         for name in (short, long):
@@ -313,7 +347,55 @@ def names_view(refs: Iterable[str]) -> Names:
                 if tag:
                     found.add(tag)
     repos = {name: frozenset(t) for name, t in tags.items() if len(hosts_of_short.get(name, ())) <= 1}
-    return Names(repos, tuple(sorted(repos)))
+    return Names(
+        repos,
+        tuple(sorted(repos)),
+        {name: tuple(s) for name, s in stems_of.items()},
+        {name: tuple(o) for name, o in others_of.items()},
+    )
+
+
+def _read_names(layout: Layout) -> Names:
+    """Return the names of `layout`'s index.json (blocking)."""
+    return names_view(layout.names_sync())
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Take a shared future's exception, so one no caller awaited any more is not reported as lost."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _parts_of(layout: Layout, memo: dict[Digest, Manifest], entries: list[Entry]) -> list[_Part | None]:
+    """Return what each of `entries` adds to the catalog, None for one that cannot be read (blocking)."""
+    reader = _Reader(layout, memo)
+    out: list[_Part | None] = []
+    for entry in entries:
+        try:
+            out.append(_part_of(layout, reader, entry))
+        except (MirrorError, OSError):
+            out.append(None)  # the catalog's build says why, once
+    return out
+
+
+class _Quick:
+    """One `index.json`'s names and the entries read for requests answered while its catalog is built."""
+
+    def __init__(self, names: Names) -> None:
+        self.names = names
+        self.parts: dict[_EntryKey, _Part | None] = {}
+        self.by_digest: dict[Digest, list[_Part]] = {}  # manifest or blob -> the parts that reach it
+        self.memo: dict[Digest, Manifest] = {}
+        self.proofs: dict[str, _Part] = {}  # repository name -> a part showing it is served
+
+    def add(self, key: _EntryKey, part: _Part | None) -> None:
+        """Remember what the entry `key` adds (None: it cannot be read)."""
+        if key in self.parts:
+            return
+        self.parts[key] = part
+        if part is not None:
+            for digest in {*part.reached, *part.blobs}:
+                self.by_digest.setdefault(digest, []).append(part)
 
 
 class CacheView:
@@ -328,6 +410,8 @@ class CacheView:
         self._signed: OrderedDict[Digest, bytes] = OrderedDict()  # schema1 payloads as served, signed
         self._lock = asyncio.Lock()
         self._names: tuple[tuple[int, int, int], Names] | None = None
+        self._names_pending: tuple[tuple[int, int, int], asyncio.Future[Names]] | None = None
+        self._quick_state: _Quick | None = None  # what requests are answered from while the catalog builds
         self._building: asyncio.Task[None] | None = None
 
     def _index_stamp(self) -> tuple[int, int, int]:
@@ -356,11 +440,122 @@ class CacheView:
         if stamp == self._stamp:
             return self._catalog
         self.refresh()
+        return await self.names()
+
+    async def names(self) -> Names:
+        """Return the names of the current `index.json`, read once per change (in a thread) however many ask."""
+        stamp = self._index_stamp()
         if self._names is not None and self._names[0] == stamp:
             return self._names[1]
-        names = names_view(await in_thread(self.layout.names_sync))
-        self._names = (stamp, names)
+        pending = self._names_pending
+        if pending is None or pending[0] != stamp:
+            fut = asyncio.ensure_future(in_thread(_read_names, self.layout))
+            fut.add_done_callback(_retrieved)
+            pending = self._names_pending = (stamp, fut)
+        names = await asyncio.shield(pending[1])
+        if self._names_pending is pending:
+            self._names, self._names_pending = (stamp, names), None
         return names
+
+    async def manifest_catalog(self, name: str, reference: str) -> Catalog:
+        """Return a catalog that answers a manifest request of repository `name` as the full catalog does.
+
+        The full catalog when it is current. While it is built, the references in
+        `index.json` that give `name` its tag `reference` (or point at the digest
+        `reference`, or reach it and were read already) are read alone, and what they
+        make is returned; only what they cannot tell (a digest no entry read so far
+        reaches, a platform not cached, a short name two hosts share) waits for the build.
+        """
+        quick = await self._quick()
+        if quick is None:
+            return self._catalog
+        names = quick.names
+        if name not in names.stems and name not in names.others:
+            return Catalog()  # no reference gives this name: unknown, as the catalog will say
+        if name in names.tags:  # one host: the name is served if one of its entries can be read
+            if ":" not in reference:
+                if reference in names.tags[name]:
+                    parts = await self._read(quick, await self.layout.select(names.references(name, reference)))
+                    if parts:
+                        return _assemble(parts)
+                elif (proof := await self._any_part(quick, name)) is not None:
+                    return _assemble([proof])  # served, without this tag: MANIFEST_UNKNOWN
+            else:
+                try:
+                    digest = Digest.parse(reference)
+                except DigestError:
+                    proof = await self._any_part(quick, name)
+                    if proof is not None:
+                        return _assemble([proof])  # served: DIGEST_INVALID
+                else:
+                    found = await self._reaching(quick, name, digest)
+                    if found:
+                        return _assemble(found)
+        return await self.catalog()
+
+    async def blob_catalog(self, name: str, digest: Digest) -> Catalog:
+        """Return a catalog that answers a blob request of repository `name` as the full catalog does.
+
+        The full catalog when it is current. While it is built: the manifests read for the
+        manifest requests answered meanwhile (a client asks for those first) when one of
+        them references `digest`; else the request waits for the build.
+        """
+        quick = await self._quick()
+        if quick is None:
+            return self._catalog
+        if name not in quick.names.stems and name not in quick.names.others:
+            return Catalog()
+        if name in quick.names.tags:
+            found = [p for p in quick.by_digest.get(digest, ()) if name in served_names(p.ref)]
+            if found:
+                return _assemble(found)
+        return await self.catalog()
+
+    async def _quick(self) -> _Quick | None:
+        """Return what requests are answered from while the catalog is built, or None when it is current."""
+        stamp = self._index_stamp()
+        if stamp == self._stamp:
+            return None
+        self.refresh()
+        names = await self.names()
+        quick = self._quick_state
+        if quick is None or quick.names is not names:
+            quick = self._quick_state = _Quick(names)
+        return quick
+
+    async def _read(self, quick: _Quick, entries: list[Entry]) -> list[_Part]:
+        """Return what `entries` add to the catalog, in order, reading those not read yet (unreadable ones left out)."""
+        todo = [e for e in entries if _key(e) not in quick.parts]
+        if todo:
+            read = await in_thread(_parts_of, self.layout, quick.memo, todo)
+            for entry, part in zip(todo, read, strict=True):
+                quick.add(_key(entry), part)
+        return [p for e in entries if (p := quick.parts.get(_key(e))) is not None]
+
+    async def _any_part(self, quick: _Quick, name: str) -> _Part | None:
+        """Return the part of one readable entry giving `name` (proof that the catalog serves it), trying a few."""
+        proof = quick.proofs.get(name)
+        for tag in itertools.islice(quick.names.tags.get(name, ()), 3) if proof is None else ():
+            parts = await self._read(quick, await self.layout.select(quick.names.references(name, tag)))
+            if parts:
+                proof = quick.proofs[name] = parts[-1]
+                break
+        return proof
+
+    async def _reaching(self, quick: _Quick, name: str, digest: Digest) -> list[_Part]:
+        """Return parts of entries giving `name` that reach manifest `digest`: read already, or pointing at it."""
+        found = [p for p in quick.by_digest.get(digest, ()) if digest in p.reached and name in served_names(p.ref)]
+        if found:
+            return found
+        entries = []
+        for entry in await self.layout.select(digests=[digest]):
+            try:
+                ref = Reference.parse(entry.name)
+            except MirrorError:
+                continue
+            if name in served_names(ref):
+                entries.append(entry)
+        return [p for p in await self._read(quick, entries) if digest in p.reached]
 
     def refresh(self) -> None:
         """Start a rebuild of the catalog in the background, unless one runs."""
@@ -369,10 +564,12 @@ class CacheView:
 
     async def _build(self) -> None:
         try:
+            await self.names()  # first: index.json is parsed once, and requests meanwhile have the names
             catalog = await self.catalog()
         except (MirrorError, OSError) as exc:
             log.error("cannot serve the cache: %s", exc)  # each request that needs the catalog answers 500
             return
+        self._quick_state = None
         log.info("serving %d repositories", len(catalog.repositories))
 
     async def close(self) -> None:
@@ -714,9 +911,9 @@ def _routed(request: web.Request) -> tuple[PullThrough, Upstream, Reference, str
     return pull, up, base, served_names(base)[1] or base.repository
 
 
-async def _repository(request: web.Request, name: str | None = None) -> Repository | web.Response:
+def _repository(request: web.Request, catalog: Catalog, name: str | None = None) -> Repository | web.Response:
     name = name or request.match_info["name"]
-    repo = (await _view(request).catalog()).repositories.get(name)
+    repo = catalog.repositories.get(name)
     if repo is None:
         return error(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
     return repo
@@ -872,11 +1069,11 @@ async def _manifest(request: web.Request) -> web.StreamResponse:
         failed = await _pull_manifest(request, pull, up, base, served, reference)
         if failed is not None:
             return failed
-    repo = await _repository(request, served)
+    view = _view(request)
+    catalog = await view.manifest_catalog(served or request.match_info["name"], reference)
+    repo = _repository(request, catalog, served)
     if isinstance(repo, web.Response):
         return repo
-    view = _view(request)
-    catalog = await view.catalog()
     by_tag = ":" not in reference
     named = {"name": repo.name, "reference": reference}
     unknown = error(404, "MANIFEST_UNKNOWN", "manifest unknown", named)
@@ -953,7 +1150,7 @@ async def _pull_manifest(
             wanted = Digest.parse(reference)
         except DigestError as exc:
             return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
-    repo = (await _view(request).catalog()).repositories.get(served)
+    repo = (await _view(request).manifest_catalog(served, reference)).repositories.get(served)
     cached = repo.tags.get(reference) if repo is not None and by_tag else None
     have = repo is not None and not by_tag and wanted in repo.manifests
     try:
@@ -970,16 +1167,27 @@ async def _pull_manifest(
 
 
 async def _repository_and_digest(
-    request: web.Request, name: str | None = None
+    request: web.Request, name: str | None = None, *, blob: bool = False
 ) -> tuple[Repository, Digest] | web.Response:
-    """Return the served repository and the `{digest}` of the URL, or the error response for either."""
-    repo = await _repository(request, name)
+    """Return the served repository and the `{digest}` of the URL, or the error response for either.
+
+    With `blob`, a catalog still being built is waited for only when the blob is not
+    referenced by a manifest read meanwhile (see `CacheView.blob_catalog`).
+    """
+    name = name or request.match_info["name"]
+    view = _view(request)
+    try:
+        digest = Digest.parse(request.match_info["digest"])
+    except DigestError as exc:
+        repo = _repository(request, await view.catalog(), name)
+        if isinstance(repo, web.Response):
+            return repo
+        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    catalog = await (view.blob_catalog(name, digest) if blob else view.catalog())
+    repo = _repository(request, catalog, name)
     if isinstance(repo, web.Response):
         return repo
-    try:
-        return repo, Digest.parse(request.match_info["digest"])
-    except DigestError as exc:
-        return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content", str(exc))
+    return repo, digest
 
 
 async def _referrers(request: web.Request) -> web.Response:
@@ -1005,7 +1213,7 @@ async def _referrers(request: web.Request) -> web.Response:
 async def _blob(request: web.Request) -> web.StreamResponse:
     """`GET/HEAD /v2/NAME/blobs/DIGEST`: the file with sendfile, `Range` answered with 206."""
     routed = _routed(request)
-    found = await _repository_and_digest(request, routed[3] if routed is not None else None)
+    found = await _repository_and_digest(request, routed[3] if routed is not None else None, blob=True)
     if isinstance(found, web.Response):
         return found
     repo, digest = found

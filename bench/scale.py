@@ -52,6 +52,7 @@ class Row:
     serve_tags: float  # spawn to its first tag list of the repository (the catalog is needed)
     daemon_seconds: float = 0.0  # the no-op resync inside `mirror daemon` (0: not measured)
     daemon_cpu: float = 0.0
+    serve_manifest: float = 0.0  # spawn to its first answer to a manifest GET by tag (from the middle of the tags)
 
 
 def sizes(ctx: Context) -> tuple[int, ...]:
@@ -115,8 +116,8 @@ def _version_seconds() -> float:
     return time.monotonic() - t0
 
 
-def _serve(ctx: Context, cache: Path) -> tuple[float, float]:
-    """Start `mirror serve` on the cache; return seconds to its first `/v2/` and first tag-list answers."""
+def _serve(ctx: Context, cache: Path, tag: str) -> tuple[float, float, float]:
+    """Start `mirror serve` on the cache; return seconds to its first `/v2/`, tag-list and manifest (`tag`) answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with open(ctx.errlog, "ab") as err:
@@ -130,10 +131,11 @@ def _serve(ctx: Context, cache: Path) -> tuple[float, float]:
         try:
             first = _poll(f"{base}/v2/", t0, t0 + 120)
             tags = _poll(f"{base}/v2/{REPO}/tags/list?n=1", t0, t0 + 600)
+            manifest = _poll(f"{base}/v2/{REPO}/manifests/{tag}", t0, t0 + 600)
         finally:
             proc.terminate()
             proc.wait(30)
-    return first, tags
+    return first, tags, manifest
 
 
 def _cpu(pid: int) -> float:
@@ -173,7 +175,7 @@ def measure(ctx: Context, n: int, *, daemon: bool) -> Row:
     cache = ctx.work / f"c13-cache-{n}"
     reg = Registry(root)
     t0 = time.monotonic()
-    seed(reg.data, n, repo=REPO)
+    tags = sorted(seed(reg.data, n, repo=REPO))
     seeded = time.monotonic() - t0
     reg.start()
     try:
@@ -186,7 +188,7 @@ def measure(ctx: Context, n: int, *, daemon: bool) -> Row:
         ls = run_in_place("mirror ls", ls_cmd, log, cache, errlog=ctx.errlog)
         ls_warm = run_in_place("mirror ls", ls_cmd, log, cache, errlog=ctx.errlog)
         version = _version_seconds()
-        serve_base, serve_tags = _serve(ctx, cache)
+        serve_base, serve_tags, serve_manifest = _serve(ctx, cache, tags[len(tags) // 2])
         d_seconds, d_cpu = _daemon(ctx, reg.host, cache) if daemon else (0.0, 0.0)
     finally:
         reg.stop()
@@ -207,6 +209,7 @@ def measure(ctx: Context, n: int, *, daemon: bool) -> Row:
         serve_tags,
         d_seconds,
         d_cpu,
+        serve_manifest,
     )
 
 
@@ -215,8 +218,8 @@ def table(rows: list[Row]) -> str:
     head = (
         "| N tags | seed s | first sync s | CPU s | peak RSS MiB | requests | index.json written MiB (× final) "
         "| no-op resync s | CPU s | peak RSS MiB | requests | index written "
-        "| `ls` s (CPU s) | again s (CPU s) | serve `/v2/` s | serve tags s |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| `ls` s (CPU s) | again s (CPU s) | serve `/v2/` s | serve tags s | serve manifest s |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -226,7 +229,7 @@ def table(rows: list[Row]) -> str:
             f"| {f.traffic.requests:,} | {mib(r.first_index)} ({r.first_index / max(r.index_size, 1):.2f}×) "
             f"| {o.seconds:.2f} | {o.cpu:.2f} | {o.maxrss_kib / 1024:.0f} | {o.traffic.requests:,} | {r.noop_index} "
             f"| {r.ls.seconds:.2f} ({r.ls.cpu:.2f}) | {r.ls_warm.seconds:.2f} ({r.ls_warm.cpu:.2f}) "
-            f"| {r.serve_base:.2f} | {r.serve_tags:.2f} |"
+            f"| {r.serve_base:.2f} | {r.serve_tags:.2f} | {r.serve_manifest:.2f} |"
         )
     return "\n".join(lines)
 
@@ -255,6 +258,7 @@ def case13(ctx: Context) -> str:
             "version_seconds": r.version_seconds,
             "serve_base": r.serve_base,
             "serve_tags": r.serve_tags,
+            "serve_manifest": r.serve_manifest,
             "daemon_seconds": r.daemon_seconds,
             "daemon_cpu": r.daemon_cpu,
         }
@@ -268,7 +272,8 @@ def case13(ctx: Context) -> str:
         f"seeded straight into the registry's storage (`tools/seedregistry.py`); `mirror sync` of every tag "
         f"into an empty cache, then again (no-op: one HEAD per tag), `mirror ls` twice (the first fills the "
         f"summaries memo, the second reads it), and `mirror serve`'s time "
-        f"from spawn to its first `/v2/` answer and to its first tag list (`mirror --version`, the "
+        f"from spawn to its first `/v2/` answer, its first tag list and its first manifest by tag "
+        f"(`mirror --version`, the "
         f"interpreter's start alone, takes {big.version_seconds:.2f} s). One run per N. Targets (#18): peak RSS "
         f"≤ 150 MB and index.json written ≤ 3× its final size at 100,000; `ls` ≤ 5 s; serve's first answer "
         f"≤ 0.5 s after start.\n\n"

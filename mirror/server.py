@@ -314,38 +314,42 @@ def names_view(refs: Iterable[str]) -> Names:
     checked, so 100,000 tags of one repository cost one parse.
     """
     stems: dict[str, tuple[str, str | None, str]] = {}  # HOST/PATH as written -> short, long, registry
+    tags_of_stem: dict[str, list[str]] = {}  # the tags of its `STEM:TAG` references
+    others: list[tuple[str, str, str | None, str, str]] = []  # text, short, long, registry, tag of the rest
+    for text in refs:
+        stem, colon, tag = text.rpartition(":")
+        if colon and stem in stems and "/" not in tag and "@" not in text and is_tag(tag):
+            tags_of_stem[stem].append(tag)
+            continue
+        try:
+            ref = Reference.parse(text)
+        except MirrorError:
+            continue  # `build_catalog` does not serve it either
+        short, long = served_names(ref)
+        if ref.tag is not None and ref.digest is None and colon and tag == ref.tag:
+            stems.setdefault(stem, (short, long, ref.registry))
+            tags_of_stem.setdefault(stem, []).append(tag)
+        else:
+            others.append((text, short, long, ref.registry, ref.tag or ""))
+    # What each stem gives is added once, not once per reference.
     tags: dict[str, set[str]] = {}
     hosts_of_short: dict[str, set[str]] = {}
     stems_of: dict[str, list[str]] = {}
     others_of: dict[str, list[tuple[str, str]]] = {}
-    for text in refs:
-        stem, colon, tag = text.rpartition(":")
-        known = stems.get(stem) if colon and "/" not in tag and "@" not in text and is_tag(tag) else None
-        if known is None:
-            try:
-                ref = Reference.parse(text)
-            except MirrorError:
-                continue  # `build_catalog` does not serve it either
-            short, long = served_names(ref)
-            known = (short, long, ref.registry)
-            tag = ref.tag or ""
-            plain = ref.tag is not None and ref.digest is None and colon and text.endswith(":" + ref.tag)
-            if plain and stem not in stems:
-                stems[stem] = known
-                for name in (short, long):
-                    if name is not None:
-                        stems_of.setdefault(name, []).append(stem)
-            elif not plain:
-                for name in (short, long):
-                    if name is not None:
-                        others_of.setdefault(name, []).append((text, tag))
-        short, long, registry = known
+    for stem, (short, long, registry) in stems.items():
+        hosts_of_short.setdefault(short, set()).add(registry)
+        for name in (short, long):
+            if name is not None:
+                tags.setdefault(name, set()).update(tags_of_stem[stem])
+                stems_of.setdefault(name, []).append(stem)
+    for text, short, long, registry, tag in others:
         hosts_of_short.setdefault(short, set()).add(registry)
         for name in (short, long):
             if name is not None:
                 found = tags.setdefault(name, set())
                 if tag:
                     found.add(tag)
+                others_of.setdefault(name, []).append((text, tag))
     repos = {name: frozenset(t) for name, t in tags.items() if len(hosts_of_short.get(name, ())) <= 1}
     return Names(
         repos,

@@ -88,6 +88,15 @@ async def test_names_serve_the_same_tags_as_the_catalog(tmp_path: Path) -> None:
     assert names.tags["example.com/app"] == {"one", "two", "three"}
     assert names.tags["127.0.0.1_5000/lib/tool"] == {"latest"}
     assert "app" not in names.tags
+    # The references to read for one tag, found without reading any document.
+    assert names.references("example.com/app", "one") == ["example.com/app:one"]
+    # Not served (two hosts), but still named: each host's candidate (Layout.select keeps those that exist).
+    assert names.references("app", "one") == ["example.com/app:one", "127.0.0.1:5000/app:one"]
+    three = ["example.com/app:three", "example.com/app:three@sha256:" + "b" * 64]
+    assert names.references("example.com/app", "three") == three
+    assert names.references("127.0.0.1_5000/lib/tool", "latest") == ["127.0.0.1:5000/lib/tool"]
+    assert names.references("docker.io/library/redis", "7") == ["docker.io/library/redis:7"]
+    assert names.references("example.com/app", "nope") == ["example.com/app:nope"]  # Layout.select finds none
 
 
 def _release(fifo: Path, data: bytes) -> None:

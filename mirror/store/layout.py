@@ -234,9 +234,15 @@ class Layout:
         if deferred:
             items = _replace(items, deferred)
         marks = [str(d).encode() for d in digests]
+        if not marks:  # a set lookup per entry, no more
+            items = [i for i in items if i[0] in names]
+        elif len(marks) == 1:
+            items = [i for i in items if i[0] in names or marks[0] in i[1]]
+        else:
+            items = [i for i in items if i[0] in names or any(m in i[1] for m in marks)]
         out = []
         for name, raw in items:
-            if not name or (name not in names and not any(m in raw for m in marks)):
+            if not name:
                 continue
             try:
                 desc = Descriptor.from_json(msgspec.json.decode(raw))

@@ -211,3 +211,21 @@ def test_skopeo_copies_from_serve_right_after_its_start(held: Held, tmp_path: Pa
     finally:
         held.release()
         srv.stop()
+
+
+@pytest.mark.slow
+def test_podman_pulls_from_serve_right_after_its_start(held: Held) -> None:
+    srv = Server(held.layout.root)
+    ref = f"{srv.host}/example.com/app:real"
+    try:
+        res = subprocess.run(["podman", "pull", "-q", "--tls-verify=false", ref], capture_output=True, timeout=300)
+        assert res.returncode == 0, res.stderr.decode()
+        got = subprocess.run(
+            ["podman", "image", "inspect", "--format", "{{.Digest}}", ref], capture_output=True, timeout=60
+        )
+        assert got.stdout.decode().strip() == held.real
+        assert held.fifo.is_fifo()  # the build is still held: podman was answered without it
+    finally:
+        subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, timeout=120)
+        held.release()
+        srv.stop()

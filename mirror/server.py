@@ -1303,9 +1303,10 @@ async def _pull_blob(
 
 async def _load_catalog(app: web.Application) -> None:
     # Build the catalog in the background: `/v2/`, tag lists and `_catalog` answer at once
-    # (names alone, see CacheView.listing), and a request that needs the catalog waits for
-    # this build (CacheView's lock) instead of starting its own. A broken index.json is
-    # logged here, and each such request answers 500 naming it.
+    # (names alone, see CacheView.listing), manifests and blobs from the entries that name
+    # them (CacheView.manifest_catalog, blob_catalog), and a request that needs the whole
+    # catalog waits for this build (CacheView's lock) instead of starting its own. A broken
+    # index.json is logged here, and each such request answers 500 naming it.
     app[APP_KEY].refresh()
 
 

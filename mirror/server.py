@@ -577,11 +577,12 @@ class CacheView:
         log.info("serving %d repositories", len(catalog.repositories))
 
     async def close(self) -> None:
-        """Stop a rebuild under way."""
-        if self._building is not None:
-            self._building.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._building
+        """Stop a rebuild under way (and a read of the names no request waits for any more)."""
+        for task in (self._building, self._names_pending[1] if self._names_pending is not None else None):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MirrorError, OSError):
+                    await task
 
     def blob_path(self, digest: Digest) -> Path:
         """Return where blob `digest` lives in the cache."""

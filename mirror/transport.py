@@ -166,6 +166,23 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, what: str) -> byte
     return b"".join(parts)
 
 
+async def read_whole(got: Got, limit: int, what: str) -> bytes:
+    """Return the whole body of an answer `Transport.get` yielded, or raise TransportError past `limit` bytes.
+
+    A length over the limit fails before reading anything, as in `read_body`.
+    """
+    if got.length is not None and got.length > limit:
+        raise TransportError(f"{what}: answer of {got.length} bytes is over the {limit} byte limit")
+    parts: list[bytes] = []
+    got_bytes = 0
+    async for chunk in got.chunks:
+        parts.append(chunk)
+        got_bytes += len(chunk)
+        if got_bytes > limit:
+            raise TransportError(f"{what}: answer is over the {limit} byte limit")
+    return b"".join(parts)
+
+
 async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """Return the body of `resp` up to `limit` bytes (an error text: the rest is not needed)."""
     parts: list[bytes] = []
@@ -581,6 +598,8 @@ class Transport:
         attempts = 0
         target = path
         if pool is not None:
+            if "/manifests/" in path:
+                await self._wait_rate_limit(host)  # as `_exchange` spaces them
             reply = await self._lean(pool, "GET", host, path, headers, scopes)
             if reply is not None:
                 answer = reply.answer

@@ -100,6 +100,24 @@ async def test_concurrent_gets_share_a_few_connections_and_a_missing_blob_is_not
         assert "\n" not in str(exc.value)
 
 
+async def test_manifest_gets_go_lean_and_a_missing_tag_is_the_same_error_either_way(seeded: Seeded) -> None:
+    names = sorted(seeded.digests)
+    errors = []
+    for lean in (True, False):
+        async with Transport(credentials=NO_DOCKER, lean_get=lean, lean_head=False) as t:
+            source = RegistryV2Source(t)
+            for name in names:
+                manifest = await source.fetch_manifest(Reference.parse(seeded.ref(name)))
+                assert str(manifest.digest) == seeded.digests[name]
+            with pytest.raises(NotFoundError) as exc:
+                await source.fetch_manifest(Reference.parse(seeded.ref("t/schema2:no-such-tag")))
+            errors.append(str(exc.value))
+            assert t.lean_connections == (1 if lean else 0)
+            assert t.requests == len(names) + 1
+    assert errors[0] == errors[1]
+    assert "MANIFEST_UNKNOWN" in errors[0] and "\n" not in errors[0]
+
+
 async def test_pull_through_the_engine_uses_the_lean_path(seeded: Seeded, tmp_path: Path) -> None:
     async with Transport(credentials=NO_DOCKER) as t:
         engine = Engine(Layout.open(tmp_path / "c"), limits=t.limits)

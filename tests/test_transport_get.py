@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -557,3 +559,50 @@ async def test_a_connection_closed_between_requests_is_not_an_error(
         for _ in range(4):
             assert await fetch(t, lb) == LAYER
         assert t.lean_connections >= 2
+
+
+class Recorded:
+    """TransportEvents that keep every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def response(self, host: str, method: str, status: str) -> None:
+        self.calls.append(("response", method, status))
+
+    def retry(self, host: str) -> None:
+        self.calls.append(("retry",))
+
+    def rate_limit_wait(self, host: str, seconds: float) -> None:
+        self.calls.append(("rate_limit_wait",))
+
+
+async def test_events_log_lines_and_counts_are_those_of_aiohttps_path(
+    loopback: Callable[[Handler], Awaitable[Loopback]], caplog: pytest.LogCaptureFixture
+) -> None:
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"
+    seen = []
+    for lean in (True, False):
+        first = [True]
+
+        async def handle(n: int, req: bytes, w: asyncio.StreamWriter, first: list[bool] = first) -> bool:
+            w.write(busy if first else ok(LAYER))
+            first.clear()
+            return True
+
+        lb = await loopback(handle)
+        events = Recorded()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mirror.transport"):
+            async with transport(retry=RetryPolicy(attempts=2, base=0.01, cap=0.01), lean_get=lean) as t:
+                t.events = events
+                assert await fetch(t, lb) == LAYER
+                counts = (t.requests, t.retries, t.lean_connections > 0)
+        lines = [re.sub(r"\d+\.\d+ ?s", "S", r.getMessage()).replace(lb.host, "HOST") for r in caplog.records]
+        seen.append((events.calls, lines, counts[:2]))
+        assert counts[2] == lean
+    assert seen[0] == seen[1]
+    calls, lines, _ = seen[0]
+    assert calls == [("response", "GET", "503"), ("retry",), ("response", "GET", "200")]
+    assert lines[0] == f"GET http://HOST/v2/r/blobs/{LAYER_DIGEST} 503 0 bytes S"
+    assert lines[-1] == f"GET http://HOST/v2/r/blobs/{LAYER_DIGEST} 200 {len(LAYER)} bytes S"

@@ -143,6 +143,10 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.reader: asyncio.Future[None] | None = None
         self.error: Broken | None = None
+        # The idle-read timeout of a body: no byte for this long (reading not paused) breaks it.
+        self.read_timeout = 0.0
+        self.last_data = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
         # A chunked body: bytes left of the current chunk, the line being gathered, where in
         # the body (a size line next, the CRLF after a chunk's data, the trailer).
         self.chunk_left = 0
@@ -157,9 +161,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Gather the header block, then the body as it is delimited; bytes past either: out of step."""
         if self.remaining > 0:
+            self.last_data = _now()
             self._feed(data)
             return
         if self.framing is not None and not self.ended:
+            self.last_data = _now()
             if self.framing == CHUNKED:
                 self._feed_chunked(data)
             else:
@@ -217,6 +223,20 @@ class _Connection(asyncio.Protocol):
                 self._feed(rest)
         elif rest:
             self._push(rest)  # UNTIL_CLOSE
+        if not self.ended and self.read_timeout > 0:
+            self.last_data = _now()
+            self.idle_timer = asyncio.get_running_loop().call_later(self.read_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Break the body when no byte came for the read timeout while reading was not paused; else look again later."""
+        self.idle_timer = None
+        if self.framing is None or self.ended or self.error is not None:
+            return
+        quiet = 0.0 if self.paused else _now() - self.last_data
+        if quiet < self.read_timeout:
+            self.idle_timer = asyncio.get_running_loop().call_later(self.read_timeout - quiet, self._idle_check)
+            return
+        self._break(f"no byte for {self.read_timeout:g} s (read timeout)")
 
     def _feed(self, data: bytes) -> None:
         """Take `data` as the next bytes of a body of known length: at most what it leaves."""
@@ -301,6 +321,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Mark the connection closed; a request waiting for its answer, or a body not yet whole, fails."""
         self.open = False
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(Unusual(f"connection closed: {exc or 'by the server'}"))
         if self.framing is None or self.ended:
@@ -349,6 +372,7 @@ class Body:
         conn.buffered -= len(chunk)
         if conn.paused and conn.buffered < RESUME_BELOW and conn.transport is not None:
             conn.paused = False
+            conn.last_data = _now()  # the idle-read timeout counts from here, not from the pause
             conn.transport.resume_reading()
         return chunk
 
@@ -370,6 +394,9 @@ class Reply:
         """Give the connection back to its pool when the answer was read whole and allows reuse, else close it."""
         conn = self._conn
         conn.waiter = None
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
         whole = (conn.framing is None or conn.ended) and not conn.chunks and conn.error is None
         conn.framing = None
         conn.remaining = 0
@@ -396,11 +423,13 @@ class Pool:
         *,
         user_agent: str,
         connect_timeout: float,
+        read_timeout: float = 0.0,
     ) -> None:
         self.host = host  # to connect to (an IPv6 literal without brackets)
         self.port = port
         self.tls = tls
         self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout  # the longest a body may send no byte (0: no bound but the caller's)
         self._prefix = f" HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {user_agent}\r\n"
         self._idle: list[_Connection] = []
         self.opened = 0  # connections made so far (reuse shows in how few)
@@ -486,6 +515,7 @@ class Pool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise Unusual(f"connect: {exc}") from None
         self.opened += 1
+        conn.read_timeout = self.read_timeout
         return conn
 
     def close(self) -> None:
@@ -494,6 +524,10 @@ class Pool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _closing(conn: _Connection) -> bool:

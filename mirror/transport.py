@@ -557,8 +557,9 @@ class Transport:
 
         A 404 raises NotFoundError, any other failure what `request` raises. The common case
         (no proxy, the registry answering on a kept-alive connection) takes `mirror.http1`'s
-        lean path; anything else (a 401 to answer, a redirect, a broken or closed connection)
-        is sent again through aiohttp, which decides it as for any request.
+        lean path, which decides a 200, a 404 or another error status, and a retryable one
+        (429, 5xx) as its first attempt; a 401 to answer, a redirect, a broken or closed
+        connection are sent again through aiohttp, which decides them as for any request.
         """
         pool = self._pool(host) if self.lean_head and not self._closed else None
         attempts = 0
@@ -568,7 +569,7 @@ class Transport:
                 reply.release()
                 if reply.answer.status == 200:
                     return reply.answer.headers
-                attempts = await self._lean_unexpected(reply, "HEAD", host, path, b"")
+                attempts = await self._lean_unexpected(reply, "HEAD", host, path, (200,), b"")
         async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes, attempts=attempts) as resp:
             return resp.headers
 
@@ -599,7 +600,8 @@ class Transport:
         target = path
         if pool is not None:
             if "/manifests/" in path:
-                await self._wait_rate_limit(host)  # as `_exchange` spaces them
+                # As `_exchange` spaces them (a request sent again through aiohttp waits again).
+                await self._wait_rate_limit(host)
             reply = await self._lean(pool, "GET", host, path, headers, scopes)
             if reply is not None:
                 answer = reply.answer
@@ -632,7 +634,7 @@ class Transport:
                     # the host's own origin), not asked again: a redirect may be one-off.
                     target = urljoin(self.base_url(host) + path, answer.headers["Location"])
                 else:
-                    attempts = await self._lean_unexpected(reply, "GET", host, path, body)
+                    attempts = await self._lean_unexpected(reply, "GET", host, path, expect, body)
         async with self.request(
             "GET", host, target, headers=dict(headers), scopes=scopes, expect=expect, size=size, attempts=attempts
         ) as resp:
@@ -678,18 +680,20 @@ class Transport:
             return b""
         return b"".join(parts)[:ERROR_BODY_LIMIT]
 
-    async def _lean_unexpected(self, reply: Reply, method: str, host: str, path: str, body: bytes) -> int:
+    async def _lean_unexpected(
+        self, reply: Reply, method: str, host: str, path: str, expect: tuple[int, ...], body: bytes
+    ) -> int:
         """Decide an answer on the lean path that is not the one wanted (released); return the attempts it counts as.
 
-        A 401 (an auth round to make), a redirect or a body without a length: 0, the request
-        goes through aiohttp as if the lean path had not been tried. A retryable status (429,
-        5xx): this answer is the first attempt, as in `_exchange` (its back-off and Retry-After
-        kept), not a request sent again at once: 1 after the back-off. Any other status
-        raises what `_exchange` raises for it.
+        A 401 (an auth round to make), a redirect, an expected status with a body this client
+        does not read: 0, the request goes through aiohttp as if the lean path had not been
+        tried. A retryable status (429, 5xx): this answer is the first attempt, as in
+        `_exchange` (its back-off and Retry-After kept), not a request sent again at once: 1
+        after the back-off. Any other status raises what `_exchange` raises for it.
         """
         answer = reply.answer
         status = answer.status
-        if status == 401 or 300 <= status < 400 or status in (200, 206):
+        if status == 401 or 300 <= status < 400 or status in expect:
             return 0
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
@@ -727,7 +731,13 @@ class Transport:
             default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
             authority = parts.netloc.rsplit(":", 1)[0] if default and parts.port else parts.netloc
             pool = Pool(
-                parts.hostname, port, authority, tls, user_agent=USER_AGENT, connect_timeout=self.timeouts.connect
+                parts.hostname,
+                port,
+                authority,
+                tls,
+                user_agent=USER_AGENT,
+                connect_timeout=self.timeouts.connect,
+                read_timeout=self.timeouts.read,
             )
         if len(self._pools) >= HOST_CACHE_LIMIT:
             self._close_pools()

@@ -361,6 +361,26 @@ async def test_a_stalled_body_ends_at_its_deadline(loopback: Callable[[Handler],
     assert len(lb.requests) == 1
 
 
+async def test_a_body_with_no_byte_for_the_read_timeout_breaks_off(
+    loopback: Callable[[Handler], Awaitable[Loopback]],
+) -> None:
+    never = asyncio.Event()
+
+    async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(LAYER)[:-1000])
+        await w.drain()
+        await never.wait()
+        return False
+
+    lb = await loopback(handle)
+    try:
+        async with transport(timeouts=Timeouts(read=0.5)) as t:  # the blob's deadline: 30 s and more
+            with pytest.raises(StreamError, match=r"body broke off: no byte for 0.5 s \(read timeout\)$"):
+                await fetch(t, lb)
+    finally:
+        never.set()
+
+
 async def test_an_abandoned_body_closes_its_connection(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER))

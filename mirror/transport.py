@@ -47,7 +47,7 @@ from mirror.auth import (
 from mirror.credentials import Credential, CredentialStore, registry_key
 from mirror.defaults import DEFAULT_CERTS_DIRS, DEFAULT_RATE_LIMIT_FLOOR, DEFAULT_RETRY
 from mirror.errors import AuthError, NotFoundError, StreamError, TransportError, UnreachableError
-from mirror.http1 import HeadPool, Unusual
+from mirror.http1 import Broken, Pool, Reply, Unusual
 from mirror.limiter import HostLimits
 from mirror.observe import NoEvents, TransportEvents
 from mirror.proxy import Proxy, ProxyConfig, ProxyError
@@ -110,6 +110,16 @@ class Timeouts:
         return self.blob_base + max(size, 0) / self.min_rate
 
 
+@dataclass(frozen=True, slots=True)
+class Got:
+    """An answer `Transport.get` yields: its status and headers, the length they give (None: none), its body."""
+
+    status: int
+    headers: Mapping[str, str]
+    length: int | None
+    chunks: AsyncIterator[bytes]
+
+
 @dataclass(slots=True)
 class _Token:
     value: str = field(repr=False)
@@ -152,6 +162,23 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, what: str) -> byte
         parts.append(chunk)
         got += len(chunk)
         if got > limit:
+            raise TransportError(f"{what}: answer is over the {limit} byte limit")
+    return b"".join(parts)
+
+
+async def read_whole(got: Got, limit: int, what: str) -> bytes:
+    """Return the whole body of an answer `Transport.get` yielded, or raise TransportError past `limit` bytes.
+
+    A length over the limit fails before reading anything, as in `read_body`.
+    """
+    if got.length is not None and got.length > limit:
+        raise TransportError(f"{what}: answer of {got.length} bytes is over the {limit} byte limit")
+    parts: list[bytes] = []
+    got_bytes = 0
+    async for chunk in got.chunks:
+        parts.append(chunk)
+        got_bytes += len(chunk)
+        if got_bytes > limit:
             raise TransportError(f"{what}: answer is over the {limit} byte limit")
     return b"".join(parts)
 
@@ -245,6 +272,7 @@ class Transport:
         clock: Callable[[], float] = time.monotonic,
         env: Mapping[str, str] | None = None,
         lean_head: bool = True,
+        lean_get: bool = True,
     ) -> None:
         self.hosts = dict(hosts or {})
         # The environment's proxies (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), read once. Not
@@ -277,10 +305,13 @@ class Transport:
         self.token_requests = 0
         self.retries = 0
         self.events: TransportEvents = NoEvents()
-        # `head`'s own keep-alive connections per host (None: the host's requests need aiohttp's path).
+        # The lean path's own keep-alive connections per host, for `head` and `get` (None: the
+        # host's requests need aiohttp's path), and the hosts whose GETs do not take it (redirected).
         self.lean_head = lean_head
-        self._head_pools: dict[str, HeadPool | None] = {}
-        self._head_opened = 0  # by pools closed since
+        self.lean_get = lean_get
+        self._pools: dict[str, Pool | None] = {}
+        self._aiohttp_gets: set[str] = set()
+        self._lean_opened = 0  # by pools closed since
 
     def __repr__(self) -> str:
         return f"Transport(hosts={sorted(self.hosts)}, requests={self.requests})"
@@ -312,7 +343,7 @@ class Transport:
     async def close(self) -> None:
         """Close the session and its connections; requests fail until the next `async with`."""
         self._closed = True
-        self._close_head_pools()
+        self._close_pools()
         if self._session is not None:
             await self._session.close()
 
@@ -506,7 +537,7 @@ class Transport:
         resp = await self._exchange(
             method, host, url, path, dict(headers or {}), scopes, expect, make, replayable, attempts
         )
-        deadline = self._deadline(size, resp)
+        deadline = self._deadline(size, resp.content_length)
         try:
             async with asyncio.timeout(deadline):
                 try:
@@ -525,68 +556,169 @@ class Transport:
         """HEAD `path` on `host` with auth and retries, as `request` does; return the headers of its 200 answer.
 
         A 404 raises NotFoundError, any other failure what `request` raises. The common case
-        (no proxy, the registry answering 200 or 404 on a kept-alive connection) takes
-        `mirror.http1`'s lean path; anything else (a 401 to answer, a redirect, an error, a
-        broken or closed connection) is sent again through aiohttp, which decides it as for
-        any request.
+        (no proxy, the registry answering on a kept-alive connection) takes `mirror.http1`'s
+        lean path, which decides a 200, a 404 or another error status, and a retryable one
+        (429, 5xx) as its first attempt; a 401 to answer, a redirect, a broken or closed
+        connection are sent again through aiohttp, which decides them as for any request.
         """
-        pool = self._head_pool(host) if self.lean_head and not self._closed else None
+        pool = self._pool(host) if self.lean_head and not self._closed else None
         attempts = 0
         if pool is not None:
-            auth = await self._authorization(host, scopes)
-            sent = (*headers, ("Authorization", auth)) if auth else headers
-            t0 = time.monotonic()
-            try:
-                answer = await pool.head(path, sent, self.timeouts.first_byte)
-            except Unusual:
-                answer = None
-            if answer is not None and answer.status in (200, 404):
-                status = answer.status
-                self.requests += 1
-                self.events.response(host, "HEAD", str(status))
-                if log.isEnabledFor(logging.DEBUG):
-                    secs = time.monotonic() - t0
-                    size = answer.headers.get("Content-Length", "?")
-                    log.debug("HEAD %s %d %s bytes %.3fs", safe_url(self.base_url(host) + path), status, size, secs)
-                self.limits.observe(host, status)
-                self._note_rate_limit(host, answer.headers)
-                if status == 404:  # as `_raise_for` says it: an answer to HEAD has no error body
-                    where = _where("HEAD", host, path)
-                    raise NotFoundError(f"{where}: not found ({answer.reason})", status=404, body=answer.reason)
-                return answer.headers
-            if answer is not None and answer.status in RETRY_STATUSES:
-                # An overloaded or failing registry: this answer is the first attempt, as in
-                # `_exchange` (its back-off and Retry-After kept), not a request sent again at once.
-                status = answer.status
-                self.requests += 1
-                self.events.response(host, "HEAD", str(status))
-                self.limits.observe(host, status)
-                self._note_rate_limit(host, answer.headers)
-                retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
-                delay = self._delay(host, 0, status, retry_after)
-                where = _where("HEAD", host, path)
-                if delay is None:
-                    raise TransportError(f"{where}: HTTP {status} {answer.reason}", status=status, body=answer.reason)
-                log.info("%s: HTTP %d, retry %d/%d in %.2f s", where, status, 1, self.retry.attempts, delay)
-                await asyncio.sleep(delay)
-                attempts = 1
+            reply = await self._lean(pool, "HEAD", host, path, headers, scopes)
+            if reply is not None:
+                reply.release()
+                if reply.answer.status == 200:
+                    return reply.answer.headers
+                attempts = await self._lean_unexpected(reply, "HEAD", host, path, (200,), b"")
         async with self.request("HEAD", host, path, headers=dict(headers), scopes=scopes, attempts=attempts) as resp:
             return resp.headers
 
-    @property
-    def head_connections(self) -> int:
-        """Return how many connections `head`'s lean path has opened so far (kept-alive reuse shows in how few)."""
-        return sum(p.opened for p in self._head_pools.values() if p is not None) + self._head_opened
+    @asynccontextmanager
+    async def get(
+        self,
+        host: str,
+        path: str,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        scopes: tuple[str, ...] = (),
+        expect: tuple[int, ...] = (200,),
+        size: int | None = None,
+    ) -> AsyncIterator[Got]:
+        """GET `path` on `host` as `request` does; yield the answer with an expected status, its body as chunks.
 
-    def _head_pool(self, host: str) -> HeadPool | None:
-        """Return `head`'s connections to `host`, made on first use; None when its requests need aiohttp's path.
+        Auth, retries, redirects, deadlines (`size` as in `request`) and errors are those of
+        `request`; errors while the body is read become StreamError (the caller may resume).
+        The common case (no proxy, an expected status with a `Content-Length`, on a kept-alive
+        connection) takes `mirror.http1`'s lean path. A 401 to answer, a body in a transfer
+        coding it does not read, a broken or closed connection: the request is sent again
+        through aiohttp; a redirect is followed through aiohttp (and the host's GETs take
+        aiohttp's path from then on). A retryable status (429, 5xx) on the lean path is the
+        first attempt, as in `head`.
+        """
+        pool = self._pool(host) if self.lean_get and not self._closed and host not in self._aiohttp_gets else None
+        attempts = 0
+        target = path
+        if pool is not None:
+            if "/manifests/" in path:
+                # As `_exchange` spaces them (a request sent again through aiohttp waits again).
+                await self._wait_rate_limit(host)
+            reply = await self._lean(pool, "GET", host, path, headers, scopes)
+            if reply is not None:
+                answer = reply.answer
+                if answer.status in expect and reply.body is not None:
+                    deadline = self._deadline(size, reply.length)
+                    try:
+                        async with asyncio.timeout(deadline):
+                            try:
+                                yield Got(answer.status, answer.headers, reply.length, reply.body)
+                            except Broken as exc:
+                                raise StreamError(f"{_where('GET', host, path)}: body broke off: {exc}") from None
+                    except TimeoutError:
+                        where = _where("GET", host, path)
+                        msg = f"{where}: the answer did not arrive whole within {deadline:.0f} s (deadline)"
+                        raise StreamError(msg) from None
+                    finally:
+                        reply.release()
+                    return
+                redirect = answer.status in (301, 302, 303, 307, 308) and "Location" in answer.headers
+                if redirect or answer.status in expect:
+                    # Redirected (blobs to their storage), or a body in a transfer coding this
+                    # client does not read: this host's GETs go through aiohttp from now on.
+                    if len(self._aiohttp_gets) >= HOST_CACHE_LIMIT:
+                        self._aiohttp_gets.clear()
+                    self._aiohttp_gets.add(host)
+                body = await self._small_body(reply) if answer.status not in expect else b""
+                reply.release()
+                if redirect:
+                    # Followed as `_send` follows one (sent as written; credentials only to
+                    # the host's own origin), not asked again: a redirect may be one-off.
+                    target = urljoin(self.base_url(host) + path, answer.headers["Location"])
+                else:
+                    attempts = await self._lean_unexpected(reply, "GET", host, path, expect, body)
+        async with self.request(
+            "GET", host, target, headers=dict(headers), scopes=scopes, expect=expect, size=size, attempts=attempts
+        ) as resp:
+            yield Got(resp.status, resp.headers, resp.content_length, body_chunks(resp))
+
+    async def _lean(
+        self, pool: Pool, method: str, host: str, path: str, headers: Sequence[tuple[str, str]], scopes: tuple[str, ...]
+    ) -> Reply | None:
+        """Send one request on the lean path and count its answer as `_exchange` does; None: send it through aiohttp."""
+        auth = await self._authorization(host, scopes)
+        sent = (*headers, ("Authorization", auth)) if auth else headers
+        t0 = time.monotonic()
+        try:
+            reply = await pool.request(method, path, sent, self.timeouts.first_byte)
+        except Unusual:
+            return None
+        answer = reply.answer
+        status = answer.status
+        self.requests += 1
+        self.events.response(host, method, str(status))
+        if log.isEnabledFor(logging.DEBUG):  # `mirror -v`: as `_open` logs an answer
+            size = answer.headers.get("Content-Length", "?")
+            secs = time.monotonic() - t0
+            log.debug("%s %s %d %s bytes %.3fs", method, safe_url(self.base_url(host) + path), status, size, secs)
+        self.limits.observe(host, status)
+        self._note_rate_limit(host, answer.headers)
+        return reply
+
+    async def _small_body(self, reply: Reply) -> bytes:
+        """Return the body of an error answer on the lean path when it is small (its message), else b"" (not read)."""
+        if reply.body is None or (reply.length or 0) > ERROR_BODY_LIMIT:
+            return b""
+        parts: list[bytes] = []
+        got = 0
+        try:
+            async with asyncio.timeout(self.timeouts.document):
+                async for chunk in reply.body:
+                    parts.append(chunk)
+                    got += len(chunk)
+                    if got >= ERROR_BODY_LIMIT:
+                        break  # the rest is not needed: the connection is closed, not reused
+        except (Broken, TimeoutError):
+            return b""
+        return b"".join(parts)[:ERROR_BODY_LIMIT]
+
+    async def _lean_unexpected(
+        self, reply: Reply, method: str, host: str, path: str, expect: tuple[int, ...], body: bytes
+    ) -> int:
+        """Decide an answer on the lean path that is not the one wanted (released); return the attempts it counts as.
+
+        A 401 (an auth round to make), a redirect, an expected status with a body this client
+        does not read: 0, the request goes through aiohttp as if the lean path had not been
+        tried. A retryable status (429, 5xx): this answer is the first attempt, as in
+        `_exchange` (its back-off and Retry-After kept), not a request sent again at once: 1
+        after the back-off. Any other status raises what `_exchange` raises for it.
+        """
+        answer = reply.answer
+        status = answer.status
+        if status == 401 or 300 <= status < 400 or status in expect:
+            return 0
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(answer.headers.get("Retry-After"), time.time())
+            delay = self._delay(host, 0, status, retry_after)
+            if delay is not None:
+                where = _where(method, host, path)
+                log.info("%s: HTTP %d, retry %d/%d in %.2f s", where, status, 1, self.retry.attempts, delay)
+                await asyncio.sleep(delay)
+                return 1
+        raise _refusal(status, answer.reason, answer.headers, body, method, host, path, 1, sent_basic=False)
+
+    @property
+    def lean_connections(self) -> int:
+        """Return how many connections the lean path (`head`, `get`) has opened so far (reuse shows in how few)."""
+        return sum(p.opened for p in self._pools.values() if p is not None) + self._lean_opened
+
+    def _pool(self, host: str) -> Pool | None:
+        """Return the lean path's connections to `host`, made on first use; None when its requests need aiohttp's path.
 
         That is: a proxy applies (or an unusable proxy setting, reported by aiohttp's path), or
         the host's URL or TLS settings are ones aiohttp's path reports on.
         """
-        if host in self._head_pools:
-            return self._head_pools[host]
-        pool: HeadPool | None = None
+        if host in self._pools:
+            return self._pools[host]
+        pool: Pool | None = None
         url = self.base_url(host)
         try:
             proxied = self.proxy_for(url + "/v2/") is not None
@@ -598,26 +730,32 @@ class Transport:
         if not proxied and parts.hostname and (tls is None or isinstance(tls, ssl.SSLContext)):
             default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
             authority = parts.netloc.rsplit(":", 1)[0] if default and parts.port else parts.netloc
-            pool = HeadPool(
-                parts.hostname, port, authority, tls, user_agent=USER_AGENT, connect_timeout=self.timeouts.connect
+            pool = Pool(
+                parts.hostname,
+                port,
+                authority,
+                tls,
+                user_agent=USER_AGENT,
+                connect_timeout=self.timeouts.connect,
+                read_timeout=self.timeouts.read,
             )
-        if len(self._head_pools) >= HOST_CACHE_LIMIT:
-            self._close_head_pools()
-        self._head_pools[host] = pool
+        if len(self._pools) >= HOST_CACHE_LIMIT:
+            self._close_pools()
+        self._pools[host] = pool
         return pool
 
-    def _close_head_pools(self) -> None:
-        for old in self._head_pools.values():
+    def _close_pools(self) -> None:
+        for old in self._pools.values():
             if old is not None:
-                self._head_opened += old.opened
+                self._lean_opened += old.opened
                 old.close()
-        self._head_pools.clear()
+        self._pools.clear()
 
-    def _deadline(self, size: int | None, resp: aiohttp.ClientResponse) -> float:
-        """Return the seconds the body of `resp` may take: a document's, or a blob's by its size."""
+    def _deadline(self, size: int | None, length: int | None) -> float:
+        """Return the seconds a body of `length` bytes (None: unsaid) may take: a document's, or a blob's by size."""
         if size is None:
             return self.timeouts.document
-        known = max(size, resp.content_length or 0)
+        known = max(size, length or 0)
         if known <= 0 and size < 0:
             known = UNKNOWN_BLOB_SIZE
         return self.timeouts.blob(known)
@@ -932,19 +1070,37 @@ class Transport:
                 body = b"" if method == "HEAD" else await _read_prefix(resp, ERROR_BODY_LIMIT)
         except (aiohttp.ClientError, TimeoutError):
             body = b""
-        msg = registry_error_message(body) or resp.reason or ""
-        where = _where(method, host, path)
         resp.release()
-        if resp.status == 404:
-            raise NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
-        if resp.status in (401, 403):
-            what = "credentials refused" if sent_basic and resp.status == 401 else "access denied"
-            token_error = [c.error for c in parse_challenges(resp.headers.get("WWW-Authenticate", "")) if c.error]
-            if token_error:
-                msg += f"; token: {token_error[0]}"
-            raise AuthError(f"{where}: {what} ({resp.status} {msg})", status=resp.status, body=msg)
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        raise TransportError(f"{where}: HTTP {resp.status} {msg}{tries}", status=resp.status, body=msg)
+        raise _refusal(
+            resp.status, resp.reason or "", resp.headers, body, method, host, path, attempts, sent_basic=sent_basic
+        )
+
+
+def _refusal(
+    status: int,
+    reason: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    method: str,
+    host: str,
+    path: str,
+    attempts: int,
+    *,
+    sent_basic: bool,
+) -> TransportError:
+    """Return the error of a final answer with an unwanted `status`: the registry's own message, or its reason."""
+    msg = registry_error_message(body) or reason
+    where = _where(method, host, path)
+    if status == 404:
+        return NotFoundError(f"{where}: not found ({msg})", status=404, body=msg)
+    if status in (401, 403):
+        what = "credentials refused" if sent_basic and status == 401 else "access denied"
+        token_error = [c.error for c in parse_challenges(headers.get("WWW-Authenticate", "")) if c.error]
+        if token_error:
+            msg += f"; token: {token_error[0]}"
+        return AuthError(f"{where}: {what} ({status} {msg})", status=status, body=msg)
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    return TransportError(f"{where}: HTTP {status} {msg}{tries}", status=status, body=msg)
 
 
 def _where(method: str, host: str, path: str) -> str:

@@ -46,8 +46,8 @@ async def test_lean_heads_answer_as_aiohttp_does_over_one_connection(seeded: See
                 got = await head(lean, seeded.ref(name))
                 assert str(got) == seeded.digests[name]
                 assert got == await head(full, seeded.ref(name))
-        assert lean.head_connections == 1  # one kept-alive connection carried every HEAD
-        assert full.head_connections == 0
+        assert lean.lean_connections == 1  # one kept-alive connection carried every HEAD
+        assert full.lean_connections == 0
         assert lean.requests == full.requests == 3 * len(names)
 
 
@@ -56,10 +56,10 @@ async def test_concurrent_heads_share_a_few_connections(seeded: Seeded) -> None:
     async with Transport(credentials=NO_DOCKER) as t:
         got = await asyncio.gather(*(head(t, seeded.ref(n)) for n in names))
         assert [str(d) for d in got] == [seeded.digests[n] for n in names]
-        assert 1 <= t.head_connections <= len(names)
-        opened = t.head_connections
+        assert 1 <= t.lean_connections <= len(names)
+        opened = t.lean_connections
         await asyncio.gather(*(head(t, seeded.ref(n)) for n in names[:opened]))
-        assert t.head_connections == opened  # as many idle as were needed: all reused
+        assert t.lean_connections == opened  # as many idle as were needed: all reused
 
 
 async def test_a_missing_tag_is_the_same_error_either_way(seeded: Seeded) -> None:
@@ -70,7 +70,7 @@ async def test_a_missing_tag_is_the_same_error_either_way(seeded: Seeded) -> Non
             with pytest.raises(NotFoundError) as exc:
                 await head(t, ref)
             errors.append(str(exc.value))
-            assert t.head_connections == (1 if lean else 0)
+            assert t.lean_connections == (1 if lean else 0)
     assert errors[0] == errors[1]
     assert "not found" in errors[0] and "\n" not in errors[0]
 
@@ -87,7 +87,7 @@ async def test_bearer_tokens_go_on_the_lean_path_after_the_first_challenge(
         assert want is not None
         for _ in range(4):
             assert await head(t, bearer.ref("team/app:1")) == want  # the same image, pushed twice
-        assert t.head_connections == 1
+        assert t.lean_connections == 1
         assert len([r for r in issuer.requests if r.user == "alice"]) == 1  # one token, reused
         before = t.requests
         await head(t, bearer.ref("team/app:1"))
@@ -118,7 +118,7 @@ async def test_lean_heads_over_tls_with_a_client_certificate(
         assert want is not None
         for _ in range(3):
             assert await head(lean, tls_registry.ref) == want
-        assert lean.head_connections == 1
+        assert lean.lean_connections == 1
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ async def test_a_proxy_keeps_heads_on_aiohttps_path(
     tinyproxy.clear()
     async with through(host, tinyproxy.url) as t:
         assert str(await head(t, seeded.ref("t/oci:1"))) == seeded.digests["t/oci:1"]
-        assert t.head_connections == 0
+        assert t.lean_connections == 0
     assert ("HEAD", f"http://{host}/v2/t/oci/manifests/1") in tinyproxy.requests()
 
 

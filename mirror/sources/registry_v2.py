@@ -23,7 +23,7 @@ from mirror.manifest import (
 )
 from mirror.reference import Reference, is_repository, is_tag
 from mirror.sources.base import BlobBody
-from mirror.transport import Transport, body_chunks, read_body
+from mirror.transport import Transport, read_body, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ MAX_PAGES = 1000
 # Names a list holds that the reference grammar refuses are skipped, one warning each up to this many.
 MAX_NAME_WARNINGS = 20
 
-_ACCEPT = (("Accept", ACCEPT),)  # a manifest HEAD's own headers
+_ACCEPT = (("Accept", ACCEPT),)  # a manifest HEAD's and GET's own headers
 _LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _CONTENT_RANGE = re.compile(r"^(?:bytes\s+)?(\d+)-(\d+)/(\d+|\*)$")
 
@@ -77,15 +77,13 @@ class RegistryV2Source:
     async def fetch_manifest(self, ref: Reference) -> Manifest:
         """GET the manifest `ref` selects, with every type in Accept; check its digest."""
         path = f"/v2/{ref.repository}/manifests/{quote(ref.selector, safe=':')}"
-        async with self.transport.request(
-            "GET", ref.api_host, path, headers={"Accept": ACCEPT}, scopes=(pull_scope(ref.repository),)
-        ) as resp:
+        async with self.transport.get(ref.api_host, path, headers=_ACCEPT, scopes=(pull_scope(ref.repository),)) as got:
             try:
-                raw = await read_body(resp, MAX_MANIFEST_BYTES, f"{ref}: manifest")
+                raw = await read_whole(got, MAX_MANIFEST_BYTES, f"{ref}: manifest")
             except TransportError as exc:
                 raise ManifestError(str(exc)) from None
-            media_type = resp.headers.get("Content-Type", "")
-            header = resp.headers.get("Docker-Content-Digest")
+            media_type = got.headers.get("Content-Type", "")
+            header = got.headers.get("Docker-Content-Digest")
         expected = ref.digest
         if expected is None and header:
             try:
@@ -107,24 +105,23 @@ class RegistryV2Source:
     @asynccontextmanager
     async def open_blob(self, ref: Reference, desc: Descriptor, offset: int = 0) -> AsyncIterator[BlobBody]:
         """GET a blob (redirects followed without credentials), from `offset` with Range."""
-        headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+        headers = (("Range", f"bytes={offset}-"),) if offset > 0 else ()
         path = f"/v2/{ref.repository}/blobs/{desc.digest}"
-        async with self.transport.request(
-            "GET",
+        async with self.transport.get(
             ref.api_host,
             path,
             headers=headers,
             scopes=(pull_scope(ref.repository),),
             expect=(200, 206),
             size=desc.size - offset if desc.size >= 0 else -1,
-        ) as resp:
+        ) as got:
             start, total = 0, desc.size
-            if resp.status == 206 and "Content-Range" in resp.headers:
-                start, _, whole = parse_content_range(resp.headers["Content-Range"])
+            if got.status == 206 and "Content-Range" in got.headers:
+                start, _, whole = parse_content_range(got.headers["Content-Range"])
                 total = whole if whole is not None else desc.size
-            elif resp.content_length is not None:
-                total = resp.content_length
-            yield BlobBody(body_chunks(resp), start, total)
+            elif got.length is not None:
+                total = got.length
+            yield BlobBody(got.chunks, start, total)
 
     async def _pages(
         self, host: str, first: str, what: str, scopes: tuple[str, ...], accept: str | None = None

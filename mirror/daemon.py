@@ -164,9 +164,9 @@ class _LogView:
 
     def result(self, result: SyncResult) -> None:
         """Count the result; log it when it failed or fetched something."""
-        self.daemon.metrics.images.labels(result.job, result.status).inc()
+        self.daemon.metrics.image(result.job, result.status)
         if result.pushed:
-            self.daemon.metrics.pushes.labels(result.job, result.pushed).inc()
+            self.daemon.metrics.push(result.job, result.pushed)
         if result.status in (FAILED, "ok", "pruned", "deleted") or result.pushed == PUSHED:
             self.daemon.log.event("image", ERROR if result.status == FAILED else INFO, **result.to_json())
 

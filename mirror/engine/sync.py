@@ -404,7 +404,10 @@ class Syncer:
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
         if cached and st is not None and job.immutable and ref.tag and matches_any(ref.tag, job.immutable):
-            image = await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
+            immutable = SyncResult(job.name, key, IMMUTABLE, st.digest)
+            if job.destination is None:  # nothing to publish; referrers are looked up only for a pushed image
+                return await self._done(immutable)
+            image = await self._done(await self._publish(job, ref, immutable))
             await self._referrers_after(job, source, ref, image, None)
             return image
         if self.stopping.is_set():
@@ -429,6 +432,8 @@ class Syncer:
                     if job.referrers:
                         found = await self._signature_check(job, source, ref, Digest.parse(st.digest))
                 unchanged = SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0)
+                if job.destination is None and found is None:  # the common no-op: nothing to publish or report
+                    return await self._done(unchanged)
                 image = await self._done(await self._publish(job, ref, unchanged))
                 await self._referrers_after(job, source, ref, image, found)
                 return image

@@ -364,7 +364,8 @@ class Syncer:
                 gone = [str(r) for r in cached if r.tag not in upstream]
                 del listed, upstream  # not kept for the whole run: ~100 bytes a tag
             self.observer.job_grew(job.name, len(wanted) + len(gone))
-            self.planned(job, [f"{base.name}:{t}" for t in wanted])  # str(base.with_tag(t))
+            if isinstance(self.observer, PlanObserver):  # a name per tag only for an observer that keeps them
+                self.observer.planned(job.name, [f"{base.name}:{t}" for t in wanted])  # str(base.with_tag(t))
             # A Reference per tag only while the tag is in flight (drawn as the window frees a place).
             tags = (self._tag(job, source, base.with_tag(t)) for t in wanted)
             results = await fan_out(tags, self.tags_window)

@@ -44,7 +44,7 @@ CANCELLED = "cancelled"  # not started: the process is stopping
 
 WINDOW_FACTOR = 4  # tags in flight per unit of the engine's concurrency
 
-E = TypeVar("E", "SyncResult", "SyncResult | str")
+_E = TypeVar("_E", "SyncResult", "SyncResult | str")
 
 
 @runtime_checkable
@@ -312,7 +312,7 @@ class Syncer:
         self._dropped.add(result, keep=False)
         return result.status
 
-    async def _guard(self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[E]]]) -> list[E]:
+    async def _guard(self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[_E]]]) -> list[_E]:
         """Run `work`; a MirrorError becomes one failed result for `name`."""
         t0 = time.monotonic()
         try:

@@ -484,8 +484,21 @@ async def test_a_run_keeps_its_failures_and_counts_not_every_result(tmp_path: Pa
                 _, runs[keep_all] = await sync(engine, state, pairs, keep_all=keep_all)
                 [recorded] = await state.runs(1)
             assert (recorded.images, recorded.failed, recorded.bytes) == (7, 4, runs[keep_all].bytes)
+        # The command line shows the same lines and summary whether or not it keeps every result (`--report`).
+        shown = {}
+        for keep_all in (True, False):
+            cfg_path = tmp_path / f"again-{keep_all}.toml"
+            cfg_path.write_text(f'[cache]\npath = "{tmp_path / f"cache-{keep_all}"}"\n{jobs}')
+            extra = ["--report", str(tmp_path / "report.json")] if keep_all else []
+            res = mirror("sync", "-c", str(cfg_path), "--json", *extra)
+            lines = [json.loads(line) for line in res.stdout.splitlines() + res.stderr.splitlines()]
+            for e in lines:
+                e.pop("time"), e.pop("seconds", None)
+            shown[keep_all] = (res.returncode, sorted(json.dumps(e, sort_keys=True) for e in lines))
     finally:
         s.registry.stop()
+    assert shown[True] == shown[False] and shown[False][0] == 1
+    assert sum('"event": "summary"' in line and '"unchanged": 3' in line for line in shown[False][1]) == 1
     every, lean = runs[True], runs[False]
     assert len(every.results) == every.total == lean.total == 7
     assert [r.status for r in lean.results] == ["failed"] * 4  # the three images not there, and the dead registry

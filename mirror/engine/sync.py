@@ -208,7 +208,7 @@ class PlanObserver(Protocol):
         """The run is recorded in the state under `run` (0: a dry run, not recorded)."""
 
     def planned(self, job: str, references: Sequence[str]) -> None:
-        """`references` of `job` are wanted; each gets a result unless the run is cancelled first."""
+        """`references` of `job` (one repository's) are wanted; each gets a result unless the run is cancelled."""
 
 
 class NoObserver:

@@ -35,7 +35,7 @@ from mirror.config import Config, JobConfig
 from mirror.daemon_gc import DaemonGc, DaemonVerify
 from mirror.engine.copy import FAILED, Engine, Stats
 from mirror.engine.publish import PUSHED
-from mirror.engine.sync import CANCELLED, SyncResult, summarize, sync
+from mirror.engine.sync import CANCELLED, SyncResult, SyncRun, sync
 from mirror.errors import ExitStatus, MirrorError, UsageError
 from mirror.metrics import CONTENT_TYPE, JobGauge, Metrics
 from mirror.progress import ERROR, INFO, WARNING, JsonLog, JsonProgress, iso_seconds
@@ -132,21 +132,20 @@ def _same_work(a: JobConfig, b: JobConfig) -> bool:
     return a.source == b.source and dataclasses.replace(a.spec, name=b.spec.name) == b.spec
 
 
-def outcome_of(results: list[SyncResult]) -> str:
+def outcome_of(results: SyncRun) -> str:
     """Return `ok`, `failed` (some image failed), `unreachable` (nothing reached) or `cancelled`."""
-    failed = [r for r in results if r.status == FAILED]
-    if any(r.status == CANCELLED for r in results):
+    if results.counts.get(CANCELLED):
         return "cancelled"
-    if not failed:
+    if not results.counts.get(FAILED):
         return "ok"
-    if len(failed) == len(results) and all(r.error.startswith("cannot reach") for r in failed):
+    if results.unreachable:
         return "unreachable"
     return "failed"
 
 
-def failure_reason(results: list[SyncResult]) -> str:
+def failure_reason(results: SyncRun) -> str:
     """Return why a run failed, for /status and the log: the first failure's error, and how many more; or ``."""
-    failed = [r for r in results if r.status == FAILED]
+    failed = results.failed
     if not failed:
         return ""
     first = failed[0]
@@ -165,9 +164,9 @@ class _LogView:
 
     def result(self, result: SyncResult) -> None:
         """Count the result; log it when it failed or fetched something."""
-        self.daemon.metrics.images.labels(result.job, result.status).inc()
+        self.daemon.metrics.image(result.job, result.status)
         if result.pushed:
-            self.daemon.metrics.pushes.labels(result.job, result.pushed).inc()
+            self.daemon.metrics.push(result.job, result.pushed)
         if result.status in (FAILED, "ok", "pruned", "deleted") or result.pushed == PUSHED:
             self.daemon.log.event("image", ERROR if result.status == FAILED else INFO, **result.to_json())
 
@@ -556,7 +555,7 @@ class Daemon:
                 observer=_LogView(self),
                 publisher=rt.cfg.publisher(rt.engine, rt.transport),
             )
-            outcome, counts, error = outcome_of(results), summarize(results), failure_reason(results)
+            outcome, counts, error = outcome_of(results), results.counts, failure_reason(results)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise

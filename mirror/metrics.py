@@ -129,6 +129,8 @@ class Metrics:
             registry=r,
         )
         self._requests: dict[tuple[str, str, str], Counter] = {}
+        self._images: dict[tuple[str, str], Counter] = {}
+        self._pushes: dict[tuple[str, str], Counter] = {}
         r.register(_EngineCollector(stats))
         r.register(_JobCollector(jobs))
 
@@ -140,6 +142,22 @@ class Metrics:
         child = self._requests.get(key)
         if child is None:
             child = self._requests[key] = self.requests.labels(host, method, status)
+        child.inc()
+
+    def image(self, job: str, status: str) -> None:
+        """Count one reference of `job` done with `status` (a sync run counts one per tag)."""
+        key = (job, status)
+        child = self._images.get(key)
+        if child is None:
+            child = self._images[key] = self.images.labels(job, status)
+        child.inc()
+
+    def push(self, job: str, status: str) -> None:
+        """Count one image of `job` published with push status `status`."""
+        key = (job, status)
+        child = self._pushes.get(key)
+        if child is None:
+            child = self._pushes[key] = self.pushes.labels(job, status)
         child.inc()
 
     def retry(self, host: str) -> None:

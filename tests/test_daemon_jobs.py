@@ -79,8 +79,8 @@ async def run_sync(path: Path, *, dry_run: bool = False) -> list[SyncResult]:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
         pairs = [(j.spec, j.build_source(transport)) for j in cfg.jobs]
         assert all(isinstance(s, DaemonJobSource) for _, s in pairs)
-        _, results = await sync(engine, state, pairs, dry_run=dry_run)
-    return results
+        _, run = await sync(engine, state, pairs, dry_run=dry_run, keep_all=True)
+    return run.results
 
 
 def statuses(results: list[SyncResult]) -> dict[str, str]:

@@ -418,11 +418,11 @@ async def test_a_head_without_digest_costs_one_get_not_a_copy(seeded: Seeded, tm
     try:
         async with Transport() as transport, await StateDB.open(cache) as state:
             engine = Engine(layout, limits=transport.limits)
-            _, first = await sync(engine, state, [(job, RegistryV2Source(transport))])
+            first = (await sync(engine, state, [(job, RegistryV2Source(transport))], keep_all=True))[1].results
             assert [r.status for r in first] == ["ok", "ok"], [r.error for r in first]
             before = (cache / "index.json").stat()
             proxy.log.clear()
-            _, again = await sync(engine, state, [(job, RegistryV2Source(transport))])
+            again = (await sync(engine, state, [(job, RegistryV2Source(transport))], keep_all=True))[1].results
     finally:
         await proxy.stop()
     assert [r.status for r in again] == ["unchanged", "unchanged"], [r.error for r in again]

@@ -350,8 +350,12 @@ def test_sync_stops_on_sigterm_and_reports(slow: Slow, tmp_path: Path) -> None:
     assert slow.partial(cache).stat().st_size < len(slow.big.blob)
 
 
-def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_path: Path) -> None:
-    """SIGINT mid-run: the report lists every planned image (unfinished ones `cancelled`), the run and counts."""
+@pytest.mark.parametrize("with_report", [True, False])
+def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_path: Path, with_report: bool) -> None:
+    """SIGINT mid-run: the report lists every planned image (unfinished ones `cancelled`), the run and counts.
+
+    Without a report no result is kept whole, only counted: the summary counts the same entries.
+    """
     cache, report = tmp_path / "cache", tmp_path / "report.json"
     cfg = tmp_path / "mirror.toml"
     # A second job's registry accepts connections and never answers: its tags are never listed.
@@ -369,7 +373,8 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
     with (
         mute,
         subprocess.Popen(
-            [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--report", str(report), "--json"],
+            [sys.executable, "-m", "mirror", "sync", "-c", str(cfg), "--grace", "0", "--json"]
+            + (["--report", str(report)] if with_report else []),
             stderr=subprocess.PIPE,
             text=True,
             env=env,
@@ -382,6 +387,13 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGINT == 130, err
+    summary = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')][-1]
+    if not with_report:
+        assert not report.exists()
+        assert summary["event"] == "summary" and summary["references"] == 4, summary
+        assert sum(summary["counts"].values()) == 4 and summary["counts"]["cancelled"] >= 2  # big:1 and the mute job
+        assert set(summary["counts"]) <= {"ok", "cancelled"} and summary["exit_code"] == 130
+        return
     doc = json.loads(report.read_text())
     assert doc["interrupted"] == "SIGINT" and doc["exit_code"] == 130
     assert isinstance(doc["run"], int) and doc["run"] > 0
@@ -395,7 +407,6 @@ def test_sync_interrupted_by_sigint_reports_every_planned_image(slow: Slow, tmp_
     for status in images.values():
         counts[status] = counts.get(status, 0) + 1
     assert doc["counts"] == counts
-    summary = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')][-1]
     assert summary["event"] == "summary" and summary["counts"] == counts and summary["references"] == 4
     assert cache_is_consistent(cache) == []
 

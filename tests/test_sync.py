@@ -68,7 +68,8 @@ async def run_sync(path: Path) -> tuple[list[SyncResult], Engine]:
     layout = Layout.open(cfg.cache)
     async with CacheLock(cfg.cache), cfg.transport() as transport, await StateDB.open(cfg.cache) as state:
         engine = Engine(layout, concurrency=cfg.concurrency, per_host=cfg.per_host)
-        _, results = await sync(engine, state, [(j.spec, j.build_source(transport)) for j in cfg.jobs])
+        _, run = await sync(engine, state, [(j.spec, j.build_source(transport)) for j in cfg.jobs], keep_all=True)
+        results = run.results
     return results, engine
 
 
@@ -460,3 +461,49 @@ def test_failures_are_isolated_and_reported(tmp_path: Path) -> None:
         assert res.returncode == 3, res.stderr
     finally:
         s.registry.stop()
+
+
+async def test_a_run_keeps_its_failures_and_counts_not_every_result(tmp_path: Path) -> None:
+    """Unless asked for every result (`--report`), a run returns counts and totals over all, and only the failures."""
+    s = seed_registry(tmp_path / "reg", {"ok/a": {"1": "i1", "2": "i2"}, "ok/b": {"1": "i3"}})
+    try:
+        h, dead = s.host, f"127.0.0.1:{free_port()}"
+        jobs = (
+            f'[[jobs]]\nname = "main"\nsource = {{type = "registry", host = "{h}"}}\n'
+            'repositories = ["ok/a", "ok/b", "no/such"]\ntags = ["1", "2"]\n'
+            f'[[jobs]]\nname = "gone"\nsource = {{type = "registry", host = "{dead}"}}\n'
+            'repositories = ["x/y"]\ntags = ["1"]\n'
+        )
+        runs = {}
+        for keep_all in (True, False):
+            cache = tmp_path / f"cache-{keep_all}"
+            cfg = config.load(write_config(tmp_path, f'[cache]\npath = "{cache}"\n{jobs}'))
+            async with cfg.transport() as transport, await StateDB.open(cfg.cache) as state:
+                engine = Engine(Layout.open(cfg.cache), concurrency=cfg.concurrency, per_host=cfg.per_host)
+                pairs = [(j.spec, j.build_source(transport)) for j in cfg.jobs]
+                _, runs[keep_all] = await sync(engine, state, pairs, keep_all=keep_all)
+                [recorded] = await state.runs(1)
+            assert (recorded.images, recorded.failed, recorded.bytes) == (7, 4, runs[keep_all].bytes)
+        # The command line shows the same lines and summary whether or not it keeps every result (`--report`).
+        shown = {}
+        for keep_all in (True, False):
+            cfg_path = tmp_path / f"again-{keep_all}.toml"
+            cfg_path.write_text(f'[cache]\npath = "{tmp_path / f"cache-{keep_all}"}"\n{jobs}')
+            extra = ["--report", str(tmp_path / "report.json")] if keep_all else []
+            res = mirror("sync", "-c", str(cfg_path), "--json", *extra)
+            lines = [json.loads(line) for line in res.stdout.splitlines() + res.stderr.splitlines()]
+            for e in lines:
+                e.pop("time"), e.pop("seconds", None)
+            shown[keep_all] = (res.returncode, sorted(json.dumps(e, sort_keys=True) for e in lines))
+    finally:
+        s.registry.stop()
+    assert shown[True] == shown[False] and shown[False][0] == 1
+    assert sum('"event": "summary"' in line and '"unchanged": 3' in line for line in shown[False][1]) == 1
+    every, lean = runs[True], runs[False]
+    assert len(every.results) == every.total == lean.total == 7
+    assert [r.status for r in lean.results] == ["failed"] * 4  # the three images not there, and the dead registry
+    same = [(r.reference, r.error) for r in lean.results]
+    assert same == [(r.reference, r.error) for r in every.failed]  # the same failures, in the same (plan) order
+    assert list(lean.counts.items()) == list(every.counts.items()) == [("ok", 3), ("failed", 4)]
+    assert lean.bytes == every.bytes > 0 and lean.foreign == every.foreign == 0
+    assert not lean.unreachable and lean.failed[-1].error.startswith(f"cannot reach {dead}")

@@ -16,10 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 
-from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, add_foreign, exit_code, load_config
+from mirror.commands.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    add_common,
+    add_foreign,
+    exit_code,
+    load_config,
+)
 from mirror.config import Config, JobConfig
 from mirror.engine.copy import FAILED, Engine, Progress
-from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, summarize, sync
+from mirror.engine.sync import CANCELLED, SyncObserver, SyncResult, SyncRun, summarize, sync
 from mirror.errors import ExitStatus, MirrorError, UsageError, os_reason
 from mirror.progress import (
     ERROR,
@@ -71,31 +79,45 @@ def register(sub: Any) -> None:
 
 
 class _Collect:
-    """A PlanObserver that keeps the run id, every planned reference and every result, and passes results on.
+    """A PlanObserver that keeps the run id and what a stopped run's report and summary need, and passes results on.
 
     A run cancelled by a signal returns nothing: its report is built from what this kept.
+    With `keep_all` (a `--report`) that is every planned reference and every result;
+    otherwise only counts, the failed results, and the planned references still without a
+    result (a set that empties as the run goes on).
     """
 
-    def __init__(self, inner: SyncObserver) -> None:
+    def __init__(self, inner: SyncObserver, *, keep_all: bool = True) -> None:
         self.inner = inner
-        self.results: list[SyncResult] = []
+        self.keep_all = keep_all
+        self.results: list[SyncResult] = []  # keep_all: every result, in the order they came
         self.run_id = 0
-        self._planned: list[tuple[str, str]] = []  # (job, reference), in the order they were planned
+        self._planned: list[tuple[str, str]] = []  # keep_all: (job, reference), in the order they were planned
+        self._tally = SyncRun([], {})  # not keep_all: the counts so far, failures kept
+        self._pending: dict[str, set[str]] = {}  # not keep_all: job -> planned references without a result
+        self._repos: dict[str, set[str]] = {}  # not keep_all: job -> repositories of what it planned or reported
 
     def run_started(self, run: int) -> None:
         """Keep the run id."""
         self.run_id = run
 
     def planned(self, job: str, references: Sequence[str]) -> None:
-        """Keep the names."""
-        self._planned += [(job, r) for r in references]
+        """Keep the names (or, not keeping all, those without a result yet, and their repository)."""
+        if self.keep_all:
+            self._planned += [(job, r) for r in references]
+        elif references:
+            self._pending.setdefault(job, set()).update(references)
+            self._repos.setdefault(job, set()).add(_repo_name(references[0]))  # one call, one repository
 
-    def cancelled_run(self, jobs: list[JobConfig]) -> list[SyncResult]:
+    def cancelled_run(self, jobs: list[JobConfig]) -> SyncRun:
         """Return every result so far, then `cancelled` for each planned reference without one.
 
         A repository the config names whose tags were not listed yet gets one `cancelled`
         entry (`HOST/REPO`), and so does a job stopped before it had listed anything (`HOST`).
+        Not keeping all, the same entries are counted, and only the failed results kept.
         """
+        if not self.keep_all:
+            return self._cancelled_tally(jobs)
         out = list(self.results)
         seen = {(r.job, r.reference) for r in out}
         for job, ref in self._planned:
@@ -105,13 +127,18 @@ class _Collect:
         why = "stopped before its images were listed"
         for j in jobs:
             names = {_repo_name(ref) for job, ref in seen if job == j.name}
-            if not names:
-                out.append(SyncResult(j.name, j.spec.registry, CANCELLED, error=why))
-                continue
-            for repo in j.spec.repositories.names if j.source.type == "registry" else ():
-                where = f"{j.spec.registry}/{repo}"
-                if _repo_name(where) not in names:
-                    out.append(SyncResult(j.name, where, CANCELLED, error=why))
+            for where in _unlisted(j, names):
+                out.append(SyncResult(j.name, where, CANCELLED, error=why))
+        return SyncRun.of(out)
+
+    def _cancelled_tally(self, jobs: list[JobConfig]) -> SyncRun:
+        out = self._tally
+        for job in self._pending.values():
+            for _ in job:
+                out.add(CANCELLED, keep=False)
+        for j in jobs:
+            for _ in _unlisted(j, self._repos.get(j.name, set())):
+                out.add(CANCELLED, keep=False)
         return out
 
     def job_grew(self, job: str, images: int) -> None:
@@ -119,9 +146,26 @@ class _Collect:
         self.inner.job_grew(job, images)
 
     def result(self, result: SyncResult) -> None:
-        """Keep and pass on."""
-        self.results.append(result)
+        """Keep (or count) and pass on."""
+        if self.keep_all:
+            self.results.append(result)
+        else:
+            self._tally.add(result, keep=result.status == FAILED)
+            pending = self._pending.get(result.job)
+            if pending is not None and result.reference in pending:
+                pending.discard(result.reference)  # its repository was kept when it was planned
+            else:
+                self._repos.setdefault(result.job, set()).add(_repo_name(result.reference))
         self.inner.result(result)
+
+
+def _unlisted(job: JobConfig, names: set[str]) -> list[str]:
+    """Return the names a stopped run reports `cancelled` for `job`: itself (`HOST`) when it reached no repository
+    (`names` empty), else each repository the config names outside `names` (`HOST/REPO`)."""
+    if not names:
+        return [job.spec.registry]
+    repos = job.spec.repositories.names if job.source.type == "registry" else ()
+    return [f"{job.spec.registry}/{r}" for r in repos if _repo_name(f"{job.spec.registry}/{r}") not in names]
 
 
 def _repo_name(reference: str) -> str:
@@ -208,11 +252,22 @@ async def run(args: argparse.Namespace) -> int:
         # Downloads are tasks of their own: on the way out, stop any a cancelled run left.
         stack.push_async_callback(engine.abort)
         pairs = [(j.spec, j.build_source(transport)) for j in jobs]
-        collected = _Collect(observer)
+        # Only a report lists every image; the lines and the summary are written as results land, or counted.
+        keep_all = report is not None
+        collected = _Collect(observer, keep_all=keep_all)
         stopping = asyncio.Event()
         publisher = cfg.publisher(engine, transport)  # jobs with a registry destination push through it
         task = asyncio.ensure_future(
-            sync(engine, state, pairs, dry_run=args.dry_run, stopping=stopping, observer=collected, publisher=publisher)
+            sync(
+                engine,
+                state,
+                pairs,
+                dry_run=args.dry_run,
+                stopping=stopping,
+                observer=collected,
+                publisher=publisher,
+                keep_all=keep_all,
+            )
         )
         grace = cfg.daemon.grace if args.grace is None else args.grace
         signalled = _stop_on_signals(task, stopping, grace)
@@ -226,15 +281,22 @@ async def run(args: argparse.Namespace) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)
     secs = time.monotonic() - t0
-    code = exit_code(results) if results else EXIT_OK
+    code = _exit_code(results)
     interrupted = signalled[0].name if signalled else None
     if signalled:
         code = ExitStatus.SIGNAL + signalled[0].value  # the shell's convention for "ended by a signal"
-    doc = report_doc(run_id, started, results, code, args.dry_run, interrupted) if report is not None else None
+    doc = report_doc(run_id, started, results.results, code, args.dry_run, interrupted) if report is not None else None
     code = _summary(log, results, jobs, engine, publisher, secs, code, interrupted)
     if report is not None and doc is not None:
         code = await _write_report(report, doc, code)
     return code
+
+
+def _exit_code(run: SyncRun) -> int:
+    """Return 0 when every image is cached, 3 when no endpoint could be reached, else 1 (as `exit_code`)."""
+    if not run.counts.get(FAILED):
+        return EXIT_OK
+    return EXIT_UNREACHABLE if run.unreachable else EXIT_FAILED
 
 
 async def _run_queued(
@@ -301,7 +363,7 @@ async def _write_report(path: Path, doc: dict[str, Any], code: int) -> int:
 
 def _summary(
     log: JsonLog | None,
-    results: list[SyncResult],
+    results: SyncRun,
     jobs: list[JobConfig],
     engine: Engine,
     publisher: Publisher,
@@ -310,16 +372,16 @@ def _summary(
     interrupted: str | None,
 ) -> int:
     """Print (or log) the run's summary on stderr; return `code`."""
-    counts = summarize(results)
+    counts = results.counts
     s = engine.stats
     mb = s.bytes_fetched / 1e6
     ps = publisher.pusher.stats
-    pushes = sum(1 for r in results if r.pushed)
+    pushes = results.pushes
     if log is not None:
         log.event(
             "summary",
             INFO if code == EXIT_OK else WARNING if interrupted else ERROR,
-            references=len(results),
+            references=results.total,
             jobs=len(jobs),
             counts=counts,
             blobs_fetched=s.blobs_fetched,
@@ -342,7 +404,7 @@ def _summary(
         return code
     parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
     print(
-        f"{len(results)} references in {len(jobs)} jobs: {parts}; blobs fetched {s.blobs_fetched}, "
+        f"{results.total} references in {len(jobs)} jobs: {parts}; blobs fetched {s.blobs_fetched}, "
         f"already present {s.blobs_present}; {mb:.1f} MB in {secs:.2f}s"
         + (
             f"; pushed {ps.blobs_uploaded} blobs ({ps.bytes_uploaded / 1e6:.1f} MB), mounted {ps.blobs_mounted}, "

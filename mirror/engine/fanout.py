@@ -34,10 +34,6 @@ class Window:
         self.running -= 1
         self._free.release()
 
-    def release(self, _task: asyncio.Future[Any]) -> None:
-        """Give back the place of a finished branch (a task's done callback)."""
-        self.leave()
-
 
 async def fan_out(work: Iterable[Coroutine[Any, Any, T]], window: Window | None = None) -> list[T]:
     """Run every coroutine of `work` concurrently and return their results in order.
@@ -69,8 +65,7 @@ async def fan_out(work: Iterable[Coroutine[Any, Any, T]], window: Window | None 
                     if c is None:
                         window.leave()
                         break
-                    task = _start(tg, c, results)
-                    task.add_done_callback(window.release)  # also when cancelled before it started
+                    _start(tg, c, results, window)  # its place is given back when it ends, even cancelled unstarted
     except BaseExceptionGroup as group:
         first: BaseException = group
         while isinstance(first, BaseExceptionGroup):
@@ -79,14 +74,18 @@ async def fan_out(work: Iterable[Coroutine[Any, Any, T]], window: Window | None 
     return results
 
 
-def _start(tg: asyncio.TaskGroup, c: Coroutine[Any, Any, T], results: list[Any]) -> asyncio.Task[T]:
-    """Start `c` in `tg`; its result lands at the next position of `results` when it ends well."""
+def _start(tg: asyncio.TaskGroup, c: Coroutine[Any, Any, T], results: list[Any], window: Window | None = None) -> None:
+    """Start `c` in `tg`; its result lands at the next position of `results` when it ends well.
+
+    One done callback per branch (a tag of a no-op run is little more than its task): it
+    keeps the result and gives the branch's place in `window` back.
+    """
     results.append(None)
-    task = tg.create_task(c)
-    task.add_done_callback(functools.partial(_keep, results, len(results) - 1))
-    return task
+    tg.create_task(c).add_done_callback(functools.partial(_keep, results, len(results) - 1, window))
 
 
-def _keep(results: list[Any], at: int, task: asyncio.Task[Any]) -> None:
+def _keep(results: list[Any], at: int, window: Window | None, task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is None:
         results[at] = task.result()
+    if window is not None:
+        window.leave()

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from mirror.digest import Digest
 from mirror.engine.copy import FAILED, Engine, ImageResult
@@ -43,6 +43,8 @@ PRUNED = "pruned"  # no longer listed upstream, removed from the cache's index
 CANCELLED = "cancelled"  # not started: the process is stopping
 
 WINDOW_FACTOR = 4  # tags in flight per unit of the engine's concurrency
+
+_E = TypeVar("_E", "SyncResult", "SyncResult | str")
 
 
 @runtime_checkable
@@ -135,6 +137,59 @@ class SyncResult:
         }
 
 
+Entry = SyncResult | str  # a result kept whole, or (counted, not kept) only its status
+
+
+@dataclass(slots=True)
+class SyncRun:
+    """What a run's results add up to: counts per status and totals over every result, and the results kept.
+
+    `results` holds every result when the run was asked to keep them all (`--report`, the
+    tests), else only the failed ones: a 100,000-tag run keeps a few numbers, not 100,000
+    objects. Counts are in the order each status first occurs among the results.
+    """
+
+    results: list[SyncResult]
+    counts: dict[str, int]
+    total: int = 0
+    bytes: int = 0
+    foreign: int = 0  # foreign layers kept as references, not fetched
+    pushes: int = 0  # results with a publish status (a registry destination)
+
+    @classmethod
+    def of(cls, results: list[SyncResult]) -> SyncRun:
+        """Return the run made of `results`, every one kept."""
+        out = cls([], {})
+        for r in results:
+            out.add(r, keep=True)
+        return out
+
+    def add(self, result: Entry, *, keep: bool) -> None:
+        """Count `result` (a result, or only its status with no bytes or push); keep it when `keep`."""
+        if isinstance(result, str):
+            self.counts[result] = self.counts.get(result, 0) + 1
+            self.total += 1
+            return
+        self.counts[result.status] = self.counts.get(result.status, 0) + 1
+        self.total += 1
+        self.bytes += result.bytes
+        self.foreign += result.foreign
+        self.pushes += bool(result.pushed)
+        if keep:
+            self.results.append(result)
+
+    @property
+    def failed(self) -> list[SyncResult]:
+        """Return the failed results (always kept)."""
+        return [r for r in self.results if r.status == FAILED]
+
+    @property
+    def unreachable(self) -> bool:
+        """Return whether every result failed, each because its endpoint could not be reached."""
+        failed = self.failed
+        return bool(failed) and len(failed) == self.total and all(r.error.startswith("cannot reach") for r in failed)
+
+
 class SyncObserver(Protocol):
     """What a sync reports while it works (the CLI and the daemon show or count it)."""
 
@@ -153,7 +208,7 @@ class PlanObserver(Protocol):
         """The run is recorded in the state under `run` (0: a dry run, not recorded)."""
 
     def planned(self, job: str, references: Sequence[str]) -> None:
-        """`references` of `job` are wanted; each gets a result unless the run is cancelled first."""
+        """`references` of `job` (one repository's) are wanted; each gets a result unless the run is cancelled."""
 
 
 class NoObserver:
@@ -201,8 +256,11 @@ class Syncer:
         stopping: asyncio.Event | None = None,
         observer: SyncObserver | None = None,
         publisher: Publisher | None = None,
+        keep_all: bool = False,
     ) -> None:
         self.engine = engine
+        self.keep_all = keep_all  # keep every result, not only the failed ones (see SyncRun)
+        self._dropped = SyncRun([], {})  # bytes, foreign layers and pushes of the results not kept
         self.publisher = publisher
         self.state = state
         self.run_id = run
@@ -212,15 +270,15 @@ class Syncer:
         self._states: dict[str, TagState] = {}
         self._entries: dict[str, str] = {}
         self._by_repo: dict[str, list[Reference]] = {}
-        self._referrers: list[SyncResult] = []  # a result per referrer looked up, reported as it lands
+        self._referrers: list[Entry] = []  # a result per referrer looked up, reported as it lands
         self._reported: set[str] = set()  # referrer names already reported (two tags of one image)
         # Tags (and repositories) in flight across the whole run: a few times the engine's
         # concurrency keeps every connection busy, and memory stays flat however many tags.
         self.tags_window = Window(WINDOW_FACTOR * engine.concurrency)
         self.repos_window = Window(WINDOW_FACTOR * engine.concurrency)
 
-    async def run(self, jobs: Sequence[tuple[SyncJob, ManifestSource]]) -> list[SyncResult]:
-        """Run every job at once; return one result per reference (and per listing failure)."""
+    async def run(self, jobs: Sequence[tuple[SyncJob, ManifestSource]]) -> SyncRun:
+        """Run every job at once; return the counts over one result per reference (and per listing failure)."""
         self._states = await self.state.tags()
         layout = self.engine.layout
         if (layout.root / "index.json").exists():  # a dry run may look at a cache not made yet
@@ -237,11 +295,24 @@ class Syncer:
         finally:
             stats = self.engine.stats
             stats.tags_peak = max(stats.tags_peak, self.tags_window.peak)
-        return [r for part in parts for r in part] + self._referrers
+        d = self._dropped
+        out = SyncRun([], {}, bytes=d.bytes, foreign=d.foreign, pushes=d.pushes)
+        # In the order of the plan (jobs, repositories, tags), referrers last: what every output shows.
+        for part in parts:
+            for r in part:
+                out.add(r, keep=True)
+        for r in self._referrers:
+            out.add(r, keep=True)
+        return out
 
-    async def _guard(
-        self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[SyncResult]]]
-    ) -> list[SyncResult]:
+    def _slim(self, result: Entry) -> Entry:
+        """Return `result` as the run keeps it: whole when kept, else only its status (its sums counted now)."""
+        if isinstance(result, str) or self.keep_all or result.status == FAILED:
+            return result
+        self._dropped.add(result, keep=False)
+        return result.status
+
+    async def _guard(self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[_E]]]) -> list[_E]:
         """Run `work`; a MirrorError becomes one failed result for `name`."""
         t0 = time.monotonic()
         try:
@@ -249,13 +320,13 @@ class Syncer:
         except MirrorError as exc:
             return [await self._done(SyncResult(job.name, name, FAILED, seconds=time.monotonic() - t0, error=str(exc)))]
 
-    async def _job(self, job: SyncJob, source: ManifestSource) -> list[SyncResult]:
+    async def _job(self, job: SyncJob, source: ManifestSource) -> list[Entry]:
         from mirror.engine.sync_daemon import DaemonJobSource, sync_daemon_job
 
         if isinstance(source, DaemonJobSource):  # a Docker daemon: listed once, exported in one call
-            return await sync_daemon_job(self, job, source)
+            return [self._slim(r) for r in await sync_daemon_job(self, job, source)]
 
-        async def work() -> list[SyncResult]:
+        async def work() -> list[Entry]:
             catalog: list[str] | None = None
             if job.repositories.catalog:
                 if not isinstance(source, TagLister):
@@ -271,8 +342,8 @@ class Syncer:
 
         return await self._guard(job, job.registry, work)
 
-    async def _repo(self, job: SyncJob, source: ManifestSource, repo: str) -> list[SyncResult]:
-        async def work() -> list[SyncResult]:
+    async def _repo(self, job: SyncJob, source: ManifestSource, repo: str) -> list[Entry]:
+        async def work() -> list[Entry]:
             base = Reference.parse(f"{job.registry}/{repo}")
             listed: list[str] | None = None
             if job.tags.needs_listing:
@@ -293,12 +364,13 @@ class Syncer:
                 gone = [str(r) for r in cached if r.tag not in upstream]
                 del listed, upstream  # not kept for the whole run: ~100 bytes a tag
             self.observer.job_grew(job.name, len(wanted) + len(gone))
-            self.planned(job, [f"{base.name}:{t}" for t in wanted])  # str(base.with_tag(t))
+            if isinstance(self.observer, PlanObserver):  # a name per tag only for an observer that keeps them
+                self.observer.planned(job.name, [f"{base.name}:{t}" for t in wanted])  # str(base.with_tag(t))
             # A Reference per tag only while the tag is in flight (drawn as the window frees a place).
             tags = (self._tag(job, source, base.with_tag(t)) for t in wanted)
             results = await fan_out(tags, self.tags_window)
             if gone:
-                results += await self._gone(job, sorted(gone))
+                results += [self._slim(r) for r in await self._gone(job, sorted(gone))]
             return results
 
         return await self._guard(job, f"{job.registry}/{repo}", work)
@@ -316,11 +388,11 @@ class Syncer:
             out.append(await self._done(SyncResult(job.name, name, status, digest)))
         return out
 
-    async def _tag(self, job: SyncJob, source: ManifestSource, ref: Reference) -> SyncResult:
+    async def _tag(self, job: SyncJob, source: ManifestSource, ref: Reference) -> Entry:
         """Check one tag and copy it when needed; any error becomes a failed result of its own."""
         t0 = time.monotonic()
         try:
-            return await self._check_and_copy(job, source, ref, t0)
+            return self._slim(await self._check_and_copy(job, source, ref, t0))
         except (MirrorError, OSError) as exc:
             # OSError: the cache's disk (full, read-only); reported per image like any other failure.
             err = str(exc) if isinstance(exc, MirrorError) else f"cache {self.engine.layout.root}: {exc}"
@@ -333,7 +405,10 @@ class Syncer:
         entry = self._entries.get(key)
         cached = st is not None and entry is not None and entry == st.entry_digest and st.platforms == plats
         if cached and st is not None and job.immutable and ref.tag and matches_any(ref.tag, job.immutable):
-            image = await self._done(await self._publish(job, ref, SyncResult(job.name, key, IMMUTABLE, st.digest)))
+            immutable = SyncResult(job.name, key, IMMUTABLE, st.digest)
+            if job.destination is None:  # nothing to publish; referrers are looked up only for a pushed image
+                return await self._done(immutable)
+            image = await self._done(await self._publish(job, ref, immutable))
             await self._referrers_after(job, source, ref, image, None)
             return image
         if self.stopping.is_set():
@@ -358,6 +433,8 @@ class Syncer:
                     if job.referrers:
                         found = await self._signature_check(job, source, ref, Digest.parse(st.digest))
                 unchanged = SyncResult(job.name, key, UNCHANGED, st.digest, seconds=time.monotonic() - t0)
+                if job.destination is None and found is None:  # the common no-op: nothing to publish or report
+                    return await self._done(unchanged)
                 image = await self._done(await self._publish(job, ref, unchanged))
                 await self._referrers_after(job, source, ref, image, found)
                 return image
@@ -459,7 +536,7 @@ class Syncer:
         for r in found or ():
             if go_on and r.status != FAILED and (publish or r.status == FETCHED):
                 r = await self._publish(job, Reference.parse(r.reference), r, filtered=False)
-            self._referrers.append(await self._done(r))
+            self._referrers.append(self._slim(await self._done(r)))
 
     async def _publish(
         self, job: SyncJob, ref: Reference, result: SyncResult, *, filtered: bool | None = None
@@ -558,18 +635,27 @@ async def sync(
     stopping: asyncio.Event | None = None,
     observer: SyncObserver | None = None,
     publisher: Publisher | None = None,
-) -> tuple[int, list[SyncResult]]:
-    """Run `jobs` as one recorded run; return the run id and every result.
+    keep_all: bool = False,
+) -> tuple[int, SyncRun]:
+    """Run `jobs` as one recorded run; return the run id and its results (every one with `keep_all`, else the failed).
 
     The one entry point `mirror sync`, the daemon and the tests share. Jobs with a registry
-    destination push through `publisher` (`Config.publisher` builds one).
+    destination push through `publisher` (`Config.publisher` builds one). Every result is
+    shown to `observer` as it lands, whatever is kept.
     """
     run = 0 if dry_run else await state.start_run(j.name for j, _ in jobs)
     if isinstance(observer, PlanObserver):
         observer.run_started(run)
     try:
         results = await Syncer(
-            engine, state, run=run, dry_run=dry_run, stopping=stopping, observer=observer, publisher=publisher
+            engine,
+            state,
+            run=run,
+            dry_run=dry_run,
+            stopping=stopping,
+            observer=observer,
+            publisher=publisher,
+            keep_all=keep_all,
         ).run(jobs)
     except asyncio.CancelledError:
         if not dry_run:
@@ -581,7 +667,7 @@ async def sync(
             await state.finish_run(run, "error", 0, 0, 0)
         raise
     if not dry_run:
-        failed = sum(r.status == FAILED for r in results)
-        outcome = "ok" if not failed else ("failed" if failed == len(results) else "partial")
-        await state.finish_run(run, outcome, len(results), failed, sum(r.bytes for r in results))
+        failed = results.counts.get(FAILED, 0)
+        outcome = "ok" if not failed else ("failed" if failed == results.total else "partial")
+        await state.finish_run(run, outcome, results.total, failed, results.bytes)
     return run, results

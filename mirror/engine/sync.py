@@ -269,7 +269,9 @@ class Syncer:
         self.observer: SyncObserver = observer or NoObserver()
         self._states: dict[str, TagState] = {}
         self._entries: dict[str, str] = {}
-        self._by_repo: dict[str, list[Reference]] = {}
+        # Repository -> the keys (`str(ref)`, `NAME:TAG`) of its cached tags: strings, not a
+        # Reference each (~200 bytes a tag, held for the whole run).
+        self._by_repo: dict[str, list[str]] = {}
         self._referrers: list[Entry] = []  # a result per referrer looked up, reported as it lands
         self._reported: set[str] = set()  # referrer names already reported (two tags of one image)
         # Tags (and repositories) in flight across the whole run: a few times the engine's
@@ -286,7 +288,8 @@ class Syncer:
         for name in self._entries:
             ref = _parse_or_none(name)
             if ref is not None and ref.tag and ref.digest is None:
-                self._by_repo.setdefault(ref.name, []).append(ref)
+                key = str(ref)
+                self._by_repo.setdefault(ref.name, []).append(name if key == name else key)
         # The run's own scope: it waits for its own downloads only, never another run's.
         try:
             # index.json is written in growing batches while the run goes on, and whole by its end.
@@ -361,7 +364,7 @@ class Syncer:
                 # Cached tags of this repository that the registry no longer lists.
                 cached = self._by_repo.get(base.name, [])
                 upstream = set(listed) if cached else set()
-                gone = [str(r) for r in cached if r.tag not in upstream]
+                gone = [key for key in cached if _tag_of(key) not in upstream]
                 del listed, upstream  # not kept for the whole run: ~100 bytes a tag
             self.observer.job_grew(job.name, len(wanted) + len(gone))
             if isinstance(self.observer, PlanObserver):  # a name per tag only for an observer that keeps them
@@ -581,7 +584,8 @@ class Syncer:
 
     def gone_candidates(self, repository: str, job: str) -> list[Reference]:
         """Return the cached tags of `repository` (a normalised name) that job `job` recorded."""
-        return [r for r in self._by_repo.get(repository, []) if (st := self._states.get(str(r))) and st.job == job]
+        keys = self._by_repo.get(repository, [])
+        return [Reference.parse(k) for k in keys if (st := self._states.get(k)) and st.job == job]
 
     async def guard(self, job: SyncJob, name: str, work: Callable[[], Awaitable[list[SyncResult]]]) -> list[SyncResult]:
         """Run `work`; a MirrorError becomes one failed result for `name`."""
@@ -609,6 +613,11 @@ class Syncer:
             await self.state.record_error(self.run_id, result.job, result.reference, result.error)
         self.observer.result(result)
         return result
+
+
+def _tag_of(key: str) -> str:
+    """Return the tag of `NAME:TAG` (a tag has no colon)."""
+    return key.rpartition(":")[2]
 
 
 def _parse_or_none(name: str) -> Reference | None:

@@ -199,12 +199,16 @@ class StateDB:
         """Return the state of every reference synced so far, by reference."""
 
         def q() -> dict[str, TagState]:
-            rows = (
-                self._db()
-                .execute("SELECT ref, job, digest, entry_digest, platforms, checked, synced FROM tags")
-                .fetchall()
-            )
-            return {r[0]: TagState(*r) for r in rows}
+            # Row by row, not `fetchall` (a list of every row beside the dict at the peak); the
+            # few job names and platform keys shared, not a string of each per reference.
+            rows = self._db().execute("SELECT ref, job, digest, entry_digest, platforms, checked, synced FROM tags")
+            shared: dict[str, str] = {}
+            out: dict[str, TagState] = {}
+            for ref, job, digest, entry, plats, checked, synced in rows:
+                job = shared.setdefault(job, job)
+                plats = shared.setdefault(plats, plats)
+                out[ref] = TagState(ref, job, digest, entry, plats, checked, synced)
+            return out
 
         if self._conn is None and self.readonly:
             return {}

@@ -284,7 +284,7 @@ class Syncer:
         self._states = await self.state.tags()
         layout = self.engine.layout
         if (layout.root / "index.json").exists():  # a dry run may look at a cache not made yet
-            self._entries = {e.name: str(e.descriptor.digest) for e in await layout.entries()}
+            self._entries = await layout.digests()
         for name in self._entries:
             ref = _parse_or_none(name)
             if ref is not None and ref.tag and ref.digest is None:

@@ -96,3 +96,39 @@ async def test_a_write_never_holds_the_whole_file_in_memory(tmp_path: Path) -> N
     # Joined into one bytes object (and concatenated with its head and tail) it was 3x the file.
     assert peak < size // 2, peak / size
     assert (await layout.entries())[-1].name == "reg.example/r:new"
+
+
+async def test_digests_are_those_of_entries_read_one_at_a_time(tmp_path: Path) -> None:
+    layout = Layout.open(tmp_path / "c")
+    good = [_entry(i, f"reg.example/r:{i}") for i in range(3)]
+    bad = {**_entry(9, "reg.example/r:bad"), "digest": "sha256:short"}  # skipped by entries() too
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*good, bad, _entry(5, "reg.example/r:1")]}
+    (layout.root / "index.json").write_text(json.dumps(doc))
+    async with layout.batched():
+        await layout.set_refs({"reg.example/r:new": desc(7)})  # deferred: not in the file yet
+        expected = {e.name: str(e.descriptor.digest) for e in await layout.entries()}
+        got = await layout.digests()
+    assert got == expected
+    assert got["reg.example/r:1"] == str(desc(5).digest)  # of two entries naming one tag, the later
+    assert got["reg.example/r:new"] == str(desc(7).digest) and "reg.example/r:bad" not in got
+
+
+async def test_a_runs_start_holds_no_entry_objects_for_a_big_index(tmp_path: Path) -> None:
+    n = 20_000
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [_entry(i, f"reg.example/r:{i}") for i in range(n)]}
+    root = tmp_path / "c"
+    Layout.open(root)
+    (root / "index.json").write_text(json.dumps(doc))
+    del doc
+    layout = Layout(root)
+    layout.names_sync()  # the parsed index is the layout's own, not this test's
+    gc.collect()
+    tracemalloc.start()
+    try:
+        got = await layout.digests()
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(got) == n
+    # A list of Entry objects with their Descriptors peaked at ~6x what the dict keeps.
+    assert peak < 2 * kept, (peak / n, kept / n)

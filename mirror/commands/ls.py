@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from mirror.commands.common import EXIT_FAILED, EXIT_OK, add_common, human, load_config
@@ -22,34 +23,44 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _safe(text: str) -> str:
+    """Return `printable(text)`, with no translation when nothing in it needs escaping."""
+    return text if text.isprintable() else printable(text)
+
+
 async def run(args: argparse.Namespace) -> int:
     """Print reference, digest, platforms and size of every cached image (or the daemon's images)."""
     if args.daemon is not None:
         return await list_daemon_images(args.daemon or load_config(args).docker.url)
-    from mirror.store.inventory import inventory
+    from mirror.store.inventory import rows
     from mirror.store.layout import Layout
 
     cfg = load_config(args)
     layout = Layout.open(cfg.cache, create=False)
-    rows = await inventory(layout)
+    found = await rows(layout)
+    failed = any(row[5] for row in found)
     if args.json:
         doc = [
             {
-                "name": img.name,
-                "digest": str(img.digest),
-                "mediaType": img.media_type,
-                "platforms": list(img.platforms),
-                "size": img.size,
-                "problem": img.problem or None,
-                **({"subsetIndex": str(img.subset)} if img.subset else {}),
+                "name": name,
+                "digest": digest,
+                "mediaType": media_type,
+                "platforms": list(platforms),
+                "size": size,
+                "problem": problem or None,
+                **({"subsetIndex": subset} if subset else {}),
             }
-            for img in rows
+            for name, digest, media_type, platforms, size, problem, subset in found
         ]
         print(json.dumps(doc, indent=1))
-        return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK
-    for img in rows:
-        plats = ",".join(img.platforms) or "-"
-        extra = f"  PROBLEM: {printable(img.problem)}" if img.problem else ""
-        extra += f"  (pushed as subset index {img.subset})" if img.subset else ""
-        print(f"{printable(img.name)}\t{img.digest}\t{printable(plats)}\t{human(img.size)}{extra}")
-    return EXIT_FAILED if any(i.problem for i in rows) else EXIT_OK
+        return EXIT_FAILED if failed else EXIT_OK
+    lines = []
+    for name, digest, _, platforms, size, problem, subset in found:
+        line = f"{_safe(name)}\t{digest}\t{_safe(','.join(platforms) or '-')}\t{human(size)}"
+        if problem:
+            line += f"  PROBLEM: {printable(problem)}"
+        if subset:
+            line += f"  (pushed as subset index {subset})"
+        lines.append(line)
+    sys.stdout.write("".join([line + "\n" for line in lines]))  # one write, not a print per line
+    return EXIT_FAILED if failed else EXIT_OK

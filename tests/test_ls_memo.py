@@ -170,3 +170,14 @@ def test_sha512_keys_and_a_blank_line_are_read(tmp_path: Path) -> None:
         (good["k"], good["d"], ("linux/amd64",), 3),
         (other["k"], other["d"], (), 3),
     }
+
+
+def test_a_memo_hit_whose_manifest_is_gone_is_a_problem(tmp_path: Path) -> None:
+    cache = _cache(tmp_path / "c")
+    first = _ls(cache, "--json")
+    amd = next(i for i in json.loads(first.stdout) if i["name"].endswith(":amd"))
+    (cache / "blobs" / "sha256" / amd["digest"][7:]).unlink()
+    got = _ls(cache)
+    assert got.returncode != 0
+    line = next(line for line in got.stdout.splitlines() if line.startswith("example.org/app:amd\t"))
+    assert "PROBLEM:" in line and "missing" in line, line

@@ -198,16 +198,29 @@ def _row(img: CachedImage) -> Row:
 def _describe_rows(layout: Layout, refs: list[tuple[str, str, str]]) -> list[Row]:
     """Return the row of each of `refs` (name, digest, mediaType), sorted by name; add what it learns to the memo."""
     reader = Reader(layout, summaries.load(layout.meta))
-    memo, blobs, exists = reader.memo, reader._blobs, os.path.exists
+    memo, blobs = reader.memo, reader._blobs
+    try:
+        sha256 = os.open(f"{blobs}/sha256", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        sha256 = -1  # no sha256 blob: every memo hit below is checked by path (and missing)
     out: list[Row] = []
-    for name, digest, media_type in refs:
-        known = memo.get((digest, media_type))
-        # A memo hit reads nothing but checks its manifest is still there (as `describe`).
-        if known is not None and exists(f"{blobs}/{digest.replace(':', '/', 1)}"):
-            out.append((name, known.digest, known.media_type, known.platforms, known.size, "", ""))
-        else:
-            algorithm, _, hexd = digest.partition(":")  # checked as the entry was decoded
-            out.append(_row(reader.describe(name, Digest(algorithm, hexd), media_type)))
+    try:
+        for name, digest, media_type in refs:
+            known = memo.get((digest, media_type))
+            # A memo hit reads nothing but checks its manifest is still there (as `describe`):
+            # access() relative to the open directory costs half an exists() by path.
+            if known is not None and (
+                os.access(digest[7:], os.F_OK, dir_fd=sha256)
+                if sha256 >= 0 and digest.startswith("sha256:")
+                else os.path.exists(f"{blobs}/{digest.replace(':', '/', 1)}")
+            ):
+                out.append((name, known.digest, known.media_type, known.platforms, known.size, "", ""))
+            else:
+                algorithm, _, hexd = digest.partition(":")  # checked as the entry was decoded
+                out.append(_row(reader.describe(name, Digest(algorithm, hexd), media_type)))
+    finally:
+        if sha256 >= 0:
+            os.close(sha256)
     summaries.append(layout.meta, reader.learned)
     out.sort(key=itemgetter(0))
     return out

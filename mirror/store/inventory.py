@@ -226,14 +226,18 @@ def _describe_rows(layout: Layout, refs: list[tuple[str, str, str]]) -> list[Row
     return out
 
 
-async def rows(layout: Layout) -> list[Row]:
-    """Return what `inventory` returns as plain rows (`Row`), sorted by name: what `mirror ls` prints."""
+def rows_sync(layout: Layout) -> list[Row]:
+    """Return what `inventory` returns as plain rows (`Row`), sorted by name: what `mirror ls` prints (blocking)."""
     deferred = {**layout._writing, **layout._deferred}
     if deferred:  # refs of a batched run not written yet: as `entries()` returns them
-        entries = await layout.entries()
-        refs = [(e.name, str(e.descriptor.digest), e.descriptor.media_type) for e in entries]
-        return await in_thread(_describe_rows, layout, refs)
-    return await in_thread(lambda: _describe_rows(layout, _references(layout)))
+        entries = layout._entries_sync(deferred)
+        return _describe_rows(layout, [(e.name, str(e.descriptor.digest), e.descriptor.media_type) for e in entries])
+    return _describe_rows(layout, _references(layout))
+
+
+async def rows(layout: Layout) -> list[Row]:
+    """Return `rows_sync(layout)`, read in one worker-thread call."""
+    return await in_thread(rows_sync, layout)
 
 
 async def inventory(layout: Layout) -> list[CachedImage]:

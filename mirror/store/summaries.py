@@ -83,7 +83,7 @@ _get_key_type, _get_media_type, _get_platforms = (
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _digests_valid(digests: list[str]) -> bool:
+def digests_valid(digests: list[str]) -> bool:
     """True when every text in `digests` is a digest `_DigestText` accepts (C loops over all at once)."""
     n = len(digests)
     if set(map(len, digests)) != {71}:  # not all sha256: the slow way
@@ -102,7 +102,7 @@ def _digests_valid(digests: list[str]) -> bool:
 
 def _all_valid(found: list[Summary]) -> bool:
     """True when every summary in `found` has the fields `_Checked` would accept."""
-    if not found or not _digests_valid([*map(_get_key, found), *map(_get_digest, found)]):
+    if not found or not digests_valid([*map(_get_key, found), *map(_get_digest, found)]):
         return not found
     # The texts: a few distinct ones (media types, platforms), each checked once.
     texts = {*map(_get_key_type, found), *map(_get_media_type, found), *chain.from_iterable(map(_get_platforms, found))}

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from mirror.store import summaries
@@ -61,7 +63,8 @@ async def test_a_memo_hit_reads_no_document(tmp_path: Path) -> None:
     watching = [True]
 
     def hook(event: str, args: tuple[object, ...]) -> None:
-        if watching[0] and event == "open" and "/blobs/" in str(args[0]):
+        # Files only: the blobs directory is opened once, for the memo hits' access() checks.
+        if watching[0] and event == "open" and "/blobs/" in str(args[0]) and not str(args[0]).endswith("/sha256"):
             opened.append(str(args[0]))
 
     sys.addaudithook(hook)  # audit hooks cannot be removed: it stops watching below
@@ -121,3 +124,61 @@ async def test_gc_drops_the_lines_of_manifests_it_removed(tmp_path: Path) -> Non
     kept = summaries.load(layout.meta)
     assert [s.digest for s in kept.values()] == [str(listed["example.org/app:amd"].digest)]
     assert len((cache / MEMO).read_bytes().splitlines()) == 1
+
+
+# Each makes a line of a real image wrong in one field, the others kept; `ls` must not print it.
+TAMPERED = {
+    "upper-case digest": lambda doc: {**doc, "d": doc["d"].upper().replace("SHA256", "sha256")},
+    "non-ASCII hex": lambda doc: {**doc, "d": "sha256:" + "\u0663" * 64},
+    "prefix": lambda doc: {**doc, "d": "sha257:" + doc["d"][7:]},
+    "short": lambda doc: {**doc, "d": doc["d"][:-1]},
+    "C1 control in a platform": lambda doc: {**doc, "p": ["linux/amd64\u009b2J"]},
+    "newline in a media type": lambda doc: {**doc, "m": doc["m"] + "\nforged"},
+    "media type too long": lambda doc: {**doc, "m": "a/" + "b" * 300},
+    "too many platforms": lambda doc: {**doc, "p": ["linux/amd64"] * 65},
+    "negative size": lambda doc: {**doc, "s": -1},
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERED.values(), ids=TAMPERED.keys())
+def test_a_tampered_field_of_a_real_image_is_not_printed(tmp_path: Path, tamper: Any) -> None:
+    cache = _cache(tmp_path / "c")
+    clean, clean_json = _ls(cache), _ls(cache, "--json")
+    lines = (cache / MEMO).read_bytes().splitlines()
+    bad = json.dumps(tamper(json.loads(lines[0]))).encode()
+    # The tampered line comes last (a later line wins) and with many good lines before it.
+    (cache / MEMO).write_bytes(b"\n".join([lines[1]] * 50 + [lines[0], bad]) + b"\n")
+    memo = summaries.load(cache / ".mirror")
+    assert sorted(msgspec.json.encode(s) for s in memo.values()) == sorted(lines)  # every line but the bad one
+    got, got_json = _ls(cache), _ls(cache, "--json")
+    assert (got.returncode, got.stdout, got.stderr) == (0, clean.stdout, "")
+    assert got_json.stdout == clean_json.stdout
+
+
+def test_sha512_keys_and_a_blank_line_are_read(tmp_path: Path) -> None:
+    good = {
+        "k": "sha512:" + "a" * 128,
+        "kt": "t/x",
+        "d": "sha256:" + "b" * 64,
+        "m": "t/y",
+        "p": ["linux/amd64"],
+        "s": 3,
+    }
+    other = {**good, "k": "sha256:" + "c" * 64, "d": "sha512:" + "d" * 128, "p": []}
+    (tmp_path / summaries.FILE).write_bytes(json.dumps(good).encode() + b"\n\n" + json.dumps(other).encode() + b"\n")
+    memo = summaries.load(tmp_path)
+    assert {(s.key, s.digest, s.platforms, s.size) for s in memo.values()} == {
+        (good["k"], good["d"], ("linux/amd64",), 3),
+        (other["k"], other["d"], (), 3),
+    }
+
+
+def test_a_memo_hit_whose_manifest_is_gone_is_a_problem(tmp_path: Path) -> None:
+    cache = _cache(tmp_path / "c")
+    first = _ls(cache, "--json")
+    amd = next(i for i in json.loads(first.stdout) if i["name"].endswith(":amd"))
+    (cache / "blobs" / "sha256" / amd["digest"][7:]).unlink()
+    got = _ls(cache)
+    assert got.returncode != 0
+    line = next(line for line in got.stdout.splitlines() if line.startswith("example.org/app:amd\t"))
+    assert "PROBLEM:" in line and "missing" in line, line

@@ -58,13 +58,18 @@ async def test_a_bad_index_is_one_clear_error(tmp_path: Path, text: str, why: st
         await layout.entries()
 
 
-async def test_a_big_index_costs_little_memory_per_entry(tmp_path: Path) -> None:
-    n = 20_000
+def _big_index(tmp_path: Path, n: int) -> Path:
+    """Return a cache whose index.json names `n` references."""
     doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [_entry(i, f"reg.example/r:{i}") for i in range(n)]}
     root = tmp_path / "c"
     Layout.open(root)
     (root / "index.json").write_text(json.dumps(doc))
-    del doc
+    return root
+
+
+async def test_a_big_index_costs_little_memory_per_entry(tmp_path: Path) -> None:
+    n = 20_000
+    root = _big_index(tmp_path, n)
     gc.collect()
     tracemalloc.start()
     try:
@@ -115,12 +120,7 @@ async def test_digests_are_those_of_entries_read_one_at_a_time(tmp_path: Path) -
 
 async def test_a_runs_start_holds_no_entry_objects_for_a_big_index(tmp_path: Path) -> None:
     n = 20_000
-    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [_entry(i, f"reg.example/r:{i}") for i in range(n)]}
-    root = tmp_path / "c"
-    Layout.open(root)
-    (root / "index.json").write_text(json.dumps(doc))
-    del doc
-    layout = Layout(root)
+    layout = Layout(_big_index(tmp_path, n))
     layout.names_sync()  # the parsed index is the layout's own, not this test's
     gc.collect()
     tracemalloc.start()

@@ -227,7 +227,7 @@ def _references(layout: Layout) -> list[tuple[str, str, str]]:
             loose if _loose_valid(loose) else _index.decode(raw).manifests
         )
     except (OSError, msgspec.MsgspecError, RecursionError):
-        return [(e.name, str(e.descriptor.digest), e.descriptor.media_type) for e in layout._entries_sync()]
+        return [(name, str(d.digest), d.media_type) for name, d in layout._named_sync(None)]
     out = []
     for d in docs:
         name = d.annotations.get(REF_NAME) if d.annotations else None

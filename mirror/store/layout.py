@@ -29,7 +29,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,10 +199,13 @@ class Layout:
         return doc
 
     def _entries_sync(self, deferred: dict[str, Descriptor] | None = None) -> list[Entry]:
+        return [Entry(name, desc) for name, desc in self._named_sync(deferred)]
+
+    def _named_sync(self, deferred: dict[str, Descriptor] | None) -> Iterator[tuple[str, Descriptor]]:
+        """Yield each named entry's reference and descriptor, one at a time, skipping those that are not descriptors."""
         items = self._read_index_sync().items
         if deferred:
             items = _replace(items, deferred)
-        out = []
         for name, raw in items:
             if not name:
                 continue
@@ -210,24 +213,12 @@ class Layout:
                 desc = Descriptor.from_json(msgspec.json.decode(raw))
             except (ManifestError, msgspec.MsgspecError, RecursionError):
                 continue
-            out.append(Entry(name, desc))
-        return out
+            yield name, desc
 
     def _digests_sync(self, deferred: dict[str, Descriptor]) -> dict[str, str]:
-        # As `_entries_sync`, one descriptor at a time: a list of 100,000 parsed entries was
-        # the largest thing a no-op resync held (~1 KiB each), for one digest string each.
-        items = self._read_index_sync().items
-        if deferred:
-            items = _replace(items, deferred)
-        out: dict[str, str] = {}
-        for name, raw in items:
-            if not name:
-                continue
-            try:
-                out[name] = str(Descriptor.from_json(msgspec.json.decode(raw)).digest)
-            except (ManifestError, msgspec.MsgspecError, RecursionError):
-                continue
-        return out
+        # One descriptor at a time: a list of 100,000 parsed entries was the largest thing a
+        # no-op resync held (~1 KiB each), for one digest string each.
+        return {name: str(desc.digest) for name, desc in self._named_sync(deferred)}
 
     async def digests(self) -> dict[str, str]:
         """Return the digest of every named reference `entries()` returns, by name (in order)."""

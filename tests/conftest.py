@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mirror.manifest import ACCEPT  # noqa: E402
+from tests.httploop import Handler, Loopback  # noqa: E402
 from tools.imagebuild import Layout, random_layer  # noqa: E402
 from tools.registry import Registry, skopeo_copy  # noqa: E402
 
@@ -80,3 +82,21 @@ def seeded(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Seed
     ]:
         s.digests[name] = registry_digest(host, name)
     return s
+
+
+@pytest.fixture
+async def http_loopback() -> AsyncIterator[Callable[[Handler], Awaitable[Loopback]]]:
+    """Start loopback HTTP/1.1 servers of the tests' own (tests/httploop.py); closed after the test."""
+    servers: list[Loopback] = []
+
+    async def start(handle: Handler) -> Loopback:
+        lb = Loopback(handle)
+        lb.server = await asyncio.start_server(lb._serve, "127.0.0.1", 0)
+        servers.append(lb)
+        return lb
+
+    yield start
+    for lb in servers:
+        assert lb.server is not None
+        lb.server.close()
+        await lb.server.wait_closed()

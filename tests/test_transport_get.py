@@ -2,7 +2,7 @@
 everything unusual sent through aiohttp as before.
 
 The real docker-registry answers the common cases (plain HTTP, a Range, Bearer tokens, TLS with a
-client certificate, a proxy in between); a loopback server of the tests' own answers what no real
+client certificate, a proxy in between); a http_loopback server of the tests' own answers what no real
 registry does (a body cut short, longer than its length, stalled, chunked or malformed, headers past
 the bound, a redirect, a challenge, an overloaded answer, a connection closed between requests).
 """
@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.store.layout import Layout
 from mirror.transport import Timeouts, Transport
 from tests.conftest import Seeded
+from tests.httploop import Handler, Loopback
 from tests.test_auth_bearer import TokenRegistry, bearer, issuer  # noqa: F401 - the Bearer registry fixtures
 from tests.test_proxy import TinyProxy, through, tinyproxy  # noqa: F401 - the tinyproxy fixture
 from tests.test_transport_tls import TlsRegistry, tls_registry  # noqa: F401 - the TLS registry fixture
@@ -184,17 +185,15 @@ async def test_a_proxy_keeps_gets_on_aiohttps_path(
     assert ("GET", f"http://{host}/v2/t/oci/blobs/{descs[-1].digest}") in tinyproxy.requests()
 
 
-# --- a loopback server of the tests' own, for what no real registry answers ---------------------
+# --- a http_loopback server of the tests' own, for what no real registry answers ---------------------
 
 LAYER = random.Random(7).randbytes(300_000)
 LAYER_DIGEST = digest_of(LAYER)
 LAYER_DESC = Descriptor(DOCKER_LAYER_GZIP, LAYER_DIGEST, len(LAYER))
 OK_HEAD = b"HTTP/1.1 200 OK\r\nDocker-Distribution-API-Version: registry/2.0\r\n"
 
+
 # (request number on its connection, request header block, the connection's writer) -> keep the connection open
-Handler = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]]
-
-
 def ok(body: bytes, extra: bytes = b"") -> bytes:
     return OK_HEAD + b"Content-Length: %d\r\n%s\r\n" % (len(body), extra) + body
 
@@ -210,65 +209,6 @@ def ranged(request: bytes, data: bytes) -> bytes:
     return ok(data)
 
 
-class Loopback:
-    """Hands each request on a connection to `handle`, which writes the answer; False closes the connection."""
-
-    def __init__(self, handle: Handler) -> None:
-        self.handle = handle
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    def ref(self, name: str = "r:1") -> str:
-        return f"{self.host}/{name}"
-
-    def lines(self, needle: bytes) -> list[bytes]:
-        """Return the request lines of the requests whose header block holds `needle`."""
-        return [r.split(b"\r\n", 1)[0] for r in self.requests if needle in r]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        n = 0
-        try:
-            while True:
-                try:
-                    request = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                self.requests.append(request)
-                keep = await self.handle(n, request, writer)
-                n += 1
-                if not keep:
-                    return
-                await writer.drain()
-        except ConnectionError:
-            return
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def loopback() -> AsyncIterator[Callable[[Handler], Awaitable[Loopback]]]:
-    servers: list[Loopback] = []
-
-    async def start(handle: Handler) -> Loopback:
-        lb = Loopback(handle)
-        lb.server = await asyncio.start_server(lb._serve, "127.0.0.1", 0)
-        servers.append(lb)
-        return lb
-
-    yield start
-    for lb in servers:
-        assert lb.server is not None
-        lb.server.close()
-        await lb.server.wait_closed()
-
-
 def transport(**kw: object) -> Transport:
     return Transport(credentials=NO_DOCKER, **{"retry": ONCE, **kw})  # type: ignore[arg-type]
 
@@ -278,7 +218,7 @@ async def fetch(t: Transport, lb: Loopback, desc: Descriptor = LAYER_DESC) -> by
 
 
 async def test_a_body_cut_short_is_resumed_with_range_through_the_engine(
-    loopback: Callable[[Handler], Awaitable[Loopback]], tmp_path: Path
+    http_loopback: Callable[[Handler], Awaitable[Loopback]], tmp_path: Path
 ) -> None:
     config_blob = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
     manifest = json.dumps(
@@ -304,7 +244,7 @@ async def test_a_body_cut_short_is_resumed_with_range_through_the_engine(
             w.write(ok(config_blob))
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport(retry=FAST) as t:
         engine = Engine(Layout.open(tmp_path / "c"), limits=t.limits, retry=FAST)
         [result] = await engine.pull_many([(RegistryV2Source(t), Reference.parse(lb.ref()))])
@@ -315,12 +255,12 @@ async def test_a_body_cut_short_is_resumed_with_range_through_the_engine(
     assert len(layer_gets) == 2 and b"Range: bytes=100000-" in layer_gets[1]  # only the missing bytes again
 
 
-async def test_a_body_cut_short_is_one_stream_error(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+async def test_a_body_cut_short_is_one_stream_error(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER)[:-1000])
         return False
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         with pytest.raises(StreamError, match=r"GET .*/v2/r/blobs/sha256:\w+: body broke off: .*1000 bytes") as exc:
             await fetch(t, lb)
@@ -328,13 +268,13 @@ async def test_a_body_cut_short_is_one_stream_error(loopback: Callable[[Handler]
 
 
 async def test_bytes_past_the_length_are_dropped_with_the_connection(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER) + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # a second answer nobody asked for
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         for _ in range(3):
             assert await fetch(t, lb) == LAYER
@@ -342,7 +282,7 @@ async def test_bytes_past_the_length_are_dropped_with_the_connection(
     assert len(lb.requests) == 3
 
 
-async def test_a_stalled_body_ends_at_its_deadline(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+async def test_a_stalled_body_ends_at_its_deadline(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
     never = asyncio.Event()
 
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
@@ -351,7 +291,7 @@ async def test_a_stalled_body_ends_at_its_deadline(loopback: Callable[[Handler],
         await never.wait()
         return False
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     try:
         async with transport(timeouts=Timeouts(blob_base=1.0, min_rate=1e12)) as t:
             with pytest.raises(StreamError, match=r"did not arrive whole within 1 s \(deadline\)$"):
@@ -362,7 +302,7 @@ async def test_a_stalled_body_ends_at_its_deadline(loopback: Callable[[Handler],
 
 
 async def test_a_body_with_no_byte_for_the_read_timeout_breaks_off(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     never = asyncio.Event()
 
@@ -372,7 +312,7 @@ async def test_a_body_with_no_byte_for_the_read_timeout_breaks_off(
         await never.wait()
         return False
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     try:
         async with transport(timeouts=Timeouts(read=0.5)) as t:  # the blob's deadline: 30 s and more
             with pytest.raises(StreamError, match=r"body broke off: no byte for 0.5 s \(read timeout\)$"):
@@ -381,12 +321,12 @@ async def test_a_body_with_no_byte_for_the_read_timeout_breaks_off(
         never.set()
 
 
-async def test_an_abandoned_body_closes_its_connection(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+async def test_an_abandoned_body_closes_its_connection(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER))
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         async with RegistryV2Source(t).open_blob(Reference.parse(lb.ref()), LAYER_DESC) as body:
             await anext(body.chunks)  # then stop reading
@@ -395,7 +335,7 @@ async def test_an_abandoned_body_closes_its_connection(loopback: Callable[[Handl
         assert t.lean_connections == 2  # the abandoned one was closed; the next is reused
 
 
-async def test_reading_pauses_while_the_reader_lags(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+async def test_reading_pauses_while_the_reader_lags(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
     size = 64 << 20
     piece = bytes(1 << 20)
     sent = [0]
@@ -408,7 +348,7 @@ async def test_reading_pauses_while_the_reader_lags(loopback: Callable[[Handler]
             sent[0] += len(piece)
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     desc = Descriptor(DOCKER_LAYER_GZIP, digest_of(bytes(size)), size)
     async with transport() as t:
         async with RegistryV2Source(t).open_blob(Reference.parse(lb.ref()), desc) as body:
@@ -434,7 +374,7 @@ async def test_reading_pauses_while_the_reader_lags(loopback: Callable[[Handler]
 
 
 async def test_chunked_and_length_less_bodies_are_read_on_the_lean_path(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     async def chunked(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
@@ -449,7 +389,7 @@ async def test_chunked_and_length_less_bodies_are_read_on_the_lean_path(
         return False
 
     for handle, connections in ((chunked, 1), (until_close, 3)):
-        lb = await loopback(handle)
+        lb = await http_loopback(handle)
         async with transport() as t:
             for _ in range(3):
                 assert await fetch(t, lb) == LAYER
@@ -468,13 +408,13 @@ async def test_chunked_and_length_less_bodies_are_read_on_the_lean_path(
     ],
 )
 async def test_a_malformed_chunked_body_is_one_stream_error(
-    loopback: Callable[[Handler], Awaitable[Loopback]], body: bytes
+    http_loopback: Callable[[Handler], Awaitable[Loopback]], body: bytes
 ) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + body)
         return False
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         with pytest.raises(StreamError, match="body broke off") as exc:
             await fetch(t, lb, Descriptor(DOCKER_LAYER_GZIP, digest_of(b"abc"), 3))
@@ -482,21 +422,23 @@ async def test_a_malformed_chunked_body_is_one_stream_error(
     assert len(lb.requests) == 1
 
 
-async def test_headers_past_the_bound_go_through_aiohttp(loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+async def test_headers_past_the_bound_go_through_aiohttp(
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
+) -> None:
     filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(MAX_HEADER_BYTES // 1000 + 2))
 
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER, filler))
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         assert await fetch(t, lb) == LAYER  # aiohttp reads them: no limit on their total
     assert len(lb.requests) == 2  # the lean path gave up, aiohttp asked again
 
 
 async def test_a_redirect_sends_this_hosts_gets_through_aiohttp(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         if req.startswith(b"GET /storage/"):
@@ -506,7 +448,7 @@ async def test_a_redirect_sends_this_hosts_gets_through_aiohttp(
             w.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 5\r\n\r\nmoved" % where)
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport() as t:
         for _ in range(3):
             assert await fetch(t, lb) == LAYER
@@ -517,7 +459,7 @@ async def test_a_redirect_sends_this_hosts_gets_through_aiohttp(
 
 
 async def test_a_challenge_is_answered_through_aiohttp_then_credentials_go_lean(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         if b"Authorization: Basic " not in req:
@@ -528,7 +470,7 @@ async def test_a_challenge_is_answered_through_aiohttp_then_credentials_go_lean(
             w.write(ok(LAYER))
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     creds = CredentialStore({lb.host: Credential("u", "p4ss")}, use_docker_config=False)
     async with Transport(credentials=creds, retry=ONCE) as t:
         for _ in range(3):
@@ -539,7 +481,7 @@ async def test_a_challenge_is_answered_through_aiohttp_then_credentials_go_lean(
 
 
 async def test_an_overloaded_answer_is_the_first_attempt_not_sent_again_at_once(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: %d\r\n\r\n%s"
     body = b'{"errors":[{"code":"UNAVAILABLE","message":"busy now"}]}'
@@ -550,7 +492,7 @@ async def test_an_overloaded_answer_is_the_first_attempt_not_sent_again_at_once(
         first.clear()
         return True
 
-    lb = await loopback(handle)
+    lb = await http_loopback(handle)
     async with transport(retry=RetryPolicy(attempts=2, base=0.01, cap=0.01)) as t:
         assert await fetch(t, lb) == LAYER
         assert t.retries == 1
@@ -560,7 +502,7 @@ async def test_an_overloaded_answer_is_the_first_attempt_not_sent_again_at_once(
         w.write(busy % (len(body), body))
         return True
 
-    lb = await loopback(always_busy)
+    lb = await http_loopback(always_busy)
     async with transport() as t:  # one attempt only: the 503 is the answer, its message the registry's
         with pytest.raises(MirrorError, match=r"GET .*/v2/r/blobs/sha256:\w+: HTTP 503 UNAVAILABLE: busy now$"):
             await fetch(t, lb)
@@ -568,13 +510,13 @@ async def test_an_overloaded_answer_is_the_first_attempt_not_sent_again_at_once(
 
 
 async def test_a_connection_closed_between_requests_is_not_an_error(
-    loopback: Callable[[Handler], Awaitable[Loopback]],
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     async def one_per_connection(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER))
         return False  # a keep-alive connection the server drops after one answer
 
-    lb = await loopback(one_per_connection)
+    lb = await http_loopback(one_per_connection)
     async with transport() as t:
         for _ in range(4):
             assert await fetch(t, lb) == LAYER
@@ -598,7 +540,7 @@ class Recorded:
 
 
 async def test_events_log_lines_and_counts_are_those_of_aiohttps_path(
-    loopback: Callable[[Handler], Awaitable[Loopback]], caplog: pytest.LogCaptureFixture
+    http_loopback: Callable[[Handler], Awaitable[Loopback]], caplog: pytest.LogCaptureFixture
 ) -> None:
     busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"
     seen = []
@@ -610,7 +552,7 @@ async def test_events_log_lines_and_counts_are_those_of_aiohttps_path(
             first.clear()
             return True
 
-        lb = await loopback(handle)
+        lb = await http_loopback(handle)
         events = Recorded()
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="mirror.transport"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -25,6 +25,7 @@ from mirror.reference import Reference
 from mirror.sources.registry_v2 import RegistryV2Source
 from mirror.transport import Timeouts, Transport
 from tests.conftest import Seeded
+from tests.httploop import Handler, Loopback
 from tests.test_auth_bearer import TokenRegistry, bearer, issuer  # noqa: F401 - the Bearer registry fixtures
 from tests.test_proxy import TinyProxy, through, tinyproxy  # noqa: F401 - the tinyproxy fixture
 from tests.test_transport_tls import TlsRegistry, tls_registry  # noqa: F401 - the TLS registry fixture
@@ -142,55 +143,22 @@ OK = f"HTTP/1.1 200 OK\r\nDocker-Content-Digest: {DIGEST}\r\nContent-Length: 8\r
 Answer = Callable[[int, bytes], Awaitable[bytes | None]]  # (request number on its connection, request) -> answer
 
 
-class Loopback:
-    """Answers each request on a connection with what `answer` returns; None closes the connection."""
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        n = 0
-        try:
-            while True:
-                try:
-                    request = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                self.requests.append(request)
-                out = await self.answer(n, request)
-                n += 1
-                if out is None:
-                    return
-                writer.write(out)
-                await writer.drain()
-        finally:
-            writer.close()
-
-
 @pytest.fixture
-async def loopback() -> AsyncIterator[Callable[[Answer], Awaitable[Loopback]]]:
-    servers: list[Loopback] = []
+def loopback(
+    http_loopback: Callable[[Handler], Awaitable[Loopback]],
+) -> Callable[[Answer], Awaitable[Loopback]]:
+    """Start a loopback server answering each request with what `answer` returns; None closes the connection."""
 
     async def start(answer: Answer) -> Loopback:
-        lb = Loopback(answer)
-        lb.server = await asyncio.start_server(lb._serve, "127.0.0.1", 0)
-        servers.append(lb)
-        return lb
+        async def handle(n: int, request: bytes, writer: asyncio.StreamWriter) -> bool:
+            out = await answer(n, request)
+            if out is not None:
+                writer.write(out)
+            return out is not None
 
-    yield start
-    for lb in servers:
-        assert lb.server is not None
-        lb.server.close()
-        await lb.server.wait_closed()
+        return await http_loopback(handle)
+
+    return start
 
 
 def transport(**kw: object) -> Transport:

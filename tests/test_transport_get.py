@@ -153,14 +153,7 @@ async def test_bearer_tokens_go_on_the_lean_path_after_the_first_challenge(
 async def test_lean_gets_over_tls_with_a_client_certificate(
     tls_registry: TlsRegistry,  # noqa: F811 - the fixture imported above
 ) -> None:
-    pki = tls_registry.pki
-    reg = {
-        "host": tls_registry.registry.host,
-        "ca_file": str(pki / "ca.crt"),
-        "cert_file": str(pki / "client.cert"),
-        "key_file": str(pki / "client.key"),
-    }
-    doc = {"registries": [reg], "tls": {"certs_dirs": []}, "auth": {"use_docker_config": False}}
+    doc = tls_registry.config()
     async with config.parse(doc, "t.toml").transport() as t:
         descs = await blobs_of(t, tls_registry.ref)
         for _ in range(2):

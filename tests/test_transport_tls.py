@@ -74,6 +74,17 @@ class TlsRegistry:
     def ref(self) -> str:
         return f"{self.registry.host}/secure/app:1"
 
+    def config(self) -> dict[str, object]:
+        """Return a config document trusting this registry's CA and sending its client certificate."""
+        pki = self.pki
+        reg = {
+            "host": self.registry.host,
+            "ca_file": str(pki / "ca.crt"),
+            "cert_file": str(pki / "client.cert"),
+            "key_file": str(pki / "client.key"),
+        }
+        return {"registries": [reg], "tls": {"certs_dirs": []}, "auth": {"use_docker_config": False}}
+
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRegistry]:
@@ -121,20 +132,7 @@ async def test_certs_d_directory_as_docker_reads_it(tls_registry: TlsRegistry, t
 
 @pytest.mark.slow
 async def test_ca_and_client_certificate_from_config(tls_registry: TlsRegistry, tmp_path: Path) -> None:
-    pki = tls_registry.pki
-    doc = {
-        "registries": [
-            {
-                "host": tls_registry.registry.host,
-                "ca_file": str(pki / "ca.crt"),
-                "cert_file": str(pki / "client.cert"),
-                "key_file": str(pki / "client.key"),
-            }
-        ],
-        "tls": {"certs_dirs": []},
-        "auth": {"use_docker_config": False},
-    }
-    result = await pull(config.parse(doc, "t.toml").transport(), tmp_path / "c", tls_registry.ref)
+    result = await pull(config.parse(tls_registry.config(), "t.toml").transport(), tmp_path / "c", tls_registry.ref)
     assert result.status == "ok", result.error
 
 

@@ -108,6 +108,18 @@ class Entry:
     descriptor: Descriptor
 
 
+def _named(items: list[_Item]) -> Iterator[tuple[str, Descriptor]]:
+    """Yield the reference and descriptor of each named entry of `items`, skipping those that are not descriptors."""
+    for name, raw in items:
+        if not name:
+            continue
+        try:
+            desc = Descriptor.from_json(msgspec.json.decode(raw))
+        except (ManifestError, msgspec.MsgspecError, RecursionError):
+            continue
+        yield name, desc
+
+
 class Layout:
     """An OCI image layout directory used as the cache."""
 
@@ -201,19 +213,14 @@ class Layout:
     def _entries_sync(self, deferred: dict[str, Descriptor] | None = None) -> list[Entry]:
         return [Entry(name, desc) for name, desc in self._named_sync(deferred)]
 
+    def _items_sync(self, deferred: dict[str, Descriptor] | None) -> list[_Item]:
+        """Return index.json's entries with `deferred` (refs of a batched run not written yet) applied."""
+        items = self._read_index_sync().items
+        return _replace(items, deferred) if deferred else items
+
     def _named_sync(self, deferred: dict[str, Descriptor] | None) -> Iterator[tuple[str, Descriptor]]:
         """Yield each named entry's reference and descriptor, one at a time, skipping those that are not descriptors."""
-        items = self._read_index_sync().items
-        if deferred:
-            items = _replace(items, deferred)
-        for name, raw in items:
-            if not name:
-                continue
-            try:
-                desc = Descriptor.from_json(msgspec.json.decode(raw))
-            except (ManifestError, msgspec.MsgspecError, RecursionError):
-                continue
-            yield name, desc
+        return _named(self._items_sync(deferred))
 
     def _digests_sync(self, deferred: dict[str, Descriptor]) -> dict[str, str]:
         # One descriptor at a time: a list of 100,000 parsed entries was the largest thing a
@@ -241,9 +248,7 @@ class Layout:
         return await in_thread(self._select_sync, set(names), frozenset(digests), {**self._writing, **self._deferred})
 
     def _select_sync(self, names: set[str], digests: frozenset[Digest], deferred: dict[str, Descriptor]) -> list[Entry]:
-        items = self._read_index_sync().items
-        if deferred:
-            items = _replace(items, deferred)
+        items = self._items_sync(deferred)
         marks = [str(d).encode() for d in digests]
         if not marks:  # a set lookup per entry, no more
             items = [i for i in items if i[0] in names]
@@ -251,17 +256,7 @@ class Layout:
             items = [i for i in items if i[0] in names or marks[0] in i[1]]
         else:
             items = [i for i in items if i[0] in names or any(m in i[1] for m in marks)]
-        out = []
-        for name, raw in items:
-            if not name:
-                continue
-            try:
-                desc = Descriptor.from_json(msgspec.json.decode(raw))
-            except (ManifestError, msgspec.MsgspecError, RecursionError):
-                continue
-            if name in names or desc.digest in digests:
-                out.append(Entry(name, desc))
-        return out
+        return [Entry(name, desc) for name, desc in _named(items) if name in names or desc.digest in digests]
 
     async def find(self, name: str) -> Descriptor | None:
         """Return the descriptor `name` points at, or None."""

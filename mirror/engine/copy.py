@@ -287,6 +287,11 @@ class Engine:
                 raise
             # The shared download failed through another repository (not found or denied
             # there, say): try once through ours; a failure of our own is not retried here.
+            # A caller that came in after the download ended but before its done callbacks
+            # ran met it finished in `_inflight`: awaiting it raised without yielding, so
+            # without forgetting it here the retry would find it again, forever.
+            if self._inflight.get(desc.digest) is task:
+                self._forget(desc.digest, task)
             return await self.fetch_blob(source, ref, desc)
         self.stats.blobs_present += 1
         self.stats.bytes_present += max(desc.size, 0)

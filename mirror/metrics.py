@@ -128,37 +128,30 @@ class Metrics:
             ["mirror_job", "push"],
             registry=r,
         )
-        self._requests: dict[tuple[str, str, str], Counter] = {}
-        self._images: dict[tuple[str, str], Counter] = {}
-        self._pushes: dict[tuple[str, str], Counter] = {}
+        # Labelled children looked up once per (counter, labels): `labels()` checks and builds
+        # its key on every call, and a no-op resync counts a request and an image per tag.
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         r.register(_EngineCollector(stats))
         r.register(_JobCollector(jobs))
 
+    def _inc(self, counter: Counter, *labels: str) -> None:
+        key = (counter, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
+
     def response(self, host: str, method: str, status: str) -> None:
         """Count one request."""
-        # The labelled child is looked up once per (host, method, status): `labels()` checks
-        # and builds its key on every call, and a no-op resync counts one request per tag.
-        key = (host, method, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(host, method, status)
-        child.inc()
+        self._inc(self.requests, host, method, status)
 
     def image(self, job: str, status: str) -> None:
         """Count one reference of `job` done with `status` (a sync run counts one per tag)."""
-        key = (job, status)
-        child = self._images.get(key)
-        if child is None:
-            child = self._images[key] = self.images.labels(job, status)
-        child.inc()
+        self._inc(self.images, job, status)
 
     def push(self, job: str, status: str) -> None:
         """Count one image of `job` published with push status `status`."""
-        key = (job, status)
-        child = self._pushes.get(key)
-        if child is None:
-            child = self._pushes[key] = self.pushes.labels(job, status)
-        child.inc()
+        self._inc(self.pushes, job, status)
 
     def retry(self, host: str) -> None:
         """Count one retry."""

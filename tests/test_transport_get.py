@@ -275,8 +275,8 @@ async def test_bytes_past_the_length_are_dropped_with_the_connection(
     assert len(lb.requests) == 3
 
 
-async def test_a_stalled_body_ends_at_its_deadline(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
-    never = asyncio.Event()
+def stalling(never: asyncio.Event) -> Handler:
+    """Return a handler that sends all but the last 1,000 bytes of LAYER, then waits for `never`."""
 
     async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
         w.write(ok(LAYER)[:-1000])
@@ -284,7 +284,12 @@ async def test_a_stalled_body_ends_at_its_deadline(http_loopback: Callable[[Hand
         await never.wait()
         return False
 
-    lb = await http_loopback(handle)
+    return handle
+
+
+async def test_a_stalled_body_ends_at_its_deadline(http_loopback: Callable[[Handler], Awaitable[Loopback]]) -> None:
+    never = asyncio.Event()
+    lb = await http_loopback(stalling(never))
     try:
         async with transport(timeouts=Timeouts(blob_base=1.0, min_rate=1e12)) as t:
             with pytest.raises(StreamError, match=r"did not arrive whole within 1 s \(deadline\)$"):
@@ -298,14 +303,7 @@ async def test_a_body_with_no_byte_for_the_read_timeout_breaks_off(
     http_loopback: Callable[[Handler], Awaitable[Loopback]],
 ) -> None:
     never = asyncio.Event()
-
-    async def handle(n: int, req: bytes, w: asyncio.StreamWriter) -> bool:
-        w.write(ok(LAYER)[:-1000])
-        await w.drain()
-        await never.wait()
-        return False
-
-    lb = await http_loopback(handle)
+    lb = await http_loopback(stalling(never))
     try:
         async with transport(timeouts=Timeouts(read=0.5)) as t:  # the blob's deadline: 30 s and more
             with pytest.raises(StreamError, match=r"body broke off: no byte for 0.5 s \(read timeout\)$"):
